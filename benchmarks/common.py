@@ -1,0 +1,71 @@
+"""Shared helpers for benchmarks: a machine label and a uniform way to print and save results.
+
+Benchmarks are measurements, never pass/fail tests: each script prints its figures (ratios measured side
+by side in one run, plus absolute figures labelled with the machine) and writes them as JSON next to the
+script under ``benchmarks/results/`` so that a later run can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_label() -> str:
+    """One line naming what the absolute figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report(name: str, rows: list[dict[str, Any]], notes: list[str] | None = None) -> None:
+    """Print ``rows`` as a table headed by the machine label and save them to ``results/NAME.json``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    label = machine_label()
+    table = Table(title=f"{name} — {label}")
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(_fmt(row.get(c, "")) for c in columns))
+    console = Console(width=max(120, len(label) + 20))
+    console.print(table)
+    for note in notes or []:
+        console.print(note)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / f"{name}.json"
+    out.write_text(json.dumps({"machine": label, "rows": rows, "notes": notes or []}, indent=2) + "\n")
+    print(f"saved {out}", file=sys.stderr)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,3 @@
+from gssf_cli.app import main
+
+main()

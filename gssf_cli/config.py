@@ -1,0 +1,216 @@
+"""Typed, frozen stage configs with one source of defaults.
+
+Each stage has a frozen dataclass whose field defaults are the only defaults in the project. A config is
+resolved with the precedence CLI > TOML file > defaults by :func:`resolve`; unknown keys and wrong types are
+rejected with their key path (``prepare.seed: expected int, got str 'x'``) as a :class:`UserInputError`.
+This module imports only the standard library so that ``gssf --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from gssf_cli.errors import UserInputError
+
+DatasetKind = Literal["synthetic", "digits", "precomp", "features"]
+DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """How ``gssf prepare`` turns a source into a dataset folder.
+
+    ``source`` is required for ``precomp`` and ``features``; the sizes apply to ``synthetic`` only.
+    """
+
+    dataset: DatasetKind
+    out: Path
+    source: Path | None = None
+    seed: int = 0
+    force: bool = False
+    train_images: int = 2000
+    dev_images: int = 250
+    test_images: int = 250
+    regions: int = 12
+    region_dim: int = 64
+    concepts: int = 32
+    vocab_size: int = 400
+    captions_per_image: int = 5
+    min_word_count: int = 4
+    dev_fraction: float = 0.1
+    test_fraction: float = 0.2
+
+    def validate(self) -> None:
+        positive = ("train_images", "dev_images", "test_images", "regions", "region_dim", "concepts")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserInputError(f"prepare.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.vocab_size < 4 * self.concepts:
+            raise UserInputError(
+                f"prepare.vocab_size: needs 4 words per concept (3 synonyms + fillers), at least "
+                f"{4 * self.concepts}; got {self.vocab_size}"
+            )
+        if self.captions_per_image < 1:
+            raise UserInputError(f"prepare.captions_per_image: must be at least 1, got {self.captions_per_image}")
+        if self.min_word_count < 1:
+            raise UserInputError(f"prepare.min_word_count: must be at least 1, got {self.min_word_count}")
+        for name in ("dev_fraction", "test_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise UserInputError(f"prepare.{name}: must be between 0 and 1, got {getattr(self, name)}")
+        if self.dev_fraction + self.test_fraction >= 1.0:
+            raise UserInputError("prepare.dev_fraction + prepare.test_fraction: must leave data for training")
+        if self.dataset in ("precomp", "features") and self.source is None:
+            raise UserInputError(f"--source is required for --dataset {self.dataset}: point it at your data")
+
+
+C = TypeVar("C")
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file, turning every failure into one readable line."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UserInputError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserInputError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def resolve(
+    cls: type[C],
+    section: str,
+    file_values: dict[str, Any] | None = None,
+    cli_values: dict[str, Any] | None = None,
+) -> C:
+    """Build ``cls`` from defaults, then ``file_values``, then the CLI values that were given (not None).
+
+    ``section`` names the config in error messages (``prepare.seed: ...``).
+    """
+    merged: dict[str, Any] = dict(file_values or {})
+    merged.update({k: v for k, v in (cli_values or {}).items() if v is not None})
+    return from_dict(cls, merged, section)
+
+
+def from_dict(cls: type[C], values: dict[str, Any], section: str) -> C:
+    """Check keys and types of ``values`` against dataclass ``cls`` and build it."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserInputError(f"{section}.{unknown[0]}: unknown key (valid keys: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for name, field in fields.items():
+        if name in values:
+            kwargs[name] = _coerce(values[name], hints[name], f"{section}.{name}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise UserInputError(f"{section}.{name}: required but not given")
+    config = cls(**kwargs)
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config as plain TOML/JSON-friendly values (paths as strings, None dropped)."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is None:
+            continue
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[field.name] = value
+    return out
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except UserInputError as exc:
+                errors.append(str(exc))
+        raise UserInputError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise UserInputError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserInputError(f"{key}: expected a list, got {_describe(value)}")
+        item_hint = get_args(hint)[0]
+        return tuple(_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserInputError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserInputError(f"{key}: expected an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserInputError(f"{key}: expected a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserInputError(f"{key}: expected a string, got {_describe(value)}")
+        return value
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise UserInputError(f"{key}: expected a path, got {_describe(value)}")
+        return Path(value).expanduser()
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def dump_toml(values: Mapping[str, Any]) -> str:
+    """TOML text for config values: scalars, lists and one level of tables (all a config needs)."""
+    lines: list[str] = []
+    scalars = {k: v for k, v in values.items() if not isinstance(v, Mapping)}
+    tables = {k: v for k, v in values.items() if isinstance(v, Mapping)}
+    lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
+    for name, table in tables.items():
+        if lines:
+            lines.append("")
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, Mapping)]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))

@@ -1,0 +1,72 @@
+"""``manifest.json``: the contract between ``gssf prepare`` and every later stage.
+
+Fields (format version 1): ``format_version``, ``name``, ``kind`` (synthetic | digits | precomp | features),
+``task`` (``cross_modal``: images paired with ``captions_per_image`` texts each, in image order; or
+``labels``: features with class labels), ``modalities`` (per modality: type, per-item shape, dtype),
+``splits`` (per split: counts and, for labelled data, classes), ``source``, ``seed``, ``settings`` (the
+resolved prepare config), ``files`` (sha256 and size of every data file), ``created_by``.
+
+No timestamps: preparing the same source with the same seed gives a byte-identical folder. Later stages
+call :func:`load_manifest`, which re-checks every checksum, so a modified or truncated file is caught
+before it can silently change a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from gssf_cli import __version__
+from gssf_cli.data.files import sha256_file
+from gssf_cli.errors import UserInputError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Checksum every data file in ``folder`` and write ``manifest.json``; returns the manifest."""
+    files = {
+        path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        for path in sorted(folder.iterdir())
+        if path.is_file() and path.name != MANIFEST
+    }
+    manifest = {"format_version": FORMAT_VERSION, **fields, "files": files, "created_by": f"gssf {__version__}"}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return manifest
+
+
+def manifest_digest(folder: Path) -> str:
+    """sha256 of the manifest file: one hash that names the whole dataset (it lists every file's hash)."""
+    return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+
+
+def load_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
+    """Read a dataset folder's manifest and, unless told otherwise, re-check every file's checksum."""
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise UserInputError(f"dataset folder {folder} not found: run `gssf prepare` first or fix --data")
+    if not path.is_file():
+        raise UserInputError(f"{folder} has no {MANIFEST}: it is not a gssf dataset (run `gssf prepare`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"{path}: not valid JSON ({exc})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserInputError(
+            f"{path}: dataset format version {version} is not supported (this gssf reads {FORMAT_VERSION}); "
+            "prepare the dataset again"
+        )
+    if verify:
+        for name, entry in manifest.get("files", {}).items():
+            file = folder / name
+            if not file.is_file():
+                raise UserInputError(f"{file}: listed in the manifest but missing; prepare the dataset again")
+            if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+                raise UserInputError(
+                    f"{file}: checksum mismatch with {MANIFEST} (file changed or truncated); prepare the dataset again"
+                )
+    return manifest

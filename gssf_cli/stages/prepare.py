@@ -1,0 +1,91 @@
+"""Stage ``prepare``: turn a source into a verified dataset folder, recorded as an MLflow run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gssf_cli.config import PrepareConfig, to_dict
+from gssf_cli.data.files import staged_folder
+from gssf_cli.data.manifest import MANIFEST, manifest_digest, write_manifest
+
+if TYPE_CHECKING:
+    from gssf_cli.tracking import Tracker
+
+Writer = Callable[[PrepareConfig, Path], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    name: str
+    kind: str
+    task: str
+    path: str
+    splits: dict[str, dict[str, Any]]
+    manifest_sha256: str
+    bytes: int
+    seconds: float
+    run_id: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _writer(kind: str) -> Writer:
+    if kind == "synthetic":
+        from gssf_cli.data.synthetic import write_synthetic
+
+        return write_synthetic
+    if kind == "digits":
+        from gssf_cli.data.digits import write_digits
+
+        return write_digits
+    if kind == "precomp":
+        from gssf_cli.data.precomp import write_precomp
+
+        return write_precomp
+    from gssf_cli.data.features import write_features
+
+    return write_features
+
+
+def run(config: PrepareConfig, tracker: Tracker | None = None, parent_run_id: str | None = None) -> PrepareResult:
+    """Build ``config.out`` atomically (nothing is left behind on failure), then log it as a run.
+
+    The tracking store is contacted before any work so that a wrong ``--tracking-uri`` fails fast.
+    """
+    if tracker is not None:
+        _ = tracker.experiment_id
+    started = time.perf_counter()
+    settings = {k: v for k, v in to_dict(config).items() if k not in ("out", "force")}
+    with staged_folder(config.out, config.force) as staging:
+        fields = _writer(config.dataset)(config, staging)
+        manifest = write_manifest(
+            staging, {"name": config.out.name, "kind": config.dataset, **fields, "settings": settings}
+        )
+    seconds = time.perf_counter() - started
+    result = PrepareResult(
+        name=config.out.name,
+        kind=config.dataset,
+        task=manifest["task"],
+        path=str(config.out),
+        splits=manifest["splits"],
+        manifest_sha256=manifest_digest(config.out),
+        bytes=sum(f["bytes"] for f in manifest["files"].values()),
+        seconds=round(seconds, 3),
+        run_id=None,
+    )
+    if tracker is None:
+        return result
+    with tracker.start_run("prepare", run_name=f"prepare {result.name}", parent_run_id=parent_run_id) as run_:
+        run_.log_config("prepare", to_dict(config))
+        run_.log_dataset(result.name, config.out, result.manifest_sha256, context="prepare", tags={"kind": result.kind})
+        run_.log_artifact(config.out / MANIFEST, "dataset")
+        metrics: dict[str, float] = {"seconds": seconds, "bytes": float(result.bytes)}
+        for split, counts in result.splits.items():
+            metrics.update({f"{split}_{k}": v for k, v in counts.items() if isinstance(v, int)})
+        run_.log_metrics(metrics)
+    return PrepareResult(**{**asdict(result), "run_id": run_.run_id})

@@ -1,0 +1,259 @@
+"""The tracking adapter: the only module that imports mlflow.
+
+Why a thin adapter: stages log through :class:`StageRun` and never see mlflow, so the tracking model
+(DESIGN.md) lives in one place — where runs go, how they nest, what every run carries (resolved config,
+dataset, git commit, gssf version) — and the tune driver can log many child runs from one process.
+
+Store resolution: ``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db`` (artifacts then
+go to ``<cwd>/mlruns``). Runs are addressed by id or by ``latest``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+import mlflow  # noqa: E402
+from mlflow.entities import Run  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from gssf_cli import __version__  # noqa: E402
+from gssf_cli.config import dump_toml  # noqa: E402
+from gssf_cli.errors import UserInputError  # noqa: E402
+
+DEFAULT_EXPERIMENT = "gssf"
+PARENT_TAG = "mlflow.parentRunId"
+STAGE_TAG = "gssf.stage"
+MAX_PARAM_LENGTH = 6000
+
+
+def default_tracking_uri(cwd: Path | None = None) -> str:
+    """The local SQLite store in the working directory."""
+    return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(flag: str | None = None) -> str:
+    """``--tracking-uri`` wins over ``MLFLOW_TRACKING_URI``, which wins over the local SQLite default."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The HEAD commit of the repository containing ``cwd``, or None outside a repository."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd or Path.cwd(),
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config values as flat ``a.b`` string params, as MLflow stores them."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple, bool)) else str(value)
+            flat[name] = text[:MAX_PARAM_LENGTH]
+    return flat
+
+
+class Tracker:
+    """A connection to one tracking store and one experiment."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str | None = None) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        try:
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        except MlflowException as exc:
+            raise UserInputError(
+                f"cannot use tracking store {self.tracking_uri}: {_first_line(exc)}; "
+                "check --tracking-uri / MLFLOW_TRACKING_URI"
+            ) from None
+        self._experiment_id: str | None = None
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self._get_or_create_experiment()
+        return self._experiment_id
+
+    def _get_or_create_experiment(self) -> str:
+        try:
+            found = self.client.get_experiment_by_name(self.experiment_name)
+            if found is not None:
+                if found.lifecycle_stage == "deleted":
+                    raise UserInputError(
+                        f"experiment {self.experiment_name!r} is deleted in {self.tracking_uri}: "
+                        "restore it or pass another --experiment"
+                    )
+                return str(found.experiment_id)
+            return str(self.client.create_experiment(self.experiment_name))
+        except MlflowException as exc:
+            raise UserInputError(
+                f"cannot use tracking store {self.tracking_uri}: {_first_line(exc)}; "
+                "check --tracking-uri / MLFLOW_TRACKING_URI"
+            ) from None
+
+    @contextlib.contextmanager
+    def start_run(
+        self,
+        stage: str,
+        *,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> Iterator[StageRun]:
+        """Open a run for ``stage``; it ends FINISHED, FAILED on an exception, or KILLED on Ctrl-C."""
+        all_tags = {
+            STAGE_TAG: stage,
+            "gssf.version": __version__,
+            "mlflow.source.name": f"gssf {stage}",
+            "mlflow.source.type": "LOCAL",
+        }
+        commit = git_commit()
+        if commit:
+            all_tags["mlflow.source.git.commit"] = commit
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        all_tags.update(tags or {})
+        run = self.client.create_run(self.experiment_id, run_name=run_name or stage, tags=all_tags)
+        handle = StageRun(self.client, run.info.run_id)
+        try:
+            yield handle
+        except KeyboardInterrupt:
+            self.client.set_terminated(handle.run_id, status="KILLED")
+            raise
+        except BaseException:
+            self.client.set_terminated(handle.run_id, status="FAILED")
+            raise
+        self.client.set_terminated(handle.run_id, status="FINISHED")
+
+    def get_run(self, run_ref: str, stage: str | None = None) -> Run:
+        """A run by id, or the newest run (of ``stage`` if given) for ``latest``."""
+        if run_ref == "latest":
+            query = f"tags.`{STAGE_TAG}` = '{stage}'" if stage else ""
+            runs = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=query,
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if not runs:
+                what = f"{stage} run" if stage else "run"
+                raise UserInputError(
+                    f"no {what} in experiment {self.experiment_name!r} at {self.tracking_uri}: "
+                    "run one first or pass a run id"
+                )
+            return runs[0]
+        try:
+            return self.client.get_run(run_ref)
+        except MlflowException:
+            raise UserInputError(f"unknown run {run_ref!r} at {self.tracking_uri}: pass a run id or 'latest'") from None
+
+    def child_runs(self, parent_run_id: str) -> list[Run]:
+        return list(
+            self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                order_by=["attributes.start_time ASC"],
+            )
+        )
+
+
+class StageRun:
+    """An open run: what a stage may log. Thin wrappers so stages never touch mlflow directly."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any], prefix: str = "") -> None:
+        flat = flatten_params(params, prefix)
+        items = list(flat.items())
+        for start in range(0, len(items), 100):
+            batch = [mlflow.entities.Param(k, v) for k, v in items[start : start + 100]]
+            self.client.log_batch(self.run_id, params=batch)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [
+            mlflow.entities.Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        for start in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_config(self, section: str, values: Mapping[str, Any]) -> None:
+        """The resolved config: as params (``section.key``) and as a TOML artifact."""
+        self.log_params(values, prefix=f"{section}.")
+        self.log_text(dump_toml({section: values}), f"config/{section}.toml")
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_dataset(
+        self, name: str, folder: Path, digest: str, context: str, tags: Mapping[str, str] | None = None
+    ) -> None:
+        """Record the dataset folder as a run input (visible in the UI's Datasets column)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(folder.resolve()))
+        dataset = MetaDataset(source, name=name, digest=digest[:36])  # type: ignore[abstract]
+        input_tags = [InputTag("mlflow.data.context", context)]
+        input_tags += [InputTag(k, v) for k, v in (tags or {}).items()]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)])
+        self.set_tags({"gssf.dataset.name": name, "gssf.dataset.manifest_sha256": digest})
+
+    def download_artifacts(self, path: str, dst: Path) -> Path:
+        return Path(self.client.download_artifacts(self.run_id, path, str(dst)))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

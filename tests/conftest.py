@@ -1,0 +1,44 @@
+"""Shared fixtures: every test runs in its own working directory with its own SQLite tracking store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from gssf_cli.app import app
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh working directory; the default tracking store (``./mlflow.db``) lands here."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    yield tmp_path
+
+
+@pytest.fixture
+def gssf(workdir: Path) -> Callable[..., Result]:
+    """Invoke the CLI in-process: ``gssf("prepare", "--dataset", ...)``."""
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Result:
+        return runner.invoke(app, list(args), env={"COLUMNS": "120", "NO_COLOR": "1"})
+
+    return invoke
+
+
+def tiny_synthetic_args(out: str = "data/syn") -> list[str]:
+    return [
+        "prepare", "--dataset", "synthetic", "--out", out,
+        "--train-images", "40", "--dev-images", "10", "--test-images", "10",
+        "--regions", "4", "--region-dim", "8", "--concepts", "6", "--vocab-size", "30",
+    ]  # fmt: skip

@@ -1,0 +1,159 @@
+"""The tracking adapter against real stores: a local SQLite file and a real ``mlflow server``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import Result
+
+from gssf_cli.tracking import PARENT_TAG, Tracker, default_tracking_uri, flatten_params, resolve_tracking_uri
+from tests.conftest import tiny_synthetic_args
+
+
+def test_uri_precedence(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_tracking_uri() == default_tracking_uri() == f"sqlite:///{workdir.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert resolve_tracking_uri() == "sqlite:///env.db"
+    assert resolve_tracking_uri("http://127.0.0.1:1") == "http://127.0.0.1:1"
+
+
+def test_flatten_params() -> None:
+    assert flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": True, "e": "x"}) == {
+        "a.b": "1",
+        "a.c": "[1, 2]",
+        "d": "true",
+        "e": "x",
+    }
+
+
+def _exercise(tracker: Tracker, tmp_path: Path) -> tuple[str, str]:
+    """Parent with one child: config, metrics with steps, an artifact, a dataset input."""
+    (tmp_path / "note.txt").write_text("hello")
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    with tracker.start_run("run") as parent, tracker.start_run("train", parent_run_id=parent.run_id) as child:
+        child.log_config("train", {"lr": 0.001, "metric": "bdiag", "nested": {"block_size": 16}})
+        for step in range(3):
+            child.log_metrics({"loss": 1.0 / (step + 1), "rsum": 10.0 * step}, step=step)
+        child.log_artifact(tmp_path / "note.txt", "notes")
+        child.log_dataset("ds", dataset, "ab" * 32, context="training")
+    return parent.run_id, child.run_id
+
+
+def _check(tracker: Tracker, parent_id: str, child_id: str, tmp_path: Path) -> None:
+    client = tracker.client
+    child = client.get_run(child_id)
+    assert child.info.status == "FINISHED"
+    assert child.data.tags[PARENT_TAG] == parent_id
+    assert child.data.tags["gssf.stage"] == "train"
+    assert child.data.params == {
+        "train.lr": "0.001",
+        "train.metric": "bdiag",
+        "train.nested.block_size": "16",
+    }
+    history = client.get_metric_history(child_id, "rsum")
+    assert [(m.step, m.value) for m in history] == [(0, 0.0), (1, 10.0), (2, 20.0)]
+    artifacts = {a.path for a in client.list_artifacts(child_id, "notes")}
+    assert artifacts == {"notes/note.txt"}
+    assert {a.path for a in client.list_artifacts(child_id, "config")} == {"config/train.toml"}
+    local = client.download_artifacts(child_id, "notes/note.txt", str(tmp_path / "dl"))
+    assert Path(local).read_text() == "hello"
+    assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["ds"]
+    assert child.data.tags["gssf.dataset.manifest_sha256"] == "ab" * 32
+    assert [r.info.run_id for r in tracker.child_runs(parent_id)] == [child_id]
+    assert tracker.get_run("latest", stage="train").info.run_id == child_id
+
+
+def test_sqlite_store(workdir: Path) -> None:
+    tracker = Tracker(experiment="exp-a")
+    parent_id, child_id = _exercise(tracker, workdir)
+    assert (workdir / "mlflow.db").is_file()
+    _check(tracker, parent_id, child_id, workdir)
+
+
+def test_git_commit_is_tagged_inside_a_repository(workdir: Path) -> None:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    subprocess.run(["git", "init", "-q"], check=True, env=env)
+    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "x"], check=True, env=env)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    tracker = Tracker()
+    with tracker.start_run("prepare") as run:
+        pass
+    assert tracker.client.get_run(run.run_id).data.tags["mlflow.source.git.commit"] == head
+
+
+def test_failed_stage_marks_the_run_failed(workdir: Path) -> None:
+    tracker = Tracker()
+    with pytest.raises(RuntimeError), tracker.start_run("train") as run:
+        raise RuntimeError("boom")
+    assert tracker.client.get_run(run.run_id).info.status == "FAILED"
+
+
+def test_unknown_run_is_a_user_error(workdir: Path) -> None:
+    from gssf_cli.errors import UserInputError
+
+    tracker = Tracker()
+    with pytest.raises(UserInputError, match="unknown run 'abc'"):
+        tracker.get_run("abc")
+    with pytest.raises(UserInputError, match="no train run"):
+        tracker.get_run("latest", stage="train")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 with its own SQLite store; stopped after the test."""
+    port = _free_port()
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", "sqlite:///server.db",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=server_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("mlflow server did not start")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.server
+def test_real_mlflow_server(mlflow_server: str, workdir: Path, gssf: Callable[..., Result]) -> None:
+    tracker = Tracker(mlflow_server, experiment="remote")
+    parent_id, child_id = _exercise(tracker, workdir)
+    _check(tracker, parent_id, child_id, workdir)
+    result = gssf("--tracking-uri", mlflow_server, "--experiment", "remote", *tiny_synthetic_args(), "--json")
+    assert result.exit_code == 0, result.stderr
+    assert tracker.get_run("latest", stage="prepare").data.tags["gssf.dataset.name"] == "syn"
+    assert not (workdir / "mlflow.db").exists()

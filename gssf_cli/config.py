@@ -70,6 +70,110 @@ class PrepareConfig:
             raise UserInputError(f"--source is required for --dataset {self.dataset}: point it at your data")
 
 
+Protocol = Literal["all", "f30k-1k", "coco-1k", "coco-5k"]
+EmbeddingMetric = Literal["cosine", "dot"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """What ``gssf evaluate`` scores and how.
+
+    ``embeddings`` is an ``.npz`` file (see :mod:`gssf_cli.stages.evaluate` for its keys); ``run`` is a
+    trained run (id or ``latest``) evaluated on its dataset (or ``data``), split ``test`` unless given. ``metric``:
+    ``cosine`` L2-normalises both sides first, ``dot`` scores raw inner products. ``split`` picks
+    ``{split}_images``-style keys when the file holds several splits.
+    """
+
+    embeddings: Path | None = None
+    run: str | None = None
+    data: Path | None = None
+    protocol: Protocol = "all"
+    split: str | None = None
+    ks: tuple[int, ...] = (1, 5, 10)
+    metric: EmbeddingMetric = "cosine"
+    memory_budget_mb: int = 256
+    plots: bool = True
+
+    def validate(self) -> None:
+        if (self.embeddings is None) == (self.run is None):
+            raise UserInputError("give exactly one of --embeddings FILE.npz or --run RUN (a run id or 'latest')")
+        if self.data is not None and self.run is None:
+            raise UserInputError("--data applies to --run only (it overrides the run's dataset folder)")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise UserInputError(f"evaluate.ks: cut-offs must be positive integers, got {list(self.ks)}")
+        if self.memory_budget_mb < 1:
+            raise UserInputError(f"evaluate.memory_budget_mb: must be at least 1, got {self.memory_budget_mb}")
+
+
+MetricName = Literal["cosine", "diag", "bdiag", "dense", "gssf"]
+MetricNorm = Literal["none", "frobenius", "spectral"]
+LossName = Literal["triplet", "infonce"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How ``gssf train`` learns encoders and a metric head.
+
+    Defaults follow the host frameworks (VSE∞/SGRAF): D = 1024, batch 128, AdamW at 5e-4 decayed x0.1
+    late in training, gradient clipping 2.0, hinge margin 0.2 with one warm-up epoch over all negatives.
+    Weight decay applies to the metric head only (an unconstrained W could otherwise win the fixed margin
+    by growing). ``distill_weight`` > 0 adds structure-aware distillation with the raw input features as
+    teachers, or the arrays of ``teacher`` (an .npz with ``images`` [N, Fi] and ``texts`` [kN, Ft] for the
+    train split).
+    """
+
+    data: Path
+    metric: MetricName = "gssf"
+    block_size: int = 64
+    metric_norm: MetricNorm = "none"
+    embed_dim: int = 1024
+    word_dim: int = 300
+    pooling: Literal["mean", "max", "attention"] = "mean"
+    mlp: bool = False
+    gru_layers: int = 1
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 5e-4
+    lr_decay_epoch: int = 15
+    lr_decay: float = 0.1
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    grad_clip: float = 2.0
+    loss: LossName = "triplet"
+    margin: float = 0.2
+    temperature: float = 0.05
+    distill_weight: float = 0.0
+    distill_kind: Literal["mae", "mse"] = "mae"
+    distill_use_metric: bool = False
+    teacher: Path | None = None
+    seed: int = 0
+    device: Device = "auto"
+    threads: int = 0
+    val_split: str = "dev"
+    runs_dir: Path = Path("runs")
+
+    def validate(self) -> None:
+        for name in ("embed_dim", "word_dim", "gru_layers", "epochs", "batch_size", "block_size"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise UserInputError("train.batch_size: needs at least 2 pairs per batch (negatives come from the batch)")
+        for name in ("lr", "margin", "temperature"):
+            if getattr(self, name) <= 0:
+                raise UserInputError(f"train.{name}: must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "distill_weight", "grad_clip", "lr_decay", "warmup_epochs", "threads"):
+            if getattr(self, name) < 0:
+                raise UserInputError(f"train.{name}: must not be negative, got {getattr(self, name)}")
+        if self.uses_block_size():
+            from gssf_cli.similarity import check_block_size
+
+            check_block_size(self.metric, self.embed_dim, self.block_size)
+
+    def uses_block_size(self) -> bool:
+        return self.metric in ("bdiag", "gssf")
+
+
 C = TypeVar("C")
 
 
@@ -186,6 +290,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise UserInputError(f"{key}: expected a path, got {_describe(value)}")
         return Path(value).expanduser()
     raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def parse_int_list(text: str | None, option: str) -> tuple[int, ...] | None:
+    """``"1,5,10"`` -> ``(1, 5, 10)``; a readable error for anything else."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserInputError(f"{option}: expected comma-separated integers such as 1,5,10, got {text!r}") from None
 
 
 def _describe(value: Any) -> str:

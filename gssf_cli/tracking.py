@@ -126,8 +126,15 @@ class Tracker:
         run_name: str | None = None,
         parent_run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
+        resume_run_id: str | None = None,
     ) -> Iterator[StageRun]:
-        """Open a run for ``stage``; it ends FINISHED, FAILED on an exception, or KILLED on Ctrl-C."""
+        """Open a run for ``stage`` (or reopen ``resume_run_id``); it ends FINISHED, FAILED on an
+        exception, or KILLED on Ctrl-C."""
+        if resume_run_id is not None:
+            self.get_run(resume_run_id)
+            self.client.update_run(resume_run_id, status="RUNNING")
+            yield from self._close_on_exit(StageRun(self.client, resume_run_id))
+            return
         all_tags = {
             STAGE_TAG: stage,
             "gssf.version": __version__,
@@ -141,7 +148,9 @@ class Tracker:
             all_tags[PARENT_TAG] = parent_run_id
         all_tags.update(tags or {})
         run = self.client.create_run(self.experiment_id, run_name=run_name or stage, tags=all_tags)
-        handle = StageRun(self.client, run.info.run_id)
+        yield from self._close_on_exit(StageRun(self.client, run.info.run_id))
+
+    def _close_on_exit(self, handle: StageRun) -> Iterator[StageRun]:
         try:
             yield handle
         except KeyboardInterrupt:
@@ -173,6 +182,10 @@ class Tracker:
             return self.client.get_run(run_ref)
         except MlflowException:
             raise UserInputError(f"unknown run {run_ref!r} at {self.tracking_uri}: pass a run id or 'latest'") from None
+
+    def run_handle(self, run_id: str) -> StageRun:
+        """Log to an existing run (e.g. test metrics onto the train run they describe)."""
+        return StageRun(self.client, run_id)
 
     def child_runs(self, parent_run_id: str) -> list[Run]:
         return list(

@@ -1,0 +1,159 @@
+"""Reading a prepared dataset for training and evaluation: verified, memory-mapped, batched on demand.
+
+Why memory-mapped: a paper-scale split (Flickr30K train regions, ~8.5 GB) does not fit in memory, so a
+batch reads only its own rows. Captions are tokenised once into a flat id array (small next to regions).
+
+A cross-modal epoch visits every caption once, paired with its image (the VSE convention). A label-based
+epoch visits every item once as an anchor, paired with a random other item of its class, so the same
+pair-wise losses apply to both tasks: row i of a batch is the anchor side, column j the positive side, and
+``ids`` (image index or class) says which off-diagonal pairs are not negatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gssf_cli.data.manifest import load_manifest, manifest_digest
+from gssf_cli.data.text import PAD, Vocabulary, read_captions
+from gssf_cli.errors import UserInputError
+
+
+@dataclass
+class Batch:
+    """One training or encoding batch (tensors on CPU; the trainer moves them).
+
+    ``images`` ``[B, R, F]`` / ``[B, F]`` (or label-based anchors ``[B, F]``); ``texts`` either token ids
+    ``[B, L]`` with ``lengths`` ``[B]`` or features ``[B, F']`` (label-based: the positives ``[B, F]``);
+    ``ids`` ``[B]`` image index or class label of each pair.
+    """
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    lengths: torch.Tensor | None
+    ids: torch.Tensor
+
+
+class TokenizedCaptions:
+    """All captions of a split as one flat id array plus offsets (cheap to slice into padded batches)."""
+
+    def __init__(self, captions: list[str], vocab: Vocabulary) -> None:
+        encoded = [vocab.encode(c) for c in captions]
+        self.lengths = np.array([len(e) for e in encoded], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.ids = np.fromiter((t for e in encoded for t in e), dtype=np.int64, count=int(self.lengths.sum()))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ids ``[B, L]`` (L = longest in the batch) and lengths ``[B]``."""
+        lengths = self.lengths[rows]
+        padded = np.full((len(rows), int(lengths.max())), PAD, dtype=np.int64)
+        for i, row in enumerate(rows):
+            padded[i, : lengths[i]] = self.ids[self.offsets[row] : self.offsets[row + 1]]
+        return torch.from_numpy(padded), torch.from_numpy(lengths)
+
+
+class Split:
+    """One split of a dataset: what a batch of given row indices looks like."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], name: str, vocab: Vocabulary | None) -> None:
+        if name not in manifest["splits"]:
+            raise UserInputError(f"{folder}: no {name!r} split (has {', '.join(manifest['splits'])})")
+        self.name = name
+        self.task: str = manifest["task"]
+        if self.task == "cross_modal":
+            self.k: int = manifest["captions_per_image"]
+            self.images = np.load(folder / f"{name}_ims.npy", mmap_mode="r")
+            self.captions: TokenizedCaptions | None = None
+            self.text_features: np.ndarray | None = None
+            if manifest["modalities"]["text"]["type"] == "captions":
+                assert vocab is not None
+                self.captions = TokenizedCaptions(read_captions(folder / f"{name}_caps.txt"), vocab)
+            else:
+                self.text_features = np.load(folder / f"{name}_txts.npy", mmap_mode="r")
+            self.num_pairs = self.k * len(self.images)
+        else:
+            self.k = 1
+            self.images = np.load(folder / f"{name}_feats.npy", mmap_mode="r")
+            self.labels = np.load(folder / f"{name}_labels.npy")
+            self.num_pairs = len(self.labels)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    def image_batch(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.images[rows], dtype=np.float32))
+
+    def text_batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Texts ``rows`` (caption indices): token ids + lengths, or features + None."""
+        if self.captions is not None:
+            return self.captions.batch(rows)
+        assert self.text_features is not None
+        return torch.from_numpy(np.asarray(self.text_features[rows], dtype=np.float32)), None
+
+    def pair_batches(self, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
+        """Shuffled pair indices of one epoch in batches (the last may be smaller, never below 2)."""
+        order = torch.randperm(self.num_pairs, generator=generator).numpy()
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < 2:
+            batches[-2] = np.concatenate(batches[-2:])
+            batches.pop()
+        return batches
+
+    def training_batch(self, pairs: np.ndarray, generator: torch.Generator) -> Batch:
+        if self.task == "cross_modal":
+            image_rows = pairs // self.k
+            texts, lengths = self.text_batch(pairs)
+            return Batch(self.image_batch(image_rows), texts, lengths, torch.from_numpy(image_rows))
+        labels = self.labels[pairs]
+        partners = self._same_class_partners(pairs, generator)
+        return Batch(self.image_batch(pairs), self.image_batch(partners), None, torch.from_numpy(labels))
+
+    def _same_class_partners(self, anchors: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """A random other item of the same class for each anchor (itself if its class has one item)."""
+        if not hasattr(self, "_by_class"):
+            order = np.argsort(self.labels, kind="stable")
+            classes, starts, counts = np.unique(self.labels[order], return_index=True, return_counts=True)
+            self._by_class = (
+                order,
+                dict(zip(classes.tolist(), zip(starts.tolist(), counts.tolist(), strict=True), strict=True)),
+            )
+        order, spans = self._by_class
+        draws = torch.rand(len(anchors), generator=generator).numpy()
+        partners = np.empty_like(anchors)
+        for i, anchor in enumerate(anchors):
+            start, count = spans[int(self.labels[anchor])]
+            if count == 1:
+                partners[i] = anchor
+                continue
+            pick = order[start + int(draws[i] * (count - 1))]
+            partners[i] = pick if pick != anchor else order[start + count - 1]
+        return partners
+
+
+class Dataset:
+    """A verified dataset folder (checksums re-checked on open)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.manifest = load_manifest(folder)
+        self.digest = manifest_digest(folder)
+        self.name: str = self.manifest["name"]
+        self.task: str = self.manifest["task"]
+        self.vocab = Vocabulary.load(folder / "vocab.json") if (folder / "vocab.json").is_file() else None
+        self._splits: dict[str, Split] = {}
+
+    def split(self, name: str) -> Split:
+        if name not in self._splits:
+            self._splits[name] = Split(self.folder, self.manifest, name, self.vocab)
+        return self._splits[name]
+
+    def has_split(self, name: str) -> bool:
+        return name in self.manifest["splits"]

@@ -1,0 +1,535 @@
+"""VSE-style encoders: every tower maps one modality to L2-normalised embeddings ``[B, D]``.
+
+Why this module exists: the GSSF metric (``similarity.py``) scores pairs of unit vectors, so each modality needs
+a tower that ends in an L2 norm. The towers follow the host frameworks (VSE++, VSE∞, SGRAF): a linear projection
+of precomputed image features (optionally plus VSE∞'s 2-layer MLP residual) pooled over regions, and a word
+embedding + bidirectional GRU for captions, the two directions averaged. Style: small ``nn.Module`` classes in the
+spirit of open_clip / nanoGPT — plain attributes, a ``forward`` that reads top to bottom, shapes in docstrings,
+configuration by one frozen dataclass (:class:`EncoderSpec`) turned into modules by :func:`build_encoder`.
+
+Export is a first-class requirement (``gssf export --onnx`` writes the image and text towers as ONNX graphs with
+dynamic batch and sequence axes), which shapes the text tower:
+
+- No packed sequences (``pack_padded_sequence`` exports with neither ONNX exporter). The forward GRU runs on
+  the padded batch: padding sits after the valid tokens, so a causal pass never sees it at valid positions.
+  The backward direction reverses each sequence *within its own length* with one ``gather`` (indices computed
+  from ``lengths``, no loop over the batch), runs a second forward-only GRU, and reverses back. Numerically
+  this equals ``nn.GRU(bidirectional=True)`` on packed input (tests: max abs diff < 1e-5).
+- No data-dependent Python control flow in ``forward`` (no ``.item()``, no ``if lengths.max() ...``). Only
+  static facts (a tensor's rank, a module's configuration) branch.
+- Padding is masked in pooling, so outputs do not depend on the padded length or on ids at padded positions.
+
+ONNX export (torch 2.13, onnxscript 0.7; verified by the tests, which run ONNX Runtime at two batch/length
+sizes): :func:`export_example` gives the example inputs and export arguments for a tower, then ::
+
+    ex = export_example(tower)
+    prog = torch.onnx.export(tower, ex.args, **ex.export_kwargs())   # dynamo=True, dynamic_shapes, names
+    prog.save(path)                                                   # one file, no .onnx.data
+
+Both ``optimize=True`` (the default) and ``optimize=False`` keep every axis dynamic and match PyTorch to ~1e-7
+(``optimize=False`` exports faster, ``True`` gives a smaller graph). The GRU becomes a native ONNX ``GRU`` node.
+Two traps silently freeze the sequence axis: the graph inputs still *look* symbolic, and ONNX Runtime fails
+("invalid expand shape" or "invalid dimensions") only at a length other than the example's. Hence a parity
+check must always run at a second size.
+
+- Reading a shape from a GRU output (``expand_as(gru_out)``): the exporter records that output's length as the
+  example's constant (pytorch#191855). Shapes here come from the token tensor (:func:`_gather_steps`).
+- Any earlier trace of a GRU in the same process (a previous ONNX export, a ``torch.export`` such as MLflow's
+  "pt2" model logging): the exporter swaps in a ``while_loop`` GRU decomposition that keeps the length dynamic,
+  but only by editing ``aten.gru``'s Python kernels without clearing the op's dispatch cache, so after the first
+  trace the cached, length-specialising decomposition wins. :func:`clear_rnn_dispatch_cache` clears it;
+  :func:`export_example` and ``ExportExample.export_kwargs()`` call it, so the recipe above is safe to repeat.
+
+Smaller traps: example sizes must be > 1 and pairwise different (``torch.export`` specialises size-1 axes and
+ties equal ones); the output must not be named ``embedding`` (the exporter gives the ``nn.Embedding`` node's
+output that name and ONNX Runtime rejects the duplicate), so it is ``embeddings``; the export emits
+FutureWarnings (``_check_is_size``, ``LeafSpec``) that ``-W error`` turns into failures, so export under
+``warnings.catch_warnings()``. This module does not import onnx: only the export stage does.
+
+Conventions: token id 0 is padding; ``lengths`` count valid tokens (values < 1 are treated as 1, values > L as
+L). Image region sets have a fixed count R per batch (precomp features: 36 regions); a global feature
+``[B, F]`` is one region.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gssf_cli.errors import UserInputError
+
+__all__ = [
+    "IMAGE_KINDS",
+    "POOLINGS",
+    "TASKS",
+    "TEXT_KINDS",
+    "DualEncoder",
+    "EncoderSpec",
+    "ExportExample",
+    "FeatureEncoder",
+    "ImageEncoder",
+    "Pooling",
+    "Projection",
+    "SingleTower",
+    "TextEncoder",
+    "build_encoder",
+    "clear_rnn_dispatch_cache",
+    "export_example",
+    "export_towers",
+    "l2_normalize",
+    "parameter_counts",
+    "reverse_within_length",
+]
+
+TASKS = ("cross_modal", "labels")
+IMAGE_KINDS = ("regions", "global", "features")
+TEXT_KINDS = ("captions", "features")
+POOLINGS = ("mean", "max", "attention")
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Unit-normalise the last axis; ``eps`` keeps an all-zero vector at zero instead of NaN."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+class Projection(nn.Module):
+    """``[..., F] -> [..., D]``: ``proj(x)``, or VSE∞'s ``proj(x) + mlp(x)`` when ``mlp=True``.
+
+    The MLP is Linear(F, D/2) - LayerNorm - ReLU - Linear(D/2, D). VSE∞ uses BatchNorm there; LayerNorm is
+    used instead so that batch size 1, eval mode and export all behave the same as training.
+    The projection uses Xavier-uniform weights and zero bias, as VSE++/VSE∞ do for their ``fc`` layer.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, mlp: bool = False) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.mlp: nn.Sequential | None = None
+        if mlp:
+            hidden = max(out_dim // 2, 1)
+            self.mlp = nn.Sequential(
+                nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.ReLU(inplace=False), nn.Linear(hidden, out_dim)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.proj(x)
+        if self.mlp is not None:
+            y = y + self.mlp(x)
+        return y
+
+
+class Pooling(nn.Module):
+    """Pool a set ``[B, N, D]`` (with an optional validity mask ``[B, N]``) to ``[B, D]``.
+
+    Modes: ``mean`` and ``max`` over valid items, or ``attention``: one learned linear score per item, softmax
+    over the valid items, weighted sum. The scoring layer starts at zero, so attention pooling starts out as
+    mean pooling and learns to deviate from it (its gradient is not zero at zero weights).
+    """
+
+    def __init__(self, dim: int, mode: str = "mean") -> None:
+        super().__init__()
+        if mode not in POOLINGS:
+            raise UserInputError(f"pooling must be one of {', '.join(POOLINGS)}; got {mode!r}")
+        self.mode = mode
+        self.score: nn.Linear | None = None
+        if mode == "attention":
+            self.score = nn.Linear(dim, 1)
+            nn.init.zeros_(self.score.weight)
+            nn.init.zeros_(self.score.bias)
+
+    def weights(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Attention weights ``[B, N]`` (sum to 1 over the valid items; 0 at masked ones)."""
+        if self.score is None:
+            raise RuntimeError(f"{self.mode!r} pooling has no attention weights")
+        logits = self.score(x).squeeze(-1)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        return logits.softmax(dim=-1)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.mode == "attention":
+            return (self.weights(x, mask).unsqueeze(-1) * x).sum(dim=1)
+        if self.mode == "max":
+            if mask is not None:
+                x = x.masked_fill(~mask.unsqueeze(-1), torch.finfo(x.dtype).min)
+            return x.amax(dim=1)
+        if mask is None:
+            return x.mean(dim=1)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+class ImageEncoder(nn.Module):
+    """Region features ``[B, R, F]`` (or one global feature ``[B, F]``, i.e. R = 1) -> ``[B, D]`` unit vectors.
+
+    Each region is projected (optionally with the MLP residual, see :class:`Projection`), the regions are
+    pooled (``mean`` | ``max`` | ``attention``), and the result is L2-normalised.
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int, pooling: str = "mean", mlp: bool = False) -> None:
+        super().__init__()
+        self.in_dim, self.embed_dim = in_dim, embed_dim
+        self.proj = Projection(in_dim, embed_dim, mlp)
+        self.pool = Pooling(embed_dim, pooling)
+
+    def regions(self, features: Tensor) -> Tensor:
+        """Projected regions ``[B, R, D]`` before pooling (a global feature becomes R = 1)."""
+        if features.dim() == 2:
+            features = features.unsqueeze(1)
+        return self.proj(features)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return l2_normalize(self.pool(self.regions(features)))
+
+
+class FeatureEncoder(nn.Module):
+    """Precomputed embeddings ``[B, F]`` -> ``[B, D]`` unit vectors: projection (+ MLP residual), L2 norm.
+
+    The text tower of "features" datasets, and the single tower of label-based data (e.g. digits, F = 64).
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int, mlp: bool = False) -> None:
+        super().__init__()
+        self.in_dim, self.embed_dim = in_dim, embed_dim
+        self.proj = Projection(in_dim, embed_dim, mlp)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return l2_normalize(self.proj(features))
+
+
+def reverse_within_length(x: Tensor, lengths: Tensor) -> Tensor:
+    """Reverse the first ``lengths[b]`` steps of each row of ``x [B, L, H]``; steps past the length stay put.
+
+    ``lengths [B]`` must lie in ``[0, L]``. The map is its own inverse, so applying it twice restores ``x``.
+    """
+    return _gather_steps(x, _reversal_index(lengths, x.shape[1]))
+
+
+def _reversal_index(lengths: Tensor, seq_len: int) -> Tensor:
+    """``[B, L]`` step indices that reverse each row within its length: one gather, no loop over the batch."""
+    steps = torch.arange(seq_len, device=lengths.device).unsqueeze(0)
+    n = lengths.unsqueeze(1)
+    return torch.where(steps < n, n - 1 - steps, steps)
+
+
+def _gather_steps(x: Tensor, index: Tensor) -> Tensor:
+    """``x [B, L, H]`` reordered along L by ``index [B, L]``.
+
+    The expansion takes B and L from ``index`` (``-1``), never from ``x``: when ``x`` is a GRU output, the
+    ONNX exporter records its length axis as the example's constant, which would freeze the axis.
+    """
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class TextEncoder(nn.Module):
+    """Token ids ``[B, L]`` (0 = padding) and ``lengths [B]`` -> ``[B, D]`` unit vectors.
+
+    Word embedding (``word_dim``) -> bidirectional GRU with hidden size D per direction, the two directions
+    averaged -> pooling over valid tokens (``mean`` | ``max`` | ``attention``) -> L2 norm.
+
+    The bidirectional GRU is built from pairs of single-layer, forward-only GRUs (``gru_fwd[k]``,
+    ``gru_bwd[k]`` for layer k): layer k > 0 reads both directions of layer k - 1 (``[B, L, 2D]``), as in
+    ``nn.GRU(bidirectional=True, num_layers=K)``, whose weights map one to one onto these (``weight_ih_l{k}``
+    -> ``gru_fwd[k].weight_ih_l0``, ``weight_ih_l{k}_reverse`` -> ``gru_bwd[k].weight_ih_l0``, same for
+    ``weight_hh`` and the biases). See the module docstring for why no packed sequences are used.
+    """
+
+    def __init__(
+        self, vocab_size: int, embed_dim: int, word_dim: int = 300, num_layers: int = 1, pooling: str = "mean"
+    ) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise UserInputError(f"the text GRU needs at least one layer; got {num_layers}")
+        self.vocab_size, self.embed_dim, self.word_dim, self.num_layers = vocab_size, embed_dim, word_dim, num_layers
+        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        with torch.no_grad():
+            self.embed.weight[0].zero_()
+        inputs = [word_dim] + [2 * embed_dim] * (num_layers - 1)
+        self.gru_fwd = nn.ModuleList([nn.GRU(n, embed_dim, batch_first=True) for n in inputs])
+        self.gru_bwd = nn.ModuleList([nn.GRU(n, embed_dim, batch_first=True) for n in inputs])
+        self.pool = Pooling(embed_dim, pooling)
+
+    def valid_mask(self, tokens: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(lengths clipped to [1, L] [B], mask [B, L])``; without ``lengths``, count the non-zero ids."""
+        if lengths is None:
+            lengths = (tokens != 0).sum(dim=1)
+        steps = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        n = (steps < lengths.unsqueeze(1)).sum(dim=1).clamp_min(1)
+        return n, steps < n.unsqueeze(1)
+
+    def token_states(self, tokens: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-token states ``[B, L, D]`` (mean of both directions; garbage at padding) and the mask ``[B, L]``."""
+        n, mask = self.valid_mask(tokens, lengths)
+        reverse = _reversal_index(n, tokens.shape[1])
+        x = self.embed(tokens)
+        fwd = bwd = x
+        for gru_f, gru_b in zip(self.gru_fwd, self.gru_bwd, strict=True):
+            fwd, _ = gru_f(x)
+            bwd, _ = gru_b(_gather_steps(x, reverse))
+            bwd = _gather_steps(bwd, reverse)
+            x = torch.cat([fwd, bwd], dim=-1)
+        return (fwd + bwd) / 2, mask
+
+    def forward(self, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:
+        states, mask = self.token_states(tokens, lengths)
+        return l2_normalize(self.pool(states, mask))
+
+
+class DualEncoder(nn.Module):
+    """The two towers of cross-modal retrieval: ``image`` and ``text`` (any of the encoders above).
+
+    ``text`` is a :class:`TextEncoder` (``encode_text(tokens, lengths)``) or a :class:`FeatureEncoder`
+    (``encode_text(features)``, no lengths).
+    """
+
+    def __init__(self, image: nn.Module, text: nn.Module) -> None:
+        super().__init__()
+        self.image = image
+        self.text = text
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """``[B, R, F]`` or ``[B, F]`` -> ``[B, D]``."""
+        out: Tensor = self.image(images)
+        return out
+
+    def encode_text(self, text: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """Token ids ``[B, L]`` (+ ``lengths [B]``) or text features ``[B, F']`` -> ``[B, D]``."""
+        if isinstance(self.text, TextEncoder):
+            out: Tensor = self.text(text, lengths)
+            return out
+        if lengths is not None:
+            raise TypeError("this model's text tower takes precomputed features: pass no lengths")
+        out = self.text(text)
+        return out
+
+    def forward(self, images: Tensor, text: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(image embeddings [B, D], text embeddings [B', D])``."""
+        return self.encode_image(images), self.encode_text(text, lengths)
+
+
+class SingleTower(nn.Module):
+    """One :class:`FeatureEncoder` for label-based retrieval, where queries and gallery share a modality.
+
+    It offers the same ``encode_image`` / ``encode_text`` methods as :class:`DualEncoder` (both the same
+    tower), so evaluation code can treat it as a dual encoder; ``forward(x)`` returns ``[B, D]``.
+    """
+
+    def __init__(self, encoder: FeatureEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, features: Tensor) -> Tensor:
+        out: Tensor = self.encoder(features)
+        return out
+
+    def encode(self, features: Tensor) -> Tensor:
+        """``[B, F]`` -> ``[B, D]``."""
+        return self(features)
+
+    encode_image = encode
+    encode_text = encode
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A plain, JSON-friendly description of the encoders, saved with checkpoints to rebuild the model.
+
+    ``task``: ``cross_modal`` (a :class:`DualEncoder`) or ``labels`` (a :class:`SingleTower` over
+    ``image_dim`` features; the text fields are ignored). ``image_kind``: ``regions`` ``[B, R, F]`` or
+    ``global`` ``[B, F]`` (both :class:`ImageEncoder`; pooling one region is the identity, so ``global``
+    always pools by mean) or ``features`` (:class:`FeatureEncoder`). ``text_kind``: ``captions`` (needs
+    ``vocab_size``) or ``features`` (needs ``text_dim``). ``pooling`` applies to image regions and tokens.
+    Host-framework defaults: ``embed_dim`` 1024, ``word_dim`` 300, one GRU layer.
+    """
+
+    task: str = "cross_modal"
+    image_kind: str = "regions"
+    image_dim: int = 2048
+    text_kind: str = "captions"
+    text_dim: int | None = None
+    vocab_size: int | None = None
+    embed_dim: int = 1024
+    word_dim: int = 300
+    pooling: str = "mean"
+    mlp: bool = False
+    gru_layers: int = 1
+
+    def __post_init__(self) -> None:
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            if getattr(self, name) not in options:
+                raise UserInputError(f"encoder.{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
+
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserInputError(f"encoder.{name} must be a positive integer; got {value!r}")
+
+        choice("task", TASKS)
+        choice("image_kind", IMAGE_KINDS)
+        choice("pooling", POOLINGS)
+        for name in ("image_dim", "embed_dim", "word_dim", "gru_layers"):
+            positive(name)
+        if self.task == "labels":
+            if self.image_kind == "regions":
+                raise UserInputError("encoder.image_kind: label-based data takes feature vectors, not regions")
+            return
+        choice("text_kind", TEXT_KINDS)
+        if self.text_kind == "captions":
+            if self.vocab_size is None:
+                raise UserInputError("encoder.vocab_size is required for captions (the size of vocab.json)")
+            positive("vocab_size")
+        else:
+            if self.text_dim is None:
+                raise UserInputError("encoder.text_dim is required for text features (their dimension)")
+            positive("text_dim")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderSpec:
+        """Inverse of :meth:`to_dict`; unknown keys are a user error, not silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserInputError(f"unknown encoder setting(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], **settings: Any) -> EncoderSpec:
+        """The spec a dataset's ``manifest.json`` implies, plus model ``settings`` (embed_dim, pooling, ...)."""
+        modalities = manifest.get("modalities", {})
+        if manifest.get("task") == "labels":
+            feats = modalities["features"]
+            return cls(task="labels", image_kind="features", image_dim=int(feats["shape"][-1]), **settings)
+        image, text = modalities["image"], modalities["text"]
+        text_fields: dict[str, Any] = (
+            {"text_kind": "captions", "vocab_size": int(text["vocab_size"])}
+            if text["type"] == "captions"
+            else {"text_kind": "features", "text_dim": int(text["shape"][-1])}
+        )
+        return cls(
+            task="cross_modal",
+            image_kind=image["type"],
+            image_dim=int(image["shape"][-1]),
+            **text_fields,
+            **settings,
+        )
+
+
+def build_encoder(spec: EncoderSpec) -> DualEncoder | SingleTower:
+    """The model a spec describes: :class:`DualEncoder` for ``cross_modal``, :class:`SingleTower` for ``labels``."""
+    if spec.task == "labels":
+        return SingleTower(FeatureEncoder(spec.image_dim, spec.embed_dim, spec.mlp))
+    image: nn.Module
+    if spec.image_kind == "features":
+        image = FeatureEncoder(spec.image_dim, spec.embed_dim, spec.mlp)
+    else:
+        pooling = spec.pooling if spec.image_kind == "regions" else "mean"
+        image = ImageEncoder(spec.image_dim, spec.embed_dim, pooling, spec.mlp)
+    text: nn.Module
+    if spec.text_kind == "captions":
+        assert spec.vocab_size is not None
+        text = TextEncoder(spec.vocab_size, spec.embed_dim, spec.word_dim, spec.gru_layers, spec.pooling)
+    else:
+        assert spec.text_dim is not None
+        text = FeatureEncoder(spec.text_dim, spec.embed_dim, spec.mlp)
+    return DualEncoder(image, text)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters per direct child (e.g. ``image``, ``text``), ``own`` for the model's direct parameters if
+    any, and ``total``; the parts sum to ``total``. Shared parameters are counted once, at first sight."""
+    seen: set[int] = set()
+
+    def count(params: Any) -> int:
+        n = 0
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    counts = {name: count(child.parameters()) for name, child in model.named_children()}
+    own = count(model.parameters(recurse=False))
+    if own:
+        counts["own"] = own
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def export_towers(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules to export as separate ONNX graphs: ``{"image": ..., "text": ...}`` for a dual encoder,
+    ``{"features": ...}`` for a single tower, ``{"encoder": model}`` for a bare encoder."""
+    if isinstance(model, DualEncoder):
+        return {"image": model.image, "text": model.text}
+    if isinstance(model, SingleTower):
+        return {"features": model.encoder}
+    return {"encoder": model}
+
+
+def clear_rnn_dispatch_cache() -> None:
+    """Forget which Python kernel ``aten.gru`` / ``aten.lstm`` resolved to in earlier traces (see the module
+    docstring): without this, every ONNX export of a GRU after the first trace in a process freezes the sequence
+    axis. Eager execution does not use this cache, so clearing it is harmless."""
+    for op in (torch.ops.aten.gru.input, torch.ops.aten.lstm.input):
+        cache = getattr(op, "_dispatch_cache", None)
+        if cache is not None:
+            cache.clear()
+
+
+@dataclass(frozen=True)
+class ExportExample:
+    """Example inputs and the matching ``torch.onnx.export`` arguments for one tower (see the module docstring)."""
+
+    args: tuple[Tensor, ...]
+    dynamic_shapes: dict[str, dict[int, Any]]
+    input_names: list[str]
+    output_names: list[str]
+
+    def export_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``torch.onnx.export``; clears the RNN dispatch cache (see the module docstring)
+        as a side effect, since this is evaluated right at the export call."""
+        clear_rnn_dispatch_cache()
+        return {
+            "dynamo": True,
+            "dynamic_shapes": self.dynamic_shapes,
+            "input_names": self.input_names,
+            "output_names": self.output_names,
+        }
+
+
+def export_example(tower: nn.Module, batch: int = 3, length: int = 7, regions: int = 5) -> ExportExample:
+    """Example inputs with dynamic batch (and sequence length, and region count) for ``torch.onnx.export``.
+
+    The sizes must be > 1 and pairwise different, or ``torch.export`` specialises or ties the axes. Inputs sit
+    on the tower's device; token ids are non-zero and the lengths vary, with one full-length row. Also calls
+    :func:`clear_rnn_dispatch_cache`, so that the export that follows keeps the sequence axis dynamic.
+    Inputs: ``tokens [B, L]`` int64 and ``lengths [B]`` int64 (text), ``features [B, R, F]`` (image) or
+    ``features [B, F]`` (feature tower); output: ``embeddings [B, D]``.
+    """
+    if min(batch, length, regions) < 2 or len({batch, length, regions}) < 3:
+        raise ValueError("example sizes must be >= 2 and pairwise different to keep the axes dynamic")
+    clear_rnn_dispatch_cache()
+    param = next(tower.parameters())
+    device, dtype = param.device, param.dtype
+    gen = torch.Generator().manual_seed(0)
+    batch_dim = torch.export.Dim("batch")
+    out = ["embeddings"]
+    if isinstance(tower, TextEncoder):
+        tokens = torch.randint(1, tower.vocab_size, (batch, length), generator=gen)
+        lengths = torch.arange(batch, 0, -1) * length // batch
+        shapes = {"tokens": {0: batch_dim, 1: torch.export.Dim("length")}, "lengths": {0: batch_dim}}
+        return ExportExample((tokens.to(device), lengths.to(device)), shapes, ["tokens", "lengths"], out)
+    if isinstance(tower, ImageEncoder):
+        images = torch.randn(batch, regions, tower.in_dim, generator=gen).to(device, dtype)
+        return ExportExample((images,), {"features": {0: batch_dim, 1: torch.export.Dim("regions")}}, ["features"], out)
+    if isinstance(tower, FeatureEncoder):
+        feats = torch.randn(batch, tower.in_dim, generator=gen).to(device, dtype)
+        return ExportExample((feats,), {"features": {0: batch_dim}}, ["features"], out)
+    raise TypeError(f"no export example for {type(tower).__name__}")

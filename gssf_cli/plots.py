@@ -1,0 +1,81 @@
+"""Figures a person would rather look at than read; logged to MLflow as artifacts.
+
+Matplotlib is imported lazily with the non-interactive Agg backend (no display on servers or CI).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def score_distributions(positives: np.ndarray, negatives: np.ndarray, title: str) -> Any:
+    """Histograms of matching-pair and non-matching-pair scores (GSSF paper, Fig. 5).
+
+    Well-separated distributions mean a margin between positives and negatives; overlap is where
+    retrieval errors come from.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    low = float(min(positives.min(), negatives.min()))
+    high = float(max(positives.max(), negatives.max()))
+    bins = np.linspace(low, high if high > low else low + 1.0, 60)
+    ax.hist(negatives, bins=bins, density=True, alpha=0.6, label=f"negative pairs (n={len(negatives):,})")
+    ax.hist(positives, bins=bins, density=True, alpha=0.6, label=f"positive pairs (n={len(positives):,})")
+    ax.set_xlabel("score")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def recall_curve(curves: Mapping[str, Mapping[int, float]], title: str, ylabel: str = "R@K (%)") -> Any:
+    """R@K against K, one line per direction (e.g. image→text, text→image)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        ks = sorted(points)
+        ax.plot(ks, [points[k] for k in ks], marker=".", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def close(fig: Any) -> None:
+    _pyplot().close(fig)
+
+
+def metric_heatmap(matrix: np.ndarray, name: str, max_channels: int = 256) -> Any:
+    """The learned W ⊙ U as a heatmap (GSSF paper, Fig. 4): where channels interact, and how strongly.
+
+    Large D is shown as its top-left ``max_channels`` x ``max_channels`` corner so blocks stay visible.
+    """
+    plt = _pyplot()
+    shown = matrix[:max_channels, :max_channels]
+    limit = float(np.abs(shown).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    image = ax.imshow(shown, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    corner = "" if shown.shape == matrix.shape else f" (first {shown.shape[0]} of {matrix.shape[0]} channels)"
+    ax.set_title(f"learned W ⊙ U, {name}{corner}")
+    ax.set_xlabel("text channel")
+    ax.set_ylabel("image channel")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,371 @@
+"""Encoders: shapes and unit norms, equivalence of the padded bidirectional GRU with the packed one, padding
+invariance, pooling, parameter counts, the spec/builder, and ONNX export with dynamic axes."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from gssf_cli.encoders import (
+    DualEncoder,
+    EncoderSpec,
+    FeatureEncoder,
+    ImageEncoder,
+    SingleTower,
+    TextEncoder,
+    build_encoder,
+    export_example,
+    export_towers,
+    l2_normalize,
+    parameter_counts,
+    reverse_within_length,
+)
+from gssf_cli.errors import UserInputError
+
+VOCAB, WORD, D, F_IN = 40, 12, 16, 10
+
+
+def unit_norms(x: Tensor) -> None:
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(x.shape[0]), atol=1e-5, rtol=0)
+
+
+def random_tokens(batch: int, length: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Tokens ``[B, L]`` with zero padding after random lengths in [1, L] (one full row, one of length 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+    lengths[0], lengths[-1] = length, 1
+    tokens = torch.randint(1, VOCAB, (batch, length), generator=gen)
+    tokens[torch.arange(length).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    return tokens, lengths
+
+
+def randomise_attention(module: nn.Module) -> None:
+    """Attention scoring starts at zero (= mean pooling); give it weights so that it actually weighs."""
+    for name, p in module.named_parameters():
+        if "pool.score" in name:
+            nn.init.normal_(p, std=1.0)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "attention"])
+@pytest.mark.parametrize("mlp", [False, True])
+def test_image_encoder_shapes_and_norms(pooling: str, mlp: bool) -> None:
+    torch.manual_seed(0)
+    enc = ImageEncoder(F_IN, D, pooling, mlp)
+    randomise_attention(enc)
+    regions = enc(torch.randn(4, 6, F_IN))
+    assert regions.shape == (4, D)
+    unit_norms(regions)
+    glob = torch.randn(1, F_IN)
+    out = enc.eval()(glob)
+    assert out.shape == (1, D)
+    unit_norms(out)
+    torch.testing.assert_close(out, enc(glob.unsqueeze(1)))
+    torch.testing.assert_close(out, l2_normalize(enc.proj(glob)))
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_feature_encoder_shapes_and_norms(mlp: bool) -> None:
+    enc = FeatureEncoder(64, D, mlp)
+    out = enc(torch.randn(5, 64))
+    assert out.shape == (5, D)
+    unit_norms(out)
+    unit_norms(enc.eval()(torch.randn(1, 64)))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "attention"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_text_encoder_shapes_and_norms(pooling: str, layers: int) -> None:
+    torch.manual_seed(0)
+    enc = TextEncoder(VOCAB, D, WORD, layers, pooling)
+    tokens, lengths = random_tokens(5, 8)
+    out = enc(tokens, lengths)
+    assert out.shape == (5, D)
+    unit_norms(out)
+    torch.testing.assert_close(enc(tokens), out)
+
+
+def packed_reference(enc: TextEncoder, tokens: Tensor, lengths: Tensor) -> Tensor:
+    """Per-token states ``[B, L, D]`` of a standard packed ``nn.GRU(bidirectional=True)`` with ``enc``'s weights,
+    directions averaged."""
+    ref = nn.GRU(WORD, D, num_layers=enc.num_layers, bidirectional=True, batch_first=True)
+    with torch.no_grad():
+        for k, (gru_f, gru_b) in enumerate(zip(enc.gru_fwd, enc.gru_bwd, strict=True)):
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(ref, f"{kind}_l{k}").copy_(getattr(gru_f, f"{kind}_l0"))
+                getattr(ref, f"{kind}_l{k}_reverse").copy_(getattr(gru_b, f"{kind}_l0"))
+    packed = nn.utils.rnn.pack_padded_sequence(enc.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+    out, _ = ref(packed)
+    out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+    return (out[..., :D] + out[..., D:]) / 2
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "attention"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_padded_bigru_matches_packed_reference(pooling: str, layers: int) -> None:
+    torch.manual_seed(layers)
+    enc = TextEncoder(VOCAB, D, WORD, layers, pooling).eval()
+    randomise_attention(enc)
+    tokens, lengths = random_tokens(9, 11, seed=layers)
+    with torch.no_grad():
+        states, mask = enc.token_states(tokens, lengths)
+        ref_states = packed_reference(enc, tokens, lengths)
+        assert (states - ref_states)[mask].abs().max() < 1e-5
+        ref_out = l2_normalize(enc.pool(ref_states, mask))
+        assert (enc(tokens, lengths) - ref_out).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "attention"])
+def test_text_outputs_ignore_padding(pooling: str) -> None:
+    torch.manual_seed(1)
+    enc = TextEncoder(VOCAB, D, WORD, 2, pooling).eval()
+    randomise_attention(enc)
+    tokens, lengths = random_tokens(6, 7, seed=3)
+    with torch.no_grad():
+        base = enc(tokens, lengths)
+        wider = torch.cat([tokens, torch.zeros(6, 5, dtype=tokens.dtype)], dim=1)
+        torch.testing.assert_close(enc(wider, lengths), base, atol=1e-6, rtol=0)
+        noisy = wider.clone()
+        pad = torch.arange(wider.shape[1]).unsqueeze(0) >= lengths.unsqueeze(1)
+        noisy[pad] = torch.randint(1, VOCAB, (int(pad.sum()),))
+        torch.testing.assert_close(enc(noisy, lengths), base, atol=1e-6, rtol=0)
+
+
+def test_text_lengths_are_clipped_to_the_sequence() -> None:
+    enc = TextEncoder(VOCAB, D, WORD).eval()
+    tokens, _ = random_tokens(4, 6)
+    with torch.no_grad():
+        full = enc(tokens, torch.full((4,), 6))
+        torch.testing.assert_close(enc(tokens, torch.full((4,), 99)), full)
+        torch.testing.assert_close(enc(tokens, torch.zeros(4, dtype=torch.long)), enc(tokens, torch.ones(4).long()))
+        unit_norms(enc(torch.zeros(2, 3, dtype=torch.long)))
+
+
+def test_reverse_within_length_flips_valid_steps_only() -> None:
+    x = torch.randn(4, 6, 3)
+    lengths = torch.tensor([6, 3, 1, 0])
+    rev = reverse_within_length(x, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(rev[b, :n], x[b, :n].flip(0))
+        torch.testing.assert_close(rev[b, n:], x[b, n:])
+    torch.testing.assert_close(reverse_within_length(rev, lengths), x)
+
+
+def test_attention_weights_sum_to_one() -> None:
+    torch.manual_seed(0)
+    img = ImageEncoder(F_IN, D, "attention")
+    randomise_attention(img)
+    w = img.pool.weights(img.regions(torch.randn(3, 7, F_IN)))
+    assert w.shape == (3, 7)
+    assert (w > 0).all()
+    torch.testing.assert_close(w.sum(dim=1), torch.ones(3))
+    assert w.std(dim=1).min() > 0
+
+    txt = TextEncoder(VOCAB, D, WORD, pooling="attention")
+    randomise_attention(txt)
+    tokens, lengths = random_tokens(5, 6)
+    states, mask = txt.token_states(tokens, lengths)
+    w = txt.pool.weights(states, mask)
+    torch.testing.assert_close(w.sum(dim=1), torch.ones(5))
+    assert (w[~mask] == 0).all()
+
+
+def test_attention_pooling_starts_as_mean_and_learns() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, F_IN)
+    att, mean = ImageEncoder(F_IN, D, "attention"), ImageEncoder(F_IN, D, "mean")
+    mean.proj.load_state_dict(att.proj.state_dict())
+    torch.testing.assert_close(att(x), mean(x))
+    (att(x) * torch.randn(3, D)).sum().backward()
+    assert att.pool.score is not None
+    assert att.pool.score.weight.grad is not None and att.pool.score.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_mean_and_max_pooling_match_direct_computation(pooling: str) -> None:
+    torch.manual_seed(0)
+    img = ImageEncoder(F_IN, D, pooling, mlp=True)
+    x = torch.randn(4, 5, F_IN)
+    projected = img.proj.proj(x) + img.proj.mlp(x)  # type: ignore[misc]
+    pooled = projected.mean(dim=1) if pooling == "mean" else projected.max(dim=1).values
+    torch.testing.assert_close(img(x), pooled / pooled.norm(dim=1, keepdim=True))
+
+    txt = TextEncoder(VOCAB, D, WORD, pooling=pooling)
+    tokens, lengths = random_tokens(4, 6)
+    states, _ = txt.token_states(tokens, lengths)
+    rows = [states[b, :n] for b, n in enumerate(lengths.tolist())]
+    direct = torch.stack([r.mean(0) if pooling == "mean" else r.max(0).values for r in rows])
+    torch.testing.assert_close(txt(tokens, lengths), l2_normalize(direct))
+
+
+def test_parameter_counts_add_up() -> None:
+    gru = lambda n_in: 3 * (n_in * D + D * D + 2 * D)  # noqa: E731
+    text_expected = VOCAB * WORD + 2 * gru(WORD) + 2 * gru(2 * D)
+    image_expected = F_IN * D + D + (F_IN * (D // 2) + D // 2) + 2 * (D // 2) + (D // 2 * D + D) + D + 1
+    model = DualEncoder(ImageEncoder(F_IN, D, "attention", mlp=True), TextEncoder(VOCAB, D, WORD, 2))
+    counts = parameter_counts(model)
+    assert counts == {"image": image_expected, "text": text_expected, "total": image_expected + text_expected}
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    inner = parameter_counts(model.text)
+    assert sum(v for k, v in inner.items() if k != "total") == inner["total"] == text_expected
+    assert parameter_counts(SingleTower(FeatureEncoder(64, D))) == {"encoder": 64 * D + D, "total": 64 * D + D}
+
+
+def test_dual_encoder_forward() -> None:
+    model = DualEncoder(ImageEncoder(F_IN, D), TextEncoder(VOCAB, D, WORD))
+    tokens, lengths = random_tokens(6, 5)
+    img, txt = model(torch.randn(3, 4, F_IN), tokens, lengths)
+    assert img.shape == (3, D) and txt.shape == (6, D)
+    torch.testing.assert_close(model.encode_text(tokens, lengths), txt)
+
+    feats = DualEncoder(FeatureEncoder(F_IN, D), FeatureEncoder(7, D))
+    img, txt = feats(torch.randn(3, F_IN), torch.randn(3, 7))
+    assert img.shape == txt.shape == (3, D)
+    with pytest.raises(TypeError, match="no lengths"):
+        feats.encode_text(torch.randn(3, 7), torch.ones(3))
+
+
+def test_build_encoder_from_specs() -> None:
+    regions = build_encoder(EncoderSpec(image_dim=F_IN, vocab_size=VOCAB, embed_dim=D, word_dim=WORD, gru_layers=2))
+    assert isinstance(regions, DualEncoder)
+    assert isinstance(regions.image, ImageEncoder) and isinstance(regions.text, TextEncoder)
+    assert regions.text.num_layers == 2 and len(regions.text.gru_fwd) == 2
+
+    glob = build_encoder(EncoderSpec(image_kind="global", image_dim=F_IN, vocab_size=VOCAB, pooling="attention"))
+    assert isinstance(glob, DualEncoder) and isinstance(glob.image, ImageEncoder)
+    assert glob.image.pool.mode == "mean" and isinstance(glob.text, TextEncoder) and glob.text.pool.mode == "attention"
+
+    feats = build_encoder(
+        EncoderSpec(image_kind="features", image_dim=F_IN, text_kind="features", text_dim=7, mlp=True)
+    )
+    assert isinstance(feats, DualEncoder)
+    assert isinstance(feats.image, FeatureEncoder) and isinstance(feats.text, FeatureEncoder)
+    assert feats.text.proj.mlp is not None
+
+    labels = build_encoder(EncoderSpec(task="labels", image_kind="features", image_dim=64, embed_dim=D))
+    assert isinstance(labels, SingleTower)
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(labels.encode_image(x), labels(x))
+    torch.testing.assert_close(labels.encode_text(x), labels(x))
+    assert export_towers(labels) == {"features": labels.encoder}
+    assert export_towers(regions) == {"image": regions.image, "text": regions.text}
+
+
+def test_build_is_deterministic_given_the_seed() -> None:
+    spec = EncoderSpec(image_dim=F_IN, vocab_size=VOCAB, embed_dim=D, word_dim=WORD, mlp=True, pooling="attention")
+    states = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        states.append(build_encoder(spec).state_dict())
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"task": "retrieval"}, "encoder.task"),
+        ({"image_kind": "video"}, "encoder.image_kind"),
+        ({"pooling": "gpo", "vocab_size": 5}, "encoder.pooling"),
+        ({}, "vocab_size is required"),
+        ({"vocab_size": 0}, "vocab_size must be a positive"),
+        ({"text_kind": "features"}, "text_dim is required"),
+        ({"vocab_size": 5, "embed_dim": 0}, "embed_dim"),
+        ({"vocab_size": 5, "gru_layers": True}, "gru_layers"),
+        ({"task": "labels"}, "not regions"),
+    ],
+)
+def test_spec_rejects_bad_settings(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(UserInputError, match=message):
+        EncoderSpec(**settings)  # type: ignore[arg-type]
+
+
+def test_spec_round_trips_and_reads_manifests() -> None:
+    spec = EncoderSpec(image_dim=F_IN, vocab_size=VOCAB, embed_dim=D, pooling="max", mlp=True)
+    assert EncoderSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(UserInputError, match="unknown encoder setting"):
+        EncoderSpec.from_dict({**spec.to_dict(), "dropout": 0.1})
+
+    precomp = {
+        "task": "cross_modal",
+        "modalities": {
+            "image": {"type": "regions", "shape": [36, 2048]},
+            "text": {"type": "captions", "vocab_size": 8000},
+        },
+    }
+    got = EncoderSpec.from_manifest(precomp, embed_dim=D)
+    assert (got.image_kind, got.image_dim, got.text_kind, got.vocab_size, got.embed_dim) == (
+        "regions",
+        2048,
+        "captions",
+        8000,
+        D,
+    )
+    features = {
+        "task": "cross_modal",
+        "modalities": {"image": {"type": "features", "shape": [512]}, "text": {"type": "features", "shape": [384]}},
+    }
+    got = EncoderSpec.from_manifest(features)
+    assert (got.image_kind, got.image_dim, got.text_kind, got.text_dim) == ("features", 512, "features", 384)
+    digits = {"task": "labels", "modalities": {"features": {"type": "features", "shape": [64]}}}
+    assert isinstance(build_encoder(EncoderSpec.from_manifest(digits, embed_dim=D)), SingleTower)
+
+
+def test_export_example_rejects_sizes_that_specialise() -> None:
+    with pytest.raises(ValueError, match="pairwise different"):
+        export_example(ImageEncoder(F_IN, D), batch=5, regions=5)
+    with pytest.raises(ValueError, match=">= 2"):
+        export_example(FeatureEncoder(F_IN, D), batch=1)
+
+
+def test_onnx_export_keeps_batch_and_length_dynamic(tmp_path: Path) -> None:
+    """Dynamo export with default ``optimize``: symbolic input axes, and ONNX Runtime matches PyTorch at two
+    (batch, length) sizes, neither the example's. Two text towers are exported back to back: without
+    :func:`clear_rnn_dispatch_cache` the second export freezes the length axis (an export of a GRU-free model in
+    between happens to clear the cache, so the order matters)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    towers: list[tuple[str, nn.Module]] = [
+        ("text", TextEncoder(VOCAB, D, WORD, 2, "attention")),
+        ("text_again", TextEncoder(VOCAB, D, WORD, 1, "max")),
+        ("image", ImageEncoder(F_IN, D, "attention", mlp=True)),
+    ]
+    for name, tower in towers:
+        tower.eval()
+        randomise_attention(tower)
+        ex = export_example(tower)
+        path = tmp_path / f"{name}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(tower, ex.args, verbose=False, **ex.export_kwargs())
+        assert prog is not None
+        prog.save(str(path))
+        assert not list(tmp_path.glob("*.data"))
+
+        graph = onnx.load(str(path)).graph
+        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+        is_text = isinstance(tower, TextEncoder)
+        if is_text:
+            assert dims == {"tokens": ["batch", "length"], "lengths": ["batch"]}
+            assert "GRU" in {node.op_type for node in graph.node}
+        else:
+            assert dims == {"features": ["batch", "regions", F_IN]}
+        assert [o.name for o in graph.output] == ["embeddings"]
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for batch, length in [(2, 4), (6, 13)]:
+            if is_text:
+                inputs: tuple[Tensor, ...] = random_tokens(batch, length, seed=batch)
+            else:
+                inputs = (torch.randn(batch, length, F_IN),)
+            with torch.no_grad():
+                expected = tower(*inputs).numpy()
+            got = session.run(None, {n: t.numpy() for n, t in zip(ex.input_names, inputs, strict=True)})[0]
+            assert got.shape == (batch, D)
+            np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)

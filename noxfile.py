@@ -51,6 +51,13 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def experiments(session: nox.Session) -> None:
+    """Train the GSSF family on the built-in datasets and write the results table into README.md."""
+    _install(session)
+    session.run("python", "experiments/run_experiments.py", *session.posargs, env=QUIET_ENV)
+
+
+@nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
     """Benchmarks: ratios measured side by side, absolute figures labelled with the machine."""
     _install(session)

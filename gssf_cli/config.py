@@ -328,3 +328,60 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(str(value))
+
+
+SchedulerName = Literal["asha", "fifo"]
+Mode = Literal["max", "min"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """How ``gssf tune`` searches train settings with Ray Tune (the search space itself is parsed by
+    :mod:`gssf_cli.tuning`, which needs the base train config to check it).
+
+    ``params`` are ``NAME=SPEC`` strings (``block_size=4,8,16``, ``lr=1e-4:1e-2:log``, ``block_size=divisors``).
+    The base train config comes from ``base_config`` (a ``gssf train --config`` TOML), then the ``base``
+    ``KEY=VALUE`` overrides, then ``data`` and ``epochs``. ``metric`` is the optimisation target, a validation
+    metric such as ``rsum`` or ``map_at_r`` (default: the dataset's validation metric), or ``loss``;
+    ``mode`` defaults to what the metric means (``min`` for loss and ranks). ``trials`` is Ray's
+    ``num_samples``: every grid point is run once per sample (default 1 for a pure grid, 8 otherwise).
+    ``max_concurrent`` 0 lets the CPUs decide. ``address`` joins a running Ray cluster instead of starting a
+    local one; ``storage`` is where Ray keeps trial results and checkpoints (a folder, or a URI such as
+    ``s3://bucket/path`` that every node of a cluster can reach).
+    """
+
+    params: tuple[str, ...]
+    data: Path | None = None
+    base: tuple[str, ...] = ()
+    base_config: Path | None = None
+    epochs: int | None = None
+    metric: str | None = None
+    mode: Mode | None = None
+    trials: int | None = None
+    scheduler: SchedulerName = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    cpus_per_trial: int = 1
+    max_concurrent: int = 0
+    max_failures: int = 1
+    address: str | None = None
+    storage: str = ".gssf/ray"
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.params:
+            raise UserInputError("give at least one --param NAME (e.g. --param block_size --values 8,16,32)")
+        for name in ("grace_period", "cpus_per_trial"):
+            if getattr(self, name) < 1:
+                raise UserInputError(f"tune.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.reduction_factor < 2:
+            raise UserInputError(f"tune.reduction_factor: must be at least 2, got {self.reduction_factor}")
+        if self.trials is not None and self.trials < 1:
+            raise UserInputError(f"tune.trials: must be at least 1, got {self.trials}")
+        if self.epochs is not None and self.epochs < 1:
+            raise UserInputError(f"tune.epochs: must be at least 1, got {self.epochs}")
+        for name in ("max_concurrent", "max_failures"):
+            if getattr(self, name) < 0:
+                raise UserInputError(f"tune.{name}: must not be negative, got {getattr(self, name)}")
+        if not self.storage.strip():
+            raise UserInputError("tune.storage: must name a folder or a URI")

@@ -22,16 +22,16 @@ def test_version(gssf: Callable[..., Result]) -> None:
 def test_help_lists_only_working_commands(gssf: Callable[..., Result]) -> None:
     result = gssf("--help")
     assert result.exit_code == 0
-    for option in ("--tracking-uri", "--experiment", "--debug", "--version", "prepare"):
+    for option in ("--tracking-uri", "--experiment", "--debug", "--version", "prepare", "train", "evaluate"):
         assert option in result.stdout
 
 
 def test_help_imports_no_heavy_module() -> None:
-    """``gssf --help`` and ``gssf prepare --help`` stay fast: no torch, mlflow, ray, onnx, numpy."""
+    """``gssf --help`` and each command's help stay fast: no torch, mlflow, ray, onnx, numpy."""
     code = (
         "import sys\n"
         "from gssf_cli.app import app\n"
-        "for args in (['--help'], ['prepare', '--help']):\n"
+        "for args in (['--help'], ['prepare', '--help'], ['train', '--help'], ['evaluate', '--help']):\n"
         "    try:\n"
         "        app(args)\n"
         "    except SystemExit:\n"

@@ -47,3 +47,18 @@ def test_bad_input_from_the_shell(tmp_path: Path) -> None:
         "gssf: error: source missing not found: point --source at a SCAN/VSE precomp folder"
     ]
     assert not (tmp_path / "data").exists()
+
+
+def test_prepare_train_evaluate_chain(tmp_path: Path) -> None:
+    """The README's main chain at a tiny size: every stage exits 0 and the runs are in the store."""
+    prep = _gssf(tmp_path, "prepare", "--dataset", "synthetic", "--out", "data/syn", "--train-images", "120",
+                 "--dev-images", "30", "--test-images", "30", "--regions", "4", "--region-dim", "16")  # fmt: skip
+    assert prep.returncode == 0, prep.stderr
+    trained = _gssf(tmp_path, "train", "--data", "data/syn", "--metric", "bdiag", "--block-size", "8",
+                    "--embed-dim", "32", "--word-dim", "16", "--epochs", "2", "--batch-size", "32", "--json")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    run_id = json.loads(trained.stdout)["run_id"]
+    assert (tmp_path / "runs" / run_id / "best" / "model.safetensors").is_file()
+    evaluated = _gssf(tmp_path, "evaluate", "--run", "latest")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "rSum" in evaluated.stdout and "image→text" in evaluated.stdout

@@ -148,6 +148,11 @@ def test_bad_training_input(gssf: Gssf, syn: Path) -> None:
     first = _train(gssf, *base[1:], "--metric", "cosine")
     msg = _snapshot_error(gssf("train", "--resume", first["run_id"], "--epochs", "3"))
     assert "cannot resume run" in msg and "epochs was 1, now 3" in msg
+    assert _train(gssf, "--resume", first["run_id"])["epochs_run"] == 0
+    regenerated = gssf("prepare", "--dataset", "synthetic", "--out", str(syn), "--force", "--seed", "9",
+                       "--train-images", "40", "--dev-images", "10", "--test-images", "10")  # fmt: skip
+    assert regenerated.exit_code == 0
+    assert "on a different dataset" in _snapshot_error(gssf("train", "--resume", first["run_id"]))
     caps = syn / "dev_caps.txt"
     caps.write_text(caps.read_text().replace("w", "x", 1))
     assert "checksum mismatch" in _snapshot_error(gssf(*base, "--metric", "cosine"))

@@ -130,44 +130,6 @@ def evaluate_model(
             raise UserInputError(f"{dataset.folder} ({split_name} split): {exc}") from None
 
 
-def load_trained(tracker: Tracker, run_ref: str, data: Path | None = None) -> tuple[Any, RetrievalModel, Dataset]:
-    """A trained run's best model and its dataset: (run, model, dataset)."""
-    from gssf_cli import checkpoint as ckpt
-    from gssf_cli.config import TrainConfig, from_dict
-    from gssf_cli.data.dataset import Dataset
-    from gssf_cli.model import build_model, load_weights
-    from gssf_cli.stages.train import BEST
-
-    run_ = tracker.get_run(run_ref, stage="train")
-    run_id = run_.info.run_id
-    if run_.data.tags.get("gssf.stage") != "train":
-        raise UserInputError(f"run {run_id} is a {run_.data.tags.get('gssf.stage', 'non-gssf')} run, not a train run")
-    runs_dir = Path(run_.data.params.get("train.runs_dir", "runs"))
-    folder = runs_dir / run_id / BEST
-    if not folder.is_dir():
-        try:
-            import tempfile
-
-            folder = Path(tempfile.mkdtemp(prefix="gssf-ckpt-")) / BEST
-            tracker.client.download_artifacts(run_id, "checkpoint", str(folder.parent))
-            (folder.parent / "checkpoint").rename(folder)
-        except Exception:
-            raise UserInputError(
-                f"run {run_id} has no checkpoint (not in {runs_dir / run_id} nor as an artifact)"
-            ) from None
-    saved = ckpt.load(folder)
-    values = dict(saved.state["config"])
-    if data is not None:
-        values["data"] = str(data)
-    config = from_dict(TrainConfig, values, "train")
-    dataset = Dataset(config.data)
-    if data is None and dataset.digest != saved.state["dataset_sha256"]:
-        raise UserInputError(f"{config.data} changed since run {run_id} trained on it; pass --data to use it anyway")
-    model = build_model(dataset, config)
-    load_weights(model, saved.model)
-    return run_, model, dataset
-
-
 def run(config: EvaluateConfig, tracker: Tracker | None = None, parent_run_id: str | None = None) -> EvaluateResult:
     """Evaluate embeddings or a trained run; metrics, config and plots go to an ``evaluate`` run."""
     from gssf_cli import retrieval
@@ -232,6 +194,7 @@ def _run_trained(config: EvaluateConfig, tracker: Tracker, parent_run_id: str | 
     import torch
 
     from gssf_cli.model import embed_split
+    from gssf_cli.runs import load_trained
 
     train_run, model, dataset = load_trained(tracker, config.run or "latest", config.data)
     split_name = config.split or "test"

@@ -14,6 +14,7 @@ import contextlib
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from gssf_cli.tracking import StageRun, Tracker
 
 LAST = "checkpoint"
+EpochCallback = Callable[[int, dict[str, float], Path], None]
 BEST = "best"
 
 
@@ -71,8 +73,15 @@ def run(
     parent_run_id: str | None = None,
     resume: str | None = None,
     progress: bool = True,
+    resume_from: Path | None = None,
+    on_epoch_end: EpochCallback | None = None,
 ) -> TrainResult:
-    """Train per ``config``; with ``resume`` (a run id), continue that run from its last checkpoint."""
+    """Train per ``config``; with ``resume`` (a run id), continue that run from its last checkpoint.
+
+    For drivers such as Ray Tune: ``resume_from`` continues from a checkpoint folder (one written by this
+    function) without a tracked run, and ``on_epoch_end(epoch, metrics, checkpoint_folder)`` is called after
+    each epoch's checkpoint is on disk (metrics include ``best_<validation metric>``).
+    """
     import torch
 
     from gssf_cli import checkpoint as ckpt
@@ -93,9 +102,10 @@ def run(
     optimizer = _optimizer(model, objective, config)
     start_epoch, best_value, best_epoch = 0, -math.inf, -1
     history: dict[str, float] = {}
-    if resume is not None:
-        saved = ckpt.load(config.runs_dir / resume / LAST)
-        _check_resumable(saved.state, config, dataset, resume)
+    if resume is not None or resume_from is not None:
+        folder = resume_from if resume_from is not None else config.runs_dir / str(resume) / LAST
+        saved = ckpt.load(folder)
+        _check_resumable(saved.state, config, dataset, resume or str(folder))
         trainable.load_state_dict(saved.model)
         if saved.optimizer is not None:
             optimizer.load_state_dict(saved.optimizer)
@@ -140,9 +150,9 @@ def run(
             ckpt.save(out_dir / LAST, trainable, state, optimizer)
             if tracked is not None:
                 tracked.log_metrics({**history, f"best_{metric_name}": best_value}, step=epoch)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, {**history, f"best_{metric_name}": best_value}, out_dir / LAST)
         seconds = time.perf_counter() - started
-        if not (out_dir / BEST).exists():
-            raise UserInputError(f"{out_dir}: nothing to finish (all {config.epochs} epochs already ran)")
         best_state = ckpt.load(out_dir / BEST).state
         final = {k: float(v) for k, v in best_state["last_metrics"].items()}
         parameters = model.parameter_counts()

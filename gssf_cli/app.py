@@ -263,6 +263,153 @@ def train(
     console.print_training(result.to_json(), json_output)
 
 
+@app.command()
+def tune(
+    ctx: typer.Context,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            help="Parameter to tune, repeatable: NAME=SPEC, or NAME with --values. SPEC: A,B,C (grid) | LO:HI | "
+            "LO:HI:log; block_size also divisors | divisors:LO:HI (of the embedding size; NAME alone = divisors).",
+        ),
+    ] = None,
+    values: Annotated[
+        str | None, typer.Option("--values", help="SPEC for the single --param NAME, e.g. 8,16,32.")
+    ] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset folder from `gssf prepare`.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Base train config TOML (as `gssf train --config` reads it) for every trial."),
+    ] = None,
+    base: Annotated[
+        list[str] | None,
+        typer.Option("--base", help="Base train setting KEY=VALUE, repeatable, e.g. --base metric=bdiag."),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs per trial (the budget ASHA stops weak trials before).")
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option("--metric", help="Metric to optimise (default: rsum cross-modal, map_at_r label-based; or loss)."),
+    ] = None,
+    mode: Annotated[str | None, typer.Option(help="max | min (default: what the metric means).")] = None,
+    trials: Annotated[
+        int | None, typer.Option(help="Samples: each grid point runs once per sample (default 1 grid, 8 ranges).")
+    ] = None,
+    scheduler: Annotated[str | None, typer.Option(help="asha (stop weak trials early) | fifo.")] = None,
+    grace_period: Annotated[int | None, typer.Option(help="ASHA: epochs before a trial may be stopped.")] = None,
+    reduction_factor: Annotated[int | None, typer.Option(help="ASHA: keep the best 1/N at each rung.")] = None,
+    cpus_per_trial: Annotated[int | None, typer.Option(help="CPUs (and torch threads) per trial.")] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Trials running at once (0 = as many as the CPUs allow).")
+    ] = None,
+    max_failures: Annotated[int | None, typer.Option(help="Retries of a crashed trial from its checkpoint.")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Join a running Ray cluster (HOST:6379 or ray://HOST:10001) instead."),
+    ] = None,
+    storage: Annotated[
+        str | None, typer.Option("--storage", help="Ray results and trial checkpoints (default .gssf/ray; or a URI).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the random search (ranges).")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Search train settings (e.g. the block size) with Ray Tune; one MLflow child run per trial, best config."""
+
+    def work() -> Any:
+        from gssf_cli.config import TuneConfig, resolve
+        from gssf_cli.stages import tune as stage
+        from gssf_cli.tuning import combine_param_options
+
+        cli = {
+            "params": combine_param_options(param or [], values),
+            "data": data,
+            "base": tuple(base or ()),
+            "base_config": config,
+            "epochs": epochs,
+            "metric": metric,
+            "mode": mode,
+            "trials": trials,
+            "scheduler": scheduler,
+            "grace_period": grace_period,
+            "reduction_factor": reduction_factor,
+            "cpus_per_trial": cpus_per_trial,
+            "max_concurrent": max_concurrent,
+            "max_failures": max_failures,
+            "address": address,
+            "storage": storage,
+            "seed": seed,
+        }
+        resolved = resolve(TuneConfig, "tune", {}, cli)
+        return stage.run(resolved, _options(ctx).tracker(), progress=not json_output)
+
+    result = guarded(ctx, work)
+    from gssf_cli import console
+
+    console.print_tune(result.to_json(), json_output)
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export ONNX graphs (the only format; required).")] = False,
+    run: Annotated[str | None, typer.Option("--run", help="The trained run: id or 'latest'.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Bundle folder (default exports/<run id>).")] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (dynamo exporter, 18-23).")] = None,
+    atol: Annotated[float | None, typer.Option(help="Parity: absolute tolerance.")] = None,
+    rtol: Annotated[float | None, typer.Option(help="Parity: relative tolerance.")] = None,
+    split: Annotated[str | None, typer.Option(help="Dataset split for the parity check (default test).")] = None,
+    force: Annotated[bool | None, typer.Option("--force", help="Replace an existing bundle.")] = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Export a run as ONNX (encoders + metric head), gated by an ONNX Runtime parity check (exit 1 if outside)."""
+
+    def work() -> Any:
+        from gssf_cli.config import ExportConfig, load_toml, resolve
+        from gssf_cli.stages import export as stage
+
+        if not onnx:
+            raise UserInputError("pass --onnx (ONNX is the export format gssf writes)")
+        cli = {"run": run, "out": out, "opset": opset, "atol": atol, "rtol": rtol, "split": split, "force": force}
+        resolved = resolve(ExportConfig, "export", load_toml(config) if config else {}, cli)
+        return stage.run(resolved, _options(ctx).tracker())
+
+    result = guarded(ctx, work)
+    from gssf_cli import console
+
+    console.print_export(result.to_json(), json_output)
+    if not result.passed:
+        _error("check failed: ONNX Runtime outputs are outside the parity tolerance (see the table)")
+        raise typer.Exit(1)
+
+
+@app.command("run")
+def run_pipeline(
+    ctx: typer.Context,
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline file, e.g. pipelines/quickstart.toml.")],
+    force: Annotated[bool, typer.Option("--force", help="Re-run every stage even if cached.")] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Run a pipeline file: prepare → train → evaluate → tune → export under one parent MLflow run."""
+
+    def work() -> Any:
+        from gssf_cli.stages import pipeline as stage
+
+        options = _options(ctx)
+        if not pipeline.is_file():
+            raise UserInputError(f"pipeline file {pipeline} not found (see pipelines/ for examples)")
+        if options.experiment is None:
+            options.experiment = stage.load_pipeline(pipeline).name
+        return stage.run(pipeline, options.tracker(), force=force, progress=not json_output)
+
+    result = guarded(ctx, work)
+    from gssf_cli import console
+
+    console.print_pipeline(result.to_json(), json_output)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -174,6 +174,32 @@ class TrainConfig:
         return self.metric in ("bdiag", "gssf")
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What ``gssf export --onnx`` writes and how strictly it checks it.
+
+    ``out`` defaults to ``exports/<run id>``. Parity passes when every ONNX Runtime output satisfies
+    ``|ort - torch| <= atol + rtol * |torch|`` and test-split retrieval agrees (see the export stage).
+    """
+
+    run: str = "latest"
+    out: Path | None = None
+    opset: int = 20
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    split: str = "test"
+    parity_batch: int = 16
+    force: bool = False
+
+    def validate(self) -> None:
+        if not 18 <= self.opset <= 23:
+            raise UserInputError(f"export.opset: the dynamo exporter supports opsets 18 to 23, got {self.opset}")
+        if self.atol < 0 or self.rtol < 0:
+            raise UserInputError("export.atol / export.rtol: tolerances must not be negative")
+        if self.parity_batch < 2:
+            raise UserInputError(f"export.parity_batch: must be at least 2, got {self.parity_batch}")
+
+
 C = TypeVar("C")
 
 

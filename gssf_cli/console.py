@@ -99,3 +99,110 @@ def print_training(result: dict[str, Any], as_json: bool) -> None:
     )
     stdout.print(f"checkpoints in [bold]{result['out_dir']}[/]")
     stdout.print(f"MLflow run {result['run_id']}")
+
+
+def print_tune(result: dict[str, Any], as_json: bool) -> None:
+    """Every trial, best first (status, tuned values, metric, epochs), then the best trial and its config."""
+    if as_json:
+        print_json(result)
+        return
+    metric = result["metric"]
+    table = Table(
+        title=f"{len(result['trials'])} trials, by {metric} ({result['mode']}), scheduler {result['scheduler']}"
+    )
+    table.add_column("#", justify="right")
+    table.add_column("trial")
+    table.add_column("status")
+    for name in result["tuned"]:
+        table.add_column(name, justify="right")
+    table.add_column(metric, justify="right")
+    table.add_column("epochs", justify="right")
+    table.add_column("head params", justify="right")
+    table.add_column("s", justify="right")
+    table.add_column("MLflow run")
+    for rank, trial in enumerate(result["trials"], start=1):
+        value = trial["metric"]
+        table.add_row(
+            str(rank),
+            trial["trial_id"],
+            trial["status"] + (f": {trial['error']}" if trial.get("error") else ""),
+            *(_tuned_cell(trial["values"].get(name)) for name in result["tuned"]),
+            "" if value is None else f"{value:.4g}",
+            str(trial["epochs"]),
+            "" if trial.get("head_params") is None else f"{trial['head_params']:,}",
+            f"{trial['seconds']:.1f}",
+            trial.get("run_id") or "",
+        )
+    stdout.print(table)
+    best = result["best"]
+    if best is not None:
+        shown = ", ".join(f"{k}={_tuned_cell(v)}" for k, v in best["values"].items())
+        stdout.print(f"best: trial {best['trial_id']} ({shown}) {metric} {best['metric']:.4g}")
+    if result.get("best_config"):
+        stdout.print(f"best config: [bold]{result['best_config']}[/] (gssf train --config {result['best_config']})")
+    stdout.print(
+        f"{result['seconds']:.1f} s in all, {result['trial_seconds']:.1f} s of training; "
+        f"Ray results in {result['storage']}"
+    )
+    if result.get("run_id"):
+        stdout.print(f"MLflow run {result['run_id']}")
+
+
+def _tuned_cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_export(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+        return
+    parity = result["parity"]
+    table = Table(title=f"ONNX parity ({'passed' if result['passed'] else 'FAILED'})")
+    for column in ("graph", "checks", "max |ort - torch|", "max relative", "within tolerance"):
+        table.add_column(column, justify="left" if column == "graph" else "right")
+    for name, graph in parity["graphs"].items():
+        sizes = ", ".join(f"B={c['batch']}" + (f" L={c['length']}" if "length" in c else "") for c in graph["checks"])
+        table.add_row(
+            name, sizes, f"{graph['max_abs_diff']:.2e}", f"{graph['max_rel_diff']:.2e}", _yes(graph["passed"])
+        )
+    stdout.print(table)
+    retrieval = parity["retrieval"]
+    keys = list(retrieval["metrics_torch"])
+    compare = Table(title=f"retrieval on {retrieval['queries']:,} queries: PyTorch vs ONNX Runtime")
+    compare.add_column("")
+    for key in keys:
+        compare.add_column(key, justify="right")
+    compare.add_row("torch", *(f"{retrieval['metrics_torch'][k]:.4g}" for k in keys))
+    compare.add_row("onnxruntime", *(f"{retrieval['metrics_onnx'][k]:.4g}" for k in keys))
+    stdout.print(compare)
+    stdout.print(
+        f"top-10 lists identical for {100 * retrieval['top10_identical']:.1f}% of queries "
+        f"({100 * retrieval['top10_equal_up_to_ties']:.1f}% up to near-ties); retrieval {_yes(retrieval['passed'])}"
+    )
+    stdout.print(
+        f"bundle in [bold]{result['path']}[/] ({result['seconds']:.1f} s); MLflow run {result['export_run_id']}"
+    )
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
+
+
+def print_pipeline(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+        return
+    table = Table(title=f"pipeline {result['name']}")
+    for column in ("stage", "status", "run", "seconds", "result"):
+        table.add_column(column)
+    for stage in result["stages"]:
+        summary = ", ".join(f"{k} {_short(v)}" for k, v in stage["summary"].items() if not isinstance(v, (dict, list)))
+        table.add_row(stage["stage"], stage["status"], (stage["run_id"] or "")[:12], f"{stage['seconds']:.1f}", summary)
+    stdout.print(table)
+    stdout.print(f"{result['seconds']:.1f} s; parent MLflow run {result['parent_run_id']}")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -16,7 +16,7 @@ import logging
 import os
 import subprocess
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,57 @@ class Tracker:
             )
         )
 
+    def record_run(
+        self,
+        stage: str,
+        *,
+        run_name: str,
+        status: str,
+        parent_run_id: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        history: Sequence[tuple[int, int, Mapping[str, float]]] = (),
+        tags: Mapping[str, str] | None = None,
+        start_time_ms: int | None = None,
+        end_time_ms: int | None = None,
+    ) -> str:
+        """Log a run that happened elsewhere — a Ray trial — as one finished run, and return its id.
+
+        Why: trial processes never write to the store (many writers corrupt or lock a SQLite file); the tune
+        driver replays each trial's results here. ``history`` holds ``(step, timestamp_ms, metrics)`` rows so
+        the run's metric charts show the trial's own epochs and times; ``status`` is FINISHED, FAILED or
+        KILLED; the start and end times are the trial's.
+        """
+        all_tags = {
+            STAGE_TAG: stage,
+            "gssf.version": __version__,
+            "mlflow.source.name": f"gssf {stage}",
+            "mlflow.source.type": "LOCAL",
+        }
+        commit = git_commit()
+        if commit:
+            all_tags["mlflow.source.git.commit"] = commit
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        all_tags.update(tags or {})
+        run = self.client.create_run(self.experiment_id, start_time=start_time_ms, tags=all_tags, run_name=run_name)
+        handle = StageRun(self.client, run.info.run_id)
+        try:
+            if params:
+                handle.log_params(params)
+            metrics = [
+                mlflow.entities.Metric(key, float(value), timestamp, step)
+                for step, timestamp, values in history
+                for key, value in values.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)
+            ]
+            for start in range(0, len(metrics), 500):
+                self.client.log_batch(handle.run_id, metrics=metrics[start : start + 500])
+        except BaseException:
+            self.client.set_terminated(handle.run_id, status="FAILED")
+            raise
+        self.client.set_terminated(handle.run_id, status=status, end_time=end_time_ms)
+        return handle.run_id
+
 
 class StageRun:
     """An open run: what a stage may log. Thin wrappers so stages never touch mlflow directly."""
@@ -262,6 +313,21 @@ class StageRun:
         input_tags += [InputTag(k, v) for k, v in (tags or {}).items()]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)])
         self.set_tags({"gssf.dataset.name": name, "gssf.dataset.manifest_sha256": digest})
+
+    def log_onnx_model(self, path: Path, name: str) -> None:
+        """An ONNX graph as an MLflow model (pyfunc-loadable, CPU provider) under ``name``."""
+        import mlflow.onnx
+        import onnx
+
+        mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+            mlflow.onnx.log_model(
+                onnx.load(str(path)),
+                name=name,
+                onnx_execution_providers=["CPUExecutionProvider"],
+                pip_requirements=["onnxruntime", "numpy"],
+                save_as_external_data=False,
+            )
 
     def download_artifacts(self, path: str, dst: Path) -> Path:
         return Path(self.client.download_artifacts(self.run_id, path, str(dst)))

@@ -31,7 +31,7 @@ def test_help_imports_no_heavy_module() -> None:
     code = (
         "import sys\n"
         "from gssf_cli.app import app\n"
-        "for args in (['--help'], ['prepare', '--help'], ['train', '--help'], ['evaluate', '--help']):\n"
+        "for args in (['--help'], ['prepare', '--help'], ['train', '--help'], ['evaluate', '--help'], ['tune', '--help']):\n"
         "    try:\n"
         "        app(args)\n"
         "    except SystemExit:\n"

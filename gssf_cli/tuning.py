@@ -1,0 +1,445 @@
+"""The pure half of ``gssf tune``: search-space syntax, the base train config, and every check that must pass
+before Ray starts.
+
+Why a separate module: a typo in ``--param`` should cost a second, not a Ray start-up and a failed trial, so
+everything that can be checked without running a trial is checked here — parameter names, value syntax, block
+sizes against the embedding size (for every combination of grid values and range ends), files named by the
+base config or a tuned value, the optimisation metric against the dataset's task. It imports the standard
+library and :mod:`gssf_cli.config` only (``TrainConfig.validate`` pulls in torch for the block-size rule); Ray
+lives in :mod:`gssf_cli.stages.tune`.
+
+Search-space syntax (``--param NAME=SPEC``, repeatable, or ``--param NAME --values SPEC`` for one parameter):
+
+- ``a,b,c``: a grid — every value is tried (crossed with the other grids);
+- ``lo:hi``: uniform in [lo, hi] (integers: every integer in between equally likely);
+- ``lo:hi:log``: log-uniform in [lo, hi] (lo > 0);
+- ``block_size`` also takes ``divisors`` (every divisor of the embedding size D) or ``divisors:lo:hi`` (the
+  divisors in [lo, hi]); ``--param block_size`` alone means ``divisors``. A random block size in a range would
+  rarely divide D, so ``block_size`` takes no plain range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from gssf_cli.config import TrainConfig, TuneConfig, from_dict, load_toml, resolve, to_dict
+from gssf_cli.errors import UserInputError
+
+Kind = Literal["grid", "uniform", "loguniform", "randint", "lograndint"]
+
+NOT_TUNABLE: dict[str, str] = {
+    "data": "the dataset is fixed for a whole tune (--data)",
+    "epochs": "it is every trial's budget (--epochs); ASHA stops weak trials before it",
+    "device": "every trial runs on the same kind of device (--base device=...)",
+    "threads": "each trial uses --cpus-per-trial threads",
+    "runs_dir": "trials keep their checkpoints in Ray's storage (--storage)",
+    "val_split": "trials are only comparable on one validation split (--base val_split=...)",
+}
+"""TrainConfig fields that are settings of the whole tune rather than of one trial, with the reason."""
+
+CROSS_MODAL_METRICS: tuple[str, ...] = (
+    "rsum",
+    "i2t_r1",
+    "i2t_r5",
+    "i2t_r10",
+    "t2i_r1",
+    "t2i_r5",
+    "t2i_r10",
+    "i2t_map",
+    "i2t_medr",
+    "t2i_medr",
+    "i2t_meanr",
+    "t2i_meanr",
+)
+LABEL_METRICS: tuple[str, ...] = ("map_at_r", "map", "precision_at_1", "r_precision", "r_at_1", "r_at_5", "r_at_10")
+LOWER_IS_BETTER_SUFFIXES: tuple[str, ...] = ("loss", "_medr", "_meanr")
+DEFAULT_RANDOM_TRIALS = 8
+MAX_CHECKED_COMBINATIONS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Dimension:
+    """One tuned parameter: a grid of values, or a range to sample (``low``/``high`` inclusive)."""
+
+    name: str
+    kind: Kind
+    values: tuple[Any, ...] = ()
+    low: float = 0.0
+    high: float = 0.0
+
+    @property
+    def is_grid(self) -> bool:
+        return self.kind == "grid"
+
+    def probes(self) -> tuple[Any, ...]:
+        """Values that stand for the whole dimension when checking configs: the grid, or the range ends."""
+        if self.is_grid:
+            return self.values
+        if self.kind in ("randint", "lograndint"):
+            return (int(self.low), int(self.high))
+        return (self.low, self.high)
+
+    def describe(self) -> str:
+        if self.is_grid:
+            return ", ".join(str(v) for v in self.values)
+        scale = " (log)" if self.kind.startswith("log") else ""
+        return f"{_number(self.low)} … {_number(self.high)}{scale}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TunePlan:
+    """Everything a tune needs, checked: the base config, the space, the metric and the trial count."""
+
+    base: TrainConfig
+    dimensions: tuple[Dimension, ...]
+    task: str
+    metric: str
+    metric_key: str
+    mode: str
+    num_samples: int
+    num_trials: int
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.dimensions)
+
+    def tunes(self, name: str) -> bool:
+        return name in self.names
+
+
+def tunable_parameters() -> dict[str, Any]:
+    """The TrainConfig fields a trial may vary, with their type hints."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig) if f.name not in NOT_TUNABLE}
+
+
+def combine_param_options(params: Sequence[str], values: str | None) -> tuple[str, ...]:
+    """``--param NAME --values SPEC`` (one parameter) or repeatable ``--param NAME=SPEC`` as ``NAME=SPEC`` items."""
+    items = tuple(p.strip() for p in params)
+    if values is None:
+        return items
+    if len(items) != 1:
+        raise UserInputError(
+            f"--values goes with exactly one --param (got {len(items)}); for several use --param NAME=SPEC each"
+        )
+    if "=" in items[0]:
+        raise UserInputError(f"--param {items[0]} already has values; drop --values or write --param NAME only")
+    return (f"{items[0]}={values}",)
+
+
+def parse_param(item: str, embed_dim: int) -> Dimension:
+    """One ``NAME=SPEC`` (or bare ``NAME``) as a :class:`Dimension`, with one-line errors that show the fix;
+    ``embed_dim`` (the base config's D) gives the divisors for ``block_size=divisors``."""
+    name, _, spec = item.partition("=")
+    name = _normalise(name)
+    tunable = tunable_parameters()
+    if not name:
+        raise UserInputError(f"--param {item!r}: expected NAME=SPEC, e.g. block_size=8,16,32 or lr=1e-4:1e-2:log")
+    if name in NOT_TUNABLE:
+        raise UserInputError(f"--param {name}: not tunable, {NOT_TUNABLE[name]}")
+    if name not in tunable:
+        raise UserInputError(f"--param {name}: unknown parameter; tunable: {', '.join(sorted(tunable))}")
+    spec = spec.strip()
+    if not spec:
+        if name != "block_size":
+            raise UserInputError(
+                f"--param {name}: give its values, e.g. --param {name}=A,B,C or a range LO:HI (LO:HI:log)"
+            )
+        spec = "divisors"
+    where = f"--param {name}={spec}"
+    hint = _strip_optional(tunable[name])
+    if name == "block_size" and spec.split(":", 1)[0].strip() == "divisors":
+        return Dimension(name, "grid", _divisors_spec(spec, embed_dim, where))
+    if ":" in spec and hint in (int, float):
+        if name == "block_size":
+            raise UserInputError(
+                f"{where}: a block size must divide the embedding size; list sizes or use divisors:{spec}"
+            )
+        return _range(name, spec, hint, where)
+    values = tuple(_grid_value(part.strip(), hint, where) for part in spec.split(","))
+    if any(v == "" for v in values):
+        raise UserInputError(f"{where}: empty value in the list")
+    if len(set(map(str, values))) != len(values):
+        raise UserInputError(f"{where}: a value is listed twice")
+    return Dimension(name, "grid", values)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``--base KEY=VALUE`` items as config values: TOML values (``0.5``, ``true``, ``"x"``), else plain text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = _normalise(key)
+        if not sep or not key:
+            raise UserInputError(f"--base {item!r}: expected KEY=VALUE, e.g. --base metric=bdiag")
+        try:
+            out[key] = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = text.strip()
+    return out
+
+
+def base_file_values(path: Path) -> dict[str, Any]:
+    """A train config TOML: top-level keys as ``gssf train --config`` reads them, or one ``[train]`` table
+    (the form a train run logs as ``config/train_resolved.toml``)."""
+    values = load_toml(path)
+    if set(values) == {"train"} and isinstance(values["train"], Mapping):
+        return dict(values["train"])
+    return values
+
+
+def make_plan(config: TuneConfig, cpu_count: int | None = None) -> TunePlan:
+    """Resolve the base config and the space, and check every trial config that can be checked up front."""
+    file_values = base_file_values(config.base_config) if config.base_config else {}
+    overrides = parse_overrides(config.base)
+    values = {**file_values, **overrides}
+    if config.data is None and "data" not in values:
+        raise UserInputError("--data is required: the dataset folder from `gssf prepare`")
+    if config.epochs is not None:
+        values["epochs"] = config.epochs
+    if config.data is not None:
+        values["data"] = config.data
+    embed_dim = values.get("embed_dim", TrainConfig.__dataclass_fields__["embed_dim"].default)
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+        raise UserInputError(f"base.embed_dim: expected a positive integer, got {embed_dim!r}")
+    dimensions: list[Dimension] = []
+    for item in config.params:
+        dimension = parse_param(item, embed_dim)
+        if dimension.name in (d.name for d in dimensions):
+            raise UserInputError(f"--param {dimension.name}: given twice; put all its values in one SPEC")
+        if dimension.name in overrides:
+            raise UserInputError(f"--param {dimension.name} is tuned, so --base {dimension.name}=... has no effect")
+        dimensions.append(dimension)
+    names = [d.name for d in dimensions]
+    if "embed_dim" in names and any(_uses_divisors(item) for item in config.params):
+        raise UserInputError(
+            "--param block_size=divisors: the embedding size is tuned too, so list the block sizes instead"
+        )
+    base = resolve(TrainConfig, "base", {**values, **{d.name: d.probes()[0] for d in dimensions}})
+    task, splits = _dataset_task(base.data)
+    metric, metric_key = resolve_metric(config.metric, task)
+    if metric != "loss" and base.val_split not in splits:
+        raise UserInputError(
+            f"{base.data} has no {base.val_split!r} split to validate trials on; "
+            "prepare one, set --base val_split=..., or tune on --metric loss"
+        )
+    check_space(base, dimensions)
+    available = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    if config.address is None and config.cpus_per_trial > available:
+        raise UserInputError(
+            f"--cpus-per-trial {config.cpus_per_trial}: this machine has {available} CPUs, so no trial could start"
+        )
+    grid_size = math.prod(len(d.values) for d in dimensions if d.is_grid)
+    samples = config.trials or (1 if all(d.is_grid for d in dimensions) else DEFAULT_RANDOM_TRIALS)
+    return TunePlan(
+        base=base,
+        dimensions=tuple(dimensions),
+        task=task,
+        metric=metric,
+        metric_key=metric_key,
+        mode=config.mode or default_mode(metric),
+        num_samples=samples,
+        num_trials=grid_size * samples,
+    )
+
+
+def check_space(base: TrainConfig, dimensions: Sequence[Dimension]) -> None:
+    """Build the train config of every combination of grid values and range ends (TrainConfig's own checks,
+    e.g. a block size that does not divide D), and check that the files they name exist."""
+    by_name = {d.name: d for d in dimensions}
+    embed = by_name.get("embed_dim")
+    if embed is not None and not embed.is_grid and _any_uses_block_size(base, by_name):
+        raise UserInputError(
+            f"--param embed_dim={_number(embed.low)}:{_number(embed.high)}: a sampled size would rarely be "
+            "divisible by the block size; list the embedding sizes instead"
+        )
+    if "block_size" in by_name and not _any_uses_block_size(base, by_name):
+        raise UserInputError(
+            f"--param block_size: the metric {base.metric!r} has no blocks; "
+            "set --base metric=bdiag (or gssf), or tune --param metric=bdiag,gssf too"
+        )
+    base_values = to_dict(base)
+    combos = list(itertools.islice(_combinations(dimensions), MAX_CHECKED_COMBINATIONS))
+    for combo in combos:
+        values = {**base_values, **combo}
+        try:
+            from_dict(TrainConfig, values, "train")
+        except UserInputError as exc:
+            shown = ", ".join(f"{k}={v}" for k, v in combo.items())
+            raise UserInputError(f"--param {shown}: {_without_key(str(exc))}") from None
+    teachers = [base.teacher] if base.teacher is not None else []
+    teachers += [Path(v) for v in by_name["teacher"].values] if "teacher" in by_name else []
+    for teacher in teachers:
+        if not Path(teacher).expanduser().is_file():
+            raise UserInputError(f"teacher file {teacher} not found: fix --param teacher / the base config")
+
+
+def resolve_metric(name: str | None, task: str) -> tuple[str, str]:
+    """The optimisation metric (as the user names it) and the key trials report it under."""
+    known = CROSS_MODAL_METRICS if task == "cross_modal" else LABEL_METRICS
+    if name is None:
+        name = known[0]
+    name = name.strip()
+    if name.startswith("val_"):
+        name = name[4:]
+    if name == "loss":
+        return "loss", "loss"
+    if name not in known:
+        raise UserInputError(
+            f"--metric {name}: not a validation metric of {task.replace('_', '-')} data; "
+            f"choose from {', '.join((*known, 'loss'))}"
+        )
+    return name, f"val_{name}"
+
+
+def default_mode(metric: str) -> str:
+    return "min" if metric.endswith(LOWER_IS_BETTER_SUFFIXES) else "max"
+
+
+def metric_head_parameters(metric: str, dim: int, block_size: int) -> int:
+    """Learned entries of ``W ⊙ U`` (see :mod:`gssf_cli.similarity`), without building the module."""
+    return {
+        "cosine": 0,
+        "diag": dim,
+        "bdiag": dim * block_size,
+        "dense": dim * dim,
+        "gssf": dim + dim * block_size,
+    }[metric]
+
+
+def trial_status(failed: bool, epochs_done: int, epochs: int) -> str:
+    """MLflow's run status for a trial: an error is FAILED; fewer epochs than its budget without an error
+    means the scheduler stopped it early (or the tune was interrupted): KILLED."""
+    if failed:
+        return "FAILED"
+    return "FINISHED" if epochs_done >= epochs else "KILLED"
+
+
+def best_value(values: Iterable[float], mode: str) -> float | None:
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return None
+    return max(finite) if mode == "max" else min(finite)
+
+
+def rank_key(value: float | None, mode: str) -> tuple[int, float]:
+    """Sort key: best first, trials without a value last."""
+    if value is None:
+        return (1, 0.0)
+    return (0, -value if mode == "max" else value)
+
+
+def trial_train_values(plan: TunePlan, tuned: Mapping[str, Any]) -> dict[str, Any]:
+    """The full train config of a trial, as ``gssf train --config`` reads it (top-level keys)."""
+    config = from_dict(TrainConfig, {**to_dict(plan.base), **dict(tuned)}, "train")
+    return to_dict(config)
+
+
+def _uses_divisors(item: str) -> bool:
+    name, _, spec = item.partition("=")
+    return _normalise(name) == "block_size" and (not spec.strip() or spec.strip().startswith("divisors"))
+
+
+def _combinations(dimensions: Sequence[Dimension]) -> Iterable[dict[str, Any]]:
+    names = [d.name for d in dimensions]
+    for values in itertools.product(*(d.probes() for d in dimensions)):
+        yield dict(zip(names, values, strict=True))
+
+
+def _any_uses_block_size(base: TrainConfig, by_name: Mapping[str, Dimension]) -> bool:
+    metrics = by_name["metric"].values if "metric" in by_name else (base.metric,)
+    return any(m in ("bdiag", "gssf") for m in metrics)
+
+
+def _dataset_task(folder: Path) -> tuple[str, set[str]]:
+    from gssf_cli.data.manifest import load_manifest
+
+    manifest = load_manifest(folder, verify=False)
+    return str(manifest["task"]), set(manifest.get("splits", {}))
+
+
+def _divisors_spec(spec: str, dim: int, where: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in spec.split(":")]
+    divisors = [k for k in range(1, dim + 1) if dim % k == 0]
+    if len(parts) == 1:
+        return tuple(divisors)
+    if len(parts) != 3:
+        raise UserInputError(f"{where}: expected divisors or divisors:LO:HI, e.g. divisors:4:64")
+    low, high = (_parse_number(p, int, where) for p in parts[1:])
+    chosen = tuple(k for k in divisors if low <= k <= high)
+    if not chosen:
+        raise UserInputError(
+            f"{where}: no divisor of the embedding size {dim} in [{low}, {high}]; "
+            f"divisors: {', '.join(map(str, divisors))}"
+        )
+    return chosen
+
+
+def _range(name: str, spec: str, hint: Any, where: str) -> Dimension:
+    parts = [p.strip() for p in spec.split(":")]
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "log"):
+        raise UserInputError(f"{where}: a range is LO:HI or LO:HI:log")
+    low, high = (_parse_number(p, hint, where) for p in parts[:2])
+    log = len(parts) == 3
+    if not low < high:
+        raise UserInputError(f"{where}: the range needs LO < HI")
+    if log and low <= 0:
+        raise UserInputError(f"{where}: a log range needs LO > 0")
+    if hint is int:
+        return Dimension(name, "lograndint" if log else "randint", low=low, high=high)
+    return Dimension(name, "loguniform" if log else "uniform", low=low, high=high)
+
+
+def _grid_value(text: str, hint: Any, where: str) -> Any:
+    if text == "":
+        return ""
+    if hint is bool:
+        lowered = text.lower()
+        if lowered not in ("true", "false"):
+            raise UserInputError(f"{where}: {text!r} is not true or false")
+        return lowered == "true"
+    if hint in (int, float):
+        return _parse_number(text, hint, where)
+    if get_origin(hint) is Literal:
+        allowed = get_args(hint)
+        if text not in allowed:
+            raise UserInputError(f"{where}: {text!r} is not one of {', '.join(map(str, allowed))}")
+        return text
+    return text
+
+
+def _parse_number(text: str, hint: Any, where: str) -> Any:
+    try:
+        return int(text) if hint is int else float(text)
+    except ValueError:
+        kind = "an integer" if hint is int else "a number"
+        raise UserInputError(f"{where}: {text!r} is not {kind}") from None
+
+
+def _strip_optional(hint: Any) -> Any:
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        return options[0] if len(options) == 1 else hint
+    return hint
+
+
+def _normalise(name: str) -> str:
+    return name.strip().replace("-", "_")
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _without_key(message: str) -> str:
+    """``train.lr: must be positive`` reads better after ``--param lr=...`` as ``lr: must be positive``."""
+    return message.removeprefix("train.")

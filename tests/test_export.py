@@ -1,0 +1,176 @@
+"""``gssf export --onnx``: bundles for every dataset kind, the parity gate, the README snippet, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner, Result
+
+from gssf_cli.app import app
+from gssf_cli.tracking import Tracker
+from tests.factories import write_feature_folder, write_precomp
+
+Gssf = Callable[..., Result]
+TINY_TRAIN = ["--embed-dim", "16", "--word-dim", "8", "--batch-size", "16", "--epochs", "1"]
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _invoke(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "120", "NO_COLOR": "1"})
+
+
+def _ok(result: Result) -> dict:
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict, dict]]:
+    """One tiny synthetic run, trained and exported, shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("export")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        prep = _invoke("prepare", "--dataset", "synthetic", "--out", "data/syn", "--train-images", "40",
+                       "--dev-images", "12", "--test-images", "12", "--regions", "3", "--region-dim", "8")  # fmt: skip
+        assert prep.exit_code == 0, prep.stderr
+        trained = _ok(
+            _invoke("train", "--data", "data/syn", "--metric", "gssf", "--block-size", "4", *TINY_TRAIN, "--json")
+        )
+        bundle = _ok(_invoke("export", "--onnx", "--run", "latest", "--json"))
+        yield root, trained, bundle
+
+
+def test_bundle_holds_checked_graphs_and_a_manifest(exported: tuple[Path, dict, dict]) -> None:
+    root, trained, bundle = exported
+    folder = root / bundle["path"]
+    assert folder == root / "exports" / trained["run_id"]
+    assert {p.name for p in folder.iterdir()} == {
+        "image_encoder.onnx", "text_encoder.onnx", "metric_head.onnx", "manifest.json", "vocab.json",
+    }  # fmt: skip
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["source_run_id"] == trained["run_id"] and manifest["exporter"]["opset"] == 20
+    text_inputs = {i["name"]: i for i in manifest["graphs"]["text_encoder"]["inputs"]}
+    assert isinstance(text_inputs["tokens"]["shape"][0], str) and isinstance(text_inputs["tokens"]["shape"][1], str)
+    assert text_inputs["tokens"]["dtype"] == "int64"
+    assert manifest["parity"]["passed"] and bundle["passed"]
+    lengths = {c.get("length") for c in manifest["parity"]["graphs"]["text_encoder"]["checks"]}
+    batches = {c["batch"] for c in manifest["parity"]["graphs"]["image_encoder"]["checks"]}
+    assert len(lengths) >= 2 and len(batches) >= 2
+    import hashlib
+
+    for info in manifest["graphs"].values():
+        assert hashlib.sha256((folder / info["file"]).read_bytes()).hexdigest() == info["sha256"]
+    assert manifest["preprocessing"]["text"]["tokenizer"] == "basic-v1"
+
+
+def test_export_run_is_logged_with_onnx_models(exported: tuple[Path, dict, dict]) -> None:
+    root, _, bundle = exported
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        client = Tracker().client
+        run = client.get_run(bundle["export_run_id"])
+        assert run.data.tags["gssf.stage"] == "export" and run.data.metrics["passed"] == 1.0
+        assert run.data.metrics["onnx_rsum"] == bundle["parity"]["retrieval"]["metrics_torch"]["rsum"]
+        import mlflow
+
+        mlflow.set_tracking_uri(Tracker().tracking_uri)
+        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+        assert {m.name for m in models if m.source_run_id == run.info.run_id} == {
+            "image_encoder", "text_encoder", "metric_head",
+        }  # fmt: skip
+
+
+def test_readme_snippet_scores_like_pytorch(exported: tuple[Path, dict, dict]) -> None:
+    """The README's onnxruntime + numpy snippet, run as printed, agrees with the trained model."""
+    root, trained, bundle = exported
+    text = README.read_text()
+    block = text.split("<!-- onnx-snippet:begin -->", 1)[1].split("<!-- onnx-snippet:end -->", 1)[0]
+    code = re.search(r"```python\n(.*?)```", block, re.S)
+    assert code is not None
+    source = code.group(1).replace('"exports/RUN"', repr(bundle["path"]))
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        exec(compile(source, "README.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    scores = namespace["scores"]
+    assert scores.shape == (4, 2)
+
+    import torch
+
+    from gssf_cli.data.text import Vocabulary
+    from gssf_cli.runs import load_trained
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        _, model, dataset = load_trained(Tracker(), trained["run_id"])
+        vocab = Vocabulary.load(root / "data/syn/vocab.json")
+        ids = [vocab.encode(c) for c in ["w0332 w0349 w0215", "w0259 w0052 w0073 w0126"]]
+        tokens = torch.zeros(2, max(map(len, ids)), dtype=torch.long)
+        for i, row in enumerate(ids):
+            tokens[i, : len(row)] = torch.tensor(row)
+        with torch.no_grad():
+            images = model.encode_images(torch.from_numpy(np.load(root / "data/syn/test_ims.npy")[:4]))
+            texts = model.encode_texts(tokens, torch.tensor([len(i) for i in ids]))
+            expected = model.scores(images, texts).numpy()
+    np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_parity_outside_tolerance_exits_1(exported: tuple[Path, dict, dict]) -> None:
+    root, trained, _ = exported
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        result = _invoke(
+            "export", "--onnx", "--run", trained["run_id"], "--out", "exports/strict", "--atol", "0", "--rtol", "0"
+        )
+    assert result.exit_code == 1, result.stdout + result.stderr
+    assert "ONNX parity (FAILED)" in result.stdout and "outside the parity tolerance" in result.stderr
+    manifest = json.loads((root / "exports/strict/manifest.json").read_text())
+    assert manifest["parity"]["passed"] is False
+
+
+def _kind_dataset(kind: str, workdir: Path) -> list[str]:
+    if kind == "precomp-global":
+        write_precomp(workdir / "src", item_shape=(6,), n={"train": 10, "dev": 3, "test": 4})
+        return ["--dataset", "precomp", "--source", "src", "--min-word-count", "1"]
+    if kind == "features":
+        write_feature_folder(workdir / "src", paired=True, k=2)
+        return ["--dataset", "features", "--source", "src"]
+    return ["--dataset", "digits"]
+
+
+@pytest.mark.parametrize("kind", ["precomp-global", "features", "digits"])
+def test_every_dataset_kind_exports_with_parity(gssf: Gssf, workdir: Path, kind: str) -> None:
+    assert gssf("prepare", *_kind_dataset(kind, workdir), "--out", "data/d").exit_code == 0
+    _ok(gssf("train", "--data", "data/d", "--metric", "bdiag", "--block-size", "8", *TINY_TRAIN, "--json"))
+    bundle = _ok(gssf("export", "--onnx", "--json"))
+    expected = {"digits": {"encoder", "metric_head"}}.get(kind, {"image_encoder", "text_encoder", "metric_head"})
+    assert set(bundle["graphs"]) == expected and bundle["passed"]
+
+
+def _one_line(result: Result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("gssf: error: "), result.stderr
+    return lines[0]
+
+
+def test_bad_export_input(gssf: Gssf, workdir: Path) -> None:
+    assert "unknown run 'nope'" in _one_line(gssf("export", "--onnx", "--run", "nope"))
+    assert "pass --onnx" in _one_line(gssf("export", "--run", "latest"))
+    assert gssf("prepare", "--dataset", "digits", "--out", "data/d").exit_code == 0
+    prepare_run = Tracker().get_run("latest", stage="prepare").info.run_id
+    assert "is a prepare run, not a train run" in _one_line(gssf("export", "--onnx", "--run", prepare_run))
+    tracker = Tracker()
+    with tracker.start_run("train") as empty:
+        pass
+    assert "has no checkpoint" in _one_line(gssf("export", "--onnx", "--run", empty.run_id))
+    assert not (workdir / "exports").exists()

@@ -1,0 +1,427 @@
+"""``gssf tune``: the search-space syntax, checks before Ray, and real Ray Tune runs on tiny data logged to MLflow.
+
+The Ray tests start a real local Ray (2 CPUs here) and train real models for 2-4 epochs; each tune is run
+once per module and several tests read its outcome.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner, Result
+
+from gssf_cli.app import app
+from gssf_cli.config import TrainConfig, TuneConfig, resolve
+from gssf_cli.errors import UserInputError
+from gssf_cli.tracking import Tracker
+from gssf_cli.tuning import (
+    Dimension,
+    combine_param_options,
+    make_plan,
+    metric_head_parameters,
+    parse_overrides,
+    parse_param,
+    rank_key,
+    trial_status,
+)
+
+SMALL_BASE = ["--base", "embed_dim=32", "--base", "word_dim=16", "--base", "batch_size=32", "--base", "lr=0.003"]
+ENV = {"COLUMNS": "120", "NO_COLOR": "1"}
+
+
+def _prepare(folder: Path, train_images: int = 300) -> Path:
+    result = CliRunner().invoke(
+        app,
+        ["prepare", "--dataset", "synthetic", "--out", str(folder), "--train-images", str(train_images),
+         "--dev-images", "60", "--test-images", "20", "--regions", "6", "--region-dim", "16", "--concepts", "12",
+         "--vocab-size", "80"],
+        env=ENV,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    return folder
+
+
+@pytest.fixture(scope="module")
+def moduledir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One working directory (tracking store, dataset, Ray results) for the module's tunes."""
+    folder = tmp_path_factory.mktemp("tune")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+            patch.delenv(name, raising=False)
+        _prepare(folder / "data" / "syn")
+        yield folder
+
+
+def _cli(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args), env=ENV)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The search-space syntax (pure logic)
+
+
+def test_param_specs() -> None:
+    assert parse_param("block_size=4,8,16", 32) == Dimension("block_size", "grid", (4, 8, 16))
+    assert parse_param("block_size", 12).values == (1, 2, 3, 4, 6, 12)
+    assert parse_param("block-size=divisors:2:8", 32).values == (2, 4, 8)
+    assert parse_param("lr=1e-4:1e-2:log", 32) == Dimension("lr", "loguniform", low=1e-4, high=1e-2)
+    assert parse_param("margin=0.1:0.3", 32).kind == "uniform"
+    assert parse_param("embed_dim=16:64", 32) == Dimension("embed_dim", "randint", low=16, high=64)
+    assert parse_param("metric=bdiag,gssf", 32).values == ("bdiag", "gssf")
+    assert parse_param("mlp=true,false", 32).values == (True, False)
+    assert parse_param("distill_weight=0,0.5", 32).values == (0.0, 0.5)
+    assert combine_param_options(["block_size"], "8,16") == ("block_size=8,16",)
+    assert parse_overrides(["metric=bdiag", "lr=0.01", "mlp=true", "teacher=t.npz"]) == {
+        "metric": "bdiag",
+        "lr": 0.01,
+        "mlp": True,
+        "teacher": "t.npz",
+    }
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("blocksize=4", "--param blocksize: unknown parameter; tunable: batch_size, block_size,"),
+        ("epochs=1,2", "--param epochs: not tunable, it is every trial's budget (--epochs)"),
+        ("lr", "--param lr: give its values, e.g. --param lr=A,B,C"),
+        ("lr=1e-3,x", "--param lr=1e-3,x: 'x' is not a number"),
+        ("lr=0:1:log", "a log range needs LO > 0"),
+        ("lr=1:0", "the range needs LO < HI"),
+        ("lr=0.1:0.2:exp", "a range is LO:HI or LO:HI:log"),
+        ("block_size=4:16", "list sizes or use divisors:4:16"),
+        ("block_size=divisors:100:200", "no divisor of the embedding size 32 in [100, 200]"),
+        ("metric=cos", "'cos' is not one of cosine, diag, bdiag, dense, gssf"),
+        ("block_size=4,4", "a value is listed twice"),
+    ],
+)
+def test_bad_param_specs(item: str, message: str) -> None:
+    with pytest.raises(UserInputError) as caught:
+        parse_param(item, 32)
+    assert message in str(caught.value)
+
+
+def test_values_need_exactly_one_param() -> None:
+    with pytest.raises(UserInputError, match="exactly one --param"):
+        combine_param_options(["lr", "margin"], "1,2")
+    with pytest.raises(UserInputError, match="already has values"):
+        combine_param_options(["lr=1"], "1,2")
+
+
+def test_statuses_and_ranking() -> None:
+    assert trial_status(False, 2, 2) == "FINISHED"
+    assert trial_status(False, 1, 2) == "KILLED"
+    assert trial_status(True, 2, 2) == "FAILED"
+    values = [3.0, None, 5.0]
+    assert sorted(values, key=lambda v: rank_key(v, "max")) == [5.0, 3.0, None]
+    assert sorted(values, key=lambda v: rank_key(v, "min")) == [3.0, 5.0, None]
+
+
+@pytest.mark.parametrize(("metric", "block"), [("cosine", 1), ("diag", 1), ("bdiag", 4), ("gssf", 8), ("dense", 1)])
+def test_head_parameter_count_matches_the_model(metric: str, block: int) -> None:
+    from gssf_cli.similarity import make_similarity
+
+    similarity = make_similarity(metric, 32, block if metric in ("bdiag", "gssf") else None)
+    assert metric_head_parameters(metric, 32, block) == similarity.num_parameters()
+
+
+def test_plan_checks_every_grid_combination(moduledir: Path) -> None:
+    def plan(*params: str, **kwargs: Any) -> Any:
+        return make_plan(TuneConfig(params=params, data=Path("data/syn"), **kwargs), cpu_count=2)
+
+    found = plan("embed_dim=16,32", "block_size=8,16", base=("metric=bdiag",))
+    assert found.num_trials == 4 and found.metric == "rsum" and found.mode == "max"
+    with pytest.raises(UserInputError, match=r"--param embed_dim=16, block_size=32: block size 32 does not divide"):
+        plan("embed_dim=16,32", "block_size=8,32", base=("metric=bdiag",))
+    random = plan("lr=1e-4:1e-2:log", "block_size=4,8", base=("embed_dim=32",))
+    assert random.num_samples == 8 and random.num_trials == 16
+    assert plan("lr=0.1,0.2", metric="i2t_medr").mode == "min"
+    assert plan("lr=0.1,0.2", metric="val_rsum", mode="min").metric_key == "val_rsum"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: exit 2 with one line, before Ray is even imported
+
+
+BAD_INVOCATIONS: list[tuple[list[str], str]] = [
+    (["--param", "blocksize=4"], "--param blocksize: unknown parameter; tunable: batch_size, block_size"),
+    (["--param", "block_size", "--values", "4,5,8"], "--param block_size=5: block size 5 does not divide the "
+     "embedding size 32; valid block sizes: 1, 2, 4, 8, 16, 32"),
+    (["--param", "block_size=divisors:64:128"], "no divisor of the embedding size 32 in [64, 128]"),
+    (["--param", "epochs=1,2"], "not tunable"),
+    (["--param", "lr=fast"], "'fast' is not a number"),
+    (["--param", "block_size=4", "--metric", "recall"], "--metric recall: not a validation metric of cross-modal data"),
+    (["--param", "block_size=4", "--base", "metric=cosine"], "the metric 'cosine' has no blocks"),
+    (["--param", "teacher=missing.npz", "--base", "block_size=8"], "teacher file missing.npz not found"),
+    (["--param", "lr", "--param", "margin", "--values", "1,2"], "--values goes with exactly one --param"),
+    (["--param", "block_size=4", "--base", "block_size=8"], "--param block_size is tuned, so --base block_size"),
+    (["--param", "block_size=4", "--base", "lr"], "--base 'lr': expected KEY=VALUE"),
+    (["--param", "block_size=4", "--base", "lrate=0.1"], "base.lrate: unknown key"),
+    (["--param", "block_size=4", "--cpus-per-trial", "4096"], "--cpus-per-trial 4096: this machine has"),
+    (["--param", "block_size=4", "--scheduler", "pbt"], "tune.scheduler: 'pbt' is not one of asha, fifo"),
+    ([], "give at least one --param NAME"),
+]  # fmt: skip
+
+
+def test_bad_parameters_exit_2_before_ray_starts(moduledir: Path) -> None:
+    """Every bad invocation answers with one line and exit 2, quickly, without importing Ray at all."""
+    cases = [["tune", "--data", "data/syn", "--base", "embed_dim=32", *args] for args, _ in BAD_INVOCATIONS]
+    cases.append(["tune", "--data", "nowhere", "--param", "block_size=4"])
+    code = (
+        "import json, sys, time\n"
+        "from typer.testing import CliRunner\n"
+        "from gssf_cli.app import app\n"
+        "started = time.perf_counter()\n"
+        f"results = [CliRunner().invoke(app, args) for args in {cases!r}]\n"
+        "print(json.dumps({'results': [[r.exit_code, r.stderr] for r in results],\n"
+        "                  'seconds': time.perf_counter() - started, 'ray': 'ray' in sys.modules}))\n"
+    )
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = [message for _, message in BAD_INVOCATIONS] + ["dataset folder nowhere not found"]
+    for (exit_code, stderr), message in zip(report["results"], expected, strict=True):
+        lines = stderr.strip().splitlines()
+        assert exit_code == 2, stderr
+        assert len(lines) == 1 and lines[0].startswith("gssf: error: "), lines
+        assert message in lines[0], (message, lines[0])
+    assert report["ray"] is False, "Ray was imported for a tune that could not start"
+    assert report["seconds"] < 30
+    assert not (moduledir / ".gssf" / "ray").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real tunes
+
+
+@pytest.fixture(scope="module")
+def block_tune(moduledir: Path) -> dict[str, Any]:
+    """The CLI, as a user runs it: three block sizes, 2 epochs each, FIFO (every trial runs to the end)."""
+    result = _cli(
+        "tune", "--data", "data/syn", "--param", "block_size", "--values", "4,8,16", *SMALL_BASE,
+        "--base", "metric=bdiag", "--epochs", "2", "--scheduler", "fifo", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def test_block_size_tune_logs_one_child_per_trial(block_tune: dict[str, Any]) -> None:
+    client = Tracker().client
+    tune_run = client.get_run(block_tune["run_id"])
+    assert tune_run.info.status == "FINISHED" and tune_run.data.tags["gssf.stage"] == "tune"
+    children = Tracker().child_runs(block_tune["run_id"])
+    assert len(children) == 3 == len(block_tune["trials"])
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert sorted(int(c.data.params["train.block_size"]) for c in children) == [4, 8, 16]
+    for child in children:
+        assert child.data.tags["gssf.stage"] == "tune_trial"
+        assert child.data.params["train.metric"] == "bdiag" and child.data.params["train.embed_dim"] == "32"
+        history = client.get_metric_history(child.info.run_id, "val_rsum")
+        assert [m.step for m in history] == [0, 1]
+        assert child.info.end_time >= child.info.start_time
+    by_run = {t["run_id"]: t for t in block_tune["trials"]}
+    assert set(by_run) == {c.info.run_id for c in children}
+    for child in children:
+        trial = by_run[child.info.run_id]
+        best = max(m.value for m in client.get_metric_history(child.info.run_id, "val_rsum"))
+        assert math.isclose(trial["metric"], best)
+        assert trial["head_params"] == 32 * trial["values"]["block_size"]
+
+
+def test_block_size_tune_output_and_artifacts(block_tune: dict[str, Any], moduledir: Path) -> None:
+    trials = block_tune["trials"]
+    assert [t["metric"] for t in trials] == sorted((t["metric"] for t in trials), reverse=True)
+    assert block_tune["best"] == trials[0] and block_tune["metric"] == "rsum" and block_tune["tuned"] == ["block_size"]
+    assert all(t["status"] == "FINISHED" and t["epochs"] == 2 and t["error"] is None for t in trials)
+    client = Tracker().client
+    run_id = block_tune["run_id"]
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {
+        a.path for a in client.list_artifacts(run_id, "plots")
+    }
+    assert {"trials.csv", "config", "plots/block_size.png"} <= artifacts
+    rows = list(csv.DictReader(io.StringIO(Path(block_tune["out_dir"], "trials.csv").read_text())))
+    assert [int(r["block_size"]) for r in rows] == [t["values"]["block_size"] for t in trials]
+    assert tune_params_logged(client.get_run(run_id).data.params)
+
+
+def tune_params_logged(params: dict[str, str]) -> bool:
+    return params["base.metric"] == "bdiag" and params["tune.scheduler"] == "fifo" and "best.block_size" in params
+
+
+def test_best_config_trains_as_is(block_tune: dict[str, Any], moduledir: Path) -> None:
+    best_file = Path(block_tune["best_config"])
+    values = tomllib.loads(best_file.read_text())
+    assert values["block_size"] == block_tune["best"]["values"]["block_size"]
+    assert resolve(TrainConfig, "train", values).block_size == values["block_size"]
+    downloaded = Tracker().client.download_artifacts(block_tune["run_id"], "config/best_train.toml", str(moduledir))
+    assert Path(downloaded).read_text() == best_file.read_text()
+    trained = _cli("train", "--config", str(best_file), "--epochs", "1", "--json")
+    assert trained.exit_code == 0, trained.stderr
+    run = Tracker().client.get_run(json.loads(trained.stdout)["run_id"])
+    assert run.data.params["train.block_size"] == str(values["block_size"])
+
+
+@pytest.fixture(scope="module")
+def teachers(moduledir: Path) -> tuple[Path, Path]:
+    """A teacher file for this train split, and one made for another dataset (wrong number of rows): it
+    passes the checks before Ray (the file exists) and fails inside its trial, as a real mix-up would."""
+    rng = np.random.default_rng(0)
+    good, wrong = moduledir / "teacher.npz", moduledir / "teacher_other.npz"
+    np.savez(good, images=rng.normal(size=(300, 8)).astype(np.float32), texts=rng.normal(size=(1500, 8)))
+    np.savez(wrong, images=rng.normal(size=(40, 8)).astype(np.float32), texts=rng.normal(size=(200, 8)))
+    return good, wrong
+
+
+@pytest.fixture(scope="module")
+def asha_tune(moduledir: Path, teachers: tuple[Path, Path]) -> dict[str, Any]:
+    """The stage under a parent run: ASHA, one trial at a time (so ASHA's decisions are deterministic),
+    teachers x learning rates. Trial order (Ray's grid: the first parameter varies fastest): good/3e-3
+    finishes, wrong/3e-3 fails, good/1e-7 is far behind at epoch 1 and is stopped, wrong/1e-7 fails."""
+    from gssf_cli.stages import tune as stage
+
+    good, wrong = teachers
+    config = TuneConfig(
+        params=(f"teacher={good.name},{wrong.name}", "lr=0.003,0.0000001"),
+        data=Path("data/syn"),
+        base=("embed_dim=32", "word_dim=16", "batch_size=32", "metric=gssf", "block_size=8", "distill_weight=0.5"),
+        epochs=2,
+        scheduler="asha",
+        max_concurrent=1,
+        max_failures=0,
+    )
+    tracker = Tracker()
+    with tracker.start_run("pipeline") as parent:
+        result = stage.run(config, tracker, parent_run_id=parent.run_id, progress=False)
+    return {"parent": parent.run_id, **result.to_json()}
+
+
+def test_asha_stops_weak_trials_and_failed_trials_do_not_stop_the_tune(asha_tune: dict[str, Any]) -> None:
+    tracker = Tracker()
+    tune_run = tracker.client.get_run(asha_tune["run_id"])
+    assert tune_run.data.tags["mlflow.parentRunId"] == asha_tune["parent"]
+    assert tune_run.info.status == "FINISHED"
+    children = {c.info.run_id: c for c in tracker.child_runs(asha_tune["run_id"])}
+    assert len(children) == 4
+    statuses = {}
+    for trial in asha_tune["trials"]:
+        child = children[trial["run_id"]]
+        assert child.info.status == trial["status"]
+        statuses[(trial["values"]["teacher"], trial["values"]["lr"])] = trial["status"]
+        steps = [m.step for m in tracker.client.get_metric_history(child.info.run_id, "loss")]
+        assert steps == list(range(trial["epochs"]))
+        if trial["status"] == "FAILED":
+            assert "train split has 300 images / 1500 texts" in trial["error"]
+            assert "train split has" in child.data.tags["gssf.error"] and trial["epochs"] == 0
+    assert statuses == {
+        ("teacher.npz", 0.003): "FINISHED",
+        ("teacher_other.npz", 0.003): "FAILED",
+        ("teacher.npz", 1e-7): "KILLED",
+        ("teacher_other.npz", 1e-7): "FAILED",
+    }
+    assert asha_tune["best"]["values"] == {"teacher": "teacher.npz", "lr": 0.003}
+    assert asha_tune["trials"][-1]["metric"] is None
+    metrics = tune_run.data.metrics
+    assert (metrics["trials_finished"], metrics["trials_killed"], metrics["trials_failed"]) == (1, 1, 2)
+
+
+def test_table_output(asha_tune: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    from gssf_cli import console
+
+    console.print_tune(asha_tune, as_json=False)
+    out = capsys.readouterr().out
+    assert "4 trials, by rsum (max), scheduler asha" in out
+    assert "KILLED" in out and "FAILED" in out and "FINISHED" in out
+    assert "best: trial" in out and "teacher=teacher.npz, lr=0.003" in out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A trial whose process dies is retried from its last checkpoint
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _trial_workers(pid: int) -> list[int]:
+    workers = []
+    for child in _descendants(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "ImplicitFunc" in cmdline:
+            workers.append(child)
+    return workers
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the trial's process through /proc")
+def test_a_crashed_trial_resumes_from_its_checkpoint(moduledir: Path, tmp_path: Path) -> None:
+    data = _prepare(tmp_path / "bigger", train_images=800)
+    storage = tmp_path / "ray"
+    args = [
+        sys.executable, "-m", "gssf_cli", "tune", "--data", str(data), "--param", "block_size=8", *SMALL_BASE,
+        "--base", "metric=bdiag", "--epochs", "4", "--max-failures", "1", "--storage", str(storage), "--json",
+    ]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
+    proc = subprocess.Popen(args, cwd=moduledir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and killed is None:
+            if list(storage.glob("*/*/checkpoint_000000")):
+                workers = _trial_workers(proc.pid)
+                if workers:
+                    killed = workers[0]
+                    os.kill(killed, signal.SIGKILL)
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed is not None, "the trial finished before it could be killed"
+    assert proc.returncode == 0, err
+    trial = json.loads(out)["trials"][0]
+    assert trial["status"] == "FINISHED" and trial["epochs"] == 4
+    progress = next(storage.glob("*/*/progress.csv")).read_text().splitlines()
+    header = progress[0].split(",")
+    epochs = [int(float(row.split(",")[header.index("epoch")])) for row in progress[1:]]
+    assert epochs.count(0) == 1, f"the retry started over instead of resuming: epochs reported {epochs}"
+    assert sorted(set(epochs)) == [0, 1, 2, 3]
+    history = Tracker().client.get_metric_history(trial["run_id"], "loss")
+    assert [m.step for m in history] == [0, 1, 2, 3]
+
+
+def test_tune_help_lists_the_options() -> None:
+    result = _cli("tune", "--help")
+    assert result.exit_code == 0
+    for option in ("--param", "--values", "--metric", "--mode", "--trials", "--scheduler", "--cpus-per-trial",
+                   "--max-concurrent", "--address", "--storage", "--config", "--base", "--json"):  # fmt: skip
+        assert option in result.stdout

@@ -112,7 +112,7 @@ def test_readme_snippet_scores_like_pytorch(exported: tuple[Path, dict, dict]) -
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        _, model, dataset = load_trained(Tracker(), trained["run_id"])
+        _, model, _dataset = load_trained(Tracker(), trained["run_id"])
         vocab = Vocabulary.load(root / "data/syn/vocab.json")
         ids = [vocab.encode(c) for c in ["w0332 w0349 w0215", "w0259 w0052 w0073 w0126"]]
         tokens = torch.zeros(2, max(map(len, ids)), dtype=torch.long)

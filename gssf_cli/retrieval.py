@@ -77,6 +77,7 @@ _COCO_1K_FOLD_IMAGES = 1_000
 _TILE_ELEMENTS = 2**20
 _MAX_COMPARE_PASSES = 8
 _PARALLEL_SORT_ELEMENTS = 2**18
+_PARTIAL_SORT_MAX_FRACTION = 0.5
 _POSITIVE_PASS_IMAGES = 128
 
 
@@ -267,26 +268,47 @@ def _sort_rows(x: Tensor) -> Tensor:
     return torch.sort(x, dim=1).values
 
 
+def _largest_sorted(x: Tensor, keep: int) -> Tensor:
+    """``[B, M] -> [B, keep]``: each row's ``keep`` largest values, ascending. Selecting them first is linear
+    (numpy's SIMD partition on CPU, ~0.8 ns per element), so only the kept part pays for sorting."""
+    if keep >= x.shape[1]:
+        return _sort_rows(x)
+    if x.device.type == "cpu" and x.dtype != torch.bfloat16:
+        kth = x.shape[1] - keep
+        return torch.from_numpy(np.sort(np.partition(x.numpy(), kth, axis=1)[:, kth:], axis=1))
+    return torch.topk(x, keep, dim=1, sorted=True).values.flip(1)
+
+
 def _count_true(mask: Tensor, dim: int) -> Tensor:
     """Number of True along ``dim`` as int32; summing the bytes is several times faster than summing bools."""
     return mask.view(torch.uint8).sum(dim, dtype=torch.int32)
 
 
 def _count_at_or_above(tile: Tensor, thresholds: Tensor, pool: ThreadPoolExecutor | None) -> Tensor:
-    """``#{j : tile[r, j] >= thresholds[r, p]}`` for tile ``[b, M]`` and thresholds ``[b, P]`` -> ``[b, P]``.
+    """``#{j : tile[r, j] >= thresholds[r, p]}`` for tile ``[b, M]`` and thresholds ``[b, P]`` -> ``[b, P]``,
+    exact for every finite threshold (-inf marks padding; its count is unspecified).
 
     Few thresholds: one vectorised compare-and-count pass each (O(M·P), no allocation beyond a boolean
-    tile). Many thresholds: sort the tile rows once and binary-search the thresholds (O(M·log M + P·log M)),
-    which beats bucketing every element with torch.searchsorted by ~10x on CPU. Given a ``pool``, large
-    tiles are cut into column slabs sorted in parallel (counts over slabs add up).
+    tile). Many thresholds: sort the values that can matter (those >= the row's lowest threshold, C of them)
+    and binary-search the thresholds: O(M + C·log C + P·log C), ~10x faster on CPU than bucketing every
+    element with torch.searchsorted. When most of the row can matter, the whole row is sorted instead of
+    selected first. Given a ``pool``, large tiles are cut into column slabs handled in parallel (counts over
+    slabs add up).
     """
     if thresholds.shape[1] <= _MAX_COMPARE_PASSES:
         counts = [_count_true(tile >= thresholds[:, p : p + 1], dim=1) for p in range(thresholds.shape[1])]
         return torch.stack(counts, dim=1).long()
     thresholds = thresholds.contiguous()
+    lowest = torch.where(thresholds.isfinite(), thresholds, float("inf")).amin(1, keepdim=True)
 
     def count_in(part: Tensor) -> Tensor:
-        return part.shape[1] - torch.searchsorted(_sort_rows(part), thresholds, right=False)
+        keep = int(_count_true(part >= lowest, dim=1).max())
+        if keep == 0:
+            return torch.zeros_like(thresholds, dtype=torch.long)
+        if keep > _PARTIAL_SORT_MAX_FRACTION * part.shape[1]:
+            keep = part.shape[1]
+        candidates = _largest_sorted(part, keep)
+        return keep - torch.searchsorted(candidates, thresholds, right=False)
 
     if pool is None or tile.numel() < _PARALLEL_SORT_ELEMENTS:
         return count_in(tile)

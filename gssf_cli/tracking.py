@@ -80,6 +80,23 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+def run_tags(stage: str, parent_run_id: str | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What every gssf run carries: its stage, the gssf version, the git commit, and its parent if any."""
+    tags = {
+        STAGE_TAG: stage,
+        "gssf.version": __version__,
+        "mlflow.source.name": f"gssf {stage}",
+        "mlflow.source.type": "LOCAL",
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    tags.update(extra or {})
+    return tags
+
+
 class Tracker:
     """A connection to one tracking store and one experiment."""
 
@@ -135,18 +152,7 @@ class Tracker:
             self.client.update_run(resume_run_id, status="RUNNING")
             yield from self._close_on_exit(StageRun(self.client, resume_run_id))
             return
-        all_tags = {
-            STAGE_TAG: stage,
-            "gssf.version": __version__,
-            "mlflow.source.name": f"gssf {stage}",
-            "mlflow.source.type": "LOCAL",
-        }
-        commit = git_commit()
-        if commit:
-            all_tags["mlflow.source.git.commit"] = commit
-        if parent_run_id:
-            all_tags[PARENT_TAG] = parent_run_id
-        all_tags.update(tags or {})
+        all_tags = run_tags(stage, parent_run_id, tags)
         run = self.client.create_run(self.experiment_id, run_name=run_name or stage, tags=all_tags)
         yield from self._close_on_exit(StageRun(self.client, run.info.run_id))
 
@@ -216,18 +222,7 @@ class Tracker:
         the run's metric charts show the trial's own epochs and times; ``status`` is FINISHED, FAILED or
         KILLED; the start and end times are the trial's.
         """
-        all_tags = {
-            STAGE_TAG: stage,
-            "gssf.version": __version__,
-            "mlflow.source.name": f"gssf {stage}",
-            "mlflow.source.type": "LOCAL",
-        }
-        commit = git_commit()
-        if commit:
-            all_tags["mlflow.source.git.commit"] = commit
-        if parent_run_id:
-            all_tags[PARENT_TAG] = parent_run_id
-        all_tags.update(tags or {})
+        all_tags = run_tags(stage, parent_run_id, tags)
         run = self.client.create_run(self.experiment_id, start_time=start_time_ms, tags=all_tags, run_name=run_name)
         handle = StageRun(self.client, run.info.run_id)
         try:

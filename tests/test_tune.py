@@ -256,10 +256,10 @@ def test_block_size_tune_output_and_artifacts(block_tune: dict[str, Any], module
     assert {"trials.csv", "config", "plots/block_size.png"} <= artifacts
     rows = list(csv.DictReader(io.StringIO(Path(block_tune["out_dir"], "trials.csv").read_text())))
     assert [int(r["block_size"]) for r in rows] == [t["values"]["block_size"] for t in trials]
-    assert tune_params_logged(client.get_run(run_id).data.params)
+    assert _tune_params_logged(client.get_run(run_id).data.params)
 
 
-def tune_params_logged(params: dict[str, str]) -> bool:
+def _tune_params_logged(params: dict[str, str]) -> bool:
     return params["base.metric"] == "bdiag" and params["tune.scheduler"] == "fifo" and "best.block_size" in params
 
 
@@ -270,7 +270,7 @@ def test_best_config_trains_as_is(block_tune: dict[str, Any], moduledir: Path) -
     assert resolve(TrainConfig, "train", values).block_size == values["block_size"]
     downloaded = Tracker().client.download_artifacts(block_tune["run_id"], "config/best_train.toml", str(moduledir))
     assert Path(downloaded).read_text() == best_file.read_text()
-    trained = _cli("train", "--config", str(best_file), "--epochs", "1", "--json")
+    trained = _cli("train", "--config", str(best_file), "--epochs", "1", "--threads", "1", "--json")
     assert trained.exit_code == 0, trained.stderr
     run = Tracker().client.get_run(json.loads(trained.stdout)["run_id"])
     assert run.data.params["train.block_size"] == str(values["block_size"])
@@ -382,16 +382,42 @@ def _trial_workers(pid: int) -> list[int]:
     return workers
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the trial's process through /proc")
-def test_a_crashed_trial_resumes_from_its_checkpoint(moduledir: Path, tmp_path: Path) -> None:
-    data = _prepare(tmp_path / "bigger", train_images=800)
-    storage = tmp_path / "ray"
-    args = [
-        sys.executable, "-m", "gssf_cli", "tune", "--data", str(data), "--param", "block_size=8", *SMALL_BASE,
-        "--base", "metric=bdiag", "--epochs", "4", "--max-failures", "1", "--storage", str(storage), "--json",
-    ]  # fmt: skip
+@pytest.fixture(scope="module")
+def bigger(moduledir: Path) -> Path:
+    """Epochs long enough (~1 s) to interrupt a trial between two of them."""
+    return _prepare(moduledir / "data" / "bigger", train_images=800)
+
+
+def _start_tune(moduledir: Path, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
-    proc = subprocess.Popen(args, cwd=moduledir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "gssf_cli", "tune", *args, *SMALL_BASE, "--base", "metric=bdiag", "--json"]
+    return subprocess.Popen(command, cwd=moduledir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_every_trial_failing_is_exit_1(moduledir: Path, teachers: tuple[Path, Path]) -> None:
+    result = _cli(
+        "tune", "--data", "data/syn", "--param", f"teacher={teachers[1].name}", *SMALL_BASE, "--base", "metric=gssf",
+        "--base", "block_size=8", "--base", "distill_weight=1", "--epochs", "1", "--max-failures", "0",
+    )  # fmt: skip
+    assert result.exit_code == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("gssf: check failed: no trial reported rsum (1 trials); first error")
+    assert "train split has 300 images" in line
+    failed = Tracker().client.search_runs(
+        [Tracker().experiment_id], "tags.`gssf.stage` = 'tune'", order_by=["attributes.start_time DESC"]
+    )[0]
+    assert failed.info.status == "FAILED"
+    assert [c.info.status for c in Tracker().child_runs(failed.info.run_id)] == ["FAILED"]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the trial's process through /proc")
+def test_a_crashed_trial_resumes_from_its_checkpoint(moduledir: Path, bigger: Path, tmp_path: Path) -> None:
+    data = bigger
+    storage = tmp_path / "ray"
+    proc = _start_tune(
+        moduledir, "--data", str(data), "--param", "block_size=8", "--epochs", "4", "--max-failures", "1",
+        "--storage", str(storage),
+    )  # fmt: skip
     killed = None
     deadline = time.monotonic() + 240
     try:
@@ -417,6 +443,32 @@ def test_a_crashed_trial_resumes_from_its_checkpoint(moduledir: Path, tmp_path: 
     assert sorted(set(epochs)) == [0, 1, 2, 3]
     history = Tracker().client.get_metric_history(trial["run_id"], "loss")
     assert [m.step for m in history] == [0, 1, 2, 3]
+
+
+def test_ctrl_c_logs_what_ran_and_ends_the_tune_run_killed(moduledir: Path, bigger: Path, tmp_path: Path) -> None:
+    storage = tmp_path / "ray"
+    proc = _start_tune(
+        moduledir, "--data", str(bigger), "--param", "block_size=4,8", "--epochs", "6", "--storage", str(storage)
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(storage.glob("*/*/checkpoint_000000")):
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "gssf: interrupted" and out == ""
+    tracker = Tracker()
+    name = next(storage.iterdir()).name
+    tune_run = tracker.client.get_run(name.removeprefix("tune-"))
+    assert tune_run.info.status == "KILLED"
+    children = tracker.child_runs(tune_run.info.run_id)
+    assert len(children) == 2 and {c.info.status for c in children} == {"KILLED"}
 
 
 def test_tune_help_lists_the_options() -> None:

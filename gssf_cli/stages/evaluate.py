@@ -83,11 +83,7 @@ def load_embeddings(path: Path, split: str | None) -> tuple[str, dict[str, np.nd
 
 
 def _normalise(x: np.ndarray, name: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise UserInputError(f"{name}: expected a 2-D array [N, D], got shape {list(x.shape)}")
-    if not np.isfinite(x).all():
-        raise UserInputError(f"{name}: contains NaN or Inf; clean the embeddings first")
+    x = _as_float(x, name)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
         raise UserInputError(f"{name}: row {int(np.flatnonzero(norms == 0)[0])} is all zeros; cosine is undefined")

@@ -125,8 +125,13 @@ def run(
             )
             if resume is None:
                 _log_start(tracked, config, dataset, model)
-        run_id = tracked.run_id if tracked is not None else (resume or uuid.uuid4().hex)
-        out_dir = config.runs_dir / run_id
+        if tracked is not None:
+            run_id = tracked.run_id
+        elif resume_from is not None:
+            run_id = resume_from.parent.name
+        else:
+            run_id = resume or uuid.uuid4().hex
+        out_dir = resume_from.parent if resume_from is not None and tracked is None else config.runs_dir / run_id
         started = time.perf_counter()
         for epoch in range(start_epoch, config.epochs):
             stats = _train_epoch(model, objective, optimizer, dataset, teacher, config, epoch, device, progress)

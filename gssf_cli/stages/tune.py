@@ -22,13 +22,18 @@ How a tune runs:
    config, top-level keys: ``gssf train --config`` loads it as is) and, when the block size is tuned,
    ``plots/block_size.png`` (the metric against the block size on a log2 axis, metric-head parameters on a
    second axis: the GSSF paper's Fig. 3). The same files land in ``<runs_dir>/<tune run>/``.
+5. Ctrl-C: Tune stops the trials; what ran is still logged (unfinished trials KILLED), the tune run ends
+   KILLED and the command exits 130. Every trial failing is exit 1 (the tune ran but found nothing).
 
 Joining a cluster (``--address``): ``HOST:6379`` (the driver runs here, as a Ray node's peer) or
-``ray://HOST:10001`` (Ray Client). What the user must set up:
+``ray://HOST:10001`` (Ray Client: needs ``pip install "ray[client]"`` here and a head node started with
+``--ray-client-server-port``; gssf's own dependencies do not pull it in). An address where nothing listens fails
+in seconds (exit 2) instead of ``ray.init``'s minutes of retries. What the user must set up:
 
-- Ray 2.60 clusters use token authentication: the client needs the cluster's token (``RAY_AUTH_MODE=token``
-  with ``RAY_AUTH_TOKEN`` or the token file Ray reads, as the cluster was started) — or the cluster was started
-  with ``RAY_AUTH_MODE=disabled`` on a trusted network.
+- Ray 2.60 clusters use token authentication: set ``RAY_AUTH_MODE=token`` here, with the cluster's token in
+  ``~/.ray/auth_token`` (where ``ray start`` writes it), in ``RAY_AUTH_TOKEN``, or in a file named by
+  ``RAY_AUTH_TOKEN_PATH``. Without it ``ray.init`` is refused ("InvalidAuthToken") and gssf exits 2. A cluster
+  started with ``RAY_AUTH_MODE=disabled`` (trusted networks only) needs nothing.
 - The same Python, Ray and gssf (``pip install gssf``) on every node; ``--data`` (and any teacher file) at the
   same absolute path on every node.
 - ``--storage`` that every node and this machine can reach: a shared folder (NFS) or a URI such as
@@ -46,6 +51,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -128,6 +134,8 @@ def run(
     plan = tuning.make_plan(config)
     if tracker is not None:
         _ = tracker.experiment_id
+    if config.address:
+        check_reachable(config.address)
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tune_run: StageRun | None = None
@@ -171,6 +179,23 @@ def run(
         trial_seconds=round(sum(o.seconds for o in outcomes), 2),
         ray_start_seconds=round(ray_run.ray_start_seconds, 2),
     )
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at ``--address``: ``ray.init`` would retry for minutes."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserInputError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:10001")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise UserInputError(
+            f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+            "start one with `ray start --head` or fix the address"
+        ) from None
 
 
 def storage_path(storage: str) -> str:
@@ -593,26 +618,41 @@ def results_csv(ranked: list[TrialOutcome], plan: TunePlan) -> str:
 
 
 def block_size_figure(outcomes: list[TrialOutcome], plan: TunePlan) -> Any:
-    """The metric against the block size (log2 axis; every trial as a dot, the best per size as a line) and the
-    metric head's parameter count on a second axis — the accuracy/size trade-off of the GSSF paper's Fig. 3."""
-    points = [(int(o.values["block_size"]), o.metric, o.head_params) for o in outcomes if o.metric is not None]
-    if not points:
+    """The metric against the block size (log2 axis; every trial a dot — hollow if the scheduler stopped it
+    before its budget — and the best per size a line) with the metric head's parameter count on a second
+    axis: the accuracy/size trade-off of the GSSF paper's Fig. 3. ``--scheduler fifo`` gives every size the
+    full budget, which is what that figure compares."""
+    done = [o for o in outcomes if o.metric is not None]
+    if not done:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     pick = max if plan.mode == "max" else min
-    sizes = sorted({size for size, _, _ in points})
-    best = [pick(m for s, m, _ in points if s == size and m is not None) for size in sizes]
-    params = [max((p or 0) for s, _, p in points if s == size) for size in sizes]
+    sizes = sorted({int(o.values["block_size"]) for o in done})
+    best = [pick(float(o.metric or 0) for o in done if o.values["block_size"] == size) for size in sizes]
+    params = [max((o.head_params or 0) for o in done if o.values["block_size"] == size) for size in sizes]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.scatter([s for s, _, _ in points], [m for _, m, _ in points], color="tab:blue", alpha=0.35, s=18)
-    ax.plot(sizes, best, marker="o", color="tab:blue", label=f"{plan.metric} (best per size)")
+    for stopped in (False, True):
+        group = [o for o in done if (o.status == "KILLED") == stopped]
+        if group:
+            ax.scatter(
+                [int(o.values["block_size"]) for o in group],
+                [float(o.metric or 0.0) for o in group],
+                s=40,
+                zorder=3,
+                facecolors="white" if stopped else "tab:blue",
+                edgecolors="tab:blue",
+                label="trial stopped early" if stopped else "trial",
+            )
+    ax.plot(sizes, best, color="tab:blue", label=f"{plan.metric}, best per size")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes)
     ax.set_xticklabels([str(s) for s in sizes])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(f"block size d (D = {plan.base.embed_dim})")
     ax.set_ylabel(f"{plan.metric} ({'higher' if plan.mode == 'max' else 'lower'} is better)")
     ax.grid(True, which="both", alpha=0.3)
@@ -620,16 +660,14 @@ def block_size_figure(outcomes: list[TrialOutcome], plan: TunePlan) -> Any:
     twin.plot(sizes, params, marker="s", linestyle="--", color="tab:orange", label="metric-head parameters")
     twin.set_ylabel("metric-head parameters")
     if all(p > 0 for p in params):
-        from matplotlib.ticker import NullFormatter
-
         twin.set_yscale("log")
         twin.yaxis.set_minor_formatter(NullFormatter())
     twin.set_yticks(params)
     twin.set_yticklabels([f"{p:,}" for p in params])
-    lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    labels = ax.get_legend_handles_labels()[1] + twin.get_legend_handles_labels()[1]
-    ax.legend(lines, labels, loc="best", fontsize="small")
-    ax.set_title(f"block-size search, {plan.base.metric if not plan.tunes('metric') else 'metrics'}")
+    handles, labels = ax.get_legend_handles_labels()
+    twin_handles, twin_labels = twin.get_legend_handles_labels()
+    ax.legend(handles + twin_handles, labels + twin_labels, loc="best", fontsize="small")
+    ax.set_title(f"block-size search, {'several metrics' if plan.tunes('metric') else plan.base.metric}")
     fig.tight_layout()
     return fig
 

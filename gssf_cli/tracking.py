@@ -309,15 +309,14 @@ class StageRun:
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)])
         self.set_tags({"gssf.dataset.name": name, "gssf.dataset.manifest_sha256": digest})
 
-    def log_onnx_model(self, path: Path, name: str) -> None:
-        """An ONNX graph as an MLflow model (pyfunc-loadable, CPU provider) under ``name``."""
+    def log_onnx_model(self, graph: Any, name: str) -> None:
+        """An ONNX graph (an ``onnx.ModelProto``) as an MLflow model under ``name``, served with the CPU provider."""
         import mlflow.onnx
-        import onnx
 
         mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
         with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
             mlflow.onnx.log_model(
-                onnx.load(str(path)),
+                graph,
                 name=name,
                 onnx_execution_providers=["CPUExecutionProvider"],
                 pip_requirements=["onnxruntime", "numpy"],

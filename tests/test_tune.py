@@ -411,6 +411,14 @@ def test_every_trial_failing_is_exit_1(moduledir: Path, teachers: tuple[Path, Pa
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the trial's process through /proc")
+def _driver_recorded_a_result(storage: Path) -> bool:
+    """The driver has processed epoch 0 (checkpoint registered, progress row written): killing the trial
+    now must lead to a restore, not a restart. The checkpoint folder alone appears before that bookkeeping."""
+    if not list(storage.glob("*/*/checkpoint_000000")):
+        return False
+    return any(len(p.read_text().splitlines()) >= 2 for p in storage.glob("*/*/progress.csv"))
+
+
 def test_a_crashed_trial_resumes_from_its_checkpoint(moduledir: Path, bigger: Path, tmp_path: Path) -> None:
     data = bigger
     storage = tmp_path / "ray"
@@ -422,7 +430,8 @@ def test_a_crashed_trial_resumes_from_its_checkpoint(moduledir: Path, bigger: Pa
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None and killed is None:
-            if list(storage.glob("*/*/checkpoint_000000")):
+            if _driver_recorded_a_result(storage):
+                time.sleep(0.3)
                 workers = _trial_workers(proc.pid)
                 if workers:
                     killed = workers[0]

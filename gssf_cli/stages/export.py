@@ -162,6 +162,8 @@ def _session(path: Path) -> Any:
 
 def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None) -> ExportResult:
     """Export ``config.run`` and gate it on parity; the bundle lands in ``config.out`` (or exports/RUN)."""
+    import onnx
+
     from gssf_cli.data.files import sha256_file, staged_folder
     from gssf_cli.runs import load_trained
 
@@ -212,7 +214,7 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
         run_.log_metrics(_parity_metrics(parity) | {"seconds": seconds, "passed": float(parity["passed"])})
         run_.log_artifact(out / "manifest.json", "bundle")
         for name, info in graphs.items():
-            run_.log_onnx_model(out / info["file"], name)
+            run_.log_onnx_model(onnx.load(str(out / info["file"])), name)
     return ExportResult(str(out), run_id, run_.run_id, bool(parity["passed"]), graphs, parity, round(seconds, 2))
 
 

@@ -354,6 +354,9 @@ def tune(
 def export(
     ctx: typer.Context,
     onnx: Annotated[bool, typer.Option("--onnx", help="Export ONNX graphs (the only format; required).")] = False,
+    check: Annotated[
+        Path | None, typer.Option("--check", help="Verify an existing bundle (checksums, checker, loading) instead.")
+    ] = None,
     run: Annotated[str | None, typer.Option("--run", help="The trained run: id or 'latest'.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Bundle folder (default exports/<run id>).")] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (dynamo exporter, 18-23).")] = None,
@@ -370,6 +373,8 @@ def export(
         from gssf_cli.config import ExportConfig, load_toml, resolve
         from gssf_cli.stages import export as stage
 
+        if check is not None:
+            return stage.verify_bundle(check)
         if not onnx:
             raise UserInputError("pass --onnx (ONNX is the export format gssf writes)")
         cli = {"run": run, "out": out, "opset": opset, "atol": atol, "rtol": rtol, "split": split, "force": force}
@@ -379,6 +384,9 @@ def export(
     result = guarded(ctx, work)
     from gssf_cli import console
 
+    if isinstance(result, dict):
+        console.print_bundle_check(result, json_output)
+        return
     console.print_export(result.to_json(), json_output)
     if not result.passed:
         _error("check failed: ONNX Runtime outputs are outside the parity tolerance (see the table)")

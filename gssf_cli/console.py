@@ -186,6 +186,14 @@ def print_export(result: dict[str, Any], as_json: bool) -> None:
     )
 
 
+def print_bundle_check(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+        return
+    graphs = ", ".join(result["graphs"])
+    stdout.print(f"bundle {result['path']} is valid: {graphs} (from run {result['source_run_id']})")
+
+
 def _yes(flag: bool) -> str:
     return "yes" if flag else "NO"
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -63,8 +65,6 @@ def test_bundle_holds_checked_graphs_and_a_manifest(exported: tuple[Path, dict, 
     lengths = {c.get("length") for c in manifest["parity"]["graphs"]["text_encoder"]["checks"]}
     batches = {c["batch"] for c in manifest["parity"]["graphs"]["image_encoder"]["checks"]}
     assert len(lengths) >= 2 and len(batches) >= 2
-    import hashlib
-
     for info in manifest["graphs"].values():
         assert hashlib.sha256((folder / info["file"]).read_bytes()).hexdigest() == info["sha256"]
     assert manifest["preprocessing"]["text"]["tokenizer"] == "basic-v1"
@@ -174,3 +174,22 @@ def test_bad_export_input(gssf: Gssf, workdir: Path) -> None:
         pass
     assert "has no checkpoint" in _one_line(gssf("export", "--onnx", "--run", empty.run_id))
     assert not (workdir / "exports").exists()
+
+
+def test_check_catches_a_corrupted_or_truncated_graph(exported: tuple[Path, dict, dict]) -> None:
+    root, _, bundle = exported
+    copy = root / "exports" / "copy"
+    shutil.copytree(root / bundle["path"], copy)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        assert _invoke("export", "--check", "exports/copy").exit_code == 0
+        head = copy / "metric_head.onnx"
+        head.write_bytes(head.read_bytes()[: head.stat().st_size // 2])
+        result = _invoke("export", "--check", "exports/copy")
+        assert result.exit_code == 2 and "metric_head.onnx: checksum mismatch" in result.stderr
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["graphs"]["metric_head"]["sha256"] = hashlib.sha256(head.read_bytes()).hexdigest()
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        result = _invoke("export", "--check", "exports/copy")
+        assert result.exit_code == 2 and "metric_head.onnx: not a valid ONNX graph" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1

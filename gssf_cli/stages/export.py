@@ -218,6 +218,44 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
     return ExportResult(str(out), run_id, run_.run_id, bool(parity["passed"]), graphs, parity, round(seconds, 2))
 
 
+def verify_bundle(folder: Path) -> dict[str, Any]:
+    """Re-check an existing bundle before deploying it: manifest, checksums, ``onnx.checker``, ORT loading.
+
+    A corrupted or truncated graph is a one-line :class:`UserInputError` naming the file.
+    """
+    import onnx
+
+    from gssf_cli.data.files import sha256_file
+
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserInputError(f"{folder}: no manifest.json, not a gssf ONNX bundle (run `gssf export --onnx`)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        graphs = manifest["graphs"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{manifest_path}: unreadable bundle manifest ({exc})") from None
+    for info in graphs.values():
+        path = folder / info["file"]
+        if not path.is_file():
+            raise UserInputError(f"{path}: missing from the bundle; export again")
+        if sha256_file(path) != info["sha256"]:
+            raise UserInputError(
+                f"{path}: checksum mismatch with manifest.json (file changed or truncated); export again"
+            )
+        try:
+            onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+            _session(path)
+        except Exception as exc:
+            raise UserInputError(f"{path}: not a valid ONNX graph ({str(exc).splitlines()[0][:200]})") from None
+    return {
+        "path": str(folder),
+        "graphs": sorted(graphs),
+        "source_run_id": manifest.get("source_run_id"),
+        "valid": True,
+    }
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()

@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +54,6 @@ class ExportResult:
     graphs: dict[str, dict[str, Any]]
     parity: dict[str, Any]
     seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -308,7 +307,7 @@ def _allclose_report(ort_out: np.ndarray, torch_out: np.ndarray, atol: float, rt
     }
 
 
-def _graph_inputs(name: str, split: Split, rows: np.ndarray, model_dim: int) -> dict[str, np.ndarray]:
+def _graph_inputs(name: str, split: Split, rows: np.ndarray) -> dict[str, np.ndarray]:
     if name == "text_encoder":
         texts, lengths = split.text_batch(rows)
         if lengths is None:
@@ -336,7 +335,7 @@ def _graph_parity(
         else:
             batches = [np.arange(small), np.arange(large)]
         for rows in batches:
-            inputs = _graph_inputs(name, split, rows, 0)
+            inputs = _graph_inputs(name, split, rows)
             expected = module(*(torch.from_numpy(v) for v in inputs.values())).numpy()
             got = sessions[name].run(None, inputs)[0]
             checks.append({"batch": len(rows), **({"length": int(inputs["tokens"].shape[1])} if "tokens" in inputs else {}),
@@ -368,7 +367,7 @@ def _ort_embeddings(sessions: dict[str, Any], name: str, split: Split, count: in
     outs = []
     for start in range(0, count, batch):
         rows = np.arange(start, min(start + batch, count))
-        outs.append(sessions[name].run(None, _graph_inputs(name, split, rows, 0))[0])
+        outs.append(sessions[name].run(None, _graph_inputs(name, split, rows))[0])
     return np.concatenate(outs)
 
 

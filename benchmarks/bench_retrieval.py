@@ -238,7 +238,7 @@ def main() -> None:
     labels = run_peak_subprocess("labels", queries=sizes["queries"], gallery=sizes["gallery"])
     cross_rows, cross_notes = measure_cross_modal(sizes, 2 if args.quick else 3, cross_peak)
     label_rows, label_notes = measure_labels(sizes, labels)
-    report("retrieval" + ("-quick" if args.quick else ""), cross_rows + label_rows, cross_notes + label_notes)
+    report("retrieval" + ("_quick" if args.quick else ""), cross_rows + label_rows, cross_notes + label_notes)
 
 
 if __name__ == "__main__":

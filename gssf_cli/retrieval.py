@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "ArrayLike",
     "CrossModalRanks",
+    "LabelsLike",
     "RetrievalInputError",
     "ScoreFn",
     "cross_modal_metrics",
@@ -67,6 +68,7 @@ __all__ = [
 ]
 
 ArrayLike = NDArray[Any] | Tensor
+LabelsLike = NDArray[Any] | Tensor | Sequence[Any]
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
@@ -313,7 +315,7 @@ def _count_at_or_above(tile: Tensor, thresholds: Tensor, pool: ThreadPoolExecuto
     if pool is None or tile.numel() < _PARALLEL_SORT_ELEMENTS:
         return count_in(tile)
     slabs = torch.tensor_split(tile, min(torch.get_num_threads(), tile.shape[1]), dim=1)
-    return sum(pool.map(count_in, slabs), torch.zeros_like(thresholds, dtype=torch.long))
+    return torch.stack(list(pool.map(count_in, slabs))).sum(0)
 
 
 @contextlib.contextmanager
@@ -350,7 +352,7 @@ def _negatives_at_or_above(
 
 @dataclass(frozen=True)
 class _PositionStats:
-    """Per-query quantities from the positions of the ranked positives (all ``[b]``)."""
+    """Per-query quantities from the positions of the ranked positives (each ``[queries]``)."""
 
     first_rank: Tensor
     average_precision: Tensor
@@ -601,7 +603,7 @@ class _GalleryByClass:
 
 
 def _label_codes(
-    query_labels: ArrayLike, gallery_labels: ArrayLike | None, num_queries: int, num_gallery: int
+    query_labels: LabelsLike, gallery_labels: LabelsLike | None, num_queries: int, num_gallery: int
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Any labels (ints, strings, ...) -> class codes ``0 .. C-1`` shared by queries ``[Q]`` and gallery
     ``[G]``."""
@@ -615,7 +617,7 @@ def _label_codes(
     return codes[: len(q)], codes[len(q) :]
 
 
-def _labels_to_numpy(labels: ArrayLike, name: str, expected: int) -> NDArray[Any]:
+def _labels_to_numpy(labels: LabelsLike, name: str, expected: int) -> NDArray[Any]:
     array = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
     if array.ndim != 1:
         raise RetrievalInputError(f"{name} must be 1-D, got shape {list(array.shape)}")
@@ -643,9 +645,9 @@ def _relevant_columns(query_codes: Tensor, gallery: _GalleryByClass) -> tuple[Te
 
 def evaluate_labels(
     queries: ArrayLike | None,
-    query_labels: ArrayLike,
+    query_labels: LabelsLike,
     gallery: ArrayLike | None = None,
-    gallery_labels: ArrayLike | None = None,
+    gallery_labels: LabelsLike | None = None,
     *,
     score_fn: ScoreFn | None = None,
     scores: ArrayLike | None = None,
@@ -699,42 +701,61 @@ def evaluate_labels(
     num_classes = int(max(query_codes.max(), gallery_codes.max())) + 1
     by_class = _group_by_class(gallery_codes, num_classes, device)
     stats = _label_stats(chunks, torch.from_numpy(query_codes).to(device), by_class, excludes_self)
-    return _label_summary(stats, cutoffs, num_queries)
+    return _label_summary(stats, cutoffs)
 
 
 def _label_stats(
     chunks: Iterator[tuple[int, Tensor]], query_codes: Tensor, gallery: _GalleryByClass, excludes_self: bool
-) -> list[_PositionStats]:
-    """Position statistics of the queries that have at least one relevant item, chunk by chunk."""
-    collected = []
+) -> _PositionStats:
+    """Position statistics of every query, ``[Q]`` each, filled chunk by chunk into preallocated tensors (a
+    small tensor per tile would cost far more memory than its values). Queries without a relevant gallery
+    item keep ``first_rank = -1``."""
+    num_queries, device = query_codes.numel(), query_codes.device
+    stats = _PositionStats(
+        first_rank=torch.full((num_queries,), -1, dtype=torch.long, device=device),
+        average_precision=torch.zeros(num_queries, dtype=torch.float64, device=device),
+        map_at_r=torch.zeros(num_queries, dtype=torch.float64, device=device),
+        r_precision=torch.zeros(num_queries, dtype=torch.float64, device=device),
+    )
     with _sorting_threads() as pool:
         for chunk_start, block in chunks:
             for tile_start, tile in _tiles(block):
                 first = chunk_start + tile_start
-                rows = torch.arange(first, first + tile.shape[0], device=query_codes.device)
+                rows = torch.arange(first, first + tile.shape[0], device=device)
                 columns, valid = _relevant_columns(query_codes[rows], gallery)
                 ranked = valid & (columns != rows.unsqueeze(1)) if excludes_self else valid
                 keep = ranked.any(1)
                 if not bool(keep.all()):
                     if not bool(keep.any()):
                         continue
-                    tile, columns, valid, ranked = tile[keep], columns[keep], valid[keep], ranked[keep]
+                    tile, rows, columns, valid, ranked = (
+                        tile[keep],
+                        rows[keep],
+                        columns[keep],
+                        valid[keep],
+                        ranked[keep],
+                    )
                 relevant = tile.gather(1, columns)
                 negatives, num_ranked = _negatives_at_or_above(tile, relevant, valid, ranked, pool)
-                collected.append(_position_stats(negatives, num_ranked))
+                tile_stats = _position_stats(negatives, num_ranked)
+                stats.first_rank[rows] = tile_stats.first_rank
+                stats.average_precision[rows] = tile_stats.average_precision
+                stats.map_at_r[rows] = tile_stats.map_at_r
+                stats.r_precision[rows] = tile_stats.r_precision
             del block, tile  # release this chunk before the next one is scored: one block alive, not two
-    return collected
+    return stats
 
 
-def _label_summary(stats: list[_PositionStats], cutoffs: tuple[int, ...], num_queries: int) -> dict[str, float]:
-    if not stats:
+def _label_summary(stats: _PositionStats, cutoffs: tuple[int, ...]) -> dict[str, float]:
+    evaluated = stats.first_rank >= 0
+    if not bool(evaluated.any()):
         raise RetrievalInputError("no query has a relevant gallery item (same label): nothing to evaluate")
-    first_rank = torch.cat([s.first_rank for s in stats])
+    first_rank = stats.first_rank[evaluated]
     out: dict[str, float] = {f"r_at_{k}": float((first_rank < k).double().mean().item()) for k in cutoffs}
     out["precision_at_1"] = float((first_rank == 0).double().mean().item())
-    out["map"] = float(torch.cat([s.average_precision for s in stats]).mean().item())
-    out["map_at_r"] = float(torch.cat([s.map_at_r for s in stats]).mean().item())
-    out["r_precision"] = float(torch.cat([s.r_precision for s in stats]).mean().item())
-    out["num_queries"] = num_queries
-    out["num_skipped"] = num_queries - first_rank.numel()
+    out["map"] = float(stats.average_precision[evaluated].mean().item())
+    out["map_at_r"] = float(stats.map_at_r[evaluated].mean().item())
+    out["r_precision"] = float(stats.r_precision[evaluated].mean().item())
+    out["num_queries"] = evaluated.numel()
+    out["num_skipped"] = int((~evaluated).sum().item())
     return out

@@ -113,12 +113,9 @@ def cross_modal_matrices(draw: st.DrawFn) -> tuple[np.ndarray, int]:
     """Small score matrices; integer values in a narrow range force many ties."""
     n = draw(st.integers(1, 6))
     k = draw(st.integers(1, 11))
-    shape = (n, n * k)
-    if draw(st.booleans()):
-        values = draw(st.lists(st.integers(-2, 2), min_size=n * n * k, max_size=n * n * k))
-    else:
-        values = draw(st.lists(st.floats(-1, 1, width=32), min_size=n * n * k, max_size=n * n * k))
-    return np.asarray(values, dtype=np.float32).reshape(shape), k
+    values: st.SearchStrategy[float] = st.integers(-2, 2) if draw(st.booleans()) else st.floats(-1, 1, width=32)
+    scores = draw(st.lists(values, min_size=n * n * k, max_size=n * n * k))
+    return np.asarray(scores, dtype=np.float32).reshape(n, n * k), k
 
 
 @st.composite
@@ -132,7 +129,7 @@ def label_problems(draw: st.DrawFn) -> tuple[np.ndarray, list[int], list[int] | 
     labels = st.integers(0, num_classes - 1)
     query_labels = draw(st.lists(labels, min_size=q, max_size=q))
     gallery_labels = None if self_retrieval else draw(st.lists(labels, min_size=g, max_size=g))
-    values = st.integers(-2, 2) if draw(st.booleans()) else st.floats(-1, 1, width=32)
+    values: st.SearchStrategy[float] = st.integers(-2, 2) if draw(st.booleans()) else st.floats(-1, 1, width=32)
     scores = draw(st.lists(values, min_size=q * g, max_size=q * g))
     return np.asarray(scores, dtype=np.float32).reshape(q, g), query_labels, gallery_labels
 
@@ -409,7 +406,7 @@ def test_constant_scores_give_no_precision_at_1_unless_only_one_candidate() -> N
 def test_labels_match_reference(problem: tuple[np.ndarray, list[int], list[int] | None]) -> None:
     s, query_labels, gallery_labels = problem
     exclude_self = gallery_labels is None
-    expected = reference_labels(s, query_labels, query_labels if exclude_self else gallery_labels, exclude_self)
+    expected = reference_labels(s, query_labels, gallery_labels or query_labels, exclude_self)
     if expected is None:
         with pytest.raises(RetrievalInputError, match="no query has a relevant"):
             evaluate_labels(None, query_labels, scores=s, gallery_labels=gallery_labels)

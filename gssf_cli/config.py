@@ -3,6 +3,11 @@
 Each stage has a frozen dataclass whose field defaults are the only defaults in the project. A config is
 resolved with the precedence CLI > TOML file > defaults by :func:`resolve`; unknown keys and wrong types are
 rejected with their key path (``prepare.seed: expected int, got str 'x'``) as a :class:`UserInputError`.
+
+A field is declared with :func:`setting`: its default, its ``help`` (the CLI builds its flag from it), the
+:class:`~gssf_cli.limits.Range` it must lie in (checked for every config by :func:`from_dict`; the library
+checks the same objects), and optionally a custom ``flag`` or, for a setting without a flag, ``file_only`` with
+the reason. Adding a setting is one :func:`setting` line here plus the code that uses it.
 This module imports only the standard library so that ``gssf --help`` stays fast.
 """
 
@@ -17,10 +22,42 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from gssf_cli import limits
 from gssf_cli.errors import UserInputError
+from gssf_cli.limits import DatasetKind, Device, DistillKind, LossName, Pooling, Range, ScoreNorm, SimilarityName
 
-DatasetKind = Literal["synthetic", "digits", "precomp", "features"]
-DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    within: Range | None = None,
+    flag: str | None = None,
+    file_only: str | None = None,
+) -> Any:
+    """A config field: default, help text, allowed range, and how the CLI spells it (see the module docstring)."""
+    metadata = {"help": help, "range": within, "flag": flag, "file_only": file_only}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def default_of(cls: type, name: str) -> Any:
+    """A config field's default: the library reads its defaults here instead of repeating them."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if field.default is dataclasses.MISSING:
+        raise KeyError(f"{cls.__name__}.{name} has no default")
+    return field.default
+
+
+def check_ranges(config: Any, section: str) -> None:
+    """Every field declared ``within`` a range lies inside it (None means "not set" and is skipped)."""
+    for field in dataclasses.fields(config):
+        within = field.metadata.get("range")
+        value = getattr(config, field.name)
+        if within is not None and value is not None:
+            within.check(f"{section}.{field.name}", value)
+
+
+DATASET_KINDS: tuple[str, ...] = limits.DATASET_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,40 +67,29 @@ class PrepareConfig:
     ``source`` is required for ``precomp`` and ``features``; the sizes apply to ``synthetic`` only.
     """
 
-    dataset: DatasetKind
-    out: Path
-    source: Path | None = None
-    seed: int = 0
-    force: bool = False
-    train_images: int = 2000
-    dev_images: int = 250
-    test_images: int = 250
-    regions: int = 12
-    region_dim: int = 64
-    concepts: int = 32
-    vocab_size: int = 400
-    captions_per_image: int = 5
-    min_word_count: int = 4
-    dev_fraction: float = 0.1
-    test_fraction: float = 0.2
+    dataset: DatasetKind = setting(help="Kind: synthetic | digits | precomp | features.")
+    out: Path = setting(help="Dataset folder to create, e.g. data/syn.")
+    source: Path | None = setting(None, help="Input folder or file (precomp, features).")
+    seed: int = setting(0, help="Random seed (generation and splits).")
+    force: bool = setting(False, help="Replace an existing output folder.", flag="--force")
+    train_images: int = setting(2000, help="synthetic: train images.", within=limits.AT_LEAST_ONE)
+    dev_images: int = setting(250, help="synthetic: dev images.", within=limits.AT_LEAST_ONE)
+    test_images: int = setting(250, help="synthetic: test images.", within=limits.AT_LEAST_ONE)
+    regions: int = setting(12, help="synthetic: regions per image.", within=limits.AT_LEAST_ONE)
+    region_dim: int = setting(64, help="synthetic: region feature size.", within=limits.AT_LEAST_ONE)
+    concepts: int = setting(32, help="synthetic: latent concepts.", within=limits.AT_LEAST_ONE)
+    vocab_size: int = setting(400, help="synthetic: vocabulary size.")
+    captions_per_image: int = setting(5, help="Captions per image (5 for COCO/F30K).", within=limits.AT_LEAST_ONE)
+    min_word_count: int = setting(4, help="precomp: minimum count of a vocabulary word.", within=limits.AT_LEAST_ONE)
+    dev_fraction: float = setting(0.1, help="features/digits: share of data for dev.", within=limits.FRACTION)
+    test_fraction: float = setting(0.2, help="features: share of data for test.", within=limits.FRACTION)
 
     def validate(self) -> None:
-        positive = ("train_images", "dev_images", "test_images", "regions", "region_dim", "concepts")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserInputError(f"prepare.{name}: must be at least 1, got {getattr(self, name)}")
         if self.vocab_size < 4 * self.concepts:
             raise UserInputError(
                 f"prepare.vocab_size: needs 4 words per concept (3 synonyms + fillers), at least "
                 f"{4 * self.concepts}; got {self.vocab_size}"
             )
-        if self.captions_per_image < 1:
-            raise UserInputError(f"prepare.captions_per_image: must be at least 1, got {self.captions_per_image}")
-        if self.min_word_count < 1:
-            raise UserInputError(f"prepare.min_word_count: must be at least 1, got {self.min_word_count}")
-        for name in ("dev_fraction", "test_fraction"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise UserInputError(f"prepare.{name}: must be between 0 and 1, got {getattr(self, name)}")
         if self.dev_fraction + self.test_fraction >= 1.0:
             raise UserInputError("prepare.dev_fraction + prepare.test_fraction: must leave data for training")
         if self.dataset in ("precomp", "features") and self.source is None:
@@ -78,21 +104,24 @@ EmbeddingMetric = Literal["cosine", "dot"]
 class EvaluateConfig:
     """What ``gssf evaluate`` scores and how.
 
-    ``embeddings`` is an ``.npz`` file (see :mod:`gssf_cli.stages.evaluate` for its keys); ``run`` is a
+    ``embeddings`` is an ``.npz`` file (see :mod:`gssf_cli.evaluation` for its keys); ``run`` is a
     trained run (id or ``latest``) evaluated on its dataset (or ``data``), split ``test`` unless given. ``metric``:
     ``cosine`` L2-normalises both sides first, ``dot`` scores raw inner products. ``split`` picks
     ``{split}_images``-style keys when the file holds several splits.
     """
 
-    embeddings: Path | None = None
-    run: str | None = None
-    data: Path | None = None
-    protocol: Protocol = "all"
-    split: str | None = None
-    ks: tuple[int, ...] = (1, 5, 10)
-    metric: EmbeddingMetric = "cosine"
-    memory_budget_mb: int = 256
-    plots: bool = True
+    embeddings: Path | None = setting(
+        None,
+        help=".npz with images+texts (cross-modal), features+labels, or queries/query_labels/gallery/gallery_labels.",
+    )
+    run: str | None = setting(None, help="A trained run (id or 'latest'): evaluate it on its dataset.")
+    data: Path | None = setting(None, help="With --run: use this dataset folder instead.")
+    protocol: Protocol = setting("all", help="all | f30k-1k | coco-1k | coco-5k (cross-modal).")
+    split: str | None = setting(None, help="Use {split}_-prefixed keys of the file (default: test if present).")
+    ks: tuple[int, ...] = setting((1, 5, 10), help="Cut-offs for R@K, e.g. 1,5,10.", flag="--k")
+    metric: EmbeddingMetric = setting("cosine", help="cosine (L2-normalise first) or dot.")
+    memory_budget_mb: int = setting(256, help="Memory for score chunks, MiB.", within=limits.AT_LEAST_ONE)
+    plots: bool = setting(True, help="Log plots to MLflow.")
 
     def validate(self) -> None:
         if (self.embeddings is None) == (self.run is None):
@@ -101,14 +130,10 @@ class EvaluateConfig:
             raise UserInputError("--data applies to --run only (it overrides the run's dataset folder)")
         if not self.ks or any(k < 1 for k in self.ks):
             raise UserInputError(f"evaluate.ks: cut-offs must be positive integers, got {list(self.ks)}")
-        if self.memory_budget_mb < 1:
-            raise UserInputError(f"evaluate.memory_budget_mb: must be at least 1, got {self.memory_budget_mb}")
 
 
-MetricName = Literal["cosine", "diag", "bdiag", "dense", "gssf"]
-MetricNorm = Literal["none", "frobenius", "spectral"]
-LossName = Literal["triplet", "infonce"]
-Device = Literal["auto", "cpu", "cuda"]
+MetricName = SimilarityName
+MetricNorm = ScoreNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,55 +148,48 @@ class TrainConfig:
     train split).
     """
 
-    data: Path
-    metric: MetricName = "gssf"
-    block_size: int = 64
-    metric_norm: MetricNorm = "none"
-    embed_dim: int = 1024
-    word_dim: int = 300
-    pooling: Literal["mean", "max", "attention"] = "mean"
-    mlp: bool = False
-    gru_layers: int = 1
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 5e-4
-    lr_decay_epoch: int = 15
-    lr_decay: float = 0.1
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 1
-    grad_clip: float = 2.0
-    loss: LossName = "triplet"
-    margin: float = 0.2
-    temperature: float = 0.05
-    distill_weight: float = 0.0
-    distill_kind: Literal["mae", "mse"] = "mae"
-    distill_use_metric: bool = False
-    teacher: Path | None = None
-    seed: int = 0
-    device: Device = "auto"
-    threads: int = 0
-    val_split: str = "dev"
-    runs_dir: Path = Path("runs")
+    data: Path = setting(help="Dataset folder from `gssf prepare`.")
+    metric: MetricName = setting("gssf", help="cosine | diag | bdiag | dense | gssf.")
+    block_size: int = setting(64, help="Block size d for bdiag/gssf (divides --embed-dim).", within=limits.AT_LEAST_ONE)
+    metric_norm: MetricNorm = setting("none", help="Score normalisation: none | frobenius | spectral.")
+    embed_dim: int = setting(1024, help="Embedding size D.", within=limits.AT_LEAST_ONE)
+    word_dim: int = setting(300, help="Word embedding size.", within=limits.AT_LEAST_ONE)
+    pooling: Pooling = setting("mean", help="Region pooling: mean | max | attention.")
+    mlp: bool = setting(False, help="2-layer MLP residual on projections.")
+    gru_layers: int = setting(1, help="Layers of the caption GRU.", within=limits.AT_LEAST_ONE)
+    epochs: int = setting(20, help="Epochs.", within=limits.AT_LEAST_ONE)
+    batch_size: int = setting(128, help="Pairs per batch (negatives come from the batch).", within=limits.AT_LEAST_TWO)
+    lr: float = setting(5e-4, help="AdamW learning rate.", within=limits.POSITIVE)
+    lr_decay_epoch: int = setting(15, help="Epoch from which lr is multiplied by --lr-decay.")
+    lr_decay: float = setting(0.1, help="Learning-rate decay factor.", within=limits.NON_NEGATIVE)
+    weight_decay: float = setting(1e-4, help="Weight decay of the metric head.", within=limits.NON_NEGATIVE)
+    warmup_epochs: int = setting(1, help="Epochs summing over all negatives first.", within=limits.NON_NEGATIVE)
+    grad_clip: float = setting(2.0, help="Gradient-norm clipping (0 = off).", within=limits.NON_NEGATIVE)
+    loss: LossName = setting("triplet", help="triplet | infonce.")
+    margin: float = setting(0.2, help="Hinge margin.", within=limits.MARGIN)
+    temperature: float = setting(0.05, help="InfoNCE temperature.", within=limits.TEMPERATURE)
+    distill_weight: float = setting(
+        0.0, help="Structure-aware distillation weight (0 = off).", within=limits.NON_NEGATIVE
+    )
+    distill_kind: DistillKind = setting("mae", help="Distillation distance: mae | mse.")
+    distill_use_metric: bool = setting(
+        False, help="Relations from the learned metric.", flag="--distill-use-metric/--distill-use-cosine"
+    )
+    teacher: Path | None = setting(None, help="Teacher features .npz (images, texts) for the train split.")
+    seed: int = setting(0, help="Random seed.")
+    device: Device = setting("auto", help="auto | cpu | cuda.")
+    threads: int = setting(0, help="CPU threads for torch (0 = default).", within=limits.NON_NEGATIVE)
+    val_split: str = setting("dev", help="Split that picks the best epoch.")
+    runs_dir: Path = setting(Path("runs"), help="Where run folders (checkpoints) are written.")
 
     def validate(self) -> None:
-        for name in ("embed_dim", "word_dim", "gru_layers", "epochs", "batch_size", "block_size"):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise UserInputError("train.batch_size: needs at least 2 pairs per batch (negatives come from the batch)")
-        for name in ("lr", "margin", "temperature"):
-            if getattr(self, name) <= 0:
-                raise UserInputError(f"train.{name}: must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "distill_weight", "grad_clip", "lr_decay", "warmup_epochs", "threads"):
-            if getattr(self, name) < 0:
-                raise UserInputError(f"train.{name}: must not be negative, got {getattr(self, name)}")
         if self.uses_block_size():
             from gssf_cli.similarity import check_block_size
 
             check_block_size(self.metric, self.embed_dim, self.block_size)
 
     def uses_block_size(self) -> bool:
-        return self.metric in ("bdiag", "gssf")
+        return self.metric in limits.BLOCK_SIMILARITIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,25 +197,17 @@ class ExportConfig:
     """What ``gssf export --onnx`` writes and how strictly it checks it.
 
     ``out`` defaults to ``exports/<run id>``. Parity passes when every ONNX Runtime output satisfies
-    ``|ort - torch| <= atol + rtol * |torch|`` and test-split retrieval agrees (see the export stage).
+    ``|ort - torch| <= atol + rtol * |torch|`` and test-split retrieval agrees (see :mod:`gssf_cli.bundle`).
     """
 
-    run: str = "latest"
-    out: Path | None = None
-    opset: int = 20
-    atol: float = 1e-5
-    rtol: float = 1e-4
-    split: str = "test"
-    parity_batch: int = 16
-    force: bool = False
-
-    def validate(self) -> None:
-        if not 18 <= self.opset <= 23:
-            raise UserInputError(f"export.opset: the dynamo exporter supports opsets 18 to 23, got {self.opset}")
-        if self.atol < 0 or self.rtol < 0:
-            raise UserInputError("export.atol / export.rtol: tolerances must not be negative")
-        if self.parity_batch < 2:
-            raise UserInputError(f"export.parity_batch: must be at least 2, got {self.parity_batch}")
+    run: str = setting("latest", help="The trained run: id or 'latest'.")
+    out: Path | None = setting(None, help="Bundle folder (default exports/<run id>).")
+    opset: int = setting(20, help="ONNX opset (dynamo exporter, 18-23).", within=limits.OPSET)
+    atol: float = setting(1e-5, help="Parity: absolute tolerance.", within=limits.NON_NEGATIVE)
+    rtol: float = setting(1e-4, help="Parity: relative tolerance.", within=limits.NON_NEGATIVE)
+    split: str = setting("test", help="Dataset split for the parity check (default test).")
+    parity_batch: int = setting(16, help="Largest batch of the per-graph parity checks.", within=limits.AT_LEAST_TWO)
+    force: bool = setting(False, help="Replace an existing bundle.", flag="--force")
 
 
 C = TypeVar("C")
@@ -247,6 +257,7 @@ def from_dict(cls: type[C], values: dict[str, Any], section: str) -> C:
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise UserInputError(f"{section}.{name}: required but not given")
     config = cls(**kwargs)
+    check_ranges(config, section)
     validate = getattr(config, "validate", None)
     if callable(validate):
         validate()
@@ -376,38 +387,44 @@ class TuneConfig:
     ``s3://bucket/path`` that every node of a cluster can reach).
     """
 
-    params: tuple[str, ...]
-    data: Path | None = None
-    base: tuple[str, ...] = ()
-    base_config: Path | None = None
-    epochs: int | None = None
-    metric: str | None = None
-    mode: Mode | None = None
-    trials: int | None = None
-    scheduler: SchedulerName = "asha"
-    grace_period: int = 1
-    reduction_factor: int = 2
-    cpus_per_trial: int = 1
-    max_concurrent: int = 0
-    max_failures: int = 1
-    address: str | None = None
-    storage: str = ".gssf/ray"
-    seed: int = 0
+    params: tuple[str, ...] = setting(
+        help="Parameter to tune, repeatable: NAME=SPEC, or NAME with --values. SPEC: A,B,C (grid) | LO:HI | "
+        "LO:HI:log; block_size also divisors | divisors:LO:HI (of the embedding size; NAME alone = divisors).",
+        flag="--param",
+    )
+    data: Path | None = setting(None, help="Dataset folder from `gssf prepare`.")
+    base: tuple[str, ...] = setting(
+        (), help="Base train setting KEY=VALUE, repeatable, e.g. --base metric=bdiag.", flag="--base"
+    )
+    base_config: Path | None = setting(
+        None, help="Base train config TOML (as `gssf train --config` reads it) for every trial.", flag="--config"
+    )
+    epochs: int | None = setting(
+        None, help="Epochs per trial (the budget ASHA stops weak trials before).", within=limits.AT_LEAST_ONE
+    )
+    metric: str | None = setting(
+        None, help="Metric to optimise (default: rsum cross-modal, map_at_r label-based; or loss)."
+    )
+    mode: Mode | None = setting(None, help="max | min (default: what the metric means).")
+    trials: int | None = setting(
+        None,
+        help="Samples: each grid point runs once per sample (default 1 grid, 8 ranges).",
+        within=limits.AT_LEAST_ONE,
+    )
+    scheduler: SchedulerName = setting("asha", help="asha (stop weak trials early) | fifo.")
+    grace_period: int = setting(1, help="ASHA: epochs before a trial may be stopped.", within=limits.AT_LEAST_ONE)
+    reduction_factor: int = setting(2, help="ASHA: keep the best 1/N at each rung.", within=limits.AT_LEAST_TWO)
+    cpus_per_trial: int = setting(1, help="CPUs (and torch threads) per trial.", within=limits.AT_LEAST_ONE)
+    max_concurrent: int = setting(
+        0, help="Trials running at once (0 = as many as the CPUs allow).", within=limits.NON_NEGATIVE
+    )
+    max_failures: int = setting(1, help="Retries of a crashed trial from its checkpoint.", within=limits.NON_NEGATIVE)
+    address: str | None = setting(None, help="Join a running Ray cluster (HOST:6379 or ray://HOST:10001) instead.")
+    storage: str = setting(".gssf/ray", help="Ray results and trial checkpoints (default .gssf/ray; or a URI).")
+    seed: int = setting(0, help="Seed of the random search (ranges).")
 
     def validate(self) -> None:
         if not self.params:
             raise UserInputError("give at least one --param NAME (e.g. --param block_size --values 8,16,32)")
-        for name in ("grace_period", "cpus_per_trial"):
-            if getattr(self, name) < 1:
-                raise UserInputError(f"tune.{name}: must be at least 1, got {getattr(self, name)}")
-        if self.reduction_factor < 2:
-            raise UserInputError(f"tune.reduction_factor: must be at least 2, got {self.reduction_factor}")
-        if self.trials is not None and self.trials < 1:
-            raise UserInputError(f"tune.trials: must be at least 1, got {self.trials}")
-        if self.epochs is not None and self.epochs < 1:
-            raise UserInputError(f"tune.epochs: must be at least 1, got {self.epochs}")
-        for name in ("max_concurrent", "max_failures"):
-            if getattr(self, name) < 0:
-                raise UserInputError(f"tune.{name}: must not be negative, got {getattr(self, name)}")
         if not self.storage.strip():
             raise UserInputError("tune.storage: must name a folder or a URI")

@@ -1,0 +1,88 @@
+"""Allowed names and ranges, written once: the configs and the library both check values against these.
+
+Why a module of its own: ``gssf_cli.config`` validates what a user typed, and the library (losses, encoders,
+similarity) validates what a Python caller passes. When each wrote its own rule they drifted (a temperature
+``> 0`` in one place and ``[0.01, 1]`` in another), so a value passed the up-front check and crashed later.
+Both now read the :class:`Range` objects and name tuples below. Standard library only: ``gssf --help``
+imports it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from gssf_cli.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval of numbers; NaN is never inside (every comparison with NaN is false)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+    def contains(self, value: float) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return False
+        above = self.low is None or (value >= self.low if self.low_inclusive else value > self.low)
+        below = self.high is None or (value <= self.high if self.high_inclusive else value < self.high)
+        return above and below
+
+    def describe(self) -> str:
+        """The rule in words, as error messages print it."""
+        if self.high is None and self.low is not None:
+            if self.low == 0:
+                return "must not be negative" if self.low_inclusive else "must be positive"
+            return f"must be at least {_number(self.low)}" if self.low_inclusive else f"must exceed {_number(self.low)}"
+        if self.low is not None and self.high is not None:
+            if not self.low_inclusive and not self.high_inclusive:
+                return f"must be between {_number(self.low)} and {_number(self.high)}"
+            left = "[" if self.low_inclusive else "("
+            right = "]" if self.high_inclusive else ")"
+            return f"must be in {left}{_number(self.low)}, {_number(self.high)}{right}"
+        return "must be a number"
+
+    def check(self, key: str, value: float) -> float:
+        """``value`` if inside; else a one-line :class:`UserInputError` naming ``key``."""
+        if not self.contains(value):
+            raise UserInputError(f"{key}: {self.describe()}, got {value}")
+        return value
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+AT_LEAST_ONE = Range(1)
+AT_LEAST_TWO = Range(2)
+POSITIVE = Range(0, low_inclusive=False)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, low_inclusive=False, high_inclusive=False)
+TEMPERATURE = Range(0.01, 1.0)
+"""InfoNCE's τ and the distillation's learnable τ₂ live here; a learnable one is clamped to it."""
+MARGIN = NON_NEGATIVE
+"""A hinge margin of 0 is a valid (if unusual) ranking loss."""
+OPSET = Range(18, 23)
+"""Opsets the dynamo ONNX exporter supports."""
+
+SimilarityName = Literal["cosine", "diag", "bdiag", "dense", "gssf"]
+SIMILARITY_NAMES: tuple[str, ...] = get_args(SimilarityName)
+BLOCK_SIMILARITIES: tuple[str, ...] = ("bdiag", "gssf")
+"""Members of the family with a block size (it must divide the embedding size)."""
+ScoreNorm = Literal["none", "frobenius", "spectral"]
+NORM_NAMES: tuple[str, ...] = get_args(ScoreNorm)
+LossName = Literal["triplet", "infonce"]
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
+DistillKind = Literal["mae", "mse"]
+DISTILL_KINDS: tuple[str, ...] = get_args(DistillKind)
+Pooling = Literal["mean", "max", "attention"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+Device = Literal["auto", "cpu", "cuda"]
+DatasetKind = Literal["synthetic", "digits", "precomp", "features"]
+DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
+Task = Literal["cross_modal", "labels"]
+TASKS: tuple[str, ...] = get_args(Task)

@@ -32,9 +32,9 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
+    from gssf_cli.bundle import MetricHead, export_graph
     from gssf_cli.encoders import EncoderSpec, build_encoder
     from gssf_cli.similarity import make_similarity
-    from gssf_cli.stages.export import MetricHead, export_graph
 
     dim, feat, regions, seq = (256, 512, 12, 12) if args.quick else (1024, 2048, 36, 12)
     repeats = 3 if args.quick else 10

@@ -74,7 +74,7 @@ def train_one(data: str, epochs: int, block_size: int) -> float:
     torch.set_num_threads(1)
     values = {**parse_overrides(BASE), "data": data, "epochs": epochs, "threads": 1, "block_size": block_size}
     started = time.perf_counter()
-    train.run(resolve(TrainConfig, "train", values), tracker=None, progress=False)
+    train.run(resolve(TrainConfig, "train", values), tracker=None)
     return time.perf_counter() - started
 
 

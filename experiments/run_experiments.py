@@ -53,7 +53,7 @@ def main() -> None:
                 if args.quick:
                     values["epochs"] = 2
                 started = time.perf_counter()
-                result = train.run(resolve(TrainConfig, "train", values), tracker, progress=False)
+                result = train.run(resolve(TrainConfig, "train", values), tracker)
                 seconds = time.perf_counter() - started
                 rows.append(_row(name, label, result, seconds))
                 print(rows[-1], flush=True)

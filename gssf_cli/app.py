@@ -1,24 +1,47 @@
 """The ``gssf`` command: thin Typer wiring (parse → build a config → call a stage → print).
 
+A stage command's setting flags are generated from its config dataclass in :mod:`gssf_cli.config`: one flag
+per field, spelled ``--field-name`` unless the field's ``flag`` metadata spells it, with the field's help and
+default; only ``file_only`` fields have none. Adding a setting to a config therefore adds its flag, with no
+edit here. A generated flag is None when not given, which lets :func:`gssf_cli.config.resolve` apply the
+precedence CLI > TOML file > dataclass default.
+
 Heavy libraries (torch, mlflow, ray, onnx) are imported inside the commands that need them, so that
-``gssf --help`` starts fast.
+``gssf --help`` starts fast; :mod:`gssf_cli.config` imports only the standard library.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import typer
 
 from gssf_cli import __version__
+from gssf_cli.config import (
+    EvaluateConfig,
+    ExportConfig,
+    PrepareConfig,
+    TrainConfig,
+    TuneConfig,
+    default_of,
+    load_toml,
+    parse_int_list,
+    resolve,
+)
 from gssf_cli.errors import CheckFailedError, UserInputError
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 app = typer.Typer(
     name="gssf",
@@ -103,137 +126,224 @@ def _error(message: str) -> None:
     print(f"gssf: {first_line}", file=sys.stderr)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Flags generated from the config dataclasses
+
+
+@dataclass(frozen=True)
+class _Flag:
+    """One config field on the command line: its Typer annotation and how its value becomes a config value."""
+
+    field: str
+    annotation: Any
+    to_config: Callable[[Any], Any]
+
+
+def _flags(cls: type) -> dict[str, _Flag]:
+    """The flags of every field of config ``cls`` except the ``file_only`` ones, keyed by field name."""
+    hints = typing.get_type_hints(cls)
+    return {
+        field.name: _flag(field, hints[field.name])
+        for field in dataclasses.fields(cls)
+        if not field.metadata.get("file_only")
+    }
+
+
+def _flag(field: dataclasses.Field[Any], hint: Any) -> _Flag:
+    """A field's flag. Choices (``Literal``) are plain strings so that the config's own check reports them."""
+    name = field.name.replace("_", "-")
+    declared = field.metadata.get("flag")
+    decls = declared or f"--{name}"
+    to_config: Callable[[Any], Any] = _unchanged
+    hint = _without_none(hint)
+    if hint is bool:
+        decls = declared or f"--{name}/--no-{name}"
+        cli_type: Any = bool
+    elif get_origin(hint) is Literal:
+        cli_type = str
+    elif hint in (int, float, str, Path):
+        cli_type = hint
+    elif hint == tuple[int, ...]:
+        cli_type = str
+        to_config = functools.partial(parse_int_list, option=decls)
+    elif hint == tuple[str, ...]:
+        cli_type = list[str]
+        to_config = _repeated
+    else:
+        raise TypeError(f"{field.name}: no command-line form for {hint!r}; add one here or declare it file_only")
+    option = typer.Option(decls, help=_help(field, decls))
+    return _Flag(field.name, Annotated[cli_type | None, option], to_config)
+
+
+def _without_none(hint: Any) -> Any:
+    """``T | None`` → ``T``: on the command line None already means "not given"."""
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        options = [option for option in get_args(hint) if option is not type(None)]
+        if len(options) == 1:
+            return options[0]
+    return hint
+
+
+def _unchanged(value: Any) -> Any:
+    return value
+
+
+def _repeated(values: list[str]) -> tuple[str, ...] | None:
+    """A repeatable option given zero times counts as not given."""
+    return tuple(values) or None
+
+
+def _help(field: dataclasses.Field[Any], decls: str) -> str:
+    """The field's help plus the field's default (the flag's own default is None), styled like Typer's."""
+    help_text: str = field.metadata["help"]
+    shown = _shown_default(field.default, decls)
+    return help_text if shown is None else f"{help_text} [dim]\\[default: {shown}][/dim]"
+
+
+def _shown_default(default: Any, decls: str) -> str | None:
+    """A default as it would be typed: ``1,5,10`` for a list, the active side's name for an on/off flag."""
+    if default is dataclasses.MISSING or default is None or default == ():
+        return None
+    if isinstance(default, bool):
+        sides = decls.split("/")
+        if len(sides) == 1:
+            return None
+        return sides[0 if default else 1].lstrip("-")
+    if isinstance(default, tuple):
+        return ",".join(map(str, default))
+    return str(default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The generated flags of one command as given (None: not given), keyed by config field."""
+
+    given: dict[str, Any]
+    flags: dict[str, _Flag]
+
+    def values(self) -> dict[str, Any]:
+        """The given flags as config values (``--k 1,5`` → ``(1, 5)``); raises UserInputError, so call it guarded."""
+        return {
+            name: None if value is None else self.flags[name].to_config(value) for name, value in self.given.items()
+        }
+
+
+def _stage_command(name: str, cls: type) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register a function as command ``name``, its ``settings`` parameter replaced by the flags of config ``cls``.
+
+    Typer reads a command's options from its signature, so the registered wrapper carries a synthetic one:
+    the function's own parameters (its explicit options) with the generated flags where ``settings`` stands.
+    The function gets those flags back as one :class:`Settings`.
+    """
+
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        flags = _flags(cls)
+        own = inspect.signature(fn, eval_str=True).parameters
+        if clash := sorted(flags.keys() & own.keys()):
+            raise TypeError(f"{name}: parameters {clash} clash with fields of {cls.__name__}")
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        parameters: list[inspect.Parameter] = []
+        for parameter in own.values():
+            if parameter.name == "settings":
+                parameters += [
+                    inspect.Parameter(flag.field, keyword, default=None, annotation=flag.annotation)
+                    for flag in flags.values()
+                ]
+            else:
+                parameters.append(parameter.replace(kind=keyword))
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> None:
+            given = {field: kwargs.pop(field) for field in flags}
+            fn(settings=Settings(given, flags), **kwargs)
+
+        command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+        return app.command(name)(command)
+
+    return register
+
+
+def _run_stage(
+    ctx: typer.Context,
+    cls: type[C],
+    section: str,
+    config_file: Path | None,
+    cli_values: Callable[[], dict[str, Any]],
+    call: Callable[[C, Any], T],
+    *,
+    beneath: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+) -> T:
+    """Resolve config ``cls`` from the flags, ``config_file`` and the defaults, then ``call(config, tracker)``.
+
+    Everything runs under :func:`guarded`, including ``cli_values`` (parsing a flag can fail). ``beneath``
+    supplies values below the file's, given the tracker and the values given so far (file and flags): a
+    resumed run's saved config.
+    """
+
+    def work() -> T:
+        options = _options(ctx)
+        flag_values = cli_values()
+        file_values = load_toml(config_file) if config_file else {}
+        tracker = None
+        if beneath is not None:
+            tracker = options.tracker()
+            given = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
+            file_values = {**beneath(tracker, given), **file_values}
+        config = resolve(cls, section, file_values, flag_values)
+        return call(config, options.tracker() if tracker is None else tracker)
+
+    return guarded(ctx, work)
+
+
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="TOML file with settings; command-line flags override it.")
 ]
 
 
-@app.command()
+# ---------------------------------------------------------------------------------------------------------
+# Commands
+
+
+@_stage_command("prepare", PrepareConfig)
 def prepare(
-    ctx: typer.Context,
-    dataset: Annotated[
-        str | None, typer.Option("--dataset", help="Kind: synthetic | digits | precomp | features.")
-    ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Dataset folder to create, e.g. data/syn.")] = None,
-    source: Annotated[Path | None, typer.Option("--source", help="Input folder or file (precomp, features).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (generation and splits).")] = None,
-    force: Annotated[bool | None, typer.Option("--force", help="Replace an existing output folder.")] = None,
-    train_images: Annotated[int | None, typer.Option(help="synthetic: train images.")] = None,
-    dev_images: Annotated[int | None, typer.Option(help="synthetic: dev images.")] = None,
-    test_images: Annotated[int | None, typer.Option(help="synthetic: test images.")] = None,
-    regions: Annotated[int | None, typer.Option(help="synthetic: regions per image.")] = None,
-    region_dim: Annotated[int | None, typer.Option(help="synthetic: region feature size.")] = None,
-    concepts: Annotated[int | None, typer.Option(help="synthetic: latent concepts.")] = None,
-    vocab_size: Annotated[int | None, typer.Option(help="synthetic: vocabulary size.")] = None,
-    captions_per_image: Annotated[int | None, typer.Option(help="Captions per image (5 for COCO/F30K).")] = None,
-    min_word_count: Annotated[int | None, typer.Option(help="precomp: minimum count of a vocabulary word.")] = None,
-    dev_fraction: Annotated[float | None, typer.Option(help="features/digits: share of data for dev.")] = None,
-    test_fraction: Annotated[float | None, typer.Option(help="features: share of data for test.")] = None,
-    config: ConfigOption = None,
-    json_output: JsonOption = False,
+    ctx: typer.Context, settings: Settings, config: ConfigOption = None, json_output: JsonOption = False
 ) -> None:
     """Turn a source into a dataset folder (manifest + split arrays), logged as an MLflow run."""
-    cli = {k: v for k, v in locals().items() if k not in ("ctx", "config", "json_output")}
 
-    def work() -> Any:
-        from gssf_cli.config import PrepareConfig, load_toml, resolve
+    def call(resolved: PrepareConfig, tracker: Any) -> Any:
         from gssf_cli.stages import prepare as stage
 
-        file_values = load_toml(config) if config else {}
-        resolved = resolve(PrepareConfig, "prepare", file_values, cli)
-        return stage.run(resolved, _options(ctx).tracker())
+        return stage.run(resolved, tracker)
 
-    result = guarded(ctx, work)
+    result = _run_stage(ctx, PrepareConfig, "prepare", config, settings.values, call)
     from gssf_cli import console
 
     console.print_prepare(result.to_json(), json_output)
 
 
-@app.command()
+@_stage_command("evaluate", EvaluateConfig)
 def evaluate(
-    ctx: typer.Context,
-    embeddings: Annotated[
-        Path | None,
-        typer.Option(
-            "--embeddings",
-            help=".npz with images+texts (cross-modal), features+labels, or queries/query_labels/gallery/gallery_labels.",
-        ),
-    ] = None,
-    run: Annotated[
-        str | None, typer.Option("--run", help="A trained run (id or 'latest'): evaluate it on its dataset.")
-    ] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="With --run: use this dataset folder instead.")] = None,
-    protocol: Annotated[str | None, typer.Option(help="all | f30k-1k | coco-1k | coco-5k (cross-modal).")] = None,
-    split: Annotated[
-        str | None, typer.Option(help="Use {split}_-prefixed keys of the file (default: test if present).")
-    ] = None,
-    k: Annotated[str | None, typer.Option("--k", help="Cut-offs for R@K, e.g. 1,5,10.")] = None,
-    metric: Annotated[str | None, typer.Option(help="cosine (L2-normalise first) or dot.")] = None,
-    memory_budget_mb: Annotated[int | None, typer.Option(help="Memory for score chunks, MiB.")] = None,
-    plots: Annotated[bool | None, typer.Option("--plots/--no-plots", help="Log plots to MLflow.")] = None,
-    config: ConfigOption = None,
-    json_output: JsonOption = False,
+    ctx: typer.Context, settings: Settings, config: ConfigOption = None, json_output: JsonOption = False
 ) -> None:
     """Retrieval metrics (R@K, rSum, mAP / MAP@R, P@1) for embeddings or a trained run, logged to MLflow."""
 
-    def work() -> Any:
-        from gssf_cli.config import EvaluateConfig, load_toml, parse_int_list, resolve
+    def call(resolved: EvaluateConfig, tracker: Any) -> Any:
         from gssf_cli.stages import evaluate as stage
 
-        cli = {
-            "embeddings": embeddings,
-            "run": run,
-            "data": data,
-            "protocol": protocol,
-            "split": split,
-            "ks": parse_int_list(k, "--k"),
-            "metric": metric,
-            "memory_budget_mb": memory_budget_mb,
-            "plots": plots,
-        }
-        resolved = resolve(EvaluateConfig, "evaluate", load_toml(config) if config else {}, cli)
-        return stage.run(resolved, _options(ctx).tracker())
+        return stage.run(resolved, tracker)
 
-    result = guarded(ctx, work)
+    result = _run_stage(ctx, EvaluateConfig, "evaluate", config, settings.values, call)
     from gssf_cli import console
 
     console.print_evaluation(result.to_json(), json_output)
 
 
-@app.command()
+@_stage_command("train", TrainConfig)
 def train(
     ctx: typer.Context,
-    data: Annotated[Path | None, typer.Option("--data", help="Dataset folder from `gssf prepare`.")] = None,
-    metric: Annotated[str | None, typer.Option(help="cosine | diag | bdiag | dense | gssf.")] = None,
-    block_size: Annotated[int | None, typer.Option(help="Block size d for bdiag/gssf (divides --embed-dim).")] = None,
-    metric_norm: Annotated[str | None, typer.Option(help="Score normalisation: none | frobenius | spectral.")] = None,
-    embed_dim: Annotated[int | None, typer.Option(help="Embedding size D.")] = None,
-    word_dim: Annotated[int | None, typer.Option(help="Word embedding size.")] = None,
-    pooling: Annotated[str | None, typer.Option(help="Region pooling: mean | max | attention.")] = None,
-    mlp: Annotated[bool | None, typer.Option("--mlp/--no-mlp", help="2-layer MLP residual on projections.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Pairs per batch.")] = None,
-    lr: Annotated[float | None, typer.Option(help="AdamW learning rate.")] = None,
-    lr_decay_epoch: Annotated[int | None, typer.Option(help="Epoch from which lr is multiplied by --lr-decay.")] = None,
-    lr_decay: Annotated[float | None, typer.Option(help="Learning-rate decay factor.")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="Weight decay of the metric head.")] = None,
-    warmup_epochs: Annotated[int | None, typer.Option(help="Epochs summing over all negatives first.")] = None,
-    margin: Annotated[float | None, typer.Option(help="Hinge margin.")] = None,
-    loss: Annotated[str | None, typer.Option(help="triplet | infonce.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="InfoNCE temperature.")] = None,
-    distill_weight: Annotated[float | None, typer.Option(help="Structure-aware distillation weight (0 = off).")] = None,
-    distill_kind: Annotated[str | None, typer.Option(help="Distillation distance: mae | mse.")] = None,
-    distill_use_metric: Annotated[
-        bool | None,
-        typer.Option("--distill-use-metric/--distill-use-cosine", help="Relations from the learned metric."),
-    ] = None,
-    teacher: Annotated[
-        Path | None, typer.Option(help="Teacher features .npz (images, texts) for the train split.")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (0 = default).")] = None,
+    settings: Settings,
     resume: Annotated[
         str | None, typer.Option("--resume", help="Continue a run (id or 'latest') from its checkpoint.")
     ] = None,
@@ -241,152 +351,100 @@ def train(
     json_output: JsonOption = False,
 ) -> None:
     """Train encoders and a GSSF metric head; checkpoints every epoch, validation on dev, logged to MLflow."""
-    cli = {k: v for k, v in locals().items() if k not in ("ctx", "config", "json_output", "resume")}
+    resume_id: str | None = None
 
-    def work() -> Any:
-        from gssf_cli.config import TrainConfig, load_toml, resolve
+    def saved(tracker: Any, given: dict[str, Any]) -> dict[str, Any]:
+        """The resumed run's config, read from the runs folder in effect now (flag, file, else the default)."""
+        nonlocal resume_id
+        from gssf_cli.checkpoint import saved_config
+
+        resume_id = tracker.get_run(resume, stage="train").info.run_id
+        runs_dir = Path(given.get("runs_dir", default_of(TrainConfig, "runs_dir"))).expanduser()
+        return saved_config(resume_id, runs_dir)
+
+    def call(resolved: TrainConfig, tracker: Any) -> Any:
+        from gssf_cli import console
         from gssf_cli.stages import train as stage
 
-        options = _options(ctx)
-        tracker = options.tracker()
-        file_values = load_toml(config) if config else {}
-        resume_id = None
-        if resume is not None:
-            resume_id = tracker.get_run(resume, stage="train").info.run_id
-            file_values = {**stage.saved_config(resume_id, cli.get("runs_dir")), **file_values}
-        resolved = resolve(TrainConfig, "train", file_values, cli)
-        return stage.run(resolved, tracker, resume=resume_id, progress=not json_output)
+        progress = None if json_output else console.TrainingProgress()
+        return stage.run(resolved, tracker, resume=resume_id, progress=progress)
 
-    result = guarded(ctx, work)
+    beneath = saved if resume is not None else None
+    result = _run_stage(ctx, TrainConfig, "train", config, settings.values, call, beneath=beneath)
     from gssf_cli import console
 
     console.print_training(result.to_json(), json_output)
 
 
-@app.command()
+@_stage_command("tune", TuneConfig)
 def tune(
     ctx: typer.Context,
-    param: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--param",
-            help="Parameter to tune, repeatable: NAME=SPEC, or NAME with --values. SPEC: A,B,C (grid) | LO:HI | "
-            "LO:HI:log; block_size also divisors | divisors:LO:HI (of the embedding size; NAME alone = divisors).",
-        ),
-    ] = None,
+    settings: Settings,
     values: Annotated[
         str | None, typer.Option("--values", help="SPEC for the single --param NAME, e.g. 8,16,32.")
     ] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Dataset folder from `gssf prepare`.")] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", help="Base train config TOML (as `gssf train --config` reads it) for every trial."),
-    ] = None,
-    base: Annotated[
-        list[str] | None,
-        typer.Option("--base", help="Base train setting KEY=VALUE, repeatable, e.g. --base metric=bdiag."),
-    ] = None,
-    epochs: Annotated[
-        int | None, typer.Option(help="Epochs per trial (the budget ASHA stops weak trials before).")
-    ] = None,
-    metric: Annotated[
-        str | None,
-        typer.Option("--metric", help="Metric to optimise (default: rsum cross-modal, map_at_r label-based; or loss)."),
-    ] = None,
-    mode: Annotated[str | None, typer.Option(help="max | min (default: what the metric means).")] = None,
-    trials: Annotated[
-        int | None, typer.Option(help="Samples: each grid point runs once per sample (default 1 grid, 8 ranges).")
-    ] = None,
-    scheduler: Annotated[str | None, typer.Option(help="asha (stop weak trials early) | fifo.")] = None,
-    grace_period: Annotated[int | None, typer.Option(help="ASHA: epochs before a trial may be stopped.")] = None,
-    reduction_factor: Annotated[int | None, typer.Option(help="ASHA: keep the best 1/N at each rung.")] = None,
-    cpus_per_trial: Annotated[int | None, typer.Option(help="CPUs (and torch threads) per trial.")] = None,
-    max_concurrent: Annotated[
-        int | None, typer.Option(help="Trials running at once (0 = as many as the CPUs allow).")
-    ] = None,
-    max_failures: Annotated[int | None, typer.Option(help="Retries of a crashed trial from its checkpoint.")] = None,
-    address: Annotated[
-        str | None,
-        typer.Option("--address", help="Join a running Ray cluster (HOST:6379 or ray://HOST:10001) instead."),
-    ] = None,
-    storage: Annotated[
-        str | None, typer.Option("--storage", help="Ray results and trial checkpoints (default .gssf/ray; or a URI).")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the random search (ranges).")] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Search train settings (e.g. the block size) with Ray Tune; one MLflow child run per trial, best config."""
 
-    def work() -> Any:
-        from gssf_cli.config import TuneConfig, resolve
-        from gssf_cli.stages import tune as stage
+    def cli_values() -> dict[str, Any]:
+        """``--param NAME --values SPEC`` becomes ``NAME=SPEC``; no ``--param`` at all is left to the config's check."""
         from gssf_cli.tuning import combine_param_options
 
-        cli = {
-            "params": combine_param_options(param or [], values),
-            "data": data,
-            "base": tuple(base or ()),
-            "base_config": config,
-            "epochs": epochs,
-            "metric": metric,
-            "mode": mode,
-            "trials": trials,
-            "scheduler": scheduler,
-            "grace_period": grace_period,
-            "reduction_factor": reduction_factor,
-            "cpus_per_trial": cpus_per_trial,
-            "max_concurrent": max_concurrent,
-            "max_failures": max_failures,
-            "address": address,
-            "storage": storage,
-            "seed": seed,
-        }
-        resolved = resolve(TuneConfig, "tune", {}, cli)
-        return stage.run(resolved, _options(ctx).tracker(), progress=not json_output)
+        given = settings.values()
+        return {**given, "params": combine_param_options(given["params"] or (), values)}
 
-    result = guarded(ctx, work)
+    def call(resolved: TuneConfig, tracker: Any) -> Any:
+        from gssf_cli.stages import tune as stage
+
+        return stage.run(resolved, tracker, progress=not json_output)
+
+    result = _run_stage(ctx, TuneConfig, "tune", None, cli_values, call)
     from gssf_cli import console
 
     console.print_tune(result.to_json(), json_output)
 
 
-@app.command()
+@_stage_command("export", ExportConfig)
 def export(
     ctx: typer.Context,
+    *,
     onnx: Annotated[bool, typer.Option("--onnx", help="Export ONNX graphs (the only format; required).")] = False,
     check: Annotated[
         Path | None, typer.Option("--check", help="Verify an existing bundle (checksums, checker, loading) instead.")
     ] = None,
-    run: Annotated[str | None, typer.Option("--run", help="The trained run: id or 'latest'.")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Bundle folder (default exports/<run id>).")] = None,
-    opset: Annotated[int | None, typer.Option(help="ONNX opset (dynamo exporter, 18-23).")] = None,
-    atol: Annotated[float | None, typer.Option(help="Parity: absolute tolerance.")] = None,
-    rtol: Annotated[float | None, typer.Option(help="Parity: relative tolerance.")] = None,
-    split: Annotated[str | None, typer.Option(help="Dataset split for the parity check (default test).")] = None,
-    force: Annotated[bool | None, typer.Option("--force", help="Replace an existing bundle.")] = None,
+    settings: Settings,
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Export a run as ONNX (encoders + metric head), gated by an ONNX Runtime parity check (exit 1 if outside)."""
+    if check is not None:
+        bundle = check
 
-    def work() -> Any:
-        from gssf_cli.config import ExportConfig, load_toml, resolve
-        from gssf_cli.stages import export as stage
+        def verify() -> dict[str, Any]:
+            from gssf_cli.stages import export as stage
 
-        if check is not None:
-            return stage.verify_bundle(check)
+            return stage.verify_bundle(bundle)
+
+        checked = guarded(ctx, verify)
+        from gssf_cli import console
+
+        console.print_bundle_check(checked, json_output)
+        return
+
+    def cli_values() -> dict[str, Any]:
         if not onnx:
             raise UserInputError("pass --onnx (ONNX is the export format gssf writes)")
-        cli = {"run": run, "out": out, "opset": opset, "atol": atol, "rtol": rtol, "split": split, "force": force}
-        resolved = resolve(ExportConfig, "export", load_toml(config) if config else {}, cli)
-        return stage.run(resolved, _options(ctx).tracker())
+        return settings.values()
 
-    result = guarded(ctx, work)
+    def call(resolved: ExportConfig, tracker: Any) -> Any:
+        from gssf_cli.stages import export as stage
+
+        return stage.run(resolved, tracker)
+
+    result = _run_stage(ctx, ExportConfig, "export", config, cli_values, call)
     from gssf_cli import console
 
-    if isinstance(result, dict):
-        console.print_bundle_check(result, json_output)
-        return
     console.print_export(result.to_json(), json_output)
     if not result.passed:
         _error("check failed: ONNX Runtime outputs are outside the parity tolerance (see the table)")
@@ -403,14 +461,15 @@ def run_pipeline(
     """Run a pipeline file: prepare → train → evaluate → tune → export under one parent MLflow run."""
 
     def work() -> Any:
+        from gssf_cli import console
         from gssf_cli.stages import pipeline as stage
 
         options = _options(ctx)
-        if not pipeline.is_file():
-            raise UserInputError(f"pipeline file {pipeline} not found (see pipelines/ for examples)")
+        loaded = stage.load_pipeline(pipeline)
         if options.experiment is None:
-            options.experiment = stage.load_pipeline(pipeline).name
-        return stage.run(pipeline, options.tracker(), force=force, progress=not json_output)
+            options.experiment = loaded.name
+        progress = None if json_output else console.TrainingProgress()
+        return stage.run(loaded, options.tracker(), force=force, progress=progress)
 
     result = guarded(ctx, work)
     from gssf_cli import console

@@ -1,6 +1,8 @@
 """Checkpoints that never unpickle: tensors in safetensors, everything else in JSON, written atomically.
 
-A checkpoint folder holds ``model.safetensors`` (weights), ``optimizer.safetensors`` (AdamW moments and
+A run folder (``<runs_dir>/<run id>/``) holds two checkpoint folders: :data:`LAST` (the newest epoch, with
+optimizer and RNG state, to resume from) and :data:`BEST` (the best validation epoch, weights only, what
+evaluation and export use). A checkpoint folder holds ``model.safetensors`` (weights), ``optimizer.safetensors`` (AdamW moments and
 step counts), ``rng.safetensors`` (torch RNG states) and ``state.json`` (epoch, best metric, optimizer
 hyper-parameters, config, dataset hash). It is written to a temporary sibling folder and renamed into
 place, so a kill at any moment leaves either the previous checkpoint or the new one, never half of one.
@@ -18,8 +20,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from gssf_cli.config import TrainConfig, default_of
 from gssf_cli.errors import UserInputError
 
+LAST = "checkpoint"
+BEST = "best"
 MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
@@ -119,3 +124,19 @@ def load(folder: Path) -> Checkpoint:
     except Exception as exc:
         raise UserInputError(f"{folder}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
     return Checkpoint(model, optimizer, rng, state)
+
+
+def saved_config(run_id: str, runs_dir: Path | str | None = None) -> dict[str, Any]:
+    """The config a run was started with, read from its last checkpoint (to resume it)."""
+    folder = Path(runs_dir) if runs_dir is not None else default_of(TrainConfig, "runs_dir")
+    state_file = folder / run_id / LAST / STATE
+    if not state_file.is_file():
+        raise UserInputError(f"run {run_id} has no local checkpoint at {state_file.parent}; cannot resume it here")
+    config: dict[str, Any] = json.loads(state_file.read_text())["config"]
+    return config
+
+
+def saved_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint folder's JSON state alone (epoch, best value, config), without loading any tensor."""
+    state: dict[str, Any] = json.loads((folder / STATE).read_text())
+    return state

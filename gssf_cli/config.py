@@ -184,9 +184,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.uses_block_size():
-            from gssf_cli.similarity import check_block_size
-
-            check_block_size(self.metric, self.embed_dim, self.block_size)
+            limits.check_block_size(self.metric, self.embed_dim, self.block_size)
 
     def uses_block_size(self) -> bool:
         return self.metric in limits.BLOCK_SIMILARITIES
@@ -205,7 +203,7 @@ class ExportConfig:
     opset: int = setting(20, help="ONNX opset (dynamo exporter, 18-23).", within=limits.OPSET)
     atol: float = setting(1e-5, help="Parity: absolute tolerance.", within=limits.NON_NEGATIVE)
     rtol: float = setting(1e-4, help="Parity: relative tolerance.", within=limits.NON_NEGATIVE)
-    split: str = setting("test", help="Dataset split for the parity check (default test).")
+    split: str = setting("test", help="Dataset split for the parity check.")
     parity_batch: int = setting(16, help="Largest batch of the per-graph parity checks.", within=limits.AT_LEAST_TWO)
     force: bool = setting(False, help="Replace an existing bundle.", flag="--force")
 
@@ -420,7 +418,7 @@ class TuneConfig:
     )
     max_failures: int = setting(1, help="Retries of a crashed trial from its checkpoint.", within=limits.NON_NEGATIVE)
     address: str | None = setting(None, help="Join a running Ray cluster (HOST:6379 or ray://HOST:10001) instead.")
-    storage: str = setting(".gssf/ray", help="Ray results and trial checkpoints (default .gssf/ray; or a URI).")
+    storage: str = setting(".gssf/ray", help="Ray results and trial checkpoints (a folder, or a URI).")
     seed: int = setting(0, help="Seed of the random search (ranges).")
 
     def validate(self) -> None:
@@ -428,3 +426,55 @@ class TuneConfig:
             raise UserInputError("give at least one --param NAME (e.g. --param block_size --values 8,16,32)")
         if not self.storage.strip():
             raise UserInputError("tune.storage: must name a folder or a URI")
+
+
+PIPELINE_STAGES: tuple[str, ...] = ("prepare", "train", "evaluate", "tune", "export")
+PIPELINE_KEYS: tuple[str, ...] = ("name", "stages")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """A pipeline file, read once: its name (the MLflow experiment unless ``--experiment``), the stages to run
+    (in the fixed order of :data:`PIPELINE_STAGES`), each stage's table of settings as its ``--config`` file
+    would hold them, ``retrain`` (``[tune] retrain = true``) and the file's text (logged on the parent run).
+    Stage configs are built from these tables plus the links between stages by the pipeline stage."""
+
+    path: Path
+    name: str
+    stages: tuple[str, ...]
+    tables: Mapping[str, Mapping[str, Any]]
+    retrain: bool = False
+    text: str = ""
+
+    def table(self, stage: str) -> dict[str, Any]:
+        return dict(self.tables.get(stage, {}))
+
+
+def load_pipeline(path: Path) -> PipelineConfig:
+    """Read and check a pipeline file: unknown stages or keys are one-line errors naming them."""
+    if not path.is_file():
+        raise UserInputError(f"pipeline file {path} not found (see pipelines/ for examples)")
+    values = load_toml(path)
+    header = values.pop("pipeline", {})
+    if not isinstance(header, dict):
+        raise UserInputError(f"{path}: [pipeline] must be a table")
+    unknown = sorted(set(values) - set(PIPELINE_STAGES))
+    if unknown:
+        raise UserInputError(f"{path}: unknown stage [{unknown[0]}] (valid stages: {', '.join(PIPELINE_STAGES)})")
+    for key in sorted(set(header) - set(PIPELINE_KEYS)):
+        raise UserInputError(f"{path}: pipeline.{key}: unknown key (valid keys: {', '.join(PIPELINE_KEYS)})")
+    for stage, table in values.items():
+        if not isinstance(table, dict):
+            raise UserInputError(f"{path}: [{stage}] must be a table of settings")
+    listed = header.get("stages", [s for s in PIPELINE_STAGES if s in values])
+    if not isinstance(listed, list) or any(s not in PIPELINE_STAGES for s in listed):
+        raise UserInputError(f"{path}: pipeline.stages must list stages among {', '.join(PIPELINE_STAGES)}")
+    for stage in listed:
+        if stage not in values and stage in ("prepare", "tune"):
+            raise UserInputError(f"{path}: pipeline.stages lists {stage} but there is no [{stage}] table")
+    tables = {stage: dict(values.get(stage, {})) for stage in PIPELINE_STAGES if stage in listed}
+    retrain = tables.get("tune", {}).pop("retrain", False)
+    if not isinstance(retrain, bool):
+        raise UserInputError(f"{path}: tune.retrain: expected true or false, got {_describe(retrain)}")
+    stages = tuple(s for s in PIPELINE_STAGES if s in listed)
+    return PipelineConfig(path, str(header.get("name", path.stem)), stages, tables, retrain, path.read_text())

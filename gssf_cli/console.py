@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
@@ -11,6 +13,26 @@ from rich.table import Table
 
 stdout = Console()
 stderr = Console(stderr=True)
+
+
+class TrainingProgress:
+    """A rich bar per training epoch on stderr (loss and samples/s); satisfies
+    :class:`gssf_cli.training.Progress`."""
+
+    @contextlib.contextmanager
+    def epoch(self, label: str, batches: int) -> Iterator[Callable[[float, float], None]]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} samples/s"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=stderr, transient=True) as bar:
+            task = bar.add_task("train", total=batches, loss=0.0, rate=0.0)
+            yield lambda loss, rate: bar.update(task, advance=1, loss=loss, rate=rate)
 
 
 def print_json(payload: Any) -> None:
@@ -73,13 +95,23 @@ def print_evaluation(result: dict[str, Any], as_json: bool) -> None:
         table.add_column("metric")
         table.add_column("value", justify="right")
         for key, value in result.items():
-            if isinstance(value, float) and key != "seconds":
+            if isinstance(value, float) and _is_metric(key):
                 table.add_row(key, f"{value:.4f}")
         stdout.print(table)
         if result.get("num_skipped"):
             stdout.print(f"{result['num_skipped']:.0f} queries had no relevant item and were skipped")
     if result.get("run_id"):
         stdout.print(f"MLflow run {result['run_id']}")
+
+
+def _is_metric(key: str) -> bool:
+    from gssf_cli import metrics
+
+    try:
+        metrics.get(key)
+    except KeyError:
+        return False
+    return True
 
 
 def print_training(result: dict[str, Any], as_json: bool) -> None:

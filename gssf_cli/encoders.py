@@ -19,32 +19,8 @@ dynamic batch and sequence axes), which shapes the text tower:
   static facts (a tensor's rank, a module's configuration) branch.
 - Padding is masked in pooling, so outputs do not depend on the padded length or on ids at padded positions.
 
-ONNX export (torch 2.13, onnxscript 0.7; verified by the tests, which run ONNX Runtime at two batch/length
-sizes): :func:`export_example` gives the example inputs and export arguments for a tower, then ::
-
-    ex = export_example(tower)
-    prog = torch.onnx.export(tower, ex.args, **ex.export_kwargs())   # dynamo=True, dynamic_shapes, names
-    prog.save(path)                                                   # one file, no .onnx.data
-
-Both ``optimize=True`` (the default) and ``optimize=False`` keep every axis dynamic and match PyTorch to ~1e-7
-(``optimize=False`` exports faster, ``True`` gives a smaller graph). The GRU becomes a native ONNX ``GRU`` node.
-Two traps silently freeze the sequence axis: the graph inputs still *look* symbolic, and ONNX Runtime fails
-("invalid expand shape" or "invalid dimensions") only at a length other than the example's. Hence a parity
-check must always run at a second size.
-
-- Reading a shape from a GRU output (``expand_as(gru_out)``): the exporter records that output's length as the
-  example's constant (pytorch#191855). Shapes here come from the token tensor (:func:`_gather_steps`).
-- Any earlier trace of a GRU in the same process (a previous ONNX export, a ``torch.export`` such as MLflow's
-  "pt2" model logging): the exporter swaps in a ``while_loop`` GRU decomposition that keeps the length dynamic,
-  but only by editing ``aten.gru``'s Python kernels without clearing the op's dispatch cache, so after the first
-  trace the cached, length-specialising decomposition wins. :func:`clear_rnn_dispatch_cache` clears it;
-  :func:`export_example` and ``ExportExample.export_kwargs()`` call it, so the recipe above is safe to repeat.
-
-Smaller traps: example sizes must be > 1 and pairwise different (``torch.export`` specialises size-1 axes and
-ties equal ones); the output must not be named ``embedding`` (the exporter gives the ``nn.Embedding`` node's
-output that name and ONNX Runtime rejects the duplicate), so it is ``embeddings``; the export emits
-FutureWarnings (``_check_is_size``, ``LeafSpec``) that ``-W error`` turns into failures, so export under
-``warnings.catch_warnings()``. This module does not import onnx: only the export stage does.
+The export recipe and its traps (a frozen sequence axis above all) live with the exporter in
+:mod:`gssf_cli.bundle`; this module does not import onnx.
 
 Conventions: token id 0 is padding; ``lengths`` count valid tokens (values < 1 are treated as 1, values > L as
 L). Image region sets have a fixed count R per batch (precomp features: 36 regions); a global feature
@@ -59,7 +35,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gssf_cli.config import TrainConfig, default_of
 from gssf_cli.errors import UserInputError
+from gssf_cli.limits import POOLINGS, TASKS
+
+_POOLING: str = default_of(TrainConfig, "pooling")
+_MLP: bool = default_of(TrainConfig, "mlp")
+_WORD_DIM: int = default_of(TrainConfig, "word_dim")
+_GRU_LAYERS: int = default_of(TrainConfig, "gru_layers")
 
 __all__ = [
     "IMAGE_KINDS",
@@ -68,7 +51,6 @@ __all__ = [
     "TEXT_KINDS",
     "DualEncoder",
     "EncoderSpec",
-    "ExportExample",
     "FeatureEncoder",
     "ImageEncoder",
     "Pooling",
@@ -76,18 +58,13 @@ __all__ = [
     "SingleTower",
     "TextEncoder",
     "build_encoder",
-    "clear_rnn_dispatch_cache",
-    "export_example",
-    "export_towers",
     "l2_normalize",
     "parameter_counts",
     "reverse_within_length",
 ]
 
-TASKS = ("cross_modal", "labels")
 IMAGE_KINDS = ("regions", "global", "features")
 TEXT_KINDS = ("captions", "features")
-POOLINGS = ("mean", "max", "attention")
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -103,7 +80,7 @@ class Projection(nn.Module):
     The projection uses Xavier-uniform weights and zero bias, as VSE++/VSE∞ do for their ``fc`` layer.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, mlp: bool = False) -> None:
+    def __init__(self, in_dim: int, out_dim: int, mlp: bool = _MLP) -> None:
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim)
         nn.init.xavier_uniform_(self.proj.weight)
@@ -130,7 +107,7 @@ class Pooling(nn.Module):
     mean pooling and learns to deviate from it (its gradient is not zero at zero weights).
     """
 
-    def __init__(self, dim: int, mode: str = "mean") -> None:
+    def __init__(self, dim: int, mode: str = _POOLING) -> None:
         super().__init__()
         if mode not in POOLINGS:
             raise UserInputError(f"pooling must be one of {', '.join(POOLINGS)}; got {mode!r}")
@@ -170,7 +147,7 @@ class ImageEncoder(nn.Module):
     pooled (``mean`` | ``max`` | ``attention``), and the result is L2-normalised.
     """
 
-    def __init__(self, in_dim: int, embed_dim: int, pooling: str = "mean", mlp: bool = False) -> None:
+    def __init__(self, in_dim: int, embed_dim: int, pooling: str = _POOLING, mlp: bool = _MLP) -> None:
         super().__init__()
         self.in_dim, self.embed_dim = in_dim, embed_dim
         self.proj = Projection(in_dim, embed_dim, mlp)
@@ -192,7 +169,7 @@ class FeatureEncoder(nn.Module):
     The text tower of "features" datasets, and the single tower of label-based data (e.g. digits, F = 64).
     """
 
-    def __init__(self, in_dim: int, embed_dim: int, mlp: bool = False) -> None:
+    def __init__(self, in_dim: int, embed_dim: int, mlp: bool = _MLP) -> None:
         super().__init__()
         self.in_dim, self.embed_dim = in_dim, embed_dim
         self.proj = Projection(in_dim, embed_dim, mlp)
@@ -239,7 +216,12 @@ class TextEncoder(nn.Module):
     """
 
     def __init__(
-        self, vocab_size: int, embed_dim: int, word_dim: int = 300, num_layers: int = 1, pooling: str = "mean"
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        word_dim: int = _WORD_DIM,
+        num_layers: int = _GRU_LAYERS,
+        pooling: str = _POOLING,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -344,7 +326,7 @@ class EncoderSpec:
     ``global`` ``[B, F]`` (both :class:`ImageEncoder`; pooling one region is the identity, so ``global``
     always pools by mean) or ``features`` (:class:`FeatureEncoder`). ``text_kind``: ``captions`` (needs
     ``vocab_size``) or ``features`` (needs ``text_dim``). ``pooling`` applies to image regions and tokens.
-    Host-framework defaults: ``embed_dim`` 1024, ``word_dim`` 300, one GRU layer.
+    The model settings default to :class:`gssf_cli.config.TrainConfig`'s (the host frameworks': D = 1024, ...).
     """
 
     task: str = "cross_modal"
@@ -353,11 +335,11 @@ class EncoderSpec:
     text_kind: str = "captions"
     text_dim: int | None = None
     vocab_size: int | None = None
-    embed_dim: int = 1024
-    word_dim: int = 300
-    pooling: str = "mean"
-    mlp: bool = False
-    gru_layers: int = 1
+    embed_dim: int = default_of(TrainConfig, "embed_dim")
+    word_dim: int = _WORD_DIM
+    pooling: str = _POOLING
+    mlp: bool = _MLP
+    gru_layers: int = _GRU_LAYERS
 
     def __post_init__(self) -> None:
         def choice(name: str, options: tuple[str, ...]) -> None:
@@ -461,75 +443,3 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         counts["own"] = own
     counts["total"] = sum(counts.values())
     return counts
-
-
-def export_towers(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules to export as separate ONNX graphs: ``{"image": ..., "text": ...}`` for a dual encoder,
-    ``{"features": ...}`` for a single tower, ``{"encoder": model}`` for a bare encoder."""
-    if isinstance(model, DualEncoder):
-        return {"image": model.image, "text": model.text}
-    if isinstance(model, SingleTower):
-        return {"features": model.encoder}
-    return {"encoder": model}
-
-
-def clear_rnn_dispatch_cache() -> None:
-    """Forget which Python kernel ``aten.gru`` / ``aten.lstm`` resolved to in earlier traces (see the module
-    docstring): without this, every ONNX export of a GRU after the first trace in a process freezes the sequence
-    axis. Eager execution does not use this cache, so clearing it is harmless."""
-    for op in (torch.ops.aten.gru.input, torch.ops.aten.lstm.input):
-        cache = getattr(op, "_dispatch_cache", None)
-        if cache is not None:
-            cache.clear()
-
-
-@dataclass(frozen=True)
-class ExportExample:
-    """Example inputs and the matching ``torch.onnx.export`` arguments for one tower (see the module docstring)."""
-
-    args: tuple[Tensor, ...]
-    dynamic_shapes: dict[str, dict[int, Any]]
-    input_names: list[str]
-    output_names: list[str]
-
-    def export_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``torch.onnx.export``; clears the RNN dispatch cache (see the module docstring)
-        as a side effect, since this is evaluated right at the export call."""
-        clear_rnn_dispatch_cache()
-        return {
-            "dynamo": True,
-            "dynamic_shapes": self.dynamic_shapes,
-            "input_names": self.input_names,
-            "output_names": self.output_names,
-        }
-
-
-def export_example(tower: nn.Module, batch: int = 3, length: int = 7, regions: int = 5) -> ExportExample:
-    """Example inputs with dynamic batch (and sequence length, and region count) for ``torch.onnx.export``.
-
-    The sizes must be > 1 and pairwise different, or ``torch.export`` specialises or ties the axes. Inputs sit
-    on the tower's device; token ids are non-zero and the lengths vary, with one full-length row. Also calls
-    :func:`clear_rnn_dispatch_cache`, so that the export that follows keeps the sequence axis dynamic.
-    Inputs: ``tokens [B, L]`` int64 and ``lengths [B]`` int64 (text), ``features [B, R, F]`` (image) or
-    ``features [B, F]`` (feature tower); output: ``embeddings [B, D]``.
-    """
-    if min(batch, length, regions) < 2 or len({batch, length, regions}) < 3:
-        raise ValueError("example sizes must be >= 2 and pairwise different to keep the axes dynamic")
-    clear_rnn_dispatch_cache()
-    param = next(tower.parameters())
-    device, dtype = param.device, param.dtype
-    gen = torch.Generator().manual_seed(0)
-    batch_dim = torch.export.Dim("batch")
-    out = ["embeddings"]
-    if isinstance(tower, TextEncoder):
-        tokens = torch.randint(1, tower.vocab_size, (batch, length), generator=gen)
-        lengths = torch.arange(batch, 0, -1) * length // batch
-        shapes = {"tokens": {0: batch_dim, 1: torch.export.Dim("length")}, "lengths": {0: batch_dim}}
-        return ExportExample((tokens.to(device), lengths.to(device)), shapes, ["tokens", "lengths"], out)
-    if isinstance(tower, ImageEncoder):
-        images = torch.randn(batch, regions, tower.in_dim, generator=gen).to(device, dtype)
-        return ExportExample((images,), {"features": {0: batch_dim, 1: torch.export.Dim("regions")}}, ["features"], out)
-    if isinstance(tower, FeatureEncoder):
-        feats = torch.randn(batch, tower.in_dim, generator=gen).to(device, dtype)
-        return ExportExample((feats,), {"features": {0: batch_dim}}, ["features"], out)
-    raise TypeError(f"no export example for {type(tower).__name__}")

@@ -86,3 +86,34 @@ DatasetKind = Literal["synthetic", "digits", "precomp", "features"]
 DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
 Task = Literal["cross_modal", "labels"]
 TASKS: tuple[str, ...] = get_args(Task)
+
+
+def valid_block_sizes(dim: int) -> list[int]:
+    """The divisors of ``dim`` in increasing order: the block sizes ``bdiag``/``gssf`` accept."""
+    small = [k for k in range(1, math.isqrt(dim) + 1) if dim % k == 0]
+    return sorted({*small, *(dim // k for k in small)})
+
+
+def check_block_size(name: str, dim: int, block_size: int | None) -> int:
+    sizes = ", ".join(map(str, valid_block_sizes(dim)))
+    if block_size is None:
+        raise UserInputError(f"similarity {name!r} needs a block size; valid block sizes: {sizes}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise UserInputError(f"block size must be a positive integer, got {block_size!r}; valid block sizes: {sizes}")
+    if dim % block_size:
+        raise UserInputError(
+            f"block size {block_size} does not divide the embedding size {dim}; valid block sizes: {sizes}"
+        )
+    return block_size
+
+
+def head_parameters(name: str, dim: int, block_size: int) -> int:
+    """Learned entries of a metric head's ``W ⊙ U`` (REFERENCE.md §1), without building the module; a test
+    proves it equals :meth:`gssf_cli.similarity.Similarity.num_parameters`."""
+    return {
+        "cosine": 0,
+        "diag": dim,
+        "bdiag": dim * block_size,
+        "dense": dim * dim,
+        "gssf": dim + dim * block_size,
+    }[name]

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gssf_cli.config import TrainConfig, default_of
 from gssf_cli.errors import UserInputError
+from gssf_cli.limits import DISTILL_KINDS, LOSS_NAMES, MARGIN, NON_NEGATIVE, TEMPERATURE, DistillKind
 
 __all__ = [
     "LOSS_NAMES",
@@ -37,13 +39,13 @@ __all__ = [
     "negative_mask",
 ]
 
-LOSS_NAMES: tuple[str, ...] = ("infonce", "triplet")
 _REDUCTIONS = ("sum", "mean")
-_DISTILL_KINDS = ("mae", "mse")
-_TAU_MIN, _TAU_MAX = 0.01, 1.0
+_TAU_MIN, _TAU_MAX = TEMPERATURE.low, TEMPERATURE.high
+_MARGIN = default_of(TrainConfig, "margin")
+_TEMPERATURE = default_of(TrainConfig, "temperature")
+_DISTILL_KIND = default_of(TrainConfig, "distill_kind")
 
 Reduction = Literal["sum", "mean"]
-DistillKind = Literal["mae", "mse"]
 
 
 def _check_scores(scores: Tensor, image_ids: Tensor | None) -> None:
@@ -66,8 +68,7 @@ def negative_mask(batch_size: int, image_ids: Tensor | None = None, device: torc
 
 
 def _validate_temperature(name: str, value: float) -> None:
-    if not (_TAU_MIN <= value <= _TAU_MAX):
-        raise UserInputError(f"{name} must be in [{_TAU_MIN}, {_TAU_MAX}], got {value}")
+    TEMPERATURE.check(name, value)
 
 
 def _clamped_exp(log_value: Tensor) -> Tensor:
@@ -76,6 +77,7 @@ def _clamped_exp(log_value: Tensor) -> Tensor:
     The clamp is functional (no in-place projection of the parameter), so two forward passes before one backward
     stay legal; outside the bounds the gradient is zero and the effective value sits at the bound.
     """
+    assert _TAU_MIN is not None and _TAU_MAX is not None
     return log_value.clamp(math.log(_TAU_MIN), math.log(_TAU_MAX)).exp()
 
 
@@ -101,10 +103,9 @@ class HingeTripletLoss(nn.Module):
     loss scale independent of the batch size. A row (or column) without any negative contributes 0.
     """
 
-    def __init__(self, margin: float = 0.2, reduction: Reduction = "sum") -> None:
+    def __init__(self, margin: float = _MARGIN, reduction: Reduction = "sum") -> None:
         super().__init__()
-        if margin < 0:
-            raise UserInputError(f"triplet margin must be >= 0, got {margin}")
+        MARGIN.check("triplet margin", margin)
         if reduction not in _REDUCTIONS:
             raise UserInputError(f"unknown reduction {reduction!r}; valid: {', '.join(_REDUCTIONS)}")
         self.margin = float(margin)
@@ -143,7 +144,7 @@ class InfoNCELoss(nn.Module):
     ``nn.Parameter`` the optimiser tunes, otherwise a buffer (saved with the module, not trained).
     """
 
-    def __init__(self, temperature: float = 0.05, learnable_temperature: bool = False) -> None:
+    def __init__(self, temperature: float = _TEMPERATURE, learnable_temperature: bool = False) -> None:
         super().__init__()
         _validate_temperature("InfoNCE temperature", temperature)
         log_tau = torch.tensor(math.log(temperature))
@@ -243,7 +244,7 @@ class StructureDistillation(nn.Module):
 
     def __init__(
         self,
-        kind: DistillKind = "mae",
+        kind: DistillKind = _DISTILL_KIND,
         init_tau: float = 0.07,
         teacher_tau: float = 0.07,
         init_lambda: float = 0.5,
@@ -251,8 +252,8 @@ class StructureDistillation(nn.Module):
         lambda_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if kind not in _DISTILL_KINDS:
-            raise UserInputError(f"unknown distillation kind {kind!r}; valid: {', '.join(_DISTILL_KINDS)}")
+        if kind not in DISTILL_KINDS:
+            raise UserInputError(f"unknown distillation kind {kind!r}; valid: {', '.join(DISTILL_KINDS)}")
         _validate_temperature("distillation temperature", init_tau)
         if teacher_tau <= 0:
             raise UserInputError(f"teacher temperature must be > 0, got {teacher_tau}")
@@ -334,8 +335,7 @@ class CrossModalObjective(nn.Module):
         distill_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        if distill_weight < 0:
-            raise UserInputError(f"distillation weight must be >= 0, got {distill_weight}")
+        NON_NEGATIVE.check("distillation weight", distill_weight)
         self.base = base
         self.distillation = distillation
         self.distill_weight = float(distill_weight)
@@ -373,10 +373,10 @@ class CrossModalObjective(nn.Module):
 
 def make_objective(
     loss: str = "triplet",
-    margin: float = 0.2,
-    temperature: float = 0.05,
+    margin: float = _MARGIN,
+    temperature: float = _TEMPERATURE,
     distill_weight: float = 0.0,
-    distill_kind: str = "mae",
+    distill_kind: str = _DISTILL_KIND,
 ) -> CrossModalObjective:
     """Build the trainer's objective from config values; distillation is included iff ``distill_weight > 0``.
 
@@ -390,11 +390,9 @@ def make_objective(
     elif name == "infonce":
         base = InfoNCELoss(temperature=temperature)
     else:
-        raise UserInputError(f"unknown loss {loss!r}; valid: {', '.join(LOSS_NAMES)}")
-    if distill_weight < 0:
-        raise UserInputError(f"distillation weight must be >= 0, got {distill_weight}")
+        raise UserInputError(f"unknown loss {loss!r}; valid: {', '.join(sorted(LOSS_NAMES))}")
     kind = distill_kind.strip().lower()
-    if kind not in _DISTILL_KINDS:
-        raise UserInputError(f"unknown distillation kind {distill_kind!r}; valid: {', '.join(_DISTILL_KINDS)}")
+    if kind not in DISTILL_KINDS:
+        raise UserInputError(f"unknown distillation kind {distill_kind!r}; valid: {', '.join(DISTILL_KINDS)}")
     distillation = StructureDistillation(kind=cast(DistillKind, kind)) if distill_weight > 0 else None
     return CrossModalObjective(base, distillation, distill_weight)

@@ -6,9 +6,12 @@ Matplotlib is imported lazily with the non-interactive Agg backend (no display o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from gssf_cli.tuning import TrialOutcome, TunePlan
 
 
 def _pyplot() -> Any:
@@ -77,5 +80,58 @@ def metric_heatmap(matrix: np.ndarray, name: str, max_channels: int = 256) -> An
     ax.set_title(f"learned W ⊙ U, {name}{corner}")
     ax.set_xlabel("text channel")
     ax.set_ylabel("image channel")
+    fig.tight_layout()
+    return fig
+
+
+def block_size_figure(outcomes: list[TrialOutcome], plan: TunePlan) -> Any:
+    """The metric against the block size (log2 axis; every trial a dot — hollow if the scheduler stopped it
+    before its budget — and the best per size a line) with the metric head's parameter count on a second
+    axis: the accuracy/size trade-off of the GSSF paper's Fig. 3. ``--scheduler fifo`` gives every size the
+    full budget, which is what that figure compares."""
+    done = [o for o in outcomes if o.metric is not None]
+    if not done:
+        return None
+    from matplotlib.ticker import NullFormatter
+
+    plt = _pyplot()
+
+    pick = max if plan.mode == "max" else min
+    sizes = sorted({int(o.values["block_size"]) for o in done})
+    best = [pick(float(o.metric or 0) for o in done if o.values["block_size"] == size) for size in sizes]
+    params = [max((o.head_params or 0) for o in done if o.values["block_size"] == size) for size in sizes]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for stopped in (False, True):
+        group = [o for o in done if (o.status == "KILLED") == stopped]
+        if group:
+            ax.scatter(
+                [int(o.values["block_size"]) for o in group],
+                [float(o.metric or 0.0) for o in group],
+                s=40,
+                zorder=3,
+                facecolors="white" if stopped else "tab:blue",
+                edgecolors="tab:blue",
+                label="trial stopped early" if stopped else "trial",
+            )
+    ax.plot(sizes, best, color="tab:blue", label=f"{plan.metric}, best per size")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(f"block size d (D = {plan.base.embed_dim})")
+    ax.set_ylabel(f"{plan.metric} ({'higher' if plan.mode == 'max' else 'lower'} is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(sizes, params, marker="s", linestyle="--", color="tab:orange", label="metric-head parameters")
+    twin.set_ylabel("metric-head parameters")
+    if all(p > 0 for p in params):
+        twin.set_yscale("log")
+        twin.yaxis.set_minor_formatter(NullFormatter())
+    twin.set_yticks(params)
+    twin.set_yticklabels([f"{p:,}" for p in params])
+    handles, labels = ax.get_legend_handles_labels()
+    twin_handles, twin_labels = twin.get_legend_handles_labels()
+    ax.legend(handles + twin_handles, labels + twin_labels, loc="best", fontsize="small")
+    ax.set_title(f"block-size search, {'several metrics' if plan.tunes('metric') else plan.base.metric}")
     fig.tight_layout()
     return fig

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from gssf_cli import checkpoint as ckpt
-from gssf_cli.config import TrainConfig, from_dict
+from gssf_cli.config import TrainConfig, default_of, from_dict
 from gssf_cli.data.dataset import Dataset
 from gssf_cli.errors import UserInputError
 from gssf_cli.model import RetrievalModel, build_model, load_weights
-from gssf_cli.stages.train import BEST
 from gssf_cli.tracking import Tracker
 
 
@@ -25,12 +24,12 @@ def load_trained(tracker: Tracker, run_ref: str, data: Path | None = None) -> tu
     run_id = run_.info.run_id
     if run_.data.tags.get("gssf.stage") != "train":
         raise UserInputError(f"run {run_id} is a {run_.data.tags.get('gssf.stage', 'non-gssf')} run, not a train run")
-    runs_dir = Path(run_.data.params.get("train.runs_dir", "runs"))
-    folder = runs_dir / run_id / BEST
+    runs_dir = Path(run_.data.params.get("train.runs_dir", default_of(TrainConfig, "runs_dir")))
+    folder = runs_dir / run_id / ckpt.BEST
     if not folder.is_dir():
         try:
-            folder = Path(tempfile.mkdtemp(prefix="gssf-ckpt-")) / BEST
-            tracker.client.download_artifacts(run_id, "checkpoint", str(folder.parent))
+            folder = Path(tempfile.mkdtemp(prefix="gssf-ckpt-")) / ckpt.BEST
+            tracker.run_handle(run_id).download_artifacts("checkpoint", folder.parent)
             (folder.parent / "checkpoint").rename(folder)
         except Exception:
             raise UserInputError(

@@ -44,7 +44,9 @@ from typing import ClassVar, Final
 import torch
 from torch import Tensor, nn
 
+from gssf_cli.config import TrainConfig, default_of
 from gssf_cli.errors import UserInputError
+from gssf_cli.limits import NORM_NAMES, SIMILARITY_NAMES, check_block_size, valid_block_sizes
 
 __all__ = [
     "NORM_NAMES",
@@ -64,9 +66,8 @@ __all__ = [
     "with_diagonal",
 ]
 
-SIMILARITY_NAMES: Final[tuple[str, ...]] = ("cosine", "diag", "bdiag", "dense", "gssf")
-NORM_NAMES: Final[tuple[str, ...]] = ("none", "frobenius", "spectral")
 
+_NORM: str = default_of(TrainConfig, "metric_norm")
 _MIN_DIVISOR: Final = 1e-12
 """Floor for a norm divisor, so that all-zero weights give zero scores instead of NaN."""
 
@@ -75,29 +76,10 @@ _MIN_DIVISOR: Final = 1e-12
 # Validation (user errors: one readable line each)
 
 
-def valid_block_sizes(dim: int) -> list[int]:
-    """The divisors of ``dim`` in increasing order: the block sizes ``bdiag``/``gssf`` accept."""
-    small = [k for k in range(1, math.isqrt(dim) + 1) if dim % k == 0]
-    return sorted({*small, *(dim // k for k in small)})
-
-
 def _check_dim(dim: int) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise UserInputError(f"the embedding size must be a positive integer, got {dim!r}")
     return dim
-
-
-def check_block_size(name: str, dim: int, block_size: int | None) -> int:
-    sizes = ", ".join(map(str, valid_block_sizes(dim)))
-    if block_size is None:
-        raise UserInputError(f"similarity {name!r} needs a block size; valid block sizes: {sizes}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise UserInputError(f"block size must be a positive integer, got {block_size!r}; valid block sizes: {sizes}")
-    if dim % block_size:
-        raise UserInputError(
-            f"block size {block_size} does not divide the embedding size {dim}; valid block sizes: {sizes}"
-        )
-    return block_size
 
 
 def _check_norm(norm: str) -> str:
@@ -157,7 +139,7 @@ class Similarity(nn.Module):
     block_size: int | None = None
     _one: Tensor
 
-    def __init__(self, dim: int, norm: str = "none") -> None:
+    def __init__(self, dim: int, norm: str = _NORM) -> None:
         super().__init__()
         self.dim = _check_dim(dim)
         self.norm = _check_norm(norm)
@@ -280,7 +262,7 @@ class DiagonalSimilarity(Similarity):
 
     name = "diag"
 
-    def __init__(self, dim: int, norm: str = "none") -> None:
+    def __init__(self, dim: int, norm: str = _NORM) -> None:
         super().__init__(dim, norm)
         self.diagonal = nn.Parameter(torch.ones(self.dim))
 
@@ -306,7 +288,7 @@ class BlockDiagonalSimilarity(Similarity):
 
     name = "bdiag"
 
-    def __init__(self, dim: int, block_size: int, norm: str = "none") -> None:
+    def __init__(self, dim: int, block_size: int, norm: str = _NORM) -> None:
         super().__init__(dim, norm)
         self.block_size = check_block_size(self.name, self.dim, block_size)
         self.num_blocks = self.dim // self.block_size
@@ -330,7 +312,7 @@ class DenseSimilarity(Similarity):
 
     name = "dense"
 
-    def __init__(self, dim: int, norm: str = "none") -> None:
+    def __init__(self, dim: int, norm: str = _NORM) -> None:
         super().__init__(dim, norm)
         self.matrix = nn.Parameter(torch.eye(self.dim))
 
@@ -357,7 +339,7 @@ class GSSFSimilarity(Similarity):
 
     name = "gssf"
 
-    def __init__(self, dim: int, block_size: int, norm: str = "none") -> None:
+    def __init__(self, dim: int, block_size: int, norm: str = _NORM) -> None:
         super().__init__(dim, norm)
         self.block_size = check_block_size(self.name, self.dim, block_size)
         self.num_blocks = self.dim // self.block_size
@@ -377,7 +359,7 @@ class GSSFSimilarity(Similarity):
         return spectral_norm_of_blocks(with_diagonal(self.blocks, self.diagonal))
 
 
-def make_similarity(name: str, dim: int, block_size: int | None = None, norm: str = "none") -> Similarity:
+def make_similarity(name: str, dim: int, block_size: int | None = None, norm: str = _NORM) -> Similarity:
     """Build a member of the family by name (one of :data:`SIMILARITY_NAMES`) for embeddings of size ``dim``.
 
     ``block_size`` is required by ``bdiag`` and ``gssf`` and must divide ``dim`` (see

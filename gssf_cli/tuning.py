@@ -5,8 +5,8 @@ Why a separate module: a typo in ``--param`` should cost a second, not a Ray sta
 everything that can be checked without running a trial is checked here — parameter names, value syntax, block
 sizes against the embedding size (for every combination of grid values and range ends), files named by the
 base config or a tuned value, the optimisation metric against the dataset's task. It imports the standard
-library and :mod:`gssf_cli.config` only (``TrainConfig.validate`` pulls in torch for the block-size rule); Ray
-lives in :mod:`gssf_cli.stages.tune`.
+library and :mod:`gssf_cli.config` only; Ray lives in :mod:`gssf_cli.ray_trials`. It also holds what the
+driver does with the trials' outcomes without Ray: ranking, statuses and the results table.
 
 Search-space syntax (``--param NAME=SPEC``, repeatable, or ``--param NAME --values SPEC`` for one parameter):
 
@@ -20,7 +20,9 @@ Search-space syntax (``--param NAME=SPEC``, repeatable, or ``--param NAME --valu
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import itertools
 import math
 import os
@@ -28,10 +30,13 @@ import tomllib
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from gssf_cli.config import TrainConfig, TuneConfig, from_dict, load_toml, resolve, to_dict
+from gssf_cli import limits
+from gssf_cli import metrics as registry
+from gssf_cli.config import TrainConfig, TuneConfig, default_of, from_dict, load_toml, resolve, to_dict
 from gssf_cli.errors import UserInputError
 
 Kind = Literal["grid", "uniform", "loguniform", "randint", "lograndint"]
@@ -46,22 +51,6 @@ NOT_TUNABLE: dict[str, str] = {
 }
 """TrainConfig fields that are settings of the whole tune rather than of one trial, with the reason."""
 
-CROSS_MODAL_METRICS: tuple[str, ...] = (
-    "rsum",
-    "i2t_r1",
-    "i2t_r5",
-    "i2t_r10",
-    "t2i_r1",
-    "t2i_r5",
-    "t2i_r10",
-    "i2t_map",
-    "i2t_medr",
-    "t2i_medr",
-    "i2t_meanr",
-    "t2i_meanr",
-)
-LABEL_METRICS: tuple[str, ...] = ("map_at_r", "map", "precision_at_1", "r_precision", "r_at_1", "r_at_5", "r_at_10")
-LOWER_IS_BETTER_SUFFIXES: tuple[str, ...] = ("loss", "_medr", "_meanr")
 DEFAULT_RANDOM_TRIALS = 8
 MAX_CHECKED_COMBINATIONS = 4096
 
@@ -197,9 +186,14 @@ def base_file_values(path: Path) -> dict[str, Any]:
     return values
 
 
-def make_plan(config: TuneConfig, cpu_count: int | None = None) -> TunePlan:
-    """Resolve the base config and the space, and check every trial config that can be checked up front."""
-    file_values = base_file_values(config.base_config) if config.base_config else {}
+def make_plan(
+    config: TuneConfig, cpu_count: int | None = None, base_values: Mapping[str, Any] | None = None
+) -> TunePlan:
+    """Resolve the base config and the space, and check every trial config that can be checked up front.
+
+    The base train config is ``config.base_config`` (a TOML file) if given, else ``base_values``.
+    """
+    file_values = base_file_values(config.base_config) if config.base_config else dict(base_values or {})
     overrides = parse_overrides(config.base)
     values = {**file_values, **overrides}
     if config.data is None and "data" not in values:
@@ -208,7 +202,7 @@ def make_plan(config: TuneConfig, cpu_count: int | None = None) -> TunePlan:
         values["epochs"] = config.epochs
     if config.data is not None:
         values["data"] = config.data
-    embed_dim = values.get("embed_dim", TrainConfig.__dataclass_fields__["embed_dim"].default)
+    embed_dim = values.get("embed_dim", default_of(TrainConfig, "embed_dim"))
     if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
         raise UserInputError(f"base.embed_dim: expected a positive integer, got {embed_dim!r}")
     dimensions: list[Dimension] = []
@@ -285,35 +279,12 @@ def check_space(base: TrainConfig, dimensions: Sequence[Dimension]) -> None:
 
 def resolve_metric(name: str | None, task: str) -> tuple[str, str]:
     """The optimisation metric (as the user names it) and the key trials report it under."""
-    known = CROSS_MODAL_METRICS if task == "cross_modal" else LABEL_METRICS
-    if name is None:
-        name = known[0]
-    name = name.strip()
-    if name.startswith("val_"):
-        name = name[4:]
-    if name == "loss":
-        return "loss", "loss"
-    if name not in known:
-        raise UserInputError(
-            f"--metric {name}: not a validation metric of {task.replace('_', '-')} data; "
-            f"choose from {', '.join((*known, 'loss'))}"
-        )
-    return name, f"val_{name}"
+    metric = registry.resolve(name, task)
+    return metric.name, metric.name if metric.task == "training" else f"val_{metric.name}"
 
 
 def default_mode(metric: str) -> str:
-    return "min" if metric.endswith(LOWER_IS_BETTER_SUFFIXES) else "max"
-
-
-def metric_head_parameters(metric: str, dim: int, block_size: int) -> int:
-    """Learned entries of ``W ⊙ U`` (see :mod:`gssf_cli.similarity`), without building the module."""
-    return {
-        "cosine": 0,
-        "diag": dim,
-        "bdiag": dim * block_size,
-        "dense": dim * dim,
-        "gssf": dim + dim * block_size,
-    }[metric]
+    return registry.mode(metric)
 
 
 def trial_status(failed: bool, epochs_done: int, epochs: int) -> str:
@@ -357,7 +328,7 @@ def _combinations(dimensions: Sequence[Dimension]) -> Iterable[dict[str, Any]]:
 
 def _any_uses_block_size(base: TrainConfig, by_name: Mapping[str, Dimension]) -> bool:
     metrics = by_name["metric"].values if "metric" in by_name else (base.metric,)
-    return any(m in ("bdiag", "gssf") for m in metrics)
+    return any(m in limits.BLOCK_SIMILARITIES for m in metrics)
 
 
 def _dataset_task(folder: Path) -> tuple[str, set[str]]:
@@ -369,7 +340,7 @@ def _dataset_task(folder: Path) -> tuple[str, set[str]]:
 
 def _divisors_spec(spec: str, dim: int, where: str) -> tuple[int, ...]:
     parts = [p.strip() for p in spec.split(":")]
-    divisors = [k for k in range(1, dim + 1) if dim % k == 0]
+    divisors = limits.valid_block_sizes(dim)
     if len(parts) == 1:
         return tuple(divisors)
     if len(parts) != 3:
@@ -443,3 +414,73 @@ def _number(value: float) -> str:
 def _without_key(message: str) -> str:
     """``train.lr: must be positive`` reads better after ``--param lr=...`` as ``lr: must be positive``."""
     return message.removeprefix("train.")
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """One trial as the driver saw it, ready to log and print."""
+
+    trial_id: str
+    values: dict[str, Any]
+    status: str
+    metric: float | None
+    epochs: int
+    seconds: float
+    error: str | None = None
+    path: str = ""
+    head_params: int | None = None
+    run_id: str | None = None
+    history: list[tuple[int, int, dict[str, float]]] = field(default_factory=list, repr=False)
+    start_ms: int | None = None
+    end_ms: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("history", "start_ms", "end_ms"):
+            out.pop(key)
+        return out
+
+
+def trial_values_or_none(plan: TunePlan, values: Mapping[str, Any]) -> dict[str, Any] | None:
+    """:func:`trial_train_values`, or None for values no train config accepts (a failed trial's)."""
+    try:
+        return trial_train_values(plan, values)
+    except UserInputError:
+        return None
+
+
+def describe_values(values: Mapping[str, Any]) -> str:
+    """``block_size=8 lr=0.001``: a trial's tuned values on one line."""
+    return " ".join(f"{k}={_short(v)}" for k, v in values.items())
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def results_csv(ranked: list[TrialOutcome], plan: TunePlan) -> str:
+    """The results table: one row per trial, best first."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    names = list(plan.names)
+    writer.writerow(
+        ["rank", "trial_id", "run_id", "status", *names, plan.metric, "epochs", "seconds", "head_params", "error"]
+    )
+    for rank, o in enumerate(ranked, start=1):
+        writer.writerow(
+            [
+                rank,
+                o.trial_id,
+                o.run_id or "",
+                o.status,
+                *(o.values.get(n, "") for n in names),
+                "" if o.metric is None else o.metric,
+                o.epochs,
+                o.seconds,
+                "" if o.head_params is None else o.head_params,
+                o.error or "",
+            ]
+        )
+    return buffer.getvalue()

@@ -42,3 +42,27 @@ def tiny_synthetic_args(out: str = "data/syn") -> list[str]:
         "--train-images", "40", "--dev-images", "10", "--test-images", "10",
         "--regions", "4", "--region-dim", "8", "--concepts", "6", "--vocab-size", "30",
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_syn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic dataset made with the library (no CLI, no tracking store), shared by library tests."""
+    from gssf_cli.config import PrepareConfig
+    from gssf_cli.stages import prepare
+
+    out = tmp_path_factory.mktemp("datasets") / "syn"
+    config = PrepareConfig(
+        dataset="synthetic", out=out, train_images=64, dev_images=16, test_images=16,
+        regions=4, region_dim=8, concepts=6, vocab_size=30,
+    )  # fmt: skip
+    prepare.run(config)
+    return out
+
+
+def tiny_train_config(data: Path, **overrides: object) -> object:
+    """A train config small enough for a few epochs in about a second."""
+    from gssf_cli.config import TrainConfig, from_dict
+
+    values = {"data": data, "metric": "gssf", "block_size": 4, "embed_dim": 16, "word_dim": 8, "batch_size": 16,
+              "epochs": 3, "lr": 0.003, "device": "cpu", **overrides}  # fmt: skip
+    return from_dict(TrainConfig, values, "train")

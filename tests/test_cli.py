@@ -1,14 +1,23 @@
-"""The CLI surface: version, help, lazy imports, global options."""
+"""The CLI surface: version, help, lazy imports, global options, flags generated from the configs."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import types
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import pytest
+import typer.main
 from typer.testing import Result
 
 from gssf_cli import __version__
+from gssf_cli.app import app
+from gssf_cli.config import EvaluateConfig, ExportConfig, PrepareConfig, TrainConfig, TuneConfig
+from gssf_cli.errors import UserInputError
 
 HEAVY = ("torch", "mlflow", "ray", "onnx", "onnxruntime", "sklearn", "matplotlib", "numpy")
 
@@ -51,3 +60,94 @@ def test_python_dash_m_entry_point() -> None:
 def test_usage_error_exits_2(gssf: Callable[..., Result]) -> None:
     assert gssf("prepare", "--no-such-flag").exit_code == 2
     assert gssf("no-such-command").exit_code == 2
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "evaluate": EvaluateConfig,
+    "train": TrainConfig,
+    "tune": TuneConfig,
+    "export": ExportConfig,
+}
+
+
+@pytest.mark.parametrize("command", sorted(STAGE_CONFIGS))
+def test_every_config_field_has_a_flag_or_is_file_only(command: str) -> None:
+    """Each setting is reachable from the command line under its documented spelling, or says why not."""
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    params = {param.name: param for param in group.commands[command].params}
+    for field in dataclasses.fields(STAGE_CONFIGS[command]):
+        if field.metadata.get("file_only"):
+            assert field.name not in params, f"{command}: {field.name} is file_only but has a flag"
+            continue
+        assert field.name in params, f"{command}: no flag for {field.name}"
+        spelled = field.metadata.get("flag") or f"--{field.name.replace('_', '-')}"
+        opts = {*params[field.name].opts, *params[field.name].secondary_opts}
+        assert set(spelled.split("/")) <= opts, (command, field.name, opts)
+
+
+def test_help_shows_the_config_defaults(gssf: Callable[..., Result]) -> None:
+    def line_of(command: str, flag: str) -> str:
+        result = gssf(command, "--help")
+        assert result.exit_code == 0
+        return next(line for line in result.stdout.splitlines() if f" {flag} " in line)
+
+    assert "[default: 1024]" in line_of("train", "--embed-dim")
+    assert "[default: no-mlp]" in line_of("train", "--mlp")
+    assert "[default: 1,5,10]" in line_of("evaluate", "--k")
+    assert "[default" not in line_of("train", "--data")
+
+
+@pytest.fixture
+def resolved(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Stops every stage command at config resolution and records what it would resolve."""
+    seen: dict[str, Any] = {}
+
+    def fake_resolve(cls: type, section: str, file_values: dict[str, Any], cli_values: dict[str, Any]) -> None:
+        seen.update(section=section, file=file_values, cli=cli_values)
+        raise UserInputError("stopped before the stage")
+
+    monkeypatch.setattr("gssf_cli.app.resolve", fake_resolve)
+    return seen
+
+
+def test_flags_arrive_as_config_values_and_absent_ones_as_none(
+    gssf: Callable[..., Result], resolved: dict[str, Any]
+) -> None:
+    gssf("evaluate", "--embeddings", "e.npz", "--k", "1,5", "--no-plots", "--memory-budget-mb", "9", "--metric", "x")
+    assert resolved["cli"] == {
+        "embeddings": Path("e.npz"), "run": None, "data": None, "protocol": None, "split": None, "ks": (1, 5),
+        "metric": "x", "memory_budget_mb": 9, "plots": False,
+    }  # fmt: skip
+    gssf("tune", "--param", "lr", "--values", "1,2", "--base", "a=1", "--base", "b=2", "--config", "t.toml")
+    assert resolved["cli"]["params"] == ("lr=1,2",)
+    assert resolved["cli"]["base"] == ("a=1", "b=2")
+    assert resolved["cli"]["base_config"] == Path("t.toml")
+    Path("p.toml").write_text("seed = 3\n")
+    gssf("prepare", "--config", "p.toml")
+    assert resolved["file"] == {"seed": 3}
+    assert set(resolved["cli"].values()) == {None}
+
+
+@pytest.mark.parametrize(
+    ("args", "toml", "runs_dir"),
+    [([], "", "runs"), (["--runs-dir", "mine"], 'runs_dir = "file"', "mine"), ([], 'runs_dir = "file"', "file")],
+)
+def test_resume_reads_the_saved_config_from_the_runs_dir_in_effect(
+    gssf: Callable[..., Result], monkeypatch: pytest.MonkeyPatch, args: list[str], toml: str, runs_dir: str
+) -> None:
+    run = types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1"))
+    tracker = types.SimpleNamespace(get_run=lambda ref, stage: run)
+    monkeypatch.setattr("gssf_cli.app.GlobalOptions.tracker", lambda self: tracker)
+    calls = []
+
+    def saved_config(run_id: str, folder: Path) -> dict[str, Any]:
+        calls.append((run_id, folder))
+        raise UserInputError("stopped before training")
+
+    monkeypatch.setitem(sys.modules, "gssf_cli.checkpoint", types.SimpleNamespace(saved_config=saved_config))
+    Path("t.toml").write_text(toml)
+    result = gssf("train", "--resume", "latest", "--config", "t.toml", *args)
+    assert result.exit_code == 2 and "stopped before training" in result.stderr
+    assert calls == [("r1", Path(runs_dir))]

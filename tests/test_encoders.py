@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from gssf_cli.bundle import export_example, export_towers
 from gssf_cli.encoders import (
     DualEncoder,
     EncoderSpec,
@@ -19,8 +20,6 @@ from gssf_cli.encoders import (
     SingleTower,
     TextEncoder,
     build_encoder,
-    export_example,
-    export_towers,
     l2_normalize,
     parameter_counts,
     reverse_within_length,

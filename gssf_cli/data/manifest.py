@@ -25,6 +25,11 @@ from gssf_cli.errors import UserInputError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+"""Files this process already hashed, by (absolute path, size, mtime in ns) -> sha256. A training run, its
+evaluation, an export and every tune trial in one process open the same dataset; an 8.5 GB precomp folder
+is hashed once, and again only when a file's size or modification time changes."""
+
 
 def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
     """Checksum every data file in ``folder`` and write ``manifest.json``; returns the manifest."""
@@ -65,8 +70,17 @@ def load_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
             file = folder / name
             if not file.is_file():
                 raise UserInputError(f"{file}: listed in the manifest but missing; prepare the dataset again")
-            if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+            if file.stat().st_size != entry["bytes"] or file_sha256(file) != entry["sha256"]:
                 raise UserInputError(
                     f"{file}: checksum mismatch with {MANIFEST} (file changed or truncated); prepare the dataset again"
                 )
     return manifest
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, hashed at most once per process while its size and modification time stay the same."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = sha256_file(path)
+    return _VERIFIED[key]

@@ -1,48 +1,23 @@
-"""Stage ``export``: a trained run as an ONNX bundle, gated by ONNX Runtime parity with PyTorch.
+"""Stage ``export``: a trained run as an ONNX bundle (:mod:`gssf_cli.bundle`), tracked as an MLflow run.
 
-The bundle (``exports/NAME/``) holds one graph per tower — ``image_encoder.onnx`` and ``text_encoder.onnx``
-(or ``encoder.onnx`` for label-based data) — and ``metric_head.onnx``, which maps image (query-side)
-embeddings through W ⊙ U so that ``scores = head(images) @ texts.T``: GSSF becomes plain inner-product
-search. Exporter: torch's dynamo exporter at an explicit opset, single-file graphs, dynamic batch (and
-sequence / region) axes, checked by ``onnx.checker`` (full check) and by ONNX Runtime at several sizes,
-because the exporter can silently freeze an axis.
-
-Parity (always): on held-out test-split samples at two batch sizes and two caption lengths, every graph's
-output must satisfy ``|ort - torch| <= atol + rtol * |torch|``; and retrieval on the whole test split through
-ONNX Runtime must give the same R@K and the same top-10 lists as PyTorch (order differences only between
-items whose scores are within ``atol`` count as equal). The report goes into ``manifest.json`` and MLflow.
+The export run logs the config, the parity report as metrics, the bundle's manifest, and each graph as an
+MLflow ONNX model served with the CPU provider.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import os
-import shutil
-import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-from torch import Tensor, nn
-
+from gssf_cli.bundle import verify_bundle
 from gssf_cli.config import ExportConfig, to_dict
-from gssf_cli.encoders import clear_rnn_dispatch_cache, export_example, export_towers
-from gssf_cli.errors import UserInputError
-from gssf_cli.similarity import Similarity
 
 if TYPE_CHECKING:
-    from gssf_cli.data.dataset import Dataset, Split
-    from gssf_cli.model import RetrievalModel
     from gssf_cli.tracking import Tracker
 
-BUNDLE_FORMAT = 1
-TOP = 10
+__all__ = ["ExportResult", "run", "verify_bundle"]
 
 
 @dataclass(frozen=True)
@@ -59,380 +34,26 @@ class ExportResult:
         return asdict(self)
 
 
-class GlobalImageTower(nn.Module):
-    """One global feature ``[B, F]`` into an image tower that pools regions ``[B, R, F]`` (R = 1)."""
-
-    def __init__(self, tower: nn.Module) -> None:
-        super().__init__()
-        self.tower = tower
-        self.in_dim = int(tower.in_dim)  # type: ignore[arg-type]
-
-    def forward(self, features: Tensor) -> Tensor:
-        out: Tensor = self.tower(features.unsqueeze(1))
-        return out
-
-
-class MetricHead(nn.Module):
-    """The metric head: image embeddings ``[B, D]`` -> ``[B, D]`` through W ⊙ U (any norm folded in)."""
-
-    def __init__(self, similarity: Similarity) -> None:
-        super().__init__()
-        self.similarity = similarity
-
-    def forward(self, embeddings: Tensor) -> Tensor:
-        return self.similarity.transform(embeddings)
-
-
-def _towers(model: RetrievalModel, image_kind: str) -> dict[str, nn.Module]:
-    """Graph name -> module with a single-tensor (or tokens+lengths) forward, as users will call it."""
-    towers = export_towers(model.encoder)
-    if "features" in towers:
-        named = {"encoder": towers["features"]}
-    else:
-        image = towers["image"]
-        if image_kind == "global":
-            image = GlobalImageTower(image)
-        named = {"image_encoder": image, "text_encoder": towers["text"]}
-    named["metric_head"] = MetricHead(model.similarity.folded())
-    for module in named.values():
-        module.eval()
-    return named
-
-
-def _example(name: str, module: nn.Module, dim: int) -> tuple[tuple[Any, ...], dict[str, Any], list[str]]:
-    """Example args, dynamic shapes and input names for one graph."""
-    batch = torch.export.Dim("batch")
-    if name == "metric_head":
-        return (torch.randn(3, dim),), {"embeddings": {0: batch}}, ["embeddings"]
-    if isinstance(module, GlobalImageTower):
-        return (torch.randn(3, module.in_dim),), {"features": {0: batch}}, ["features"]
-    example = export_example(module)
-    return example.args, example.dynamic_shapes, example.input_names
-
-
-def export_graph(name: str, module: nn.Module, dim: int, path: Path, opset: int) -> dict[str, Any]:
-    """Export one module to ``path`` (single file) and check it; returns its inputs/outputs description."""
-    import onnx
-
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    args, shapes, input_names = _example(name, module, dim)
-    clear_rnn_dispatch_cache()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            dynamic_shapes=shapes,
-            input_names=input_names,
-            output_names=["embeddings" if name != "metric_head" else "transformed"],
-            opset_version=opset,
-            verbose=False,
-        )
-    assert program is not None
-    program.save(str(path))
-    graph = onnx.load(str(path))
-    onnx.checker.check_model(graph, full_check=True)
-    inputs = [_describe_value(v) for v in graph.graph.input]
-    outputs = [_describe_value(v) for v in graph.graph.output]
-    for value in inputs:
-        if not isinstance(value["shape"][0], str):
-            raise RuntimeError(f"{name}: the batch axis of input {value['name']} was frozen by the exporter")
-        if value["name"] == "tokens" and not isinstance(value["shape"][1], str):
-            raise RuntimeError(f"{name}: the sequence axis of tokens was frozen by the exporter")
-    return {"file": path.name, "inputs": inputs, "outputs": outputs, "opset": opset}
-
-
-def _describe_value(value: Any) -> dict[str, Any]:
-    import onnx
-
-    tensor = value.type.tensor_type
-    shape = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
-    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": shape}
-
-
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None) -> ExportResult:
     """Export ``config.run`` and gate it on parity; the bundle lands in ``config.out`` (or exports/RUN)."""
-    import onnx
-
-    from gssf_cli.data.files import sha256_file, staged_folder
+    from gssf_cli import bundle
     from gssf_cli.runs import load_trained
 
     _ = tracker.experiment_id
     train_run, model, dataset = load_trained(tracker, config.run)
     run_id = train_run.info.run_id
-    model.eval()
     out = config.out or Path("exports") / run_id
-    if not dataset.has_split(config.split):
-        raise UserInputError(f"{dataset.folder} has no {config.split!r} split to check parity on")
-    image_kind = dataset.manifest["modalities"].get("image", {}).get("type", "features")
     started = time.perf_counter()
-    with staged_folder(out, config.force) as staging:
-        towers = _towers(model, image_kind)
-        graphs = {
-            name: export_graph(name, module, model.similarity.dim, staging / f"{name}.onnx", config.opset)
-            for name, module in towers.items()
-        }
-        sessions = {name: _session(staging / info["file"]) for name, info in graphs.items()}
-        split = dataset.split(config.split)
-        with torch.no_grad():
-            parity: dict[str, Any] = {"graphs": _graph_parity(towers, sessions, split, config, model.similarity.dim)}
-            parity["retrieval"] = _retrieval_parity(model, towers, sessions, split, config)
-        parity["passed"] = all(g["passed"] for g in parity["graphs"].values()) and parity["retrieval"]["passed"]
-        preprocessing = _preprocessing(dataset, staging)
-        for info in graphs.values():
-            info["sha256"] = sha256_file(staging / info["file"])
-        manifest = {
-            "bundle_format": BUNDLE_FORMAT,
-            "source_run_id": run_id,
-            "task": dataset.task,
-            "dataset": {"name": dataset.name, "manifest_sha256": dataset.digest},
-            "metric": {"name": model.similarity.name, "block_size": model.similarity.block_size},
-            "exporter": {"name": "torch.onnx.export(dynamo=True)", "opset": config.opset},
-            "versions": _versions(),
-            "graphs": graphs,
-            "preprocessing": preprocessing,
-            "usage": "scores = metric_head(image_embeddings) @ text_embeddings.T",
-            "parity": parity,
-        }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    manifest = bundle.write_bundle(model, dataset, out, config, run_id)
     seconds = time.perf_counter() - started
+    graphs, parity = manifest["graphs"], manifest["parity"]
     with tracker.start_run(
         "export", run_name=f"export {train_run.info.run_name}", parent_run_id=parent_run_id,
         tags={"gssf.source_run": run_id},
     ) as run_:  # fmt: skip
         run_.log_config("export", to_dict(config))
-        run_.log_metrics(_parity_metrics(parity) | {"seconds": seconds, "passed": float(parity["passed"])})
+        run_.log_metrics(bundle.parity_metrics(parity) | {"seconds": seconds, "passed": float(parity["passed"])})
         run_.log_artifact(out / "manifest.json", "bundle")
         for name, info in graphs.items():
-            run_.log_onnx_model(onnx.load(str(out / info["file"])), name)
+            run_.log_onnx_model(bundle.load_graph(out / info["file"]), name)
     return ExportResult(str(out), run_id, run_.run_id, bool(parity["passed"]), graphs, parity, round(seconds, 2))
-
-
-def verify_bundle(folder: Path) -> dict[str, Any]:
-    """Re-check an existing bundle before deploying it: manifest, checksums, ``onnx.checker``, ORT loading.
-
-    A corrupted or truncated graph is a one-line :class:`UserInputError` naming the file.
-    """
-    import onnx
-
-    from gssf_cli.data.files import sha256_file
-
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise UserInputError(f"{folder}: no manifest.json, not a gssf ONNX bundle (run `gssf export --onnx`)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        graphs = manifest["graphs"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"{manifest_path}: unreadable bundle manifest ({exc})") from None
-    for info in graphs.values():
-        path = folder / info["file"]
-        if not path.is_file():
-            raise UserInputError(f"{path}: missing from the bundle; export again")
-        if sha256_file(path) != info["sha256"]:
-            raise UserInputError(
-                f"{path}: checksum mismatch with manifest.json (file changed or truncated); export again"
-            )
-        try:
-            onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-            _session(path)
-        except Exception as exc:
-            raise UserInputError(f"{path}: not a valid ONNX graph ({str(exc).splitlines()[0][:200]})") from None
-    return {
-        "path": str(folder),
-        "graphs": sorted(graphs),
-        "source_run_id": manifest.get("source_run_id"),
-        "valid": True,
-    }
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.bool_):
-        return bool(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-
-    from gssf_cli import __version__
-
-    return {
-        "gssf": __version__,
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
-
-
-def _preprocessing(dataset: Dataset, bundle: Path) -> dict[str, Any]:
-    """What a user must do to inputs before the graphs: the vocabulary and tokenisation rule, or feature shapes."""
-    from gssf_cli.data.text import END, PAD, START, TOKENIZER, UNK
-
-    info: dict[str, Any] = {"modalities": dataset.manifest["modalities"]}
-    if dataset.vocab is not None:
-        shutil.copyfile(dataset.folder / "vocab.json", bundle / "vocab.json")
-        info["text"] = {
-            "vocab": "vocab.json",
-            "tokenizer": TOKENIZER,
-            "rule": "lowercase; tokens are runs of letters/digits (an apostrophe suffix stays attached), "
-            'i.e. re.findall(r"[^\\W_]+(?:\'[^\\W_]+)?", caption.lower()); ids from vocab.json words '
-            "(unknown -> <unk>), framed as <start> ... <end>; pad with <pad> to the longest caption; "
-            "lengths = number of ids including <start> and <end>",
-            "special_ids": {"pad": PAD, "start": START, "end": END, "unk": UNK},
-        }
-    return info
-
-
-def _allclose_report(ort_out: np.ndarray, torch_out: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
-    diff = np.abs(ort_out - torch_out)
-    rel = diff / np.maximum(np.abs(torch_out), 1e-12)
-    return {
-        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
-        "max_rel_diff": float(rel.max()) if rel.size else 0.0,
-        "passed": bool(np.all(diff <= atol + rtol * np.abs(torch_out))),
-    }
-
-
-def _graph_inputs(name: str, split: Split, rows: np.ndarray) -> dict[str, np.ndarray]:
-    if name == "text_encoder":
-        texts, lengths = split.text_batch(rows)
-        if lengths is None:
-            return {"features": texts.numpy()}
-        return {"tokens": texts.numpy(), "lengths": lengths.numpy()}
-    return {"features": split.image_batch(rows).numpy()}
-
-
-def _graph_parity(
-    towers: dict[str, nn.Module], sessions: dict[str, Any], split: Split, config: ExportConfig, dim: int
-) -> dict[str, Any]:
-    """Each graph against torch at two batch sizes (and, for captions, two padded lengths)."""
-    report: dict[str, Any] = {}
-    n_images = split.num_images
-    small, large = 1, min(config.parity_batch, n_images)
-    for name, module in towers.items():
-        if name == "metric_head":
-            continue
-        checks = []
-        if name == "text_encoder":
-            order = np.argsort(
-                split.captions.lengths if split.captions is not None else np.zeros(split.num_pairs), kind="stable"
-            )
-            batches = [order[:small], order[-large:], order[: max(2, large // 2)]]
-        else:
-            batches = [np.arange(small), np.arange(large)]
-        for rows in batches:
-            inputs = _graph_inputs(name, split, rows)
-            expected = module(*(torch.from_numpy(v) for v in inputs.values())).numpy()
-            got = sessions[name].run(None, inputs)[0]
-            checks.append({"batch": len(rows), **({"length": int(inputs["tokens"].shape[1])} if "tokens" in inputs else {}),
-                           **_allclose_report(got, expected, config.atol, config.rtol)})  # fmt: skip
-        report[name] = _merge_checks(checks)
-    head = towers["metric_head"]
-    checks = []
-    for batch in (small, large):
-        embeddings = torch.nn.functional.normalize(
-            torch.randn(batch, dim, generator=torch.Generator().manual_seed(batch)), dim=1
-        )
-        expected = head(embeddings).numpy()
-        got = sessions["metric_head"].run(None, {"embeddings": embeddings.numpy()})[0]
-        checks.append({"batch": batch, **_allclose_report(got, expected, config.atol, config.rtol)})
-    report["metric_head"] = _merge_checks(checks)
-    return report
-
-
-def _merge_checks(checks: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "max_abs_diff": max(c["max_abs_diff"] for c in checks),
-        "max_rel_diff": max(c["max_rel_diff"] for c in checks),
-        "passed": all(c["passed"] for c in checks),
-        "checks": checks,
-    }
-
-
-def _ort_embeddings(sessions: dict[str, Any], name: str, split: Split, count: int, batch: int = 128) -> np.ndarray:
-    outs = []
-    for start in range(0, count, batch):
-        rows = np.arange(start, min(start + batch, count))
-        outs.append(sessions[name].run(None, _graph_inputs(name, split, rows))[0])
-    return np.concatenate(outs)
-
-
-def _retrieval_parity(
-    model: RetrievalModel, towers: dict[str, nn.Module], sessions: dict[str, Any], split: Split, config: ExportConfig
-) -> dict[str, Any]:
-    """Whole-split retrieval through ONNX Runtime (head(images) @ texts.T) against PyTorch's own scores."""
-    from gssf_cli import retrieval
-    from gssf_cli.model import embed_split
-
-    torch_images, torch_texts = embed_split(model, split, torch.device("cpu"))
-    torch_scores = model.similarity.scores(torch_images, torch_texts).numpy()
-    if split.task == "cross_modal":
-        ort_images = _ort_embeddings(sessions, "image_encoder", split, split.num_images)
-        ort_texts = _ort_embeddings(sessions, "text_encoder", split, split.num_pairs)
-    else:
-        ort_images = ort_texts = _ort_embeddings(sessions, "encoder", split, split.num_images)
-    ort_head = sessions["metric_head"].run(None, {"embeddings": ort_images})[0]
-    ort_scores = ort_head @ ort_texts.T
-    if split.task == "cross_modal":
-        torch_metrics = retrieval.evaluate_cross_modal(scores=torch_scores, captions_per_image=split.k)
-        ort_metrics = retrieval.evaluate_cross_modal(scores=ort_scores, captions_per_image=split.k)
-        keys = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
-    else:
-        torch_metrics = retrieval.evaluate_labels(None, split.labels, scores=torch_scores)
-        ort_metrics = retrieval.evaluate_labels(None, split.labels, scores=ort_scores)
-        keys = ["r_at_1", "r_at_5", "r_at_10"]
-        np.fill_diagonal(torch_scores, -np.inf)
-        np.fill_diagonal(ort_scores, -np.inf)
-    same_metrics = all(abs(torch_metrics[k] - ort_metrics[k]) < 1e-9 for k in keys)
-    keys += ["map_at_r"] if split.task != "cross_modal" else ["i2t_map"]
-    finite = np.isfinite(torch_scores)
-    top_torch = np.argsort(-torch_scores, axis=1, kind="stable")[:, :TOP]
-    top_ort = np.argsort(-ort_scores, axis=1, kind="stable")[:, :TOP]
-    identical = (top_torch == top_ort).all(axis=1)
-    explained = np.array([
-        same or _near_tie(torch_scores[i], top_torch[i], top_ort[i], config.atol)
-        for i, same in enumerate(identical)
-    ])  # fmt: skip
-    return {
-        "queries": len(identical),
-        "top10_identical": float(identical.mean()),
-        "top10_equal_up_to_ties": float(explained.mean()),
-        "metrics_torch": {k: torch_metrics[k] for k in keys},
-        "metrics_onnx": {k: ort_metrics[k] for k in keys},
-        "max_abs_score_diff": float(np.abs(ort_scores[finite] - torch_scores[finite]).max()),
-        "passed": bool(same_metrics and explained.all()),
-    }
-
-
-def _near_tie(scores: np.ndarray, a: np.ndarray, b: np.ndarray, atol: float) -> bool:
-    """Two top-K lists differ only in the order (or at the cut) of items whose scores are within ``atol``."""
-    if set(a.tolist()) != set(b.tolist()):
-        boundary = scores[a[-1]]
-        outsiders = set(a.tolist()) ^ set(b.tolist())
-        if any(abs(scores[i] - boundary) > 2 * atol for i in outsiders):
-            return False
-    mismatch = a != b
-    return bool(np.all(np.abs(scores[a[mismatch]] - scores[b[mismatch]]) <= 2 * atol))
-
-
-def _parity_metrics(parity: dict[str, Any]) -> dict[str, float]:
-    metrics = {f"{name}_max_abs_diff": g["max_abs_diff"] for name, g in parity["graphs"].items()}
-    metrics |= {f"{name}_max_rel_diff": g["max_rel_diff"] for name, g in parity["graphs"].items()}
-    retrieval = parity["retrieval"]
-    metrics |= {"top10_identical": retrieval["top10_identical"], "max_abs_score_diff": retrieval["max_abs_score_diff"]}
-    metrics |= {f"onnx_{k}": v for k, v in retrieval["metrics_onnx"].items()}
-    return metrics

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gssf_cli.config import PrepareConfig, to_dict
+from gssf_cli.data import writer
 from gssf_cli.data.files import staged_folder
 from gssf_cli.data.manifest import MANIFEST, manifest_digest, write_manifest
 
 if TYPE_CHECKING:
     from gssf_cli.tracking import Tracker
-
-Writer = Callable[[PrepareConfig, Path], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -34,24 +31,6 @@ class PrepareResult:
         return asdict(self)
 
 
-def _writer(kind: str) -> Writer:
-    if kind == "synthetic":
-        from gssf_cli.data.synthetic import write_synthetic
-
-        return write_synthetic
-    if kind == "digits":
-        from gssf_cli.data.digits import write_digits
-
-        return write_digits
-    if kind == "precomp":
-        from gssf_cli.data.precomp import write_precomp
-
-        return write_precomp
-    from gssf_cli.data.features import write_features
-
-    return write_features
-
-
 def run(config: PrepareConfig, tracker: Tracker | None = None, parent_run_id: str | None = None) -> PrepareResult:
     """Build ``config.out`` atomically (nothing is left behind on failure), then log it as a run.
 
@@ -62,7 +41,7 @@ def run(config: PrepareConfig, tracker: Tracker | None = None, parent_run_id: st
     started = time.perf_counter()
     settings = {k: v for k, v in to_dict(config).items() if k not in ("out", "force")}
     with staged_folder(config.out, config.force) as staging:
-        fields = _writer(config.dataset)(config, staging)
+        fields = writer(config.dataset)(config, staging)
         manifest = write_manifest(
             staging, {"name": config.out.name, "kind": config.dataset, **fields, "settings": settings}
         )

@@ -16,7 +16,7 @@ from typer.testing import Result
 from gssf_cli.tracking import PARENT_TAG, Tracker
 
 Gssf = Callable[..., Result]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _one_line(result: Result) -> str:
@@ -59,7 +59,8 @@ def test_failing_stage_stops_the_chain_and_fails_the_parent(gssf: Gssf, workdir:
 
 
 def test_shipped_pipelines_parse() -> None:
-    from gssf_cli.stages.pipeline import _check_configs, load_pipeline
+    from gssf_cli.stages.pipeline import check as _check_configs
+    from gssf_cli.stages.pipeline import load_pipeline
 
     for path in sorted((ROOT / "pipelines").glob("*.toml")):
         pipeline = load_pipeline(path)

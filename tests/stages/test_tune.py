@@ -27,12 +27,12 @@ from typer.testing import CliRunner, Result
 from gssf_cli.app import app
 from gssf_cli.config import TrainConfig, TuneConfig, resolve
 from gssf_cli.errors import UserInputError
+from gssf_cli.limits import head_parameters as metric_head_parameters
 from gssf_cli.tracking import Tracker
 from gssf_cli.tuning import (
     Dimension,
     combine_param_options,
     make_plan,
-    metric_head_parameters,
     parse_overrides,
     parse_param,
     rank_key,
@@ -183,13 +183,11 @@ def test_bad_parameters_exit_2_before_ray_starts(moduledir: Path) -> None:
     cases = [["tune", "--data", "data/syn", "--base", "embed_dim=32", *args] for args, _ in BAD_INVOCATIONS]
     cases.append(["tune", "--data", "nowhere", "--param", "block_size=4"])
     code = (
-        "import json, sys, time\n"
+        "import json, sys\n"
         "from typer.testing import CliRunner\n"
         "from gssf_cli.app import app\n"
-        "started = time.perf_counter()\n"
         f"results = [CliRunner().invoke(app, args) for args in {cases!r}]\n"
-        "print(json.dumps({'results': [[r.exit_code, r.stderr] for r in results],\n"
-        "                  'seconds': time.perf_counter() - started, 'ray': 'ray' in sys.modules}))\n"
+        "print(json.dumps({'results': [[r.exit_code, r.stderr] for r in results], 'ray': 'ray' in sys.modules}))\n"
     )
     env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
@@ -201,7 +199,6 @@ def test_bad_parameters_exit_2_before_ray_starts(moduledir: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("gssf: error: "), lines
         assert message in lines[0], (message, lines[0])
     assert report["ray"] is False, "Ray was imported for a tune that could not start"
-    assert report["seconds"] < 30
     assert not (moduledir / ".gssf" / "ray").exists()
 
 

@@ -1,0 +1,318 @@
+"""Evaluation: retrieval metrics of an embeddings file or of a trained model, and the figures that show them.
+
+An embeddings file (``.npz``) holds one of three layouts (optionally prefixed ``{split}_``, chosen by
+``split``):
+
+- cross-modal: ``images`` ``[N, D]`` and ``texts`` ``[kN, D]``, the k texts of image i in rows
+  ``k*i .. k*i+k-1`` (k = 5 for COCO/Flickr30K, 1 for CLIP-style pairs);
+- label-based, one set against itself: ``features`` ``[N, D]`` and ``labels`` ``[N]``;
+- label-based, query set against a gallery: ``queries``, ``query_labels``, ``gallery``, ``gallery_labels``.
+
+The metrics themselves are :mod:`gssf_cli.retrieval`'s pure functions; this module turns files and models into
+their inputs, their results into :class:`EvaluateResult`, and samples of the scores into figures.
+"""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gssf_cli.config import EvaluateConfig
+from gssf_cli.errors import UserInputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from gssf_cli.data.dataset import Dataset
+    from gssf_cli.model import RetrievalModel
+
+CROSS_MODAL = ("images", "texts")
+SELF_LABELS = ("features", "labels")
+TWO_SETS = ("queries", "query_labels", "gallery", "gallery_labels")
+CURVE_KS = (1, 2, 5, 10, 20, 50, 100)
+PLOT_SAMPLE = 2000
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    task: str
+    protocol: str | None
+    metrics: dict[str, float]
+    folds: list[dict[str, float]] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    run_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Flat metrics first (the documented keys), then context."""
+        out: dict[str, Any] = dict(self.metrics)
+        out.update({"task": self.task, "sizes": self.sizes, "seconds": self.seconds, "run_id": self.run_id})
+        if self.task == "cross_modal":
+            out["protocol"] = self.protocol
+            out["folds"] = self.folds
+        return out
+
+
+def load_embeddings(path: Path, split: str | None) -> tuple[str, dict[str, np.ndarray]]:
+    """Read an embeddings file and name its layout: ``cross_modal``, ``labels`` or ``labels_two_sets``."""
+    if not path.is_file():
+        raise UserInputError(f"embeddings file {path} not found: pass an .npz with images+texts or features+labels")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserInputError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+    prefix = f"{split}_" if split else ""
+    if not split and not any(k in arrays for k in (*CROSS_MODAL, *SELF_LABELS, *TWO_SETS)):
+        splits = sorted({k.split("_", 1)[0] for k in arrays if "_" in k})
+        if "test" in splits:
+            prefix = "test_"
+    for task, keys in (("cross_modal", CROSS_MODAL), ("labels_two_sets", TWO_SETS), ("labels", SELF_LABELS)):
+        if any(f"{prefix}{k}" in arrays for k in keys[:1]):
+            missing = [f"{prefix}{k}" for k in keys if f"{prefix}{k}" not in arrays]
+            if missing:
+                raise UserInputError(f"{path}: {', '.join(missing)} missing (needed beside {prefix}{keys[0]})")
+            return task, {k: arrays[f"{prefix}{k}"] for k in keys}
+    raise UserInputError(
+        f"{path}: found keys {sorted(arrays)}; expected {prefix}images+{prefix}texts, "
+        f"{prefix}features+{prefix}labels, or queries/query_labels/gallery/gallery_labels"
+    )
+
+
+def _normalise(x: np.ndarray, name: str) -> np.ndarray:
+    x = _as_float(x, name)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise UserInputError(f"{name}: row {int(np.flatnonzero(norms == 0)[0])} is all zeros; cosine is undefined")
+    return x / norms
+
+
+def evaluate_model(
+    model: RetrievalModel,
+    dataset: Dataset,
+    split_name: str,
+    device: torch.device,
+    protocol: str = "all",
+    ks: tuple[int, ...] = (1, 5, 10),
+    memory_budget_bytes: int = 256 * 2**20,
+) -> dict[str, Any]:
+    """Metrics of a model on one split, scored by its own metric head (rSum etc., or MAP@R etc.)."""
+    import torch
+
+    from gssf_cli.model import embed_split
+
+    with torch.no_grad():
+        images, texts = embed_split(model, dataset.split(split_name), device)
+        return _score_split(model, dataset, split_name, images, texts, protocol, ks, memory_budget_bytes)
+
+
+def _score_split(
+    model: RetrievalModel,
+    dataset: Dataset,
+    split_name: str,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    protocol: str,
+    ks: tuple[int, ...],
+    memory_budget_bytes: int,
+) -> dict[str, Any]:
+    """Metrics of a split's embeddings (images ``[N, D]``, texts ``[kN, D]``) under the model's metric head."""
+    from gssf_cli import retrieval
+
+    split = dataset.split(split_name)
+    try:
+        if split.task == "cross_modal":
+            return retrieval.evaluate_cross_modal(
+                images,
+                texts,
+                captions_per_image=split.k,
+                protocol=protocol,
+                score_fn=model.similarity.scores,
+                ks=ks,
+                memory_budget_bytes=memory_budget_bytes,
+            )
+        return retrieval.evaluate_labels(
+            images, split.labels, score_fn=model.similarity.scores, ks=ks, memory_budget_bytes=memory_budget_bytes
+        )
+    except retrieval.RetrievalInputError as exc:
+        raise UserInputError(f"{dataset.folder} ({split_name} split): {exc}") from None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """An evaluation and what its figures need: the (prepared) arrays, in a layout of :func:`load_embeddings`,
+    and the score function ``[Bq, D] x [Bg, D] -> [Bq, Bg]`` (None: inner product)."""
+
+    result: EvaluateResult
+    layout: str
+    arrays: dict[str, np.ndarray]
+    score_fn: Callable[..., Any] | None = None
+    score_label: str = "cosine"
+
+
+def evaluate_file(config: EvaluateConfig) -> Evaluation:
+    """Metrics of the embeddings file ``config.embeddings`` (cosine or dot, per ``config.metric``)."""
+    from gssf_cli import retrieval
+
+    assert config.embeddings is not None
+    layout, arrays = load_embeddings(config.embeddings, config.split)
+    prepare = _normalise if config.metric == "cosine" else _as_float
+    budget = config.memory_budget_mb * 2**20
+    started = time.perf_counter()
+    folds: list[dict[str, float]] = []
+    try:
+        if layout == "cross_modal":
+            arrays = {"images": prepare(arrays["images"], "images"), "texts": prepare(arrays["texts"], "texts")}
+            images, texts = arrays["images"], arrays["texts"]
+            k = _captions_per_image(len(images), len(texts))
+            outcome = retrieval.evaluate_cross_modal(
+                images, texts, captions_per_image=k, protocol=config.protocol, ks=config.ks, memory_budget_bytes=budget
+            )
+            folds = outcome.pop("folds")
+            protocol = outcome.pop("protocol")
+            metrics = {key: float(value) for key, value in outcome.items()}
+            sizes = {"images": len(images), "texts": len(texts), "captions_per_image": k}
+        else:
+            protocol = None
+            if layout == "labels":
+                arrays = {"features": prepare(arrays["features"], "features"), "labels": arrays["labels"]}
+                queries, gallery = arrays["features"], None
+                query_labels, gallery_labels = arrays["labels"], None
+            else:
+                arrays = {
+                    **arrays,
+                    "queries": prepare(arrays["queries"], "queries"),
+                    "gallery": prepare(arrays["gallery"], "gallery"),
+                }
+                queries, gallery = arrays["queries"], arrays["gallery"]
+                query_labels, gallery_labels = arrays["query_labels"], arrays["gallery_labels"]
+            metrics = retrieval.evaluate_labels(
+                queries, query_labels, gallery, gallery_labels, ks=config.ks, memory_budget_bytes=budget
+            )
+            sizes = {"queries": len(queries), "gallery": len(gallery if gallery is not None else queries)}
+    except retrieval.RetrievalInputError as exc:
+        raise UserInputError(f"{config.embeddings}: {exc}") from None
+    seconds = round(time.perf_counter() - started, 3)
+    task = "cross_modal" if layout == "cross_modal" else "labels"
+    result = EvaluateResult(task, protocol, metrics, folds, sizes, seconds)
+    return Evaluation(result, layout, arrays, None, config.metric)
+
+
+def evaluate_trained(model: RetrievalModel, dataset: Dataset, config: EvaluateConfig) -> Evaluation:
+    """Embed a split (``test`` unless ``config.split``) with a trained model and score it with its own head."""
+    import torch
+
+    from gssf_cli.model import embed_split
+
+    split_name = config.split or "test"
+    split = dataset.split(split_name)
+    started = time.perf_counter()
+    budget = config.memory_budget_mb * 2**20
+    with torch.no_grad():
+        images, texts = embed_split(model, split, torch.device("cpu"))
+        outcome = dict(_score_split(model, dataset, split_name, images, texts, config.protocol, config.ks, budget))
+    seconds = round(time.perf_counter() - started, 3)
+    folds = outcome.pop("folds", []) if dataset.task == "cross_modal" else []
+    protocol = outcome.pop("protocol", None)
+    metrics = {k: float(v) for k, v in outcome.items()}
+    if dataset.task == "cross_modal":
+        sizes = {"images": split.num_images, "texts": split.num_pairs}
+        arrays = {"images": images.numpy(), "texts": texts.numpy()}
+    else:
+        sizes = {"queries": split.num_images, "gallery": split.num_images}
+        arrays = {"features": images.numpy(), "labels": split.labels}
+    result = EvaluateResult(dataset.task, protocol, metrics, folds, sizes, seconds)
+    return Evaluation(result, dataset.task, arrays, model.similarity.scores, "learned metric")
+
+
+def _as_float(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise UserInputError(f"{name}: expected a 2-D array [N, D], got shape {list(x.shape)}")
+    if not np.isfinite(x).all():
+        raise UserInputError(f"{name}: contains NaN or Inf; clean the embeddings first")
+    return x
+
+
+def _captions_per_image(n_images: int, n_texts: int) -> int:
+    if n_images == 0 or n_texts % n_images:
+        raise UserInputError(
+            f"{n_texts} texts for {n_images} images: texts must hold k rows per image in image order (k = 5 for COCO)"
+        )
+    return n_texts // n_images
+
+
+def figures(evaluation: Evaluation, memory_budget_mb: int) -> dict[str, Any]:
+    """Score distributions (positives vs negatives) and the R@K curve, on a bounded sample of queries, as
+    ``{artifact file: matplotlib figure}`` (the caller closes them with :func:`gssf_cli.plots.close`)."""
+    import torch
+
+    from gssf_cli import plots, retrieval
+
+    score_fn, arrays, task = evaluation.score_fn, evaluation.arrays, evaluation.layout
+
+    def score(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+        q_t, g_t = torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(np.ascontiguousarray(g))
+        with torch.no_grad():
+            return (score_fn(q_t, g_t) if score_fn is not None else q_t @ g_t.T).numpy()
+
+    rng = np.random.default_rng(0)
+    budget = memory_budget_mb * 2**20
+    if task == "cross_modal":
+        images, texts = arrays["images"], arrays["texts"]
+        k = len(texts) // len(images)
+        pick = np.sort(rng.choice(len(images), size=min(PLOT_SAMPLE // 4, len(images)), replace=False))
+        own = (pick[:, None] * k + np.arange(k)).ravel()
+        others = rng.choice(len(texts), size=min(PLOT_SAMPLE, len(texts)), replace=False)
+        columns = np.union1d(own, others)
+        block = score(images[pick], texts[columns])
+        same = (columns[None, :] // k) == pick[:, None]
+        positives, negatives = block[same], block[~same]
+        ranks = retrieval.cross_modal_ranks(
+            images, texts, captions_per_image=k, score_fn=score_fn, memory_budget_bytes=budget
+        )
+        i2t, t2i = ranks.i2t.numpy(), ranks.t2i.numpy()
+        curves = {
+            "image→text": {c: 100.0 * float(np.mean(i2t < c)) for c in CURVE_KS if c <= len(texts)},
+            "text→image": {c: 100.0 * float(np.mean(t2i < c)) for c in CURVE_KS if c <= len(images)},
+        }
+        ylabel = "R@K (%)"
+    else:
+        feats = arrays["features" if task == "labels" else "queries"]
+        labels = np.asarray(arrays["labels" if task == "labels" else "query_labels"])
+        gallery = feats if task == "labels" else arrays["gallery"]
+        gallery_labels = labels if task == "labels" else np.asarray(arrays["gallery_labels"])
+        rows = np.sort(rng.choice(len(feats), size=min(PLOT_SAMPLE // 4, len(feats)), replace=False))
+        cols = np.sort(rng.choice(len(gallery), size=min(PLOT_SAMPLE, len(gallery)), replace=False))
+        block = score(feats[rows], gallery[cols])
+        same = labels[rows][:, None] == gallery_labels[cols][None, :]
+        if task == "labels":
+            same &= rows[:, None] != cols[None, :]
+            valid = rows[:, None] != cols[None, :]
+        else:
+            valid = np.ones_like(same)
+        positives, negatives = block[same], block[valid & ~same]
+        curve = retrieval.evaluate_labels(
+            feats,
+            labels,
+            None if task == "labels" else gallery,
+            None if task == "labels" else gallery_labels,
+            score_fn=score_fn,
+            ks=[c for c in CURVE_KS if c <= len(gallery) - 1],
+            memory_budget_bytes=budget,
+        )
+        curves = {"hit rate": {c: 100.0 * curve[f"r_at_{c}"] for c in CURVE_KS if f"r_at_{c}" in curve}}
+        ylabel = "R@K: queries with a relevant item in the top K (%)"
+    out: dict[str, Any] = {}
+    if len(positives) and len(negatives):
+        out["plots/score_distributions.png"] = plots.score_distributions(
+            positives, negatives, f"{evaluation.score_label} scores"
+        )
+    out["plots/recall_at_k.png"] = plots.recall_curve(curves, "retrieval quality against K", ylabel)
+    return out

@@ -1,0 +1,376 @@
+"""Tune trials on Ray: the session (local or a cluster), the trial function, and each trial's outcome.
+
+The only module that imports Ray. Each trial is :func:`_train_trial`: the library's own training
+(:func:`gssf_cli.training.fit`, no tracker) reporting every epoch's metrics and checkpoint with
+``ray.tune.report``, so ASHA can stop weak trials early and a crashed trial is retried (``--max-failures``)
+from its last checkpoint via ``tune.get_checkpoint()``. A trial uses ``--cpus-per-trial`` threads
+(``torch.set_num_threads`` and ``TrainConfig.threads``). Trials never open the tracking store: the driver
+replays their results into MLflow after ``Tuner.fit()`` (see :mod:`gssf_cli.stages.tune`).
+
+A local Ray uses all CPUs, no dashboard, no usage stats, and a session folder in a short temporary directory
+removed afterwards (Unix socket paths must stay under ~107 characters); results go under ``--storage``.
+
+Joining a cluster (``--address``): ``HOST:6379`` (the driver runs here, as a Ray node's peer) or
+``ray://HOST:10001`` (Ray Client: needs ``pip install "ray[client]"`` here and a head node started with
+``--ray-client-server-port``; gssf's own dependencies do not pull it in). An address where nothing listens fails
+in seconds (exit 2) instead of ``ray.init``'s minutes of retries. What the user must set up:
+
+- Ray 2.60 clusters use token authentication: set ``RAY_AUTH_MODE=token`` here, with the cluster's token in
+  ``~/.ray/auth_token`` (where ``ray start`` writes it), in ``RAY_AUTH_TOKEN``, or in a file named by
+  ``RAY_AUTH_TOKEN_PATH``. Without it ``ray.init`` is refused ("InvalidAuthToken") and gssf exits 2. A cluster
+  started with ``RAY_AUTH_MODE=disabled`` (trusted networks only) needs nothing.
+- The same Python, Ray and gssf (``pip install gssf``) on every node; ``--data`` (and any teacher file) at the
+  same absolute path on every node.
+- ``--storage`` that every node and this machine can reach: a shared folder (NFS) or a URI such as
+  ``s3://bucket/gssf`` (with the cloud credentials in the nodes' environment); trial checkpoints go there.
+- MLflow needs no access from the cluster: only this process logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gssf_cli import tuning
+from gssf_cli.config import TuneConfig, to_dict
+from gssf_cli.errors import UserInputError
+from gssf_cli.limits import head_parameters
+from gssf_cli.tuning import TrialOutcome, TunePlan, describe_values
+
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0"}
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at ``--address``: ``ray.init`` would retry for minutes."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserInputError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:10001")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise UserInputError(
+            f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+            "start one with `ray start --head` or fix the address"
+        ) from None
+
+
+def storage_path(storage: str) -> str:
+    """Ray wants an absolute path or a URI; a relative folder is taken from the working directory."""
+    if "://" in storage:
+        return storage
+    path = Path(storage).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+@dataclass(frozen=True)
+class RayRun:
+    """What :func:`run_trials` saw: each trial, Ray's start-up seconds (0 if it was running), and whether
+    Ctrl-C ended the search early."""
+
+    outcomes: list[TrialOutcome]
+    ray_start_seconds: float
+    interrupted: bool
+
+
+def run_trials(plan: TunePlan, config: TuneConfig, name: str, storage: str, progress: bool = False) -> RayRun:
+    """Run every trial of ``plan`` on Ray. Ray's console output goes to stderr so that ``--json`` keeps
+    stdout clean."""
+    os.environ.update(RAY_ENV)
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    spec = _trial_spec(plan, config)
+    scheduler: Any = FIFOScheduler()
+    if config.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=plan.base.epochs,
+            grace_period=min(config.grace_period, plan.base.epochs),
+            reduction_factor=config.reduction_factor,
+        )
+    with contextlib.redirect_stdout(sys.stderr), _quiet_ray_logs(), _ray_session(config) as ray_seconds:
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(_train_trial, spec=spec), {"cpu": config.cpus_per_trial}),
+            param_space=_search_space(plan),
+            tune_config=tune.TuneConfig(
+                metric=plan.metric_key,
+                mode=plan.mode,
+                scheduler=scheduler,
+                num_samples=plan.num_samples,
+                search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=config.max_concurrent),
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=config.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[_progress_callback(plan)] if progress else [],
+            ),
+        )
+        with _sigint_watch() as interrupted:
+            grid = tuner.fit()
+        outcomes = [_outcome(grid[index], plan) for index in range(len(grid))]
+    return RayRun(outcomes, ray_seconds[0], interrupted[0])
+
+
+@contextlib.contextmanager
+def _sigint_watch() -> Iterator[list[bool]]:
+    """Tell whether Ctrl-C stopped ``Tuner.fit()``, and put the SIGINT handler back.
+
+    Why: Tune catches the first Ctrl-C, stops the trials and returns normally, so a stopped search would
+    look finished. Tune installs its own handler for the search and reinstates the previous one only when
+    the signal arrives — so the previous handler being back in place afterwards means an interrupt.
+    """
+    import ray
+
+    watching = (
+        threading.current_thread() is threading.main_thread()
+        and os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+        and not ray.util.client.ray.is_connected()
+    )
+    before = signal.getsignal(signal.SIGINT)
+    flag = [False]
+    try:
+        yield flag
+    finally:
+        if watching:
+            flag[0] = signal.getsignal(signal.SIGINT) is before
+            signal.signal(signal.SIGINT, before)
+
+
+@contextlib.contextmanager
+def _ray_session(config: TuneConfig) -> Iterator[list[float]]:
+    """Use a running Ray (this process's, or a cluster's with ``--address``) or start a local one and stop
+    it afterwards, removing its session folder."""
+    import ray
+
+    elapsed = [0.0]
+    if ray.is_initialized():
+        yield elapsed
+        return
+    temp_dir: str | None = None
+    started = time.perf_counter()
+    try:
+        if config.address:
+            ray.init(address=config.address, log_to_driver=False, logging_level=logging.ERROR)
+        else:
+            temp_dir = tempfile.mkdtemp(prefix="gssf-ray-")
+            ray.init(
+                num_cpus=os.cpu_count() or 1,
+                include_dashboard=False,
+                _temp_dir=temp_dir,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+            )
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        where = f"the Ray cluster at {config.address}" if config.address else "a local Ray instance"
+        hint = " (is it running? does it need RAY_AUTH_MODE=token and its token?)" if config.address else ""
+        raise UserInputError(f"cannot start or join {where}{hint}: {_first_line(str(exc))}") from None
+    elapsed[0] = time.perf_counter() - started
+    try:
+        yield elapsed
+    finally:
+        ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_ray_logs() -> Iterator[None]:
+    """Ray logs every trial error with a full traceback; the outcome table already names each error."""
+    logger = logging.getLogger("ray.tune")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _trial_spec(plan: TunePlan, config: TuneConfig) -> dict[str, Any]:
+    """What every trial shares. Paths are made absolute here: Ray runs trials in their own folders."""
+    base = to_dict(plan.base)
+    base["data"] = str(plan.base.data.expanduser().resolve())
+    if plan.base.teacher is not None:
+        base["teacher"] = str(plan.base.teacher.expanduser().resolve())
+    return {
+        "base": base,
+        "root": str(Path.cwd()),
+        "cpus": config.cpus_per_trial,
+        "metric_key": plan.metric_key,
+    }
+
+
+def _search_space(plan: TunePlan) -> dict[str, Any]:
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for dim in plan.dimensions:
+        if dim.kind == "grid":
+            space[dim.name] = tune.grid_search(list(dim.values))
+        elif dim.kind == "uniform":
+            space[dim.name] = tune.uniform(dim.low, dim.high)
+        elif dim.kind == "loguniform":
+            space[dim.name] = tune.loguniform(dim.low, dim.high)
+        elif dim.kind == "randint":
+            space[dim.name] = tune.randint(int(dim.low), int(dim.high) + 1)
+        else:
+            space[dim.name] = tune.lograndint(int(dim.low), int(dim.high) + 1)
+    return space
+
+
+def _train_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
+    """Ray function trainable: one trial is one library training run that reports after every epoch.
+
+    The reported checkpoint is the run's whole folder (``checkpoint/`` and ``best/``): a retried trial
+    restores both and resumes by id, so the best epoch seen before the crash still counts.
+    """
+    import torch
+    from ray import tune
+
+    from gssf_cli import checkpoint as ckpt
+    from gssf_cli.config import TrainConfig, from_dict
+    from gssf_cli.data.dataset import Dataset
+    from gssf_cli.training import fit
+
+    cpus = int(spec["cpus"])
+    torch.set_num_threads(cpus)
+    tuned = {k: _plain(v) for k, v in values.items()}
+    if "teacher" in tuned:
+        tuned["teacher"] = str(Path(spec["root"]) / Path(str(tuned["teacher"])).expanduser())
+    config = from_dict(TrainConfig, {**spec["base"], **tuned, "threads": cpus, "runs_dir": "runs"}, "train")
+    out_dir = config.runs_dir / tune.get_context().get_trial_id()
+    metric_key = str(spec["metric_key"])
+    resume_from: Path | None = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        checkpoint.to_directory(str(out_dir))
+        if ckpt.saved_state(out_dir / ckpt.LAST)["epoch"] + 1 >= config.epochs:
+            return
+        resume_from = out_dir / ckpt.LAST
+
+    def report(epoch: int, metrics: dict[str, float], checkpoint_folder: Path) -> None:
+        if metric_key not in metrics:
+            raise UserInputError(f"--metric: trials report no {metric_key!r}; they report {', '.join(sorted(metrics))}")
+        tune.report(
+            {**metrics, "epoch": epoch, "reported_at": time.time()},
+            checkpoint=tune.Checkpoint.from_directory(str(checkpoint_folder.parent)),
+        )
+
+    fit(config, Dataset(config.data), out_dir, resume_from=resume_from, on_epoch_end=report)
+
+
+def _progress_callback(plan: TunePlan) -> Any:
+    """A driver-side callback printing one line per trial event on stderr (it logs nothing)."""
+    from ray.tune import Callback
+
+    epochs, metric, key = plan.base.epochs, plan.metric, plan.metric_key
+
+    class Progress(Callback):
+        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
+            value = result.get(key)
+            shown = f"{value:.4g}" if isinstance(value, (int, float)) else "?"
+            print(
+                f"gssf tune: trial {trial.trial_id} ({describe_values(trial.config)}) "
+                f"epoch {int(result.get('epoch', 0)) + 1}/{epochs}: {metric} {shown}",
+                file=sys.stderr,
+            )
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            print(f"gssf tune: trial {trial.trial_id} ({describe_values(trial.config)}) failed", file=sys.stderr)
+
+    return Progress()
+
+
+def _outcome(result: Any, plan: TunePlan) -> TrialOutcome:
+    from ray.tune.result import AUTO_RESULT_KEYS
+
+    last = dict(result.metrics or {})
+    values = {k: _plain(v) for k, v in (result.config or {}).items()}
+    skip = {*AUTO_RESULT_KEYS, "done", "trial_id", "epoch", "reported_at", "experiment_tag", "should_checkpoint"}
+    rows: dict[int, tuple[int, dict[str, float], float, float]] = {}
+    frame = result.metrics_dataframe
+    if frame is not None and not frame.empty and "epoch" in frame.columns:
+        for record in frame.to_dict("records"):
+            epoch = record.get("epoch")
+            if not isinstance(epoch, (int, float)) or math.isnan(epoch):
+                continue
+            metrics = {
+                str(k): float(v)
+                for k, v in record.items()
+                if str(k) not in skip
+                and not str(k).startswith("config/")
+                and isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+            }
+            stamp = float(record.get("reported_at") or record.get("timestamp") or time.time())
+            rows[int(epoch)] = (int(stamp * 1000), metrics, float(record.get("time_total_s") or 0.0), stamp)
+    history = [(epoch, stamp, metrics) for epoch, (stamp, metrics, _, _) in sorted(rows.items())]
+    failed = result.error is not None
+    seconds = max((total for _, _, total, _ in rows.values()), default=0.0)
+    start_ms = end_ms = None
+    if rows:
+        end_ms = max(stamp for stamp, _, _, _ in rows.values())
+        start_ms = int(end_ms - seconds * 1000)
+    train_values = tuning.trial_values_or_none(plan, values)
+    head = None
+    if train_values is not None:
+        head = head_parameters(
+            str(train_values["metric"]), int(train_values["embed_dim"]), int(train_values["block_size"])
+        )
+    return TrialOutcome(
+        trial_id=str(last.get("trial_id") or Path(str(result.path)).name),
+        values=values,
+        status=tuning.trial_status(failed, len(history), plan.base.epochs),
+        metric=tuning.best_value((m.get(plan.metric_key, math.nan) for _, _, m in history), plan.mode),
+        epochs=len(history),
+        seconds=round(seconds, 3),
+        error=_error_line(result.error) if failed else None,
+        path=str(result.path),
+        head_params=head,
+        history=history,
+        start_ms=start_ms,
+        end_ms=end_ms,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (Ray samples with numpy) as Python values, so configs and TOML take them."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value
+
+
+def _error_line(error: BaseException) -> str:
+    """The trial's own exception (Ray wraps it), as one line."""
+    cause = getattr(error, "cause", None) or error
+    text = _first_line(str(cause)) or type(cause).__name__
+    return text if isinstance(cause, UserInputError) else f"{type(cause).__name__}: {text}"
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""

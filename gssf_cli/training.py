@@ -1,0 +1,275 @@
+"""Training: encoders and a GSSF metric head on a prepared dataset, resumable, with validation every epoch.
+
+Each epoch: shuffled pairs (a generator seeded by seed and epoch, so a resumed run sees the same batches),
+hinge triplet over all negatives during warm-up and hardest negatives after (or InfoNCE), optional
+structure-aware distillation, AdamW with gradient clipping, a step decay of the learning rate; then
+validation on ``val_split`` with the evaluation functions (rSum, or MAP@R for label-based data) and an
+atomic checkpoint. The best epoch is kept. Resuming from a checkpoint folder continues with the same config
+and dataset and ends with the same result as an uninterrupted run (on CPU).
+
+Why a class and a function: :class:`Trainer` builds everything and runs every check up front (dataset split,
+teacher file, block size, resume compatibility), so a caller that tracks the run — the ``train`` stage — can
+refuse bad input before it opens an MLflow run; :func:`fit` is the one-call form (Ray trials, scripts).
+Nothing here knows about MLflow or the terminal: progress and per-epoch results leave through callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from gssf_cli import checkpoint as ckpt
+from gssf_cli import metrics as registry
+from gssf_cli.config import TrainConfig, to_dict
+from gssf_cli.data.dataset import Dataset, Split
+from gssf_cli.errors import UserInputError
+from gssf_cli.evaluation import evaluate_model, load_embeddings
+from gssf_cli.model import RetrievalModel, build_model, build_objective
+
+EpochCallback = Callable[[int, dict[str, float], Path], None]
+"""``(epoch, metrics, last_checkpoint_folder)`` after each epoch's checkpoint is on disk; metrics include
+``best_<validation metric>``."""
+
+
+class Progress(Protocol):
+    """Where the trainer reports batches (a terminal bar in the CLI; nothing in Ray trials)."""
+
+    def epoch(self, label: str, batches: int) -> AbstractContextManager[Callable[[float, float], None]]:
+        """A context for one epoch; the function it yields is called after every batch with
+        ``(mean loss so far, samples per second)``."""
+        ...
+
+
+@dataclass(frozen=True)
+class FitResult:
+    out_dir: Path
+    best_epoch: int
+    epochs_run: int
+    metrics: dict[str, float]
+    validation_metric: str
+    parameters: dict[str, int]
+    seconds: float
+    best_state: dict[str, Any] = field(repr=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    return config.lr * (config.lr_decay if epoch >= config.lr_decay_epoch else 1.0)
+
+
+class Trainer:
+    """A model, its objective and optimizer, ready to train (or resume) per ``config`` on ``dataset``."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset: Dataset,
+        *,
+        resume_from: Path | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.config, self.dataset, self.progress = config, dataset, progress
+        self.device = resolve_device(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if not dataset.has_split("train"):
+            raise UserInputError(f"{config.data}: no train split to train on")
+        self.teacher = load_teacher(config, dataset)
+        torch.manual_seed(config.seed)
+        self.model = build_model(dataset, config).to(self.device)
+        self.objective = build_objective(config).to(self.device)
+        self.trainable = torch.nn.ModuleDict({"model": self.model, "objective": self.objective})
+        self.optimizer = make_optimizer(self.model, self.objective, config)
+        self.metric_name = registry.validation_metric(dataset.task)
+        self.start_epoch, self.best_value, self.best_epoch = 0, -math.inf, -1
+        if resume_from is not None:
+            saved = ckpt.load(resume_from)
+            check_resumable(saved.state, config, dataset, str(resume_from.parent.name))
+            self.trainable.load_state_dict(saved.model)
+            if saved.optimizer is not None:
+                self.optimizer.load_state_dict(saved.optimizer)
+            ckpt.restore_rng(saved.rng)
+            self.start_epoch = saved.state["epoch"] + 1
+            self.best_value, self.best_epoch = saved.state["best_value"], saved.state["best_epoch"]
+
+    def fit(self, out_dir: Path, on_epoch_end: EpochCallback | None = None) -> FitResult:
+        """Train the remaining epochs, writing ``out_dir/best`` and ``out_dir/checkpoint`` every epoch."""
+        config = self.config
+        started = time.perf_counter()
+        for epoch in range(self.start_epoch, config.epochs):
+            stats = self._train_epoch(epoch)
+            val = self._validate()
+            history = {**stats, **{f"val_{k}": v for k, v in val.items()}}
+            value = val.get(self.metric_name, -stats["loss"])
+            improved = value > self.best_value
+            if improved:
+                self.best_value, self.best_epoch = value, epoch
+            state = {
+                "epoch": epoch,
+                "best_value": self.best_value,
+                "best_epoch": self.best_epoch,
+                "config": to_dict(config),
+                "dataset_sha256": self.dataset.digest,
+                "task": self.dataset.task,
+                "last_metrics": history,
+            }
+            if improved:
+                ckpt.save(out_dir / ckpt.BEST, self.model, state)
+            ckpt.save(out_dir / ckpt.LAST, self.trainable, state, self.optimizer)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, {**history, f"best_{self.metric_name}": self.best_value}, out_dir / ckpt.LAST)
+        best_state = ckpt.saved_state(out_dir / ckpt.BEST)
+        return FitResult(
+            out_dir=out_dir,
+            best_epoch=self.best_epoch,
+            epochs_run=config.epochs - self.start_epoch,
+            metrics={k: float(v) for k, v in best_state["last_metrics"].items()},
+            validation_metric=self.metric_name,
+            parameters=self.model.parameter_counts(),
+            seconds=round(time.perf_counter() - started, 2),
+            best_state=best_state,
+        )
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        config, model, device = self.config, self.model, self.device
+        split = self.dataset.split("train")
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        batches = split.pair_batches(config.batch_size, generator)
+        lr = lr_at(config, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        hardest = epoch >= config.warmup_epochs
+        vocab_size = len(self.dataset.vocab) if self.dataset.vocab is not None else None
+        model.train()
+        total_loss, seen, started = 0.0, 0, time.perf_counter()
+        with self._epoch_progress(f"epoch {epoch + 1}/{config.epochs}", len(batches)) as advance:
+            for pairs in batches:
+                batch = split.training_batch(pairs, generator)
+                images = model.encode_images(batch.images.to(device))
+                lengths = None if batch.lengths is None else batch.lengths.to(device)
+                texts = model.encode_texts(batch.texts.to(device), lengths)
+                scores = model.scores(images, texts)
+                distill = None
+                if config.distill_weight > 0:
+                    t_img, t_txt = teacher_features(pairs, batch, split, self.teacher, vocab_size)
+                    student = scores if config.distill_use_metric else images @ texts.T
+                    distill = (student, t_img.to(device), t_txt.to(device))
+                parts = self.objective(scores, batch.ids.to(device), hardest=hardest, distill_inputs=distill)
+                self.optimizer.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                self.optimizer.step()
+                total_loss += float(parts["loss"].detach()) * len(pairs)
+                seen += len(pairs)
+                advance(total_loss / seen, seen / max(time.perf_counter() - started, 1e-9))
+        return {"loss": total_loss / seen, "lr": lr, "samples_per_s": seen / max(time.perf_counter() - started, 1e-9)}
+
+    def _epoch_progress(self, label: str, batches: int) -> AbstractContextManager[Callable[[float, float], None]]:
+        if self.progress is None:
+            return _silent()
+        return self.progress.epoch(label, batches)
+
+    def _validate(self) -> dict[str, float]:
+        if not self.dataset.has_split(self.config.val_split):
+            return {}
+        metrics = evaluate_model(self.model, self.dataset, self.config.val_split, self.device)
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, float)}
+
+
+def fit(
+    config: TrainConfig,
+    dataset: Dataset,
+    out_dir: Path,
+    *,
+    resume_from: Path | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    progress: Progress | None = None,
+) -> FitResult:
+    """Train per ``config`` into ``out_dir`` (continuing from the checkpoint folder ``resume_from`` if given)."""
+    return Trainer(config, dataset, resume_from=resume_from, progress=progress).fit(out_dir, on_epoch_end)
+
+
+@contextlib.contextmanager
+def _silent() -> Iterator[Callable[[float, float], None]]:
+    yield lambda loss, rate: None
+
+
+def make_optimizer(model: RetrievalModel, objective: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on the metric head only (keeps W from winning the fixed margin by growing)."""
+    groups = [
+        {"params": list(model.encoder.parameters()), "weight_decay": 0.0},
+        {"params": list(model.similarity.parameters()), "weight_decay": config.weight_decay},
+        {"params": list(objective.parameters()), "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+def check_resumable(state: dict[str, Any], config: TrainConfig, dataset: Dataset, run_id: str) -> None:
+    """A checkpoint continues only with the config and dataset it was started with."""
+    saved = state.get("config", {})
+    current = to_dict(config)
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if changed:
+        key = changed[0]
+        raise UserInputError(
+            f"cannot resume run {run_id} with a different config: {key} was {saved.get(key)!r}, "
+            f"now {current.get(key)!r}; drop the flag or start a new run"
+        )
+    if state.get("dataset_sha256") != dataset.digest:
+        raise UserInputError(
+            f"cannot resume run {run_id} on a different dataset: {dataset.folder} changed since the run started"
+        )
+
+
+def load_teacher(config: TrainConfig, dataset: Dataset) -> dict[str, np.ndarray] | None:
+    """Teacher features from ``config.teacher`` (.npz with images [N, Fi], texts [kN, Ft]) or None (raw inputs)."""
+    if config.distill_weight == 0 or config.teacher is None:
+        return None
+    task, arrays = load_embeddings(config.teacher, None)
+    train = dataset.split("train")
+    if task != "cross_modal" and dataset.task == "cross_modal":
+        raise UserInputError(f"{config.teacher}: a teacher file needs images and texts arrays")
+    images = np.asarray(arrays["images"], dtype=np.float32)
+    texts = np.asarray(arrays["texts"], dtype=np.float32)
+    if len(images) != train.num_images or len(texts) != train.num_pairs:
+        raise UserInputError(
+            f"{config.teacher}: {len(images)} images / {len(texts)} texts, but the train split has "
+            f"{train.num_images} images / {train.num_pairs} texts"
+        )
+    return {"images": images, "texts": texts}
+
+
+def teacher_features(
+    batch_pairs: np.ndarray, batch: Any, split: Split, teacher: dict[str, np.ndarray] | None, vocab_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen intra-modal teachers for a batch: given arrays, or the raw inputs (mean regions ``[B, F]``; a bag
+    of words ``[B, V]`` without the special tokens)."""
+    if teacher is not None:
+        rows = batch_pairs // split.k
+        return torch.from_numpy(teacher["images"][rows]), torch.from_numpy(teacher["texts"][batch_pairs])
+    images = batch.images.mean(dim=1) if batch.images.dim() == 3 else batch.images
+    if batch.lengths is None:
+        return images, batch.texts
+    assert vocab_size is not None
+    bag = torch.zeros(batch.texts.shape[0], vocab_size)
+    valid = (torch.arange(batch.texts.shape[1])[None, :] < batch.lengths[:, None]).float()
+    bag.scatter_add_(1, batch.texts, valid)
+    bag[:, :4] = 0
+    return images, bag

@@ -1,0 +1,105 @@
+"""One source of truth: the configs and the library accept and reject exactly the same values."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gssf_cli import limits
+from gssf_cli.config import TrainConfig, default_of, from_dict
+from gssf_cli.errors import UserInputError
+from gssf_cli.losses import HingeTripletLoss, InfoNCELoss, make_objective
+from gssf_cli.similarity import make_similarity
+
+NUMBERS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.sampled_from([0.0, 0.01, 1.0, -0.0, 1e-9, 0.0099, 1.0001, math.nan, math.inf, -math.inf]),
+)
+
+
+def _accepts(build: Any) -> bool:
+    try:
+        build()
+    except UserInputError:
+        return False
+    return True
+
+
+def _config_accepts(**values: Any) -> bool:
+    return _accepts(lambda: from_dict(TrainConfig, {"data": Path("d"), **values}, "train"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=NUMBERS)
+def test_temperature_same_rule_in_config_and_losses(value: float) -> None:
+    config = _config_accepts(loss="infonce", temperature=value)
+    assert config == _accepts(lambda: InfoNCELoss(temperature=value))
+    assert config == _accepts(lambda: make_objective("infonce", temperature=value))
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=NUMBERS)
+def test_margin_same_rule_in_config_and_losses(value: float) -> None:
+    config = _config_accepts(margin=value)
+    assert config == _accepts(lambda: HingeTripletLoss(margin=value))
+    assert config == _accepts(lambda: make_objective("triplet", margin=value))
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=NUMBERS)
+def test_distill_weight_same_rule_in_config_and_objective(value: float) -> None:
+    assert _config_accepts(distill_weight=value) == _accepts(lambda: make_objective(distill_weight=value))
+
+
+@settings(max_examples=100, deadline=None)
+@given(dim=st.integers(1, 256), block=st.integers(-2, 300), name=st.sampled_from(limits.BLOCK_SIMILARITIES))
+def test_block_size_same_rule_in_config_and_similarity(dim: int, block: int, name: str) -> None:
+    config = _config_accepts(metric=name, embed_dim=dim, block_size=block)
+    assert config == _accepts(lambda: make_similarity(name, dim, block))
+
+
+def test_library_defaults_are_the_config_defaults() -> None:
+    assert HingeTripletLoss().margin == default_of(TrainConfig, "margin")
+    assert InfoNCELoss().temperature == pytest.approx(default_of(TrainConfig, "temperature"))
+    from gssf_cli.encoders import EncoderSpec
+
+    spec = EncoderSpec(vocab_size=5)
+    for name in ("embed_dim", "word_dim", "pooling", "mlp", "gru_layers"):
+        assert getattr(spec, name) == default_of(TrainConfig, name)
+
+
+def test_config_literals_are_the_library_names() -> None:
+    from typing import get_args, get_type_hints
+
+    hints = get_type_hints(TrainConfig)
+    assert get_args(hints["metric"]) == limits.SIMILARITY_NAMES
+    assert get_args(hints["loss"]) == limits.LOSS_NAMES
+    assert get_args(hints["metric_norm"]) == limits.NORM_NAMES
+
+
+@pytest.mark.parametrize(
+    ("within", "inside", "outside"),
+    [
+        (limits.AT_LEAST_ONE, [1, 7], [0, -1, math.nan]),
+        (limits.POSITIVE, [1e-12, 3.0], [0.0, -1.0, math.nan]),
+        (limits.NON_NEGATIVE, [0.0, 2.0, math.inf], [-1e-12, math.nan, -math.inf]),
+        (limits.FRACTION, [0.5], [0.0, 1.0, math.nan]),
+        (limits.TEMPERATURE, [0.01, 1.0], [0.0099, 1.01, math.nan]),
+    ],
+)
+def test_ranges(within: limits.Range, inside: list[float], outside: list[float]) -> None:
+    assert all(within.contains(v) for v in inside)
+    assert not any(within.contains(v) for v in outside)
+    with pytest.raises(UserInputError, match=r"^train\.x: must"):
+        within.check("train.x", outside[0])
+
+
+def test_head_parameters_match_every_member() -> None:
+    for name in limits.SIMILARITY_NAMES:
+        block = 4 if name in limits.BLOCK_SIMILARITIES else None
+        assert limits.head_parameters(name, 32, 4) == make_similarity(name, 32, block).num_parameters()

@@ -1,0 +1,35 @@
+"""From a run reference (id or ``latest``) to the trained model and its dataset."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from gssf_cli.data.manifest import manifest_digest
+from gssf_cli.errors import UserInputError
+from gssf_cli.runs import load_trained
+from gssf_cli.stages import train
+from gssf_cli.tracking import Tracker
+from tests.conftest import tiny_train_config
+
+
+def test_latest_run_loads_its_best_weights_locally_or_from_mlflow(tiny_syn: Path, workdir: Path) -> None:
+    tracker = Tracker()
+    result = train.run(tiny_train_config(tiny_syn, epochs=1), tracker)
+    run_, model, dataset = load_trained(tracker, "latest")
+    assert run_.info.run_id == result.run_id and dataset.digest == manifest_digest(tiny_syn)
+    local = {k: v.clone() for k, v in model.state_dict().items()}
+    shutil.rmtree(Path(result.out_dir))
+    _, from_artifact, _ = load_trained(tracker, result.run_id)
+    assert all(torch.equal(local[k], v) for k, v in from_artifact.state_dict().items())
+
+
+def test_bad_references(tiny_syn: Path, workdir: Path) -> None:
+    tracker = Tracker()
+    with pytest.raises(UserInputError, match="no train run in experiment"):
+        load_trained(tracker, "latest")
+    with pytest.raises(UserInputError, match="unknown run 'nope'"):
+        load_trained(tracker, "nope")

@@ -53,9 +53,11 @@ def test_every_epoch_reports_metrics_and_a_checkpoint(tiny_syn: Path, tmp_path: 
 
 
 def test_bad_input_fails_before_any_work(tiny_syn: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserInputError, match="none.npz not found"):
+    with pytest.raises(UserInputError, match=r"none\.npz not found"):
         Trainer(tiny_train_config(tiny_syn, distill_weight=1.0, teacher=tmp_path / "none.npz"), Dataset(tiny_syn))
     config = tiny_train_config(tiny_syn, epochs=1)
     fit(config, Dataset(tiny_syn), tmp_path / "run")
     with pytest.raises(UserInputError, match="cannot resume run run with a different config: lr"):
-        Trainer(tiny_train_config(tiny_syn, epochs=1, lr=0.1), Dataset(tiny_syn), resume_from=tmp_path / "run" / ckpt.LAST)
+        Trainer(
+            tiny_train_config(tiny_syn, epochs=1, lr=0.1), Dataset(tiny_syn), resume_from=tmp_path / "run" / ckpt.LAST
+        )

@@ -42,5 +42,5 @@ def test_checksums_are_verified_once_while_files_are_unchanged(
     target.write_bytes(bytes(data))
     stat = target.stat()
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    with pytest.raises(UserInputError, match="train_ims.npy: checksum mismatch"):
+    with pytest.raises(UserInputError, match=r"train_ims\.npy: checksum mismatch"):
         load_manifest(folder)

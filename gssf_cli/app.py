@@ -33,7 +33,7 @@ from gssf_cli.config import (
     PrepareConfig,
     TrainConfig,
     TuneConfig,
-    default_of,
+    field_value,
     load_toml,
     parse_int_list,
     resolve,
@@ -359,8 +359,7 @@ def train(
         from gssf_cli.checkpoint import saved_config
 
         resume_id = tracker.get_run(resume, stage="train").info.run_id
-        runs_dir = Path(given.get("runs_dir", default_of(TrainConfig, "runs_dir"))).expanduser()
-        return saved_config(resume_id, runs_dir)
+        return saved_config(resume_id, field_value(TrainConfig, "runs_dir", given, "train"))
 
     def call(resolved: TrainConfig, tracker: Any) -> Any:
         from gssf_cli import console

@@ -262,6 +262,14 @@ def from_dict(cls: type[C], values: dict[str, Any], section: str) -> C:
     return config
 
 
+def field_value(cls: type, name: str, values: Mapping[str, Any], section: str) -> Any:
+    """One field of config ``cls`` from ``values`` (type-checked like :func:`from_dict`), else its default:
+    for the one setting needed before the rest can be resolved (the runs folder of a resumed run)."""
+    if name not in values:
+        return default_of(cls, name)
+    return _coerce(values[name], typing.get_type_hints(cls)[name], f"{section}.{name}")
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A config as plain TOML/JSON-friendly values (paths as strings, None dropped)."""
     out: dict[str, Any] = {}

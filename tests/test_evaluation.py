@@ -1,0 +1,43 @@
+"""Evaluation as a library: embeddings files and trained models in, results and figures out (no MLflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gssf_cli import evaluation, plots
+from gssf_cli.config import EvaluateConfig
+from gssf_cli.data.dataset import Dataset
+from gssf_cli.model import build_model
+from gssf_cli.retrieval import evaluate_cross_modal
+from tests.conftest import tiny_train_config
+
+
+def test_file_and_model_evaluation_agree_on_the_same_embeddings(tiny_syn: Path, tmp_path: Path) -> None:
+    dataset = Dataset(tiny_syn)
+    torch.manual_seed(0)
+    model = build_model(dataset, tiny_train_config(tiny_syn, metric="cosine"))
+    trained = evaluation.evaluate_trained(model, dataset, EvaluateConfig(run="r", plots=False))
+    images, texts = trained.arrays["images"], trained.arrays["texts"]
+    np.savez(tmp_path / "emb.npz", images=images, texts=texts)
+    from_file = evaluation.evaluate_file(EvaluateConfig(embeddings=tmp_path / "emb.npz", metric="dot"))
+    assert trained.result.metrics == pytest.approx(from_file.result.metrics)
+    assert trained.result.sizes == {"images": 16, "texts": 80}
+    assert from_file.result.sizes["captions_per_image"] == 5
+    direct = evaluate_cross_modal(images, texts, captions_per_image=5)
+    assert trained.result.metrics["rsum"] == pytest.approx(direct["rsum"])
+
+
+def test_figures_for_both_tasks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "labels.npz", features=rng.normal(size=(40, 8)), labels=np.arange(40) % 4)
+    np.savez(tmp_path / "pairs.npz", images=rng.normal(size=(10, 8)), texts=rng.normal(size=(20, 8)))
+    for name in ("labels", "pairs"):
+        outcome = evaluation.evaluate_file(EvaluateConfig(embeddings=tmp_path / f"{name}.npz"))
+        figures = evaluation.figures(outcome, memory_budget_mb=16)
+        assert set(figures) == {"plots/score_distributions.png", "plots/recall_at_k.png"}
+        for figure in figures.values():
+            plots.close(figure)

@@ -171,7 +171,8 @@ def _flag(field: dataclasses.Field[Any], hint: Any) -> _Flag:
         to_config = _repeated
     else:
         raise TypeError(f"{field.name}: no command-line form for {hint!r}; add one here or declare it file_only")
-    option = typer.Option(decls, help=_help(field, decls))
+    choices = get_args(hint) if get_origin(hint) is Literal else ()
+    option = typer.Option(decls, help=_help(field, decls, choices))
     return _Flag(field.name, Annotated[cli_type | None, option], to_config)
 
 
@@ -193,9 +194,12 @@ def _repeated(values: list[str]) -> tuple[str, ...] | None:
     return tuple(values) or None
 
 
-def _help(field: dataclasses.Field[Any], decls: str) -> str:
-    """The field's help plus the field's default (the flag's own default is None), styled like Typer's."""
+def _help(field: dataclasses.Field[Any], decls: str, choices: tuple[str, ...] = ()) -> str:
+    """The field's help, its choices (from the config's ``Literal``) and its default (the flag's own default is
+    None), styled like Typer's."""
     help_text: str = field.metadata["help"]
+    if choices:
+        help_text = f"{help_text} {' | '.join(choices)}."
     shown = _shown_default(field.default, decls)
     return help_text if shown is None else f"{help_text} [dim]\\[default: {shown}][/dim]"
 

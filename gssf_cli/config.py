@@ -24,7 +24,17 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from gssf_cli import limits
 from gssf_cli.errors import UserInputError
-from gssf_cli.limits import DatasetKind, Device, DistillKind, LossName, Pooling, Range, ScoreNorm, SimilarityName
+from gssf_cli.limits import (
+    DatasetKind,
+    Device,
+    DistillKind,
+    LossName,
+    Pooling,
+    Protocol,
+    Range,
+    ScoreNorm,
+    SimilarityName,
+)
 
 
 def setting(
@@ -67,7 +77,7 @@ class PrepareConfig:
     ``source`` is required for ``precomp`` and ``features``; the sizes apply to ``synthetic`` only.
     """
 
-    dataset: DatasetKind = setting(help="Kind: synthetic | digits | precomp | features.")
+    dataset: DatasetKind = setting(help="Kind of source:")
     out: Path = setting(help="Dataset folder to create, e.g. data/syn.")
     source: Path | None = setting(None, help="Input folder or file (precomp, features).")
     seed: int = setting(0, help="Random seed (generation and splits).")
@@ -96,7 +106,6 @@ class PrepareConfig:
             raise UserInputError(f"--source is required for --dataset {self.dataset}: point it at your data")
 
 
-Protocol = Literal["all", "f30k-1k", "coco-1k", "coco-5k"]
 EmbeddingMetric = Literal["cosine", "dot"]
 
 
@@ -116,10 +125,13 @@ class EvaluateConfig:
     )
     run: str | None = setting(None, help="A trained run (id or 'latest'): evaluate it on its dataset.")
     data: Path | None = setting(None, help="With --run: use this dataset folder instead.")
-    protocol: Protocol = setting("all", help="all | f30k-1k | coco-1k | coco-5k (cross-modal).")
+    protocol: Protocol = setting(
+        "all",
+        help="Cross-modal protocol (f30k-1k: 1,000 test images; coco-1k: 5 folds of 1,000; coco-5k: 5,000 at once; all: the split as it is):",
+    )
     split: str | None = setting(None, help="Use {split}_-prefixed keys of the file (default: test if present).")
     ks: tuple[int, ...] = setting((1, 5, 10), help="Cut-offs for R@K, e.g. 1,5,10.", flag="--k")
-    metric: EmbeddingMetric = setting("cosine", help="cosine (L2-normalise first) or dot.")
+    metric: EmbeddingMetric = setting("cosine", help="Score of the embeddings (cosine: L2-normalise first):")
     memory_budget_mb: int = setting(256, help="Memory for score chunks, MiB.", within=limits.AT_LEAST_ONE)
     plots: bool = setting(True, help="Log plots to MLflow.")
 
@@ -149,12 +161,12 @@ class TrainConfig:
     """
 
     data: Path = setting(help="Dataset folder from `gssf prepare`.")
-    metric: MetricName = setting("gssf", help="cosine | diag | bdiag | dense | gssf.")
+    metric: MetricName = setting("gssf", help="Metric head:")
     block_size: int = setting(64, help="Block size d for bdiag/gssf (divides --embed-dim).", within=limits.AT_LEAST_ONE)
-    metric_norm: MetricNorm = setting("none", help="Score normalisation: none | frobenius | spectral.")
+    metric_norm: MetricNorm = setting("none", help="Score normalisation:")
     embed_dim: int = setting(1024, help="Embedding size D.", within=limits.AT_LEAST_ONE)
     word_dim: int = setting(300, help="Word embedding size.", within=limits.AT_LEAST_ONE)
-    pooling: Pooling = setting("mean", help="Region pooling: mean | max | attention.")
+    pooling: Pooling = setting("mean", help="Region and token pooling:")
     mlp: bool = setting(False, help="2-layer MLP residual on projections.")
     gru_layers: int = setting(1, help="Layers of the caption GRU.", within=limits.AT_LEAST_ONE)
     epochs: int = setting(20, help="Epochs.", within=limits.AT_LEAST_ONE)
@@ -165,19 +177,19 @@ class TrainConfig:
     weight_decay: float = setting(1e-4, help="Weight decay of the metric head.", within=limits.NON_NEGATIVE)
     warmup_epochs: int = setting(1, help="Epochs summing over all negatives first.", within=limits.NON_NEGATIVE)
     grad_clip: float = setting(2.0, help="Gradient-norm clipping (0 = off).", within=limits.NON_NEGATIVE)
-    loss: LossName = setting("triplet", help="triplet | infonce.")
+    loss: LossName = setting("triplet", help="Ranking loss:")
     margin: float = setting(0.2, help="Hinge margin.", within=limits.MARGIN)
     temperature: float = setting(0.05, help="InfoNCE temperature.", within=limits.TEMPERATURE)
     distill_weight: float = setting(
         0.0, help="Structure-aware distillation weight (0 = off).", within=limits.NON_NEGATIVE
     )
-    distill_kind: DistillKind = setting("mae", help="Distillation distance: mae | mse.")
+    distill_kind: DistillKind = setting("mae", help="Distillation distance:")
     distill_use_metric: bool = setting(
         False, help="Relations from the learned metric.", flag="--distill-use-metric/--distill-use-cosine"
     )
     teacher: Path | None = setting(None, help="Teacher features .npz (images, texts) for the train split.")
     seed: int = setting(0, help="Random seed.")
-    device: Device = setting("auto", help="auto | cpu | cuda.")
+    device: Device = setting("auto", help="Device:")
     threads: int = setting(0, help="CPU threads for torch (0 = default).", within=limits.NON_NEGATIVE)
     val_split: str = setting("dev", help="Split that picks the best epoch.")
     runs_dir: Path = setting(Path("runs"), help="Where run folders (checkpoints) are written.")
@@ -411,13 +423,13 @@ class TuneConfig:
     metric: str | None = setting(
         None, help="Metric to optimise (default: rsum cross-modal, map_at_r label-based; or loss)."
     )
-    mode: Mode | None = setting(None, help="max | min (default: what the metric means).")
+    mode: Mode | None = setting(None, help="Direction (default: what the metric means):")
     trials: int | None = setting(
         None,
         help="Samples: each grid point runs once per sample (default 1 grid, 8 ranges).",
         within=limits.AT_LEAST_ONE,
     )
-    scheduler: SchedulerName = setting("asha", help="asha (stop weak trials early) | fifo.")
+    scheduler: SchedulerName = setting("asha", help="Scheduler (asha stops weak trials early):")
     grace_period: int = setting(1, help="ASHA: epochs before a trial may be stopped.", within=limits.AT_LEAST_ONE)
     reduction_factor: int = setting(2, help="ASHA: keep the best 1/N at each rung.", within=limits.AT_LEAST_TWO)
     cpus_per_trial: int = setting(1, help="CPUs (and torch threads) per trial.", within=limits.AT_LEAST_ONE)

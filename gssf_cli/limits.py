@@ -84,6 +84,9 @@ POOLINGS: tuple[str, ...] = get_args(Pooling)
 Device = Literal["auto", "cpu", "cuda"]
 DatasetKind = Literal["synthetic", "digits", "precomp", "features"]
 DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
+Protocol = Literal["all", "f30k-1k", "coco-1k", "coco-5k"]
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+"""Cross-modal evaluation protocols (see :func:`gssf_cli.retrieval.evaluate_cross_modal`)."""
 Task = Literal["cross_modal", "labels"]
 TASKS: tuple[str, ...] = get_args(Task)
 

@@ -50,6 +50,8 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
+from gssf_cli.limits import PROTOCOLS
+
 __all__ = [
     "CROSS_MODAL_PROTOCOLS",
     "DEFAULT_MEMORY_BUDGET_BYTES",
@@ -72,7 +74,7 @@ LabelsLike = NDArray[Any] | Tensor | Sequence[Any]
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
-CROSS_MODAL_PROTOCOLS = ("f30k-1k", "coco-1k", "coco-5k", "all")
+CROSS_MODAL_PROTOCOLS = PROTOCOLS
 _PROTOCOL_IMAGES = {"f30k-1k": 1_000, "coco-1k": 5_000, "coco-5k": 5_000}
 _COCO_1K_FOLD_IMAGES = 1_000
 

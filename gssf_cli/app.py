@@ -450,7 +450,10 @@ def export(
 
     console.print_export(result.to_json(), json_output)
     if not result.passed:
-        _error("check failed: ONNX Runtime outputs are outside the parity tolerance (see the table)")
+        _error(
+            "check failed: ONNX Runtime outputs are outside the parity tolerance (see the table); "
+            f"nothing deployed, the bundle is kept in {result.path}"
+        )
         raise typer.Exit(1)
 
 
@@ -459,6 +462,9 @@ def run_pipeline(
     ctx: typer.Context,
     pipeline: Annotated[Path, typer.Argument(help="Pipeline file, e.g. pipelines/quickstart.toml.")],
     force: Annotated[bool, typer.Option("--force", help="Re-run every stage even if cached.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say which stages would run and why; run nothing, log nothing.")
+    ] = False,
     json_output: JsonOption = False,
 ) -> None:
     """Run a pipeline file: prepare → train → evaluate → tune → export under one parent MLflow run."""
@@ -472,7 +478,9 @@ def run_pipeline(
         if options.experiment is None:
             options.experiment = loaded.name
         progress = None if json_output else console.TrainingProgress()
-        return stage.run(loaded, options.tracker(), force=force, progress=progress)
+        return stage.run(
+            loaded, options.tracker(), force=force, progress=progress, dry_run=dry_run, notify=console.note
+        )
 
     result = guarded(ctx, work)
     from gssf_cli import console

@@ -455,15 +455,18 @@ PIPELINE_KEYS: tuple[str, ...] = ("name", "stages")
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """A pipeline file, read once: its name (the MLflow experiment unless ``--experiment``), the stages to run
-    (in the fixed order of :data:`PIPELINE_STAGES`), each stage's table of settings as its ``--config`` file
-    would hold them, ``retrain`` (``[tune] retrain = true``) and the file's text (logged on the parent run).
-    Stage configs are built from these tables plus the links between stages by the pipeline stage."""
+        (in the fixed order of :data:`PIPELINE_STAGES`), each stage's table of settings as its ``--config`` file
+        would hold them, ``retrain`` (``[tune] retrain = true``: train the best trial's config as the final model, with
+    the ``[train]`` budget unless ``[tune] retrain_epochs`` says otherwise) and the file's text (logged on the
+    parent run).
+        Stage configs are built from these tables plus the links between stages by the pipeline stage."""
 
     path: Path
     name: str
     stages: tuple[str, ...]
     tables: Mapping[str, Mapping[str, Any]]
     retrain: bool = False
+    retrain_epochs: int | None = None
     text: str = ""
 
     def table(self, stage: str) -> dict[str, Any]:
@@ -493,8 +496,10 @@ def load_pipeline(path: Path) -> PipelineConfig:
         if stage not in values and stage in ("prepare", "tune"):
             raise UserInputError(f"{path}: pipeline.stages lists {stage} but there is no [{stage}] table")
     tables = {stage: dict(values.get(stage, {})) for stage in PIPELINE_STAGES if stage in listed}
-    retrain = tables.get("tune", {}).pop("retrain", False)
-    if not isinstance(retrain, bool):
-        raise UserInputError(f"{path}: tune.retrain: expected true or false, got {_describe(retrain)}")
+    retrain = _coerce(tables.get("tune", {}).pop("retrain", False), bool, "tune.retrain")
+    retrain_epochs = _coerce(tables.get("tune", {}).pop("retrain_epochs", None), int | None, "tune.retrain_epochs")
+    if retrain_epochs is not None:
+        limits.AT_LEAST_ONE.check("tune.retrain_epochs", retrain_epochs)
     stages = tuple(s for s in PIPELINE_STAGES if s in listed)
-    return PipelineConfig(path, str(header.get("name", path.stem)), stages, tables, retrain, path.read_text())
+    name = str(header.get("name", path.stem))
+    return PipelineConfig(path, name, stages, tables, retrain, retrain_epochs, path.read_text())

@@ -213,9 +213,11 @@ def print_export(result: dict[str, Any], as_json: bool) -> None:
         f"top-10 lists identical for {100 * retrieval['top10_identical']:.1f}% of queries "
         f"({100 * retrieval['top10_equal_up_to_ties']:.1f}% up to near-ties); retrieval {_yes(retrieval['passed'])}"
     )
-    stdout.print(
-        f"bundle in [bold]{result['path']}[/] ({result['seconds']:.1f} s); MLflow run {result['export_run_id']}"
-    )
+    if result["passed"]:
+        where = f"bundle in [bold]{result['path']}[/]"
+    else:
+        where = f"parity gate FAILED, nothing deployed: bundle kept for inspection in [bold]{result['path']}[/]"
+    stdout.print(f"{where} ({result['seconds']:.1f} s); MLflow run {result['export_run_id']}")
 
 
 def print_bundle_check(result: dict[str, Any], as_json: bool) -> None:
@@ -223,24 +225,51 @@ def print_bundle_check(result: dict[str, Any], as_json: bool) -> None:
         print_json(result)
         return
     graphs = ", ".join(result["graphs"])
-    stdout.print(f"bundle {result['path']} is valid: {graphs} (from run {result['source_run_id']})")
+    stdout.print(
+        f"bundle {result['path']} is valid: {graphs}; {len(result['files'])} files match their checksums "
+        f"(from run {result['source_run_id']})"
+    )
 
 
 def _yes(flag: bool) -> str:
     return "yes" if flag else "NO"
 
 
+def note(line: str) -> None:
+    """One line of news on stderr (``--json`` keeps stdout clean)."""
+    stderr.print(f"gssf: {line}", highlight=False, markup=False)
+
+
 def print_pipeline(result: dict[str, Any], as_json: bool) -> None:
+    """Each step (ran, cached or would run, and why), then the final model's metrics beside its bundle's."""
+    from gssf_cli import metrics as registry
+
     if as_json:
         print_json(result)
         return
-    table = Table(title=f"pipeline {result['name']}")
-    for column in ("stage", "status", "run", "seconds", "result"):
+    dry = result["parent_run_id"] is None
+    table = Table(title=f"pipeline {result['name']}" + (" (dry run: nothing ran)" if dry else ""))
+    for column in ("stage", "status", "run", "seconds", "result", "why"):
         table.add_column(column)
     for stage in result["stages"]:
         summary = ", ".join(f"{k} {_short(v)}" for k, v in stage["summary"].items() if not isinstance(v, (dict, list)))
-        table.add_row(stage["stage"], stage["status"], (stage["run_id"] or "")[:12], f"{stage['seconds']:.1f}", summary)
+        table.add_row(
+            stage["stage"],
+            stage["status"],
+            (stage["run_id"] or "")[:12],
+            f"{stage['seconds']:.1f}",
+            summary,
+            stage.get("why", ""),
+        )
     stdout.print(table)
+    if dry:
+        return
+    metrics = result.get("metrics", {})
+    for prefix, label in (("final_", "final model, test"), ("onnx_", "its ONNX bundle"), ("baseline_", "baseline")):
+        shown = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+        headline = [k for names in registry.HEADLINE.values() for k in names if k in shown]
+        if headline:
+            stdout.print(f"{label}: " + ", ".join(f"{k} {shown[k]:.4g}" for k in headline))
     stdout.print(f"{result['seconds']:.1f} s; parent MLflow run {result['parent_run_id']}")
 
 

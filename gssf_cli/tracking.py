@@ -103,6 +103,7 @@ class Tracker:
     def __init__(self, tracking_uri: str | None = None, experiment: str | None = None) -> None:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.experiment_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        self.experiment_chosen = experiment is not None or "MLFLOW_EXPERIMENT_NAME" in os.environ
         try:
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
         except MlflowException as exc:
@@ -146,7 +147,7 @@ class Tracker:
         resume_run_id: str | None = None,
     ) -> Iterator[StageRun]:
         """Open a run for ``stage`` (or reopen ``resume_run_id``); it ends FINISHED, FAILED on an
-        exception, or KILLED on Ctrl-C."""
+        exception or when the stage called :meth:`StageRun.mark_failed`, or KILLED on Ctrl-C."""
         if resume_run_id is not None:
             self.get_run(resume_run_id)
             self.client.update_run(resume_run_id, status="RUNNING")
@@ -165,29 +166,64 @@ class Tracker:
         except BaseException:
             self.client.set_terminated(handle.run_id, status="FAILED")
             raise
-        self.client.set_terminated(handle.run_id, status="FINISHED")
+        self.client.set_terminated(handle.run_id, status="FAILED" if handle.failed else "FINISHED")
 
     def get_run(self, run_ref: str, stage: str | None = None) -> Run:
-        """A run by id, or the newest run (of ``stage`` if given) for ``latest``."""
-        if run_ref == "latest":
-            query = f"tags.`{STAGE_TAG}` = '{stage}'" if stage else ""
-            runs = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=query,
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-            )
-            if not runs:
-                what = f"{stage} run" if stage else "run"
+        """A run by id, or the newest run (of ``stage`` if given) for ``latest``.
+
+        ``latest`` looks in the chosen experiment (``--experiment`` / ``MLFLOW_EXPERIMENT_NAME``); with none
+        chosen, in every experiment of the store — ``gssf run`` logs to the pipeline's own experiment, and the
+        commands a user types next should find its runs.
+        """
+        if run_ref != "latest":
+            try:
+                return self.client.get_run(run_ref)
+            except MlflowException:
                 raise UserInputError(
-                    f"no {what} in experiment {self.experiment_name!r} at {self.tracking_uri}: "
-                    "run one first or pass a run id"
-                )
-            return runs[0]
+                    f"unknown run {run_ref!r} at {self.tracking_uri}: pass a run id or 'latest'"
+                ) from None
+        found = self._newest(stage, [self.experiment_id] if self.experiment_chosen else self._experiment_ids())
+        if found is not None:
+            return found
+        what = f"{stage} run" if stage else "run"
+        elsewhere = self._newest(stage, self._experiment_ids()) if self.experiment_chosen else None
+        if elsewhere is not None:
+            name = self.client.get_experiment(elsewhere.info.experiment_id).name
+            raise UserInputError(
+                f"no {what} in experiment {self.experiment_name!r}; the newest is in experiment {name!r}: "
+                f"pass --experiment {name} (or the run id {elsewhere.info.run_id})"
+            )
+        where = f"experiment {self.experiment_name!r}" if self.experiment_chosen else "any experiment"
+        raise UserInputError(f"no {what} in {where} at {self.tracking_uri}: run one first or pass a run id")
+
+    def _experiment_ids(self) -> list[str]:
+        return [e.experiment_id for e in self.client.search_experiments()]
+
+    def _newest(self, stage: str | None, experiment_ids: list[str]) -> Run | None:
+        if not experiment_ids:
+            return None
+        runs = self.client.search_runs(
+            experiment_ids,
+            filter_string=f"tags.`{STAGE_TAG}` = '{stage}'" if stage else "",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def follow(self, run: Run) -> None:
+        """Log the next runs into ``run``'s experiment unless the user chose one: an evaluation or export of a
+        pipeline's model lands beside it."""
+        if not self.experiment_chosen:
+            self._experiment_id = str(run.info.experiment_id)
+            self.experiment_name = self.client.get_experiment(self._experiment_id).name
+
+    def run_status(self, run_id: str) -> str | None:
+        """A run's status (FINISHED, FAILED, ...), or None when the store has no such run (or it is deleted)."""
         try:
-            return self.client.get_run(run_ref)
+            run = self.client.get_run(run_id)
         except MlflowException:
-            raise UserInputError(f"unknown run {run_ref!r} at {self.tracking_uri}: pass a run id or 'latest'") from None
+            return None
+        return None if run.info.lifecycle_stage == "deleted" else str(run.info.status)
 
     def run_handle(self, run_id: str) -> StageRun:
         """Log to an existing run (e.g. test metrics onto the train run they describe)."""
@@ -249,6 +285,12 @@ class StageRun:
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
+        self.failed = False
+
+    def mark_failed(self) -> None:
+        """End this run FAILED when its block exits normally: the stage ran but failed its own check (what it
+        logged stays on the run, so people can see why)."""
+        self.failed = True
 
     def log_params(self, params: Mapping[str, Any], prefix: str = "") -> None:
         flat = flatten_params(params, prefix)

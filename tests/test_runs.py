@@ -29,7 +29,7 @@ def test_latest_run_loads_its_best_weights_locally_or_from_mlflow(tiny_syn: Path
 
 def test_bad_references(tiny_syn: Path, workdir: Path) -> None:
     tracker = Tracker()
-    with pytest.raises(UserInputError, match="no train run in experiment"):
+    with pytest.raises(UserInputError, match="no train run in any experiment"):
         load_trained(tracker, "latest")
     with pytest.raises(UserInputError, match="unknown run 'nope'"):
         load_trained(tracker, "nope")

@@ -1,58 +1,40 @@
 """Stage ``run``: a pipeline file chains prepare → train → evaluate → tune → export under one parent run.
 
-A pipeline is a TOML file with an optional ``[pipeline]`` table (``name``: the MLflow experiment unless
-``--experiment`` is given; ``stages``: which of the stage tables to run, in the fixed order) and one table
-per stage holding that stage's settings, exactly as its ``--config`` file would (see
-:class:`gssf_cli.config.PipelineConfig`). Links are implicit: train and tune read the prepared dataset,
-evaluate and export use the trained run, and tune's base train config is the ``[train]`` table.
-``[tune] retrain = true`` trains a final model with the best trial's config, which evaluate and export then
-use. :func:`stage_config` builds every stage's config from its table and the links — the same function for
-the up-front check (with placeholder links) and for the run.
+A pipeline file holds one table per stage (see :class:`gssf_cli.config.PipelineConfig`); :func:`stage_config`
+builds each stage's config from its table and the links to the stages before it — the same function for the
+up-front check and for the run. Train and tune read the prepared dataset; tune's base config is ``[train]``.
 
-Caching: each stage's key is the sha256 of its resolved config plus the keys of the stages it reads. A
-re-run skips a stage whose key is unchanged and whose outputs are still there (the cache lives in
-``.gssf/pipelines/NAME.json``), unless ``force``. A skipped stage is recorded on the parent run.
+One final model: with ``[tune] retrain = true`` the best trial's config is trained again with the ``[train]``
+budget (``train_best``), and *that* model is evaluated and exported; the first model's test metrics stay
+visible as ``evaluate_baseline``. Without retraining the trained model is the final one. The parent run gets
+the final model's test metrics (``final_*``), the bundle's ONNX Runtime metrics (``onnx_*``) and the
+baseline's (``baseline_*``).
+
+Caching (:mod:`gssf_cli.cache`): a step is skipped only when its key (config + content of its inputs + the
+runs it builds on) is unchanged and every file it wrote still has the checksum recorded when it was written;
+otherwise it runs, and so does everything after it that uses it, with the reason reported. ``dry_run`` says
+what would run and why without running anything.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli import __version__
+from gssf_cli import cache, steps
 from gssf_cli import metrics as registry
-from gssf_cli.config import (
-    EvaluateConfig,
-    ExportConfig,
-    PipelineConfig,
-    PrepareConfig,
-    TrainConfig,
-    TuneConfig,
-    from_dict,
-    load_pipeline,
-    load_toml,
-    to_dict,
-)
+from gssf_cli.config import PipelineConfig, from_dict, load_pipeline, load_toml, to_dict
 from gssf_cli.errors import CheckFailedError, UserInputError
+from gssf_cli.steps import Links, stage_config
 
 if TYPE_CHECKING:
     from gssf_cli.tracking import Tracker
     from gssf_cli.training import Progress
 
 __all__ = ["PipelineResult", "StageOutcome", "check", "load_pipeline", "run", "stage_config"]
-
-CACHE_DIR = Path(".gssf") / "pipelines"
-CONFIGS: dict[str, type] = {
-    "prepare": PrepareConfig,
-    "train": TrainConfig,
-    "evaluate": EvaluateConfig,
-    "tune": TuneConfig,
-    "export": ExportConfig,
-}
 
 
 @dataclass
@@ -63,204 +45,256 @@ class StageOutcome:
     run_id: str | None = None
     seconds: float = 0.0
     summary: dict[str, Any] = field(default_factory=dict)
+    why: str = ""
 
 
 @dataclass
 class PipelineResult:
     name: str
-    parent_run_id: str
+    parent_run_id: str | None
     stages: list[StageOutcome]
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Links:
-    """What a stage takes from the stages before it: the dataset folder and the trained run."""
-
-    data: Path | None
-    train_run: str = "latest"
-
-
-def stage_config(pipeline: PipelineConfig, stage: str, links: Links) -> Any:
-    """A stage's config: its table plus the links (a stage's own table may name its dataset; the run it acts on
-    is always the pipeline's). Pipeline stages replace their outputs, so prepare and export get ``force``."""
-    table = pipeline.table(stage)
-    data = {"data": links.data} if links.data is not None else {}
-    values: dict[str, Any] = {
-        "prepare": {**table, "force": True},
-        "train": {**data, **table},
-        "evaluate": {**table, "run": links.train_run},
-        "tune": {**data, **table},
-        "export": {**table, "run": links.train_run, "force": True},
-    }[stage]
-    return from_dict(CONFIGS[stage], values, stage)
-
-
 def check(pipeline: PipelineConfig) -> None:
     """Resolve every stage's config before anything runs, so a typo fails in a second, not after training."""
-    links = Links(_prepared(pipeline))
+    links = Links(steps.prepared(pipeline))
     for stage in pipeline.stages:
         stage_config(pipeline, stage, links)
 
 
-def _prepared(pipeline: PipelineConfig) -> Path | None:
-    out = pipeline.tables.get("prepare", {}).get("out")
-    return Path(out) if isinstance(out, (str, Path)) else None
-
-
 def run(
-    pipeline: PipelineConfig | Path, tracker: Tracker, force: bool = False, progress: Progress | None = None
+    pipeline: PipelineConfig | Path,
+    tracker: Tracker,
+    force: bool = False,
+    progress: Progress | None = None,
+    dry_run: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> PipelineResult:
-    """Run a pipeline; a failing stage stops the chain and marks the parent run FAILED."""
+    """Run a pipeline (or, with ``dry_run``, only say what would run); a failing stage stops the chain and
+    marks the parent run FAILED."""
     if not isinstance(pipeline, PipelineConfig):
         pipeline = load_pipeline(pipeline)
     check(pipeline)
-    cache_file = CACHE_DIR / f"{pipeline.name}.json"
-    cache: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.is_file() and not force else {}
-    outcomes: list[StageOutcome] = []
+    ctx = _Context(tracker, pipeline, cache.Cache(pipeline.name), force, dry_run, progress, notify or _quiet)
     started = time.perf_counter()
+    if dry_run:
+        for step in steps.plan(pipeline):
+            ctx.outcomes.append(_STEPS[step](ctx))
+        return PipelineResult(pipeline.name, None, ctx.outcomes, 0.0)
     with tracker.start_run("run", run_name=f"pipeline {pipeline.name}") as parent:
-        ctx = _Context(tracker, parent.run_id, pipeline, cache, progress, Links(_prepared(pipeline)))
+        ctx.parent_run_id = parent.run_id
         parent.log_text(pipeline.text, f"pipeline/{pipeline.path.name}")
         parent.set_tags({"gssf.pipeline": pipeline.name})
-        for stage in pipeline.stages:
-            stage_started = time.perf_counter()
+        for step in steps.plan(pipeline):
+            step_started = time.perf_counter()
             try:
-                outcome = _RUNNERS[stage](ctx)
+                outcome = _STEPS[step](ctx)
             except (UserInputError, CheckFailedError) as exc:
-                parent.set_tags({"gssf.failed_stage": stage})
-                raise type(exc)(f"stage {stage} failed: {exc}") from exc
-            outcome.seconds = round(time.perf_counter() - stage_started, 2)
-            outcomes.append(outcome)
-            cache[stage] = {"key": outcome.key, "run_id": outcome.run_id, "summary": outcome.summary}
-            CACHE_DIR.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cache, indent=2, default=str))
-            tmp.replace(cache_file)
-            parent.set_tags({f"gssf.stage.{stage}": f"{outcome.status} {outcome.run_id or ''}".strip()})
+                parent.set_tags({"gssf.failed_stage": step})
+                raise type(exc)(f"stage {step} failed: {exc}") from exc
+            outcome.seconds = round(time.perf_counter() - step_started, 2)
+            ctx.outcomes.append(outcome)
+            parent.set_tags({f"gssf.stage.{step}": f"{outcome.status} {outcome.run_id or ''}".strip()})
         seconds = time.perf_counter() - started
-        parent.log_metrics({"seconds": seconds})
-        parent.log_dict([asdict(o) for o in outcomes], "pipeline/summary.json")
-    return PipelineResult(pipeline.name, parent.run_id, outcomes, round(seconds, 2))
+        parent.log_metrics({**ctx.metrics, "seconds": seconds})
+        if ctx.links.train_run != "latest":
+            parent.set_tags({"gssf.final_run": ctx.links.train_run})
+        parent.log_dict([asdict(o) for o in ctx.outcomes], "pipeline/summary.json")
+    return PipelineResult(pipeline.name, parent.run_id, ctx.outcomes, round(seconds, 2), ctx.metrics)
 
 
-def _key(stage: str, config: dict[str, Any], upstream: list[str]) -> str:
-    text = json.dumps({"stage": stage, "config": config, "upstream": upstream, "gssf": __version__}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _cached(stage: str, key: str, cache: dict[str, Any]) -> dict[str, Any] | None:
-    entry = cache.get(stage)
-    return entry if isinstance(entry, dict) and entry.get("key") == key else None
+def _quiet(line: str) -> None:
+    return None
 
 
 @dataclass
 class _Context:
-    """What the stages of one pipeline run share: links between stages and the cache."""
+    """What the steps of one pipeline run share: the links between them, the cache, and what ran."""
 
     tracker: Tracker
-    parent_run_id: str
     pipeline: PipelineConfig
-    cache: dict[str, Any]
+    cache: cache.Cache
+    force: bool
+    dry_run: bool
     progress: Progress | None
-    links: Links
-    keys: list[str] = field(default_factory=list)
+    notify: Callable[[str], None]
+    parent_run_id: str | None = None
+    links: Links = field(default_factory=lambda: Links(None))
+    ran: set[str] = field(default_factory=set)
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
 
-    def config(self, stage: str) -> Any:
-        return stage_config(self.pipeline, stage, self.links)
+    def __post_init__(self) -> None:
+        self.links = Links(steps.prepared(self.pipeline))
+
+    def step(
+        self,
+        name: str,
+        config: Any,
+        inputs: dict[str, Any],
+        after: tuple[str, ...],
+        work: Callable[[], tuple[str | None, dict[str, Any], list[Path]]],
+        valid: Callable[[dict[str, Any]], str | None] = lambda entry: None,
+    ) -> tuple[StageOutcome, dict[str, Any] | None]:
+        """Skip ``name`` when cached and intact, else run ``work`` → (run id, summary, output paths).
+
+        ``after``: the steps whose results this one uses; if one of them ran, so does this one. ``valid``
+        checks what the checksums cannot (a run still in the store). Returns the outcome and the cache entry
+        (None in a dry run of a step that would run).
+        """
+        key = cache.key(name, to_dict(config), inputs)
+        why = self._why(name, key, after, valid)
+        entry = self.cache.get(name)
+        if why is None and entry is not None:
+            summary = dict(entry.get("summary", {}))
+            return StageOutcome(name, "cached", key, entry.get("run_id"), summary=summary), entry
+        self.ran.add(name)
+        if self.dry_run:
+            return StageOutcome(name, "would run", key, why=why or ""), None
+        if entry is not None:
+            self.notify(f"{name}: runs again: {why}")
+        run_id, summary, outputs = work()
+        entry = {"key": key, "run_id": run_id, "summary": summary, "outputs": cache.fingerprint(outputs)}
+        entry["roots"] = [str(p) for p in outputs if p.is_dir()]
+        self.cache.record(name, entry)
+        return StageOutcome(name, "ran", key, run_id, summary=dict(summary), why=why or ""), entry
+
+    def _why(self, name: str, key: str, after: tuple[str, ...], valid: Callable[..., str | None]) -> str | None:
+        entry = self.cache.get(name)
+        upstream = next((step for step in after if step in self.ran), None)
+        if self.force:
+            return "--force"
+        if entry is None:
+            return "never ran"
+        if upstream is not None:
+            return f"{upstream} runs before it"
+        if entry.get("key") != key:
+            return "its settings or inputs changed"
+        return cache.damage(entry.get("outputs", {}), [Path(r) for r in entry.get("roots", [])]) or valid(entry)
 
 
-def _prepare_stage(ctx: _Context) -> StageOutcome:
+def _prepare(ctx: _Context) -> StageOutcome:
     from gssf_cli.stages import prepare
 
-    config: PrepareConfig = ctx.config("prepare")
-    key = _key("prepare", to_dict(config), [])
-    ctx.keys, ctx.links = [key], Links(config.out, ctx.links.train_run)
-    hit = _cached("prepare", key, ctx.cache)
-    if hit and (config.out / "manifest.json").is_file():
-        return StageOutcome("prepare", "cached", key, hit["run_id"], summary=hit["summary"])
-    result = prepare.run(config, ctx.tracker, ctx.parent_run_id)
-    return StageOutcome("prepare", "ran", key, result.run_id, summary={"path": result.path, "splits": result.splits})
+    config = stage_config(ctx.pipeline, "prepare", ctx.links)
+    source = {"source": cache.digest([config.source])} if config.source is not None else {}
 
+    def work() -> tuple[str | None, dict[str, Any], list[Path]]:
+        result = prepare.run(config, ctx.tracker, ctx.parent_run_id)
+        return result.run_id, {"path": result.path, "splits": result.splits}, [config.out]
 
-def _evaluate_stage(ctx: _Context) -> StageOutcome:
-    from gssf_cli.stages import evaluate
-
-    config: EvaluateConfig = ctx.config("evaluate")
-    key = _key("evaluate", to_dict(config), ctx.keys)
-    hit = _cached("evaluate", key, ctx.cache)
-    if hit:
-        return StageOutcome("evaluate", "cached", key, hit["run_id"], summary=hit["summary"])
-    result = evaluate.run(config, ctx.tracker, ctx.parent_run_id)
-    summary = {k: result.metrics[k] for k in registry.HEADLINE[result.task]}
-    return StageOutcome("evaluate", "ran", key, result.run_id, summary=summary)
-
-
-def _tune_stage(ctx: _Context) -> StageOutcome:
-    """Tune over the train table's settings; with ``retrain``, train the best config as the final model."""
-    from gssf_cli.stages import tune
-
-    config: TuneConfig = ctx.config("tune")
-    base = {k: v for k, v in ctx.pipeline.table("train").items() if k != "data"}
-    key = _key("tune", to_dict(config) | {"base": base}, ctx.keys[:1])
-    hit = _cached("tune", key, ctx.cache)
-    if hit and Path(str(hit["summary"].get("best_config"))).is_file():
-        outcome = StageOutcome("tune", "cached", key, hit["run_id"], summary=hit["summary"])
-    else:
-        result = tune.run(
-            config, ctx.tracker, ctx.parent_run_id, progress=ctx.progress is not None, base_values=base or None
-        )
-        summary = {"best": result.best, "best_config": result.best_config}
-        outcome = StageOutcome("tune", "ran", key, result.run_id, summary=summary)
-    best_config = outcome.summary.get("best_config")
-    if ctx.pipeline.retrain and best_config:
-        final = from_dict(TrainConfig, {**load_toml(Path(best_config)), "data": ctx.links.data}, "train")
-        retrained = _train(final, ctx, "train_best")
-        outcome.summary = {**outcome.summary, "retrained_run": retrained.run_id}
+    outcome, entry = ctx.step("prepare", config, source, (), work)
+    ctx.links = steps.after_prepare(ctx.links, config.out, entry)
     return outcome
 
 
-def _export_stage(ctx: _Context) -> StageOutcome:
-    from gssf_cli.stages import export
-
-    config: ExportConfig = ctx.config("export")
-    key = _key("export", to_dict(config), ctx.keys)
-    hit = _cached("export", key, ctx.cache)
-    if hit and Path(str(hit["summary"].get("path"))).is_dir():
-        return StageOutcome("export", "cached", key, hit["run_id"], summary=hit["summary"])
-    result = export.run(config, ctx.tracker, ctx.parent_run_id)
-    if not result.passed:
-        raise CheckFailedError(f"ONNX parity outside tolerance (see {result.path}/manifest.json)")
-    return StageOutcome("export", "ran", key, result.export_run_id, summary={"path": result.path, "passed": True})
-
-
-def _train(config: TrainConfig, ctx: _Context, name: str) -> StageOutcome:
-    """Train (or reuse a cached run whose best checkpoint is still on disk); later stages use this run."""
-    from gssf_cli import checkpoint as ckpt
+def _train(ctx: _Context, name: str = "train", config: Any = None) -> StageOutcome:
     from gssf_cli.stages import train
 
-    key = _key(name, to_dict(config), ctx.keys[:1])
-    hit = _cached(name, key, ctx.cache)
-    if hit and hit.get("run_id") and (config.runs_dir / hit["run_id"] / ckpt.BEST).is_dir():
-        outcome = StageOutcome(name, "cached", key, hit["run_id"], summary=hit["summary"])
-    else:
+    config = config if config is not None else stage_config(ctx.pipeline, "train", ctx.links)
+    inputs = {"dataset": steps.dataset_digest(config.data), "prepare": ctx.links.prepare_run}
+    after = ("prepare", "tune") if name == "train_best" else ("prepare",)
+
+    def work() -> tuple[str | None, dict[str, Any], list[Path]]:
         result = train.run(config, ctx.tracker, ctx.parent_run_id, progress=ctx.progress)
         metric = result.validation_metric
         summary = {"best_epoch": result.best_epoch, metric: result.metrics.get(f"val_{metric}")}
-        outcome = StageOutcome(name, "ran", key, result.run_id, summary=summary)
-    ctx.links = Links(ctx.links.data, outcome.run_id or "latest")
-    ctx.keys = [*ctx.keys[:1], key]
-    ctx.cache[name] = {"key": key, "run_id": outcome.run_id, "summary": outcome.summary}
+        return result.run_id, summary, [Path(result.out_dir) / "best"]
+
+    outcome, entry = ctx.step(name, config, inputs, after, work)
+    ctx.links = steps.after_train(ctx.links, outcome.run_id, entry)
     return outcome
 
 
-_RUNNERS = {
-    "prepare": _prepare_stage,
-    "train": lambda ctx: _train(ctx.config("train"), ctx, "train"),
-    "evaluate": _evaluate_stage,
-    "tune": _tune_stage,
-    "export": _export_stage,
+def _evaluate(ctx: _Context, name: str = "evaluate") -> StageOutcome:
+    from gssf_cli.stages import evaluate
+
+    config = stage_config(ctx.pipeline, "evaluate", ctx.links)
+    model_step = steps.model_step(ctx.pipeline) if name == "evaluate" else "train"
+
+    def work() -> tuple[str | None, dict[str, Any], list[Path]]:
+        result = evaluate.run(config, ctx.tracker, ctx.parent_run_id)
+        summary = {k: result.metrics[k] for k in registry.HEADLINE[result.task]}
+        return result.run_id, {**summary, "metrics": result.metrics}, []
+
+    outcome, _ = ctx.step(
+        name, config, {"model": ctx.links.model}, (model_step,), work, lambda entry: _gone(ctx, entry)
+    )
+    metrics = outcome.summary.pop("metrics", {}) if outcome.status != "would run" else {}
+    prefix = "baseline" if name == "evaluate_baseline" else "final"
+    ctx.metrics.update({f"{prefix}_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    return outcome
+
+
+def _gone(ctx: _Context, entry: dict[str, Any]) -> str | None:
+    run_id = entry.get("run_id")
+    if run_id and ctx.tracker.run_status(run_id) != "FINISHED":
+        return f"its run {run_id} is no longer in the tracking store"
+    return None
+
+
+def _tune(ctx: _Context) -> StageOutcome:
+    from gssf_cli.stages import tune
+
+    config = stage_config(ctx.pipeline, "tune", ctx.links)
+    base = steps.base_train(ctx.pipeline)
+    inputs = {"base": base, "dataset": steps.dataset_digest(config.data), "prepare": ctx.links.prepare_run}
+
+    def work() -> tuple[str | None, dict[str, Any], list[Path]]:
+        result = tune.run(config, ctx.tracker, ctx.parent_run_id, ctx.progress is not None, base or None)
+        summary = {"best": result.best, "best_config": result.best_config}
+        return result.run_id, summary, [Path(result.best_config)] if result.best_config else []
+
+    outcome, _ = ctx.step("tune", config, inputs, ("prepare",), work)
+    ctx.links = steps.after_tune(ctx.links, outcome.summary.get("best_config"))
+    return outcome
+
+
+def _train_best(ctx: _Context) -> StageOutcome:
+    best = ctx.links.best_config
+    if best is None or not Path(best).is_file():
+        if ctx.dry_run:
+            ctx.ran.add("train_best")
+            return StageOutcome("train_best", "would run", "", why="tune runs first")
+        raise CheckFailedError("tune found no best config to retrain")
+    tune_config = stage_config(ctx.pipeline, "tune", ctx.links)
+    config = from_dict(
+        steps.TrainConfig, steps.final_values(ctx.pipeline, tune_config, load_toml(Path(best)), ctx.links), "train"
+    )
+    return _train(ctx, "train_best", config)
+
+
+def _export(ctx: _Context) -> StageOutcome:
+    from gssf_cli.stages import export
+
+    config = stage_config(ctx.pipeline, "export", ctx.links)
+
+    def work() -> tuple[str | None, dict[str, Any], list[Path]]:
+        result = export.run(config, ctx.tracker, ctx.parent_run_id)
+        if not result.passed:
+            raise CheckFailedError(f"ONNX parity outside tolerance (see {result.path}/manifest.json)")
+        onnx = result.parity["retrieval"]["metrics_onnx"]
+        headline = {f"onnx_{k}": onnx[k] for names in registry.HEADLINE.values() for k in names if k in onnx}
+        summary = {"path": result.path, "passed": result.passed, **headline, "metrics": onnx}
+        return result.export_run_id, summary, [Path(result.path)]
+
+    outcome, _ = ctx.step("export", config, {"model": ctx.links.model}, (steps.model_step(ctx.pipeline),), work)
+    onnx = outcome.summary.pop("metrics", {})
+    ctx.metrics.update({f"onnx_{k}": float(v) for k, v in onnx.items()})
+    return outcome
+
+
+_STEPS: dict[str, Callable[[_Context], StageOutcome]] = {
+    "prepare": _prepare,
+    "train": _train,
+    "evaluate_baseline": lambda ctx: _evaluate(ctx, "evaluate_baseline"),
+    "tune": _tune,
+    "train_best": _train_best,
+    "evaluate": _evaluate,
+    "export": _export,
 }

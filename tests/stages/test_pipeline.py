@@ -83,9 +83,18 @@ def test_quickstart_end_to_end_with_cache_and_force(tmp_path: Path) -> None:
         return json.loads(out.stdout)
 
     first = run()
-    assert [s["stage"] for s in first["stages"]] == ["prepare", "train", "evaluate", "tune", "export"]
+    steps = ["prepare", "train", "evaluate_baseline", "tune", "train_best", "evaluate", "export"]
+    assert [s["stage"] for s in first["stages"]] == steps
     assert {s["status"] for s in first["stages"]} == {"ran"}
     assert first["stages"][-1]["summary"]["passed"] is True
+    final = {k.removeprefix("final_"): v for k, v in first["metrics"].items() if k.startswith("final_")}
+    onnx = {k.removeprefix("onnx_"): v for k, v in first["metrics"].items() if k.startswith("onnx_")}
+    assert {"rsum", "i2t_r1", "t2i_r10", "i2t_map"} <= set(onnx)
+    for name, value in onnx.items():
+        assert value == pytest.approx(final[name], abs=1e-6), name
+    assert any(k.startswith("baseline_") for k in first["metrics"])
+    retrained = first["stages"][4]
+    assert first["stages"][-1]["summary"]["path"].endswith(retrained["run_id"])
 
     from mlflow.tracking import MlflowClient
 
@@ -97,7 +106,11 @@ def test_quickstart_end_to_end_with_cache_and_force(tmp_path: Path) -> None:
     assert parent.info.status == "FINISHED"
     children = [r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
     stages = sorted(r.data.tags["gssf.stage"] for r in children)
-    assert stages == ["evaluate", "export", "prepare", "train", "train", "tune"]
+    assert stages == ["evaluate", "evaluate", "export", "prepare", "train", "train", "tune"]
+    assert parent.data.metrics["final_rsum"] == parent.data.metrics["onnx_rsum"]
+    final_train = by_id[retrained["run_id"]]
+    trained_epochs = int(final_train.data.params["train.epochs"])
+    assert trained_epochs == 4, "the final model is trained with the [train] budget, not the tune's per-trial one"
     tune_run = next(r for r in children if r.data.tags["gssf.stage"] == "tune")
     trials = [r for r in runs if r.data.tags.get(PARENT_TAG) == tune_run.info.run_id]
     assert len(trials) == 3 and {r.info.status for r in trials} == {"FINISHED"}
@@ -106,3 +119,68 @@ def test_quickstart_end_to_end_with_cache_and_force(tmp_path: Path) -> None:
     assert {s["status"] for s in again["stages"]} == {"cached"}
     forced = run("--force")
     assert {s["status"] for s in forced["stages"]} == {"ran"}
+
+
+CHAIN = """
+[pipeline]
+name = "chain"
+
+[prepare]
+dataset = "features"
+source = "src.npz"
+out = "data/chain"
+dev_fraction = 0.2
+test_fraction = 0.2
+
+[train]
+metric = "diag"
+embed_dim = 8
+batch_size = 16
+epochs = 1
+device = "cpu"
+
+[evaluate]
+
+[export]
+"""
+
+
+def _statuses(gssf: Gssf, *extra: str) -> dict[str, str]:
+    result = gssf("run", "chain.toml", "--json", *extra)
+    assert result.exit_code == 0, result.stderr
+    return {s["stage"]: s["status"] for s in json.loads(result.stdout)["stages"]}
+
+
+def test_the_cache_trusts_contents_not_names(gssf: Gssf, workdir: Path) -> None:
+    """Each kind of damage re-runs the stage that wrote the file and everything after it, and only that."""
+    from tests.factories import write_feature_npz
+
+    write_feature_npz(workdir / "src.npz", paired=True, n=40, k=2)
+    (workdir / "chain.toml").write_text(CHAIN)
+    ran = dict.fromkeys(["prepare", "train", "evaluate", "export"], "ran")
+    cached = dict.fromkeys(ran, "cached")
+    assert _statuses(gssf) == ran
+    assert _statuses(gssf) == cached
+    cache = json.loads((workdir / ".gssf" / "pipelines" / "chain.json").read_text())
+
+    bundle = Path(cache["export"]["summary"]["path"])
+    graph = next(bundle.glob("*.onnx"))
+    graph.write_bytes(graph.read_bytes()[:100])
+    dry = json.loads(gssf("run", "chain.toml", "--dry-run", "--json").stdout)["stages"]
+    assert [(s["stage"], s["status"]) for s in dry][-1] == ("export", "would run")
+    assert "changed since it was written" in dry[-1]["why"]
+    assert _statuses(gssf) == {**cached, "export": "ran"}
+
+    best = Path(cache["train"]["outputs"] and next(iter(cache["train"]["outputs"]))).parent
+    (best / "model.safetensors").unlink()
+    assert _statuses(gssf) == {**cached, "train": "ran", "evaluate": "ran", "export": "ran"}
+
+    with open(workdir / "data" / "chain" / "train_ims.npy", "ab") as fh:
+        fh.write(b"xx")
+    assert _statuses(gssf) == ran
+
+    write_feature_npz(workdir / "src.npz", paired=True, n=44, k=2)
+    result = gssf("run", "chain.toml", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert {s["stage"]: s["status"] for s in json.loads(result.stdout)["stages"]} == ran
+    assert "prepare: runs again: its settings or inputs changed" in result.stderr

@@ -1,0 +1,107 @@
+"""The pipeline cache: a stage is skipped only when its key and the files it wrote are both unchanged.
+
+A key is the sha256 of what determines a stage's result: its resolved config, the *content* of its inputs (a
+source folder's file hashes, a dataset's manifest digest, a checkpoint's hashes) and the runs it builds on.
+An entry also records the sha256 of every file the stage wrote (the dataset folder, the best checkpoint, the
+best config, the bundle). Before a stage is skipped its files are hashed again: a missing, truncated or
+edited output makes the stage run again, and :func:`damage` says why in one line. Hashes are computed once
+per process per (path, size, mtime) (:func:`gssf_cli.data.manifest.file_sha256`), so a stage that opens the
+same dataset right after the check pays nothing more.
+
+The cache is one JSON file per pipeline, replaced atomically (temporary name, then rename), so an
+interrupted write leaves the previous cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from gssf_cli import __version__
+from gssf_cli.data.manifest import file_sha256
+
+CACHE_DIR = Path(".gssf") / "pipelines"
+
+
+def key(step: str, config: Mapping[str, Any], inputs: Mapping[str, Any]) -> str:
+    """sha256 of a step's config and the identities (content hashes, run ids) of its inputs."""
+    text = json.dumps(
+        {"step": step, "config": config, "inputs": inputs, "gssf": __version__}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def files_of(paths: Iterable[Path]) -> list[Path]:
+    """Every regular file under ``paths`` (files themselves, or the files inside folders), sorted."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        elif path.is_file():
+            found.append(path)
+    return found
+
+
+def fingerprint(paths: Iterable[Path]) -> dict[str, str]:
+    """``{path: sha256}`` of every file under ``paths``: what a stage wrote, to check before it is skipped."""
+    return {str(file): file_sha256(file) for file in files_of(paths)}
+
+
+def digest(paths: Iterable[Path]) -> str:
+    """One sha256 naming the content of ``paths`` (file names relative to each root, and their hashes)."""
+    entries = []
+    for root in paths:
+        for file in files_of([root]):
+            name = file.name if file == root else str(file.relative_to(root))
+            entries.append((str(root.name), name, file_sha256(file)))
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def damage(recorded: Mapping[str, str], roots: Iterable[Path] = ()) -> str | None:
+    """Why recorded outputs can no longer be trusted (one line), or None when every file is as written.
+
+    ``roots``: folders the stage owns; a file that appeared in them since counts as damage too.
+    """
+    for name, sha in recorded.items():
+        path = Path(name)
+        if not path.is_file():
+            return f"{path} is missing"
+        if file_sha256(path) != sha:
+            return f"{path} changed since it was written"
+    extra = sorted(set(map(str, files_of(r for r in roots if r.is_dir()))) - set(recorded))
+    if extra:
+        return f"{extra[0]} appeared since the stage ran"
+    return None
+
+
+class Cache:
+    """The entries of one pipeline, by step name: ``key``, ``run_id``, ``summary``, ``outputs``, ``metrics``."""
+
+    def __init__(self, name: str, folder: Path = CACHE_DIR) -> None:
+        self.path = folder / f"{name}.json"
+        self.entries: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                loaded = {}
+            self.entries = {k: v for k, v in loaded.items() if isinstance(v, dict)} if isinstance(loaded, dict) else {}
+
+    def get(self, step: str) -> dict[str, Any] | None:
+        return self.entries.get(step)
+
+    def record(self, step: str, entry: dict[str, Any]) -> None:
+        """Store an entry and write the cache file atomically."""
+        self.entries[step] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            tmp.write_text(json.dumps(self.entries, indent=2, default=str))
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)

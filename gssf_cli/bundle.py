@@ -15,6 +15,13 @@ output must satisfy ``|ort - torch| <= atol + rtol * |torch|``; and retrieval on
 ONNX Runtime must give the same R@K and the same top-10 lists as PyTorch (order differences only between
 items whose scores are within ``atol`` count as equal). The report goes into ``manifest.json`` and MLflow.
 
+Bundle contract (DESIGN.md): a bundle whose gate failed is never left at the requested path — it is kept for
+inspection as ``<out>.failed`` (:func:`failed_path`) and an existing bundle at ``<out>`` stays untouched;
+``manifest.json`` records the sha256 and size of every file the bundle needs (``files``: the graphs and
+``vocab.json``), and :func:`verify_bundle` refuses any path that is absolute, climbs out with ``..``, is a
+symlink or resolves outside the folder, an incomplete set of graphs (:data:`GRAPHS`, shared with the exporter),
+a changed file, or a bundle whose gate failed.
+
 ONNX export (torch 2.13, onnxscript 0.7; verified by the tests, which run ONNX Runtime at two batch/length
 sizes): :func:`export_example` gives the example inputs and export arguments for a tower, then ::
 
@@ -54,7 +61,7 @@ import shutil
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -71,8 +78,17 @@ if TYPE_CHECKING:
     from gssf_cli.data.dataset import Dataset, Split
     from gssf_cli.model import RetrievalModel
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
+"""2: a ``files`` section checksums every file the bundle needs (1 covered the graphs only)."""
 TOP = 10
+MANIFEST = "manifest.json"
+FAILED_SUFFIX = ".failed"
+GRAPHS: dict[str, tuple[str, ...]] = {
+    "cross_modal": ("image_encoder", "text_encoder", "metric_head"),
+    "labels": ("encoder", "metric_head"),
+}
+"""The graphs a bundle holds, per dataset task: what the exporter writes and what :func:`verify_bundle` expects."""
+REQUIRED_KEYS = ("source_run_id", "task", "graphs", "files", "parity")
 
 
 class GlobalImageTower(nn.Module):
@@ -99,8 +115,9 @@ class MetricHead(nn.Module):
         return self.similarity.transform(embeddings)
 
 
-def _towers(model: RetrievalModel, image_kind: str) -> dict[str, nn.Module]:
-    """Graph name -> module with a single-tensor (or tokens+lengths) forward, as users will call it."""
+def _towers(model: RetrievalModel, image_kind: str, task: str) -> dict[str, nn.Module]:
+    """Graph name -> module with a single-tensor (or tokens+lengths) forward, as users will call it; the names
+    are :data:`GRAPHS` of ``task``."""
     towers = export_towers(model.encoder)
     if "features" in towers:
         named = {"encoder": towers["features"]}
@@ -110,6 +127,8 @@ def _towers(model: RetrievalModel, image_kind: str) -> dict[str, nn.Module]:
             image = GlobalImageTower(image)
         named = {"image_encoder": image, "text_encoder": towers["text"]}
     named["metric_head"] = MetricHead(model.similarity.folded())
+    if tuple(named) != GRAPHS.get(task):
+        raise RuntimeError(f"a {task} model exports graphs {', '.join(named)}, not the bundle's {GRAPHS.get(task)}")
     for module in named.values():
         module.eval()
     return named
@@ -175,47 +194,119 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+@dataclass(frozen=True)
+class WrittenBundle:
+    """Where :func:`write_bundle` left a bundle — ``out``, or :func:`failed_path` when its gate failed — and its
+    manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.manifest["parity"]["passed"])
+
+
+def failed_path(out: Path) -> Path:
+    """Where a bundle whose parity gate failed is kept for inspection: ``<out>.failed``, next to ``out``."""
+    out = out.expanduser()
+    if not out.name:
+        out = out.resolve()
+    return out.with_name(out.name + FAILED_SUFFIX)
+
+
+def gate_passed(parity: Any) -> bool:
+    """The parity gate's verdict from the report itself: every graph and the retrieval check passed."""
+    try:
+        return all(g["passed"] is True for g in parity["graphs"].values()) and parity["retrieval"]["passed"] is True
+    except (AttributeError, KeyError, TypeError):
+        return False
+
+
+def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"sha256", "bytes"}}`` for every file in a bundle folder except its manifest."""
+    from gssf_cli.data.files import sha256_file
+
+    return {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.iterdir())
+        if p.name != MANIFEST
+    }
+
+
+class _GateFailed(Exception):
+    """Leaves :func:`staged_folder` without moving the staging folder into ``out``."""
+
+
 def write_bundle(
     model: RetrievalModel, dataset: Dataset, out: Path, config: ExportConfig, source_run_id: str
-) -> dict[str, Any]:
-    """Export ``model``'s graphs into ``out`` (atomically: a staging folder renamed into place), check parity
-    on ``dataset``'s ``config.split``, and write ``manifest.json``; returns the manifest."""
-    from gssf_cli.data.files import sha256_file, staged_folder
+) -> WrittenBundle:
+    """Export ``model``'s graphs into a staging folder, check parity on ``dataset``'s ``config.split``, and write
+    ``manifest.json``. The staging folder becomes ``out`` only if the gate passed; otherwise it becomes
+    ``<out>.failed`` (replacing an older one) and whatever was at ``out`` stays as it was."""
+    from gssf_cli.data.files import staged_folder
 
     model.eval()
     if not dataset.has_split(config.split):
         raise UserInputError(f"{dataset.folder} has no {config.split!r} split to check parity on")
     image_kind = dataset.manifest["modalities"].get("image", {}).get("type", "features")
-    with staged_folder(out, config.force) as staging:
-        towers = _towers(model, image_kind)
-        graphs = {
-            name: export_graph(name, module, model.similarity.dim, staging / f"{name}.onnx", config.opset)
-            for name, module in towers.items()
-        }
-        sessions = {name: _session(staging / info["file"]) for name, info in graphs.items()}
-        split = dataset.split(config.split)
-        with torch.no_grad():
-            parity: dict[str, Any] = {"graphs": _graph_parity(towers, sessions, split, config, model.similarity.dim)}
-            parity["retrieval"] = _retrieval_parity(model, towers, sessions, split, config)
-        parity["passed"] = all(g["passed"] for g in parity["graphs"].values()) and parity["retrieval"]["passed"]
-        preprocessing = _preprocessing(dataset, staging)
-        for info in graphs.values():
-            info["sha256"] = sha256_file(staging / info["file"])
-        manifest = {
-            "bundle_format": BUNDLE_FORMAT,
-            "source_run_id": source_run_id,
-            "task": dataset.task,
-            "dataset": {"name": dataset.name, "manifest_sha256": dataset.digest},
-            "metric": {"name": model.similarity.name, "block_size": model.similarity.block_size},
-            "exporter": {"name": "torch.onnx.export(dynamo=True)", "opset": config.opset},
-            "versions": _versions(),
-            "graphs": graphs,
-            "preprocessing": preprocessing,
-            "usage": "scores = metric_head(image_embeddings) @ text_embeddings.T",
-            "parity": parity,
-        }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    manifest: dict[str, Any] = {}
+    try:
+        with staged_folder(out, config.force) as staging:
+            manifest = _write_into(staging, model, dataset, image_kind, config, source_run_id)
+            if not manifest["parity"]["passed"]:
+                _keep_failed(staging, failed_path(out))
+                raise _GateFailed
+    except _GateFailed:
+        return WrittenBundle(failed_path(out), manifest)
+    return WrittenBundle(out.expanduser(), manifest)
+
+
+def _write_into(
+    staging: Path, model: RetrievalModel, dataset: Dataset, image_kind: str, config: ExportConfig, source_run_id: str
+) -> dict[str, Any]:
+    towers = _towers(model, image_kind, dataset.task)
+    graphs = {
+        name: export_graph(name, module, model.similarity.dim, staging / f"{name}.onnx", config.opset)
+        for name, module in towers.items()
+    }
+    sessions = {name: _session(staging / info["file"]) for name, info in graphs.items()}
+    split = dataset.split(config.split)
+    with torch.no_grad():
+        parity: dict[str, Any] = {"graphs": _graph_parity(towers, sessions, split, config, model.similarity.dim)}
+        parity["retrieval"] = _retrieval_parity(model, towers, sessions, split, config)
+    parity["passed"] = gate_passed(parity)
+    preprocessing = _preprocessing(dataset, staging)
+    files = file_checksums(staging)
+    for info in graphs.values():
+        info["sha256"] = files[info["file"]]["sha256"]
+    manifest = {
+        "bundle_format": BUNDLE_FORMAT,
+        "source_run_id": source_run_id,
+        "task": dataset.task,
+        "dataset": {"name": dataset.name, "manifest_sha256": dataset.digest},
+        "metric": {"name": model.similarity.name, "block_size": model.similarity.block_size},
+        "exporter": {"name": "torch.onnx.export(dynamo=True)", "opset": config.opset},
+        "versions": _versions(),
+        "graphs": graphs,
+        "files": files,
+        "preprocessing": preprocessing,
+        "usage": "scores = metric_head(image_embeddings) @ text_embeddings.T",
+        "parity": parity,
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest
+
+
+def _keep_failed(staging: Path, failed: Path) -> None:
+    """Move a staged bundle whose gate failed to ``failed``, replacing an older one there."""
+    retired = staging.with_name(staging.name + ".old")
+    if failed.is_symlink() or failed.is_file():
+        failed.unlink()
+    elif failed.exists():
+        failed.rename(retired)
+    staging.rename(failed)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def load_graph(path: Path) -> Any:
@@ -226,27 +317,60 @@ def load_graph(path: Path) -> Any:
 
 
 def verify_bundle(folder: Path) -> dict[str, Any]:
-    """Re-check an existing bundle before deploying it: manifest, checksums, ``onnx.checker``, ORT loading.
+    """Re-check an existing bundle before deploying it: manifest, gate, paths, checksums, ``onnx.checker``, ORT.
 
-    A corrupted or truncated graph is a one-line :class:`UserInputError` naming the file.
+    Every refusal is a one-line :class:`UserInputError` naming the file (or the bundle): a manifest that is
+    not a JSON object or lacks required keys; a bundle whose parity gate failed; an incomplete set of graphs
+    (:data:`GRAPHS`); any path that is absolute, contains ``..``, is a symlink or resolves outside the folder;
+    a file the manifest does not checksum, or one that is missing, changed or truncated; an invalid graph.
     """
     import onnx
 
     from gssf_cli.data.files import sha256_file
 
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.is_file():
-        raise UserInputError(f"{folder}: no manifest.json, not a gssf ONNX bundle (run `gssf export --onnx`)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        graphs = manifest["graphs"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"{manifest_path}: unreadable bundle manifest ({exc})") from None
-    for info in graphs.values():
-        path = folder / info["file"]
+    manifest = _read_manifest(folder)
+    manifest_path = folder / MANIFEST
+    if manifest["parity"].get("passed") is not True or not gate_passed(manifest["parity"]):
+        raise UserInputError(
+            f"{folder}: its parity gate failed (manifest.json records parity outside tolerance); not deployable"
+        )
+    task, graphs, files = manifest["task"], manifest["graphs"], manifest["files"]
+    expected = GRAPHS.get(task)
+    if expected is None:
+        raise UserInputError(f"{manifest_path}: unknown task {task!r} (expected one of {', '.join(GRAPHS)})")
+    missing = [name for name in expected if name not in graphs]
+    extra = sorted(set(graphs) - set(expected))
+    if missing or extra:
+        what = (
+            f"incomplete bundle, missing graph(s) {', '.join(missing)}"
+            if missing
+            else (f"unexpected graph(s) {', '.join(extra)}")
+        )
+        raise UserInputError(f"{manifest_path}: {what} (a {task} bundle holds {', '.join(expected)}); export again")
+    needed = {info["file"]: f"graph {name}" for name, info in graphs.items()}
+    vocab = _vocab_file(manifest)
+    if vocab is not None:
+        needed[vocab] = "the vocabulary"
+    elif any(isinstance(i, dict) and i.get("name") == "tokens" for g in graphs.values() for i in g.get("inputs", [])):
+        raise UserInputError(f"{manifest_path}: the text encoder takes tokens but the manifest records no vocab.json")
+    root = folder.resolve()
+    paths = {name: _inside(folder, root, name) for name in dict.fromkeys([*needed, *files])}
+    for name, what in needed.items():
+        if name not in files:
+            raise UserInputError(f"{paths[name]}: {what} is not checksummed in manifest.json; export again")
+    digests: dict[str, str] = {}
+    for name, entry in files.items():
+        path = paths[name]
         if not path.is_file():
             raise UserInputError(f"{path}: missing from the bundle; export again")
-        if sha256_file(path) != info["sha256"]:
+        if path.stat().st_size != entry["bytes"] or (digest := sha256_file(path)) != entry["sha256"]:
+            raise UserInputError(
+                f"{path}: checksum mismatch with manifest.json (file changed or truncated); export again"
+            )
+        digests[name] = digest
+    for info in graphs.values():
+        path = paths[info["file"]]
+        if info["sha256"] != digests[info["file"]]:
             raise UserInputError(
                 f"{path}: checksum mismatch with manifest.json (file changed or truncated); export again"
             )
@@ -257,10 +381,75 @@ def verify_bundle(folder: Path) -> dict[str, Any]:
             raise UserInputError(f"{path}: not a valid ONNX graph ({str(exc).splitlines()[0][:200]})") from None
     return {
         "path": str(folder),
+        "task": task,
         "graphs": sorted(graphs),
+        "files": sorted(files),
         "source_run_id": manifest.get("source_run_id"),
         "valid": True,
     }
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    """A bundle's manifest, checked for shape (not yet for content): one line naming it if it is not usable."""
+    path = folder / MANIFEST
+    if path.is_symlink():
+        raise UserInputError(f"{path}: a symlink; a bundle's files must be plain files inside it")
+    if not path.is_file():
+        raise UserInputError(f"{folder}: no manifest.json, not a gssf ONNX bundle (run `gssf export --onnx`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise UserInputError(f"{path}: unreadable bundle manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise UserInputError(f"{path}: not a bundle manifest (expected a JSON object)")
+    if "bundle_format" in manifest and manifest["bundle_format"] != BUNDLE_FORMAT:
+        raise UserInputError(
+            f"{path}: bundle format {manifest['bundle_format']!r}, this gssf checks format {BUNDLE_FORMAT}; "
+            "export again"
+        )
+    missing = [key for key in ("bundle_format", *REQUIRED_KEYS) if key not in manifest]
+    if missing:
+        raise UserInputError(f"{path}: incomplete bundle manifest (no {', '.join(missing)}); export again")
+    graphs, files = manifest["graphs"], manifest["files"]
+    well_formed = (
+        isinstance(graphs, dict)
+        and all(isinstance(g, dict) and isinstance(g.get("file"), str) and isinstance(g.get("sha256"), str)
+                for g in graphs.values())
+        and isinstance(files, dict)
+        and all(isinstance(f, dict) and isinstance(f.get("sha256"), str) and type(f.get("bytes")) is int
+                for f in files.values())
+        and isinstance(manifest["parity"], dict)
+        and isinstance(manifest["task"], str)
+    )  # fmt: skip
+    if not well_formed:
+        raise UserInputError(f"{path}: malformed bundle manifest (graphs, files, parity or task); export again")
+    return manifest
+
+
+def _vocab_file(manifest: dict[str, Any]) -> Any:
+    """The vocabulary path the manifest records (``preprocessing.text.vocab``), or None."""
+    preprocessing = manifest.get("preprocessing")
+    text = preprocessing.get("text") if isinstance(preprocessing, dict) else None
+    return text.get("vocab") if isinstance(text, dict) else None
+
+
+def _inside(folder: Path, root: Path, name: Any) -> Path:
+    """``folder / name`` for a path recorded in the manifest, refused unless it is relative, free of ``..``, no
+    symlink (nor under one), and resolves inside ``root`` (the resolved bundle folder)."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserInputError(f"{folder / MANIFEST}: a file path {name!r} that names no file in the bundle")
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        raise UserInputError(f"{name}: an absolute path in {folder / MANIFEST}; a bundle's files lie inside it")
+    if ".." in PureWindowsPath(name).parts:
+        raise UserInputError(f"{folder / name}: the manifest path climbs out of the bundle with '..'; refusing it")
+    path = folder / name
+    relative = Path(name)
+    for sub in (relative, *relative.parents[:-1]):
+        if (folder / sub).is_symlink():
+            raise UserInputError(f"{folder / sub}: a symlink; a bundle's files must be plain files inside it")
+    if not path.resolve().is_relative_to(root):
+        raise UserInputError(f"{path}: resolves outside the bundle folder {folder}; refusing it")
+    return path
 
 
 def _json_default(value: Any) -> Any:

@@ -69,6 +69,14 @@ MARGIN = NON_NEGATIVE
 OPSET = Range(18, 23)
 """Opsets the dynamo ONNX exporter supports."""
 
+MIN_SPLIT_CLASSES = 2
+"""A label-based dev/test split needs at least this many classes: with one, every item is relevant to every
+query, so every metric is perfect whatever the model does (and the first epoch is always "best")."""
+MIN_CLASS_ITEMS = 2
+"""... and at least one class with this many items: a query needs a positive among the other items."""
+MIN_SPLIT_IMAGES = 2
+"""A cross-modal dev/test split needs at least this many images: with one there is nothing to rank."""
+
 SimilarityName = Literal["cosine", "diag", "bdiag", "dense", "gssf"]
 SIMILARITY_NAMES: tuple[str, ...] = get_args(SimilarityName)
 BLOCK_SIMILARITIES: tuple[str, ...] = ("bdiag", "gssf")

@@ -10,6 +10,7 @@ Standard library only.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from gssf_cli.errors import UserInputError
@@ -18,13 +19,16 @@ from gssf_cli.limits import Task
 
 @dataclass(frozen=True)
 class Metric:
-    """``task``: ``cross_modal``, ``labels`` or ``training`` (the loss, any task)."""
+    """``task``: ``cross_modal``, ``labels`` or ``training`` (the loss, any task). ``best_possible``: the value
+    a perfect ranking gets (None where there is none, or where it depends on the other metrics: rsum, see
+    :func:`best_possible`)."""
 
     name: str
     task: str
     higher_is_better: bool
     unit: str
     description: str
+    best_possible: float | None = None
 
     @property
     def mode(self) -> str:
@@ -32,26 +36,29 @@ class Metric:
         return "max" if self.higher_is_better else "min"
 
 
+PERCENT, FRACTION, FIRST_RANK = 100.0, 1.0, 1.0
+"""Best possible values: recalls and mAP in %, label-based metrics as fractions, ranks (1 = first)."""
+
 _TABLE: tuple[Metric, ...] = (
     Metric("rsum", "cross_modal", True, "% (sum)", "sum of i2t and t2i R@K"),
-    Metric("i2t_r1", "cross_modal", True, "%", "image→text recall at 1"),
-    Metric("i2t_r5", "cross_modal", True, "%", "image→text recall at 5"),
-    Metric("i2t_r10", "cross_modal", True, "%", "image→text recall at 10"),
-    Metric("t2i_r1", "cross_modal", True, "%", "text→image recall at 1"),
-    Metric("t2i_r5", "cross_modal", True, "%", "text→image recall at 5"),
-    Metric("t2i_r10", "cross_modal", True, "%", "text→image recall at 10"),
-    Metric("i2t_map", "cross_modal", True, "%", "image→text mean average precision"),
-    Metric("i2t_medr", "cross_modal", False, "rank", "image→text median rank of the first match"),
-    Metric("t2i_medr", "cross_modal", False, "rank", "text→image median rank of the match"),
-    Metric("i2t_meanr", "cross_modal", False, "rank", "image→text mean rank of the first match"),
-    Metric("t2i_meanr", "cross_modal", False, "rank", "text→image mean rank of the match"),
-    Metric("map_at_r", "labels", True, "fraction", "MAP@R (R = relevant items of the query)"),
-    Metric("map", "labels", True, "fraction", "mean average precision over the full ranking"),
-    Metric("precision_at_1", "labels", True, "fraction", "precision at 1"),
-    Metric("r_precision", "labels", True, "fraction", "R-precision"),
-    Metric("r_at_1", "labels", True, "fraction", "queries with a relevant item in the top 1"),
-    Metric("r_at_5", "labels", True, "fraction", "queries with a relevant item in the top 5"),
-    Metric("r_at_10", "labels", True, "fraction", "queries with a relevant item in the top 10"),
+    Metric("i2t_r1", "cross_modal", True, "%", "image→text recall at 1", PERCENT),
+    Metric("i2t_r5", "cross_modal", True, "%", "image→text recall at 5", PERCENT),
+    Metric("i2t_r10", "cross_modal", True, "%", "image→text recall at 10", PERCENT),
+    Metric("t2i_r1", "cross_modal", True, "%", "text→image recall at 1", PERCENT),
+    Metric("t2i_r5", "cross_modal", True, "%", "text→image recall at 5", PERCENT),
+    Metric("t2i_r10", "cross_modal", True, "%", "text→image recall at 10", PERCENT),
+    Metric("i2t_map", "cross_modal", True, "%", "image→text mean average precision", PERCENT),
+    Metric("i2t_medr", "cross_modal", False, "rank", "image→text median rank of the first match", FIRST_RANK),
+    Metric("t2i_medr", "cross_modal", False, "rank", "text→image median rank of the match", FIRST_RANK),
+    Metric("i2t_meanr", "cross_modal", False, "rank", "image→text mean rank of the first match", FIRST_RANK),
+    Metric("t2i_meanr", "cross_modal", False, "rank", "text→image mean rank of the match", FIRST_RANK),
+    Metric("map_at_r", "labels", True, "fraction", "MAP@R (R = relevant items of the query)", FRACTION),
+    Metric("map", "labels", True, "fraction", "mean average precision over the full ranking", FRACTION),
+    Metric("precision_at_1", "labels", True, "fraction", "precision at 1", FRACTION),
+    Metric("r_precision", "labels", True, "fraction", "R-precision", FRACTION),
+    Metric("r_at_1", "labels", True, "fraction", "queries with a relevant item in the top 1", FRACTION),
+    Metric("r_at_5", "labels", True, "fraction", "queries with a relevant item in the top 5", FRACTION),
+    Metric("r_at_10", "labels", True, "fraction", "queries with a relevant item in the top 10", FRACTION),
     Metric("loss", "training", False, "", "training loss (mean per pair over the epoch)"),
 )
 REGISTRY: dict[str, Metric] = {m.name: m for m in _TABLE}
@@ -83,9 +90,19 @@ def get(name: str) -> Metric:
         k = match.group(2)
         if match.group(1):
             direction = "image→text" if match.group(1) == "i2t" else "text→image"
-            return Metric(name, "cross_modal", True, "%", f"{direction} recall at {k}")
-        return Metric(name, "labels", True, "fraction", f"queries with a relevant item in the top {k}")
+            return Metric(name, "cross_modal", True, "%", f"{direction} recall at {k}", PERCENT)
+        return Metric(name, "labels", True, "fraction", f"queries with a relevant item in the top {k}", FRACTION)
     raise KeyError(name)
+
+
+def best_possible(name: str, reported: Iterable[str]) -> float | None:
+    """The value of ``name`` under a perfect ranking, given the names of the metrics reported with it (rsum's
+    depends on the cut-offs: 100 per ``i2t_r{K}``/``t2i_r{K}`` it sums); None where there is no ceiling."""
+    name = name.removeprefix("val_")
+    if name == "rsum":
+        cutoffs = [m for n in reported if (m := _CUTOFF.match(n.removeprefix("val_"))) is not None and m.group(1)]
+        return PERCENT * len(cutoffs) if cutoffs else None
+    return get(name).best_possible
 
 
 def for_task(task: Task | str) -> tuple[str, ...]:

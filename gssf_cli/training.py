@@ -7,6 +7,12 @@ validation on ``val_split`` with the evaluation functions (rSum, or MAP@R for la
 atomic checkpoint. The best epoch is kept. Resuming from a checkpoint folder continues with the same config
 and dataset and ends with the same result as an uninterrupted run (on CPU).
 
+A validation split must be able to tell epochs apart: one that cannot rank (one class, one image: see
+:mod:`gssf_cli.data.rankable`) is refused up front, and a run whose validation metric sat at its best possible
+value at every epoch (so the "best epoch" would just be the first) stops with an error
+(:func:`cannot_choose_best`). The per-epoch validation values live in the checkpoint state, so a resumed run
+judges its whole history.
+
 Why a class and a function: :class:`Trainer` builds everything and runs every check up front (dataset split,
 teacher file, block size, resume compatibility), so a caller that tracks the run — the ``train`` stage — can
 refuse bad input before it opens an MLflow run; :func:`fit` is the one-call form (Ray trials, scripts).
@@ -18,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +37,7 @@ from gssf_cli import checkpoint as ckpt
 from gssf_cli import metrics as registry
 from gssf_cli.config import TrainConfig, to_dict
 from gssf_cli.data.dataset import Dataset, Split
+from gssf_cli.data.rankable import split_problem
 from gssf_cli.errors import UserInputError
 from gssf_cli.evaluation import evaluate_model, load_embeddings
 from gssf_cli.model import RetrievalModel, build_model, build_objective
@@ -90,6 +97,7 @@ class Trainer:
             torch.set_num_threads(config.threads)
         if not dataset.has_split("train"):
             raise UserInputError(f"{config.data}: no train split to train on")
+        check_validation_split(config, dataset)
         self.teacher = load_teacher(config, dataset)
         torch.manual_seed(config.seed)
         self.model = build_model(dataset, config).to(self.device)
@@ -98,6 +106,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.objective, config)
         self.metric_name = registry.validation_metric(dataset.task)
         self.start_epoch, self.best_value, self.best_epoch = 0, -math.inf, -1
+        self.val_history: list[float] = []  # the validation metric at every epoch so far (in the checkpoint state)
         if resume_from is not None:
             saved = ckpt.load(resume_from)
             check_resumable(saved.state, config, dataset, str(resume_from.parent.name))
@@ -107,6 +116,7 @@ class Trainer:
             ckpt.restore_rng(saved.rng)
             self.start_epoch = saved.state["epoch"] + 1
             self.best_value, self.best_epoch = saved.state["best_value"], saved.state["best_epoch"]
+            self.val_history = [float(v) for v in saved.state.get("val_history", [])]
 
     def fit(self, out_dir: Path, on_epoch_end: EpochCallback | None = None) -> FitResult:
         """Train the remaining epochs, writing ``out_dir/best`` and ``out_dir/checkpoint`` every epoch."""
@@ -117,6 +127,8 @@ class Trainer:
             val = self._validate()
             history = {**stats, **{f"val_{k}": v for k, v in val.items()}}
             value = val.get(self.metric_name, -stats["loss"])
+            if self.metric_name in val:
+                self.val_history.append(value)
             improved = value > self.best_value
             if improved:
                 self.best_value, self.best_epoch = value, epoch
@@ -128,12 +140,15 @@ class Trainer:
                 "dataset_sha256": self.dataset.digest,
                 "task": self.dataset.task,
                 "last_metrics": history,
+                "val_history": list(self.val_history),
             }
             if improved:
                 ckpt.save(out_dir / ckpt.BEST, self.model, state)
             ckpt.save(out_dir / ckpt.LAST, self.trainable, state, self.optimizer)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, {**history, f"best_{self.metric_name}": self.best_value}, out_dir / ckpt.LAST)
+            if self.metric_name in val:
+                self._check_can_choose_best(val)
         best_state = ckpt.saved_state(out_dir / ckpt.BEST)
         return FitResult(
             out_dir=out_dir,
@@ -186,6 +201,16 @@ class Trainer:
             return _silent()
         return self.progress.epoch(label, batches)
 
+    def _check_can_choose_best(self, val: dict[str, float]) -> None:
+        best = registry.best_possible(self.metric_name, val)
+        if cannot_choose_best(self.val_history, best):
+            split = self.config.val_split
+            raise UserInputError(
+                f"{self.config.data} ({split} split): {self.metric_name} was {self.val_history[0]:g}, its best "
+                f"possible value, at all {len(self.val_history)} epochs so far, so this split cannot choose a best "
+                f"epoch; validate on a larger or harder split with --val-split, or prepare a bigger {split} split"
+            )
+
     def _validate(self) -> dict[str, float]:
         if not self.dataset.has_split(self.config.val_split):
             return {}
@@ -209,6 +234,32 @@ def fit(
 @contextlib.contextmanager
 def _silent() -> Iterator[Callable[[float, float], None]]:
     yield lambda loss, rate: None
+
+
+def check_validation_split(config: TrainConfig, dataset: Dataset) -> None:
+    """Refuse a validation split that cannot rank (an older dataset folder may have one)."""
+    if not dataset.has_split(config.val_split):
+        return
+    problem = split_problem(dataset.folder, dataset.manifest, config.val_split)
+    if problem is not None:
+        raise UserInputError(
+            f"{config.data}: the {config.val_split} split {problem}, so it cannot choose a best epoch; "
+            "validate on another split with --val-split, or prepare the dataset again"
+        )
+
+
+def cannot_choose_best(history: Sequence[float], best_possible: float | None) -> bool:
+    """True when the validation metric was the same at every epoch (at least two) and that value is the
+    metric's best possible: every epoch ties at perfect, so "best" would just be the first. A constant but
+    imperfect value is not refused (tiny splits can tie by chance)."""
+    if best_possible is None or len(history) < 2:
+        return False
+    first = history[0]
+    return all(_same(v, first) for v in history) and _same(first, best_possible)
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
 
 
 def make_optimizer(model: RetrievalModel, objective: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -37,6 +37,7 @@ from typing import Any, Literal, get_args, get_origin
 from gssf_cli import limits
 from gssf_cli import metrics as registry
 from gssf_cli.config import TrainConfig, TuneConfig, default_of, from_dict, load_toml, resolve, to_dict
+from gssf_cli.data.rankable import split_problem
 from gssf_cli.errors import UserInputError
 
 Kind = Literal["grid", "uniform", "loguniform", "randint", "lograndint"]
@@ -219,12 +220,19 @@ def make_plan(
             "--param block_size=divisors: the embedding size is tuned too, so list the block sizes instead"
         )
     base = resolve(TrainConfig, "base", {**values, **{d.name: d.probes()[0] for d in dimensions}})
-    task, splits = _dataset_task(base.data)
+    manifest = _manifest(base.data)
+    task, splits = str(manifest["task"]), set(manifest.get("splits", {}))
     metric, metric_key = resolve_metric(config.metric, task)
     if metric != "loss" and base.val_split not in splits:
         raise UserInputError(
             f"{base.data} has no {base.val_split!r} split to validate trials on; "
             "prepare one, set --base val_split=..., or tune on --metric loss"
+        )
+    problem = split_problem(base.data, manifest, base.val_split) if metric != "loss" else None
+    if problem is not None:
+        raise UserInputError(
+            f"{base.data}: the {base.val_split} split {problem}, so trials could not be compared on it; "
+            "set --base val_split=..., prepare the dataset again, or tune on --metric loss"
         )
     check_space(base, dimensions)
     available = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
@@ -331,11 +339,10 @@ def _any_uses_block_size(base: TrainConfig, by_name: Mapping[str, Dimension]) ->
     return any(m in limits.BLOCK_SIMILARITIES for m in metrics)
 
 
-def _dataset_task(folder: Path) -> tuple[str, set[str]]:
+def _manifest(folder: Path) -> dict[str, Any]:
     from gssf_cli.data.manifest import load_manifest
 
-    manifest = load_manifest(folder, verify=False)
-    return str(manifest["task"]), set(manifest.get("splits", {}))
+    return load_manifest(folder, verify=False)
 
 
 def _divisors_spec(spec: str, dim: int, where: str) -> tuple[int, ...]:

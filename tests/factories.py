@@ -71,3 +71,20 @@ def write_feature_npz(path: Path, paired: bool = True, n: int = 40, k: int = 2, 
             labels=np.arange(n) % classes,
         )
     return path
+
+
+def write_split_features(
+    path: Path, labels: dict[str, list[int]] | None = None, images: dict[str, int] | None = None
+) -> Path:
+    """One .npz of split-prefixed arrays: ``{split}_features`` + ``{split}_labels`` with the given labels per
+    split, or ``{split}_images`` + ``{split}_texts`` (2 texts per image) with the given image counts."""
+    rng = np.random.default_rng(4)
+    arrays: dict[str, np.ndarray] = {}
+    for split, split_labels in (labels or {}).items():
+        arrays[f"{split}_features"] = rng.normal(size=(len(split_labels), 4)).astype(np.float32)
+        arrays[f"{split}_labels"] = np.asarray(split_labels, dtype=np.int64)
+    for split, count in (images or {}).items():
+        arrays[f"{split}_images"] = rng.normal(size=(count, 4)).astype(np.float32)
+        arrays[f"{split}_texts"] = rng.normal(size=(2 * count, 4)).astype(np.float32)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path

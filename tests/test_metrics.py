@@ -35,3 +35,18 @@ def test_resolve_checks_the_task() -> None:
     assert metrics.resolve("loss", "cross_modal").name == "loss"
     with pytest.raises(UserInputError, match="not a validation metric of cross-modal data"):
         metrics.resolve("map_at_r", "cross_modal")
+
+
+def test_a_perfect_ranking_reaches_every_best_possible_value() -> None:
+    k = 2
+    perfect = np.repeat(np.eye(4), k, axis=1) + np.random.default_rng(1).uniform(0, 0.1, size=(4, 4 * k))
+    cross = retrieval.evaluate_cross_modal(scores=perfect, captions_per_image=k, ks=(1, 2))
+    labels = retrieval.evaluate_labels(None, [0, 0, 1, 1], scores=np.kron(np.eye(2), np.ones((2, 2))))
+    for reported in (cross, labels):
+        for name, value in reported.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(metrics.best_possible(name, reported)), name
+    assert metrics.best_possible("rsum", cross) == 400.0
+    assert metrics.best_possible("val_rsum", ["val_i2t_r1", "val_t2i_r1"]) == 200.0
+    assert metrics.best_possible("rsum", []) is None and metrics.best_possible("loss", []) is None
+    assert metrics.best_possible("r_at_20", []) == 1.0 and metrics.best_possible("t2i_r50", []) == 100.0

@@ -4,7 +4,9 @@ Accepted sources: a folder of ``.npy`` files or one ``.npz`` file, holding eithe
 (``train_images`` + ``train_texts``, or ``train_features`` + ``train_labels``, likewise ``dev_``/``test_``)
 or unsplit ones (``images`` + ``texts``, or ``features`` + ``labels``). ``texts`` holds k rows per image in
 image order (k = 1 for CLIP-style pairs). Unsplit arrays are split with the seed: pairs by image,
-labelled data by class (train, dev and test classes are disjoint, the convention of the field).
+labelled data by class (train, dev and test classes are disjoint, the convention of the field). dev and test
+get at least the minimum a split needs to rank (2 images, or 2 classes: see :mod:`gssf_cli.data.rankable`)
+even when the fractions give fewer.
 
 Output: ``{split}_ims.npy`` + ``{split}_txts.npy`` (paired) or ``{split}_feats.npy`` + ``{split}_labels.npy``.
 ``.npy`` inputs are memory-mapped and linked, not loaded; ``.npz`` members are read (zip members cannot be
@@ -23,6 +25,7 @@ import numpy as np
 from gssf_cli.config import PrepareConfig
 from gssf_cli.data.files import check_float_array, link_or_copy, open_array
 from gssf_cli.errors import UserInputError
+from gssf_cli.limits import MIN_SPLIT_CLASSES, MIN_SPLIT_IMAGES
 
 SPLITS = ("train", "dev", "test")
 PAIRED = ("images", "texts")
@@ -109,7 +112,7 @@ def _paired(
         return splits, k
     images, texts = np.asarray(arrays["images"]), np.asarray(arrays["texts"])
     order = np.random.default_rng(config.seed).permutation(len(images))
-    for split, idx in _split_indices(order, config).items():
+    for split, idx in _split_indices(order, config, MIN_SPLIT_IMAGES, "images").items():
         idx = np.sort(idx)
         text_idx = (idx[:, None] * k + np.arange(k)).reshape(-1)
         np.save(folder / f"{split}_ims.npy", images[idx])
@@ -147,10 +150,8 @@ def _labelled(
         return splits
     feats, labels = np.asarray(arrays["features"]), np.asarray(arrays["labels"]).astype(np.int64)
     classes = np.unique(labels)
-    if len(classes) < 3:
-        raise UserInputError(f"{source}: {len(classes)} classes; a class-disjoint split needs at least 3")
     order = np.random.default_rng(config.seed).permutation(classes)
-    for split, chosen in _split_indices(order, config).items():
+    for split, chosen in _split_indices(order, config, MIN_SPLIT_CLASSES, "classes").items():
         idx = np.flatnonzero(np.isin(labels, chosen))
         np.save(folder / f"{split}_feats.npy", feats[idx])
         np.save(folder / f"{split}_labels.npy", labels[idx])
@@ -158,13 +159,17 @@ def _labelled(
     return splits
 
 
-def _split_indices(order: np.ndarray, config: PrepareConfig) -> dict[str, np.ndarray]:
-    """Cut a permutation into train/dev/test by the configured fractions (each at least one item)."""
+def _split_indices(order: np.ndarray, config: PrepareConfig, minimum: int, what: str) -> dict[str, np.ndarray]:
+    """Cut a permutation of images (or classes) into train/dev/test by the configured fractions; dev and test
+    get at least ``minimum`` each (the least a split can rank with), train at least one."""
     n = len(order)
-    n_test = max(1, round(config.test_fraction * n))
-    n_dev = max(1, round(config.dev_fraction * n))
+    n_test = max(minimum, round(config.test_fraction * n))
+    n_dev = max(minimum, round(config.dev_fraction * n))
     if n - n_test - n_dev < 1:
-        raise UserInputError(f"only {n} items to split into train/dev/test; provide more data or split it yourself")
+        raise UserInputError(
+            f"only {n} {what} to split into train/dev/test (dev and test need at least {minimum} {what} each, "
+            "train one); provide more data or split it yourself"
+        )
     return {"train": order[n_test + n_dev :], "dev": order[n_test : n_test + n_dev], "test": order[:n_test]}
 
 

@@ -22,13 +22,13 @@ __all__ = ["EvaluateResult", "load_embeddings", "run"]
 
 def run(config: EvaluateConfig, tracker: Tracker | None = None, parent_run_id: str | None = None) -> EvaluateResult:
     """Evaluate embeddings or a trained run; metrics, config and plots go to an ``evaluate`` run."""
-    if tracker is not None:
-        _ = tracker.experiment_id
     if config.run is not None:
         if tracker is None:
             raise UserInputError("--run needs a tracking store to find the run")
         return _run_trained(config, tracker, parent_run_id)
     assert config.embeddings is not None
+    if tracker is not None:
+        _ = tracker.experiment_id
     outcome = evaluation.evaluate_file(config)
     if tracker is None:
         return outcome.result

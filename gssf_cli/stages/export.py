@@ -1,7 +1,9 @@
 """Stage ``export``: a trained run as an ONNX bundle (:mod:`gssf_cli.bundle`), tracked as an MLflow run.
 
 The export run logs the config, the parity report as metrics, the bundle's manifest, and each graph as an
-MLflow ONNX model served with the CPU provider.
+MLflow ONNX model served with the CPU provider. A failed parity gate deploys nothing: the bundle is kept as
+``<out>.failed`` (the result's ``path``), the run still logs the metrics and the manifest but no model, and it
+ends FAILED.
 """
 
 from __future__ import annotations
@@ -39,21 +41,24 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
     from gssf_cli import bundle
     from gssf_cli.runs import load_trained
 
-    _ = tracker.experiment_id
     train_run, model, dataset = load_trained(tracker, config.run)
     run_id = train_run.info.run_id
     out = config.out or Path("exports") / run_id
     started = time.perf_counter()
-    manifest = bundle.write_bundle(model, dataset, out, config, run_id)
+    written = bundle.write_bundle(model, dataset, out, config, run_id)
     seconds = time.perf_counter() - started
-    graphs, parity = manifest["graphs"], manifest["parity"]
+    graphs, parity = written.manifest["graphs"], written.manifest["parity"]
     with tracker.start_run(
         "export", run_name=f"export {train_run.info.run_name}", parent_run_id=parent_run_id,
         tags={"gssf.source_run": run_id},
     ) as run_:  # fmt: skip
         run_.log_config("export", to_dict(config))
-        run_.log_metrics(bundle.parity_metrics(parity) | {"seconds": seconds, "passed": float(parity["passed"])})
-        run_.log_artifact(out / "manifest.json", "bundle")
-        for name, info in graphs.items():
-            run_.log_onnx_model(bundle.load_graph(out / info["file"]), name)
-    return ExportResult(str(out), run_id, run_.run_id, bool(parity["passed"]), graphs, parity, round(seconds, 2))
+        run_.log_metrics(bundle.parity_metrics(parity) | {"seconds": seconds, "passed": float(written.passed)})
+        run_.log_artifact(written.path / bundle.MANIFEST, "bundle")
+        if written.passed:
+            for name, info in graphs.items():
+                run_.log_onnx_model(bundle.load_graph(written.path / info["file"]), name)
+        else:
+            run_.set_tags({"gssf.export.failed_bundle": str(written.path)})
+            run_.mark_failed()
+    return ExportResult(str(written.path), run_id, run_.run_id, written.passed, graphs, parity, round(seconds, 2))

@@ -10,6 +10,7 @@ from gssf_cli.config import PrepareConfig, to_dict
 from gssf_cli.data import writer
 from gssf_cli.data.files import staged_folder
 from gssf_cli.data.manifest import MANIFEST, manifest_digest, write_manifest
+from gssf_cli.data.rankable import check_prepared_splits
 
 if TYPE_CHECKING:
     from gssf_cli.tracking import Tracker
@@ -34,6 +35,9 @@ class PrepareResult:
 def run(config: PrepareConfig, tracker: Tracker | None = None, parent_run_id: str | None = None) -> PrepareResult:
     """Build ``config.out`` atomically (nothing is left behind on failure), then log it as a run.
 
+    A dev/test split that cannot rank anything (see :mod:`gssf_cli.data.rankable`) is refused before the
+    folder is moved into place.
+
     The tracking store is contacted before any work so that a wrong ``--tracking-uri`` fails fast.
     """
     if tracker is not None:
@@ -42,6 +46,7 @@ def run(config: PrepareConfig, tracker: Tracker | None = None, parent_run_id: st
     settings = {k: v for k, v in to_dict(config).items() if k not in ("out", "force")}
     with staged_folder(config.out, config.force) as staging:
         fields = writer(config.dataset)(config, staging)
+        check_prepared_splits(staging, {"kind": config.dataset, **fields})
         manifest = write_manifest(
             staging, {"name": config.out.name, "kind": config.dataset, **fields, "settings": settings}
         )

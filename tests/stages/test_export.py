@@ -94,7 +94,7 @@ def test_readme_snippet_scores_like_pytorch(exported: tuple[Path, dict, dict]) -
     block = text.split("<!-- onnx-snippet:begin -->", 1)[1].split("<!-- onnx-snippet:end -->", 1)[0]
     code = re.search(r"```python\n(.*?)```", block, re.S)
     assert code is not None
-    source = code.group(1).replace('"exports/RUN"', repr(bundle["path"]))
+    source = code.group(1).replace('"exports/quickstart", "data/quickstart"', f'{bundle["path"]!r}, "data/syn"')
     namespace: dict = {}
     cwd = os.getcwd()
     os.chdir(root)
@@ -114,7 +114,7 @@ def test_readme_snippet_scores_like_pytorch(exported: tuple[Path, dict, dict]) -
         mp.chdir(root)
         _, model, _dataset = load_trained(Tracker(), trained["run_id"])
         vocab = Vocabulary.load(root / "data/syn/vocab.json")
-        ids = [vocab.encode(c) for c in ["w0332 w0349 w0215", "w0259 w0052 w0073 w0126"]]
+        ids = [vocab.encode(c) for c in (root / "data/syn/test_caps.txt").read_text().splitlines()[:2]]
         tokens = torch.zeros(2, max(map(len, ids)), dtype=torch.long)
         for i, row in enumerate(ids):
             tokens[i, : len(row)] = torch.tensor(row)
@@ -125,17 +125,61 @@ def test_readme_snippet_scores_like_pytorch(exported: tuple[Path, dict, dict]) -
     np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=1e-4)
 
 
+def _assert_failed_export_run(run_id: str, passed_run_id: str) -> None:
+    """The export run ended FAILED, with the parity metrics and the manifest, and no graph logged as a model
+    (the same query finds the three models of ``passed_run_id``, an export that passed)."""
+    client = Tracker().client
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.metrics["passed"] == 0.0
+    assert "image_encoder_max_abs_diff" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run_id)} == {"bundle", "config"}
+    assert [a.path for a in client.list_artifacts(run_id, "bundle")] == ["bundle/manifest.json"]
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.name for m in models if m.source_run_id == run_id] == []
+    assert len([m.name for m in models if m.source_run_id == passed_run_id]) == 3
+
+
 def test_parity_outside_tolerance_exits_1(exported: tuple[Path, dict, dict]) -> None:
-    root, trained, _ = exported
+    """A failed gate deploys nothing: no folder at --out, the bundle kept as <out>.failed, the run FAILED."""
+    root, trained, bundle = exported
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         result = _invoke(
             "export", "--onnx", "--run", trained["run_id"], "--out", "exports/strict", "--atol", "0", "--rtol", "0"
         )
-    assert result.exit_code == 1, result.stdout + result.stderr
-    assert "ONNX parity (FAILED)" in result.stdout and "outside the parity tolerance" in result.stderr
-    manifest = json.loads((root / "exports/strict/manifest.json").read_text())
-    assert manifest["parity"]["passed"] is False
+        assert result.exit_code == 1, result.stdout + result.stderr
+        assert "ONNX parity (FAILED)" in result.stdout and "outside the parity tolerance" in result.stderr
+        assert "exports/strict.failed" in result.stdout and "nothing deployed" in result.stdout
+        assert not (root / "exports/strict").exists()
+        assert not [p.name for p in (root / "exports").iterdir() if p.name.startswith(".")]
+        manifest = json.loads((root / "exports/strict.failed/manifest.json").read_text())
+        assert manifest["parity"]["passed"] is False
+        _assert_failed_export_run(Tracker().get_run("latest", stage="export").info.run_id, bundle["export_run_id"])
+        line = _one_line(_invoke("export", "--check", "exports/strict.failed"))
+        assert "exports/strict.failed" in line and "parity gate failed" in line
+
+
+def test_failed_export_never_replaces_a_good_bundle(exported: tuple[Path, dict, dict]) -> None:
+    """--force with a failing gate: the good bundle at --out stays byte for byte; an older .failed is replaced."""
+    root, trained, bundle = exported
+    good = root / "exports/good"
+    shutil.copytree(root / bundle["path"], good)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    (root / "exports/good.failed").mkdir()
+    (root / "exports/good.failed/stale.txt").write_text("an older failed export")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        result = _invoke("export", "--onnx", "--run", trained["run_id"], "--out", "exports/good", "--force",
+                         "--atol", "0", "--rtol", "0", "--json")  # fmt: skip
+        assert result.exit_code == 1, result.stdout + result.stderr
+        failed = json.loads(result.stdout)
+        assert failed["passed"] is False and failed["parity"]["passed"] is False
+        assert failed["path"] == "exports/good.failed"
+        assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+        assert not (root / "exports/good.failed/stale.txt").exists()
+        assert json.loads((root / "exports/good.failed/manifest.json").read_text())["parity"]["passed"] is False
+        _assert_failed_export_run(failed["export_run_id"], bundle["export_run_id"])
+        assert _invoke("export", "--check", "exports/good").exit_code == 0
 
 
 def _kind_dataset(kind: str, workdir: Path) -> list[str]:
@@ -188,8 +232,126 @@ def test_check_catches_a_corrupted_or_truncated_graph(exported: tuple[Path, dict
         result = _invoke("export", "--check", "exports/copy")
         assert result.exit_code == 2 and "metric_head.onnx: checksum mismatch" in result.stderr
         manifest = json.loads((copy / "manifest.json").read_text())
-        manifest["graphs"]["metric_head"]["sha256"] = hashlib.sha256(head.read_bytes()).hexdigest()
+        digest = hashlib.sha256(head.read_bytes()).hexdigest()
+        manifest["graphs"]["metric_head"]["sha256"] = digest
+        manifest["files"]["metric_head.onnx"] = {"sha256": digest, "bytes": head.stat().st_size}
         (copy / "manifest.json").write_text(json.dumps(manifest))
         result = _invoke("export", "--check", "exports/copy")
         assert result.exit_code == 2 and "metric_head.onnx: not a valid ONNX graph" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _outside_path(copy: Path, manifest: dict) -> str:
+    """Point metric_head at ``../../outside.onnx`` (a real copy of the graph sits there)."""
+    shutil.copyfile(copy / "metric_head.onnx", copy.parents[1] / "outside.onnx")
+    manifest["graphs"]["metric_head"]["file"] = "../../outside.onnx"
+    manifest["files"]["../../outside.onnx"] = manifest["files"].pop("metric_head.onnx")
+    return "../../outside.onnx"
+
+
+def _absolute_path(copy: Path, manifest: dict) -> str:
+    target = copy.parents[1] / "absolute.onnx"
+    shutil.copyfile(copy / "metric_head.onnx", target)
+    manifest["graphs"]["metric_head"]["file"] = str(target)
+    manifest["files"][str(target)] = manifest["files"].pop("metric_head.onnx")
+    return str(target)
+
+
+def _symlinked_vocab(copy: Path, manifest: dict) -> str:
+    outside = copy.parents[1] / "outside-vocab.json"
+    shutil.copyfile(copy / "vocab.json", outside)
+    (copy / "vocab.json").unlink()
+    (copy / "vocab.json").symlink_to(outside)
+    return "vocab.json: a symlink"
+
+
+def _symlinked_graph(copy: Path, manifest: dict) -> str:
+    outside = copy.parents[1] / "outside-head.onnx"
+    shutil.copyfile(copy / "metric_head.onnx", outside)
+    (copy / "metric_head.onnx").unlink()
+    (copy / "metric_head.onnx").symlink_to(outside)
+    return "metric_head.onnx: a symlink"
+
+
+def _no_graphs(copy: Path, manifest: dict) -> str:
+    manifest["graphs"] = {}
+    return "manifest.json: incomplete bundle, missing graph(s) image_encoder, text_encoder, metric_head"
+
+
+def _no_metric_head(copy: Path, manifest: dict) -> str:
+    del manifest["graphs"]["metric_head"]
+    del manifest["files"]["metric_head.onnx"]
+    (copy / "metric_head.onnx").unlink()
+    return "missing graph(s) metric_head"
+
+
+def _edited_vocab(copy: Path, manifest: dict) -> str:
+    vocab = json.loads((copy / "vocab.json").read_text())
+    vocab["words"][4], vocab["words"][5] = vocab["words"][5], vocab["words"][4]
+    (copy / "vocab.json").write_text(json.dumps(vocab))
+    return "vocab.json: checksum mismatch"
+
+
+def _truncated_vocab(copy: Path, manifest: dict) -> str:
+    data = (copy / "vocab.json").read_bytes()
+    (copy / "vocab.json").write_bytes(data[: len(data) // 2])
+    return "vocab.json: checksum mismatch"
+
+
+def _missing_vocab(copy: Path, manifest: dict) -> str:
+    (copy / "vocab.json").unlink()
+    return "vocab.json: missing from the bundle"
+
+
+def _vocab_not_checksummed(copy: Path, manifest: dict) -> str:
+    del manifest["files"]["vocab.json"]
+    return "vocab.json: the vocabulary is not checksummed"
+
+
+def _gate_failed(copy: Path, manifest: dict) -> str:
+    manifest["parity"]["passed"] = False
+    return f"{copy.name}: its parity gate failed"
+
+
+def _not_an_object(copy: Path, manifest: dict) -> str:
+    manifest.clear()
+    (copy / "manifest.json").write_text("[]")
+    return "manifest.json: not a bundle manifest"
+
+
+def _no_files_section(copy: Path, manifest: dict) -> str:
+    del manifest["files"]
+    return "manifest.json: incomplete bundle manifest (no files)"
+
+
+ATTACKS = {
+    "dotdot-path": _outside_path,
+    "absolute-path": _absolute_path,
+    "symlinked-vocab": _symlinked_vocab,
+    "symlinked-graph": _symlinked_graph,
+    "no-graphs": _no_graphs,
+    "no-metric-head": _no_metric_head,
+    "edited-vocab": _edited_vocab,
+    "truncated-vocab": _truncated_vocab,
+    "missing-vocab": _missing_vocab,
+    "vocab-not-checksummed": _vocab_not_checksummed,
+    "gate-failed": _gate_failed,
+    "not-an-object": _not_an_object,
+    "no-files-section": _no_files_section,
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_check_refuses_a_bundle_that_is_not_self_contained(exported: tuple[Path, dict, dict], attack: str) -> None:
+    """Each edit to a copied bundle: ``export --check`` exits 2 with one line naming the file (or bundle)."""
+    root, _, bundle = exported
+    copy = root / "exports" / f"attack-{attack}"
+    shutil.copytree(root / bundle["path"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    expected = ATTACKS[attack](copy, manifest)
+    if manifest:
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        line = _one_line(_invoke("export", "--check", f"exports/attack-{attack}"))
+    assert expected in line, line

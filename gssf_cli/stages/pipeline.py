@@ -80,7 +80,9 @@ def run(
     if not isinstance(pipeline, PipelineConfig):
         pipeline = load_pipeline(pipeline)
     check(pipeline)
-    ctx = _Context(tracker, pipeline, cache.Cache(pipeline.name), force, dry_run, progress, notify or _quiet)
+    ctx = _Context(
+        tracker, pipeline, cache.Cache(pipeline.name), force, dry_run, progress, notify or (lambda line: None)
+    )
     started = time.perf_counter()
     if dry_run:
         for step in steps.plan(pipeline):
@@ -106,10 +108,6 @@ def run(
             parent.set_tags({"gssf.final_run": ctx.links.train_run})
         parent.log_dict([asdict(o) for o in ctx.outcomes], "pipeline/summary.json")
     return PipelineResult(pipeline.name, parent.run_id, ctx.outcomes, round(seconds, 2), ctx.metrics)
-
-
-def _quiet(line: str) -> None:
-    return None
 
 
 @dataclass

@@ -94,7 +94,8 @@ def test_quickstart_end_to_end_with_cache_and_force(tmp_path: Path) -> None:
         assert value == pytest.approx(final[name], abs=1e-6), name
     assert any(k.startswith("baseline_") for k in first["metrics"])
     retrained = first["stages"][4]
-    assert first["stages"][-1]["summary"]["path"].endswith(retrained["run_id"])
+    bundle = json.loads((tmp_path / first["stages"][-1]["summary"]["path"] / "manifest.json").read_text())
+    assert bundle["source_run_id"] == retrained["run_id"], "the bundle is made from the final model"
 
     from mlflow.tracking import MlflowClient
 

@@ -51,6 +51,36 @@ from gssf_cli.limits import head_parameters
 from gssf_cli.tuning import TrialOutcome, TunePlan, describe_values
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0"}
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""A local Ray on loopback only. Ray has no authentication by default and, as a cluster node, advertises the
+machine's external IP and binds its GCS, raylet and worker gRPC servers to every interface. With this switch
+(read when ``ray`` is imported, and inherited by every Ray process) Ray treats the machine as a single node:
+its node address is 127.0.0.1 and every server binds loopback. Only ``--address`` joins a cluster."""
+MAX_TEMP_DIR = 40
+"""Ray's Unix socket paths add ~65 characters to its temporary folder; AF_UNIX allows 107 in all."""
+
+
+def _loopback_only() -> None:
+    """See :data:`LOOPBACK_ENV`; also applied to an already imported Ray (read at call time there)."""
+    os.environ.update(LOOPBACK_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
+
+
+def short_temp_root() -> str:
+    """Where Ray's session folder goes: the temporary folder if its path is short enough for Ray's sockets,
+    else ``/tmp`` (a long ``TMPDIR`` made ``gssf tune`` fail with "AF_UNIX path too long")."""
+    root = tempfile.gettempdir()
+    if len(root) <= MAX_TEMP_DIR - len("/gssf-ray-XXXXXXXX"):
+        return root
+    for fallback in ("/tmp", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(fallback) and os.access(fallback, os.W_OK | os.X_OK):
+            return fallback
+    raise UserInputError(
+        f"TMPDIR {root} is too long for Ray's socket paths (over {MAX_TEMP_DIR} characters) and /tmp is not "
+        "writable: set TMPDIR to a short folder"
+    )
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -93,6 +123,8 @@ def run_trials(plan: TunePlan, config: TuneConfig, name: str, storage: str, prog
     """Run every trial of ``plan`` on Ray. Ray's console output goes to stderr so that ``--json`` keeps
     stdout clean."""
     os.environ.update(RAY_ENV)
+    if not config.address:
+        _loopback_only()
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -174,7 +206,7 @@ def _ray_session(config: TuneConfig) -> Iterator[list[float]]:
         if config.address:
             ray.init(address=config.address, log_to_driver=False, logging_level=logging.ERROR)
         else:
-            temp_dir = tempfile.mkdtemp(prefix="gssf-ray-")
+            temp_dir = tempfile.mkdtemp(prefix="gssf-ray-", dir=short_temp_root())
             ray.init(
                 num_cpus=os.cpu_count() or 1,
                 include_dashboard=False,

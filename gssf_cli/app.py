@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import signal
 import sys
 import types
 import typing
@@ -489,5 +490,12 @@ def run_pipeline(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM (``kill``, a scheduler's stop) interrupts like Ctrl-C, so every open
+    run, a pipeline's parent included, ends KILLED instead of staying RUNNING, and the exit status is 130."""
+    signal.signal(signal.SIGTERM, _terminate)
     app()
+
+
+def _terminate(signum: int, frame: types.FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean shutdown: a second TERM does not cut it short
+    raise KeyboardInterrupt

@@ -6,21 +6,33 @@ evaluation and export use). A checkpoint folder holds ``model.safetensors`` (wei
 step counts), ``rng.safetensors`` (torch RNG states) and ``state.json`` (epoch, best metric, optimizer
 hyper-parameters, config, dataset hash). It is written to a temporary sibling folder and renamed into
 place, so a kill at any moment leaves either the previous checkpoint or the new one, never half of one.
+
+Why :func:`recover`: a save is two renames (the old folder aside, the new one into place), so a kill between
+them leaves no ``NAME/`` at all, only ``.NAME.old-PID-TAG`` and a complete ``.NAME.tmp-PID-TAG``. Every reader
+and writer first puts the newest complete leftover of a dead process back into place, then removes the other
+leftovers of dead processes; a live writer's leftovers are never touched. The run folder also holds
+:data:`RUN_CONFIG` (the config and dataset a run started with, written before its first epoch), so a run killed
+before its first checkpoint can still be resumed: it starts again at epoch 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gssf_cli.config import TrainConfig, default_of
+from gssf_cli.data.files import STALE_AFTER_S, held_by_another_process
 from gssf_cli.errors import UserInputError
 
 LAST = "checkpoint"
@@ -29,6 +41,9 @@ MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 STATE = "state.json"
+RUN_CONFIG = "config.json"
+WAIT_FOR_WRITER_S = 2.0
+"""How long a reader waits for a live process that is between the two renames of a save."""
 
 
 @dataclass
@@ -86,7 +101,8 @@ def save(
 ) -> None:
     """Write a checkpoint folder atomically (replacing an existing one only once the new one is complete)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    recover(folder)
+    tmp = folder.with_name(_leftover_name(folder.name, "tmp"))
     tmp.mkdir()
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -101,7 +117,7 @@ def save(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+    old = folder.with_name(_leftover_name(folder.name, "old"))
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
@@ -109,7 +125,9 @@ def save(
 
 
 def load(folder: Path) -> Checkpoint:
-    """Read a checkpoint folder; anything missing or malformed is a one-line user error."""
+    """Read a checkpoint folder (recovering one an interrupted save left aside); anything missing or malformed
+    is a one-line user error."""
+    recover(folder)
     if not (folder / MODEL).is_file() or not (folder / STATE).is_file():
         raise UserInputError(f"{folder}: no checkpoint here (expected {MODEL} and {STATE})")
     try:
@@ -127,16 +145,183 @@ def load(folder: Path) -> Checkpoint:
 
 
 def saved_config(run_id: str, runs_dir: Path | str | None = None) -> dict[str, Any]:
-    """The config a run was started with, read from its last checkpoint (to resume it)."""
+    """The config a run was started with, to resume it: from its last checkpoint, else (a run killed before its
+    first checkpoint) from its :data:`RUN_CONFIG`."""
     folder = Path(runs_dir) if runs_dir is not None else default_of(TrainConfig, "runs_dir")
-    state_file = folder / run_id / LAST / STATE
-    if not state_file.is_file():
-        raise UserInputError(f"run {run_id} has no local checkpoint at {state_file.parent}; cannot resume it here")
-    config: dict[str, Any] = json.loads(state_file.read_text())["config"]
+    run_dir = folder / run_id
+    started = saved_state(run_dir / LAST) if recover(run_dir / LAST) else read_run_config(run_dir)
+    if started is None:
+        raise UserInputError(f"run {run_id} has no local checkpoint at {run_dir / LAST}; cannot resume it here")
+    config: dict[str, Any] = check_state(started, run_dir, ("config",))["config"]
     return config
 
 
 def saved_state(folder: Path) -> dict[str, Any]:
     """A checkpoint folder's JSON state alone (epoch, best value, config), without loading any tensor."""
-    state: dict[str, Any] = json.loads((folder / STATE).read_text())
+    recover(folder)
+    state: dict[str, Any] = _read_json(folder / STATE)
+    return state
+
+
+def write_run_config(run_dir: Path, config: dict[str, Any], dataset_sha256: str) -> None:
+    """Record, atomically, the config and dataset a run starts with (:data:`RUN_CONFIG`), before its first epoch."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / RUN_CONFIG
+    for leftover in _leftovers(target):
+        if leftover.stale:
+            _remove(leftover.path)
+    tmp = target.with_name(_leftover_name(target.name, "tmp"))
+    try:
+        tmp.write_text(json.dumps({"config": config, "dataset_sha256": dataset_sha256}, indent=2, default=str) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any] | None:
+    """``{"config": ..., "dataset_sha256": ...}`` from :data:`RUN_CONFIG`, or None when the run has none."""
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        return None
+    started = _read_json(path)
+    if not isinstance(started, dict) or not isinstance(started.get("config"), dict):
+        raise UserInputError(f"{path}: not a run config (expected a config and a dataset hash)")
+    return started
+
+
+def recover(folder: Path) -> bool:
+    """Put back a checkpoint that a kill between the two renames of :func:`save` left aside, and remove the
+    leftovers of dead saves; True when a checkpoint folder is then in place.
+
+    When ``folder`` is missing, the newest complete leftover of a dead process (by the epoch in its state; a new
+    ``.tmp-`` before an ``.old-`` of the same epoch) is renamed into place. Once a folder is in place, the other
+    leftovers of dead processes go. A process that is still alive may be between its renames: its leftovers
+    stay, and a reader waits a moment for its folder to appear.
+    """
+    deadline = time.monotonic() + WAIT_FOR_WRITER_S
+    leftovers = _leftovers(folder)
+    while not folder.is_dir() and any(x.live for x in leftovers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        leftovers = _leftovers(folder)
+    if not folder.exists():
+        _promote(folder, [x for x in leftovers if not x.live])
+    if folder.is_dir():
+        for leftover in leftovers:
+            if leftover.stale and leftover.path.exists():
+                _remove(leftover.path)
+    return folder.is_dir()
+
+
+@dataclass(frozen=True)
+class _Leftover:
+    """A sibling ``.NAME.tmp-…`` or ``.NAME.old-…`` of a checkpoint folder (or of a file written atomically)."""
+
+    path: Path
+    kind: str  # "tmp" or "old"
+    live: bool  # named by another process that is still running
+    stale: bool  # safe to remove: its process is gone (or, named without one, it is over STALE_AFTER_S old)
+
+
+def _leftover_name(name: str, kind: str) -> str:
+    return f".{name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _leftovers(target: Path) -> list[_Leftover]:
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        for kind in ("tmp", "old"):
+            prefix = f".{target.name}.{kind}-"
+            if not entry.name.startswith(prefix):
+                continue
+            pid_text, _, tag = entry.name[len(prefix) :].rpartition("-")
+            if pid_text.isdigit() and tag:
+                live = held_by_another_process(int(pid_text))
+                found.append(_Leftover(entry, kind, live, stale=not live))
+            elif not pid_text and tag:
+                found.append(_Leftover(entry, kind, live=False, stale=_older_than(entry, STALE_AFTER_S)))
+    return found
+
+
+def _promote(folder: Path, leftovers: list[_Leftover]) -> None:
+    ranked = []
+    for leftover in leftovers:
+        state = _complete_state(leftover.path)
+        if state is not None:
+            epoch = state.get("epoch")
+            ranked.append((epoch if isinstance(epoch, int) else -1, leftover.kind == "tmp", leftover.path))
+    if ranked:
+        newest = max(ranked, key=lambda r: (r[0], r[1]))[2]
+        with contextlib.suppress(OSError):  # another process promoted one first: the caller checks what is in place
+            newest.rename(folder)
+
+
+def _complete_state(folder: Path) -> dict[str, Any] | None:
+    """The state of a checkpoint folder whose every file is whole, else None."""
+    try:
+        state = json.loads((folder / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    needed = [MODEL, RNG] + ([OPTIMIZER] if "optimizer_param_groups" in state else [])
+    for name in needed:
+        try:
+            with safe_open(str(folder / name), "pt") as handle:
+                handle.keys()
+        except Exception:
+            return None
+    return state
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
+def _remove(path: Path) -> None:
+    """Best effort: a folder this process cannot write to (a shared, read-only runs folder) keeps its leftovers."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserInputError(f"{path}: unreadable JSON ({str(exc).splitlines()[0]})") from None
+
+
+STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "config": (dict,),
+    "dataset_sha256": (str,),
+    "epoch": (int,),
+    "best_epoch": (int,),
+    "best_value": (int, float),
+    "last_metrics": (dict,),
+}
+"""What a checkpoint's ``state.json`` holds for its readers (resume, evaluation, export), with the JSON types."""
+
+
+def check_state(state: Any, path: Path, fields: tuple[str, ...] = tuple(STATE_FIELDS)) -> dict[str, Any]:
+    """``state`` (read from ``path``) if it is a JSON object with each of ``fields`` of the right type; else a
+    one-line :class:`UserInputError` naming the first field that is missing or wrong, so that a damaged
+    ``state.json`` is never a ``KeyError`` deep in a reader."""
+    if not isinstance(state, dict):
+        raise UserInputError(f"{path}: not a checkpoint state (expected a JSON object, got {type(state).__name__})")
+    for name in fields:
+        value = state.get(name)
+        if isinstance(value, bool) or not isinstance(value, STATE_FIELDS[name]):
+            found = "missing" if name not in state else f"{type(value).__name__} {value!r}"[:60]
+            kinds = " or ".join(t.__name__ for t in STATE_FIELDS[name])
+            raise UserInputError(f"{path}: not a checkpoint state ({name}: expected {kinds}, got {found})")
     return state

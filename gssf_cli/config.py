@@ -59,12 +59,17 @@ def default_of(cls: type, name: str) -> Any:
 
 
 def check_ranges(config: Any, section: str) -> None:
-    """Every field declared ``within`` a range lies inside it (None means "not set" and is skipped)."""
+    """Every float setting (and every float in a list setting) is finite, and every field declared ``within`` a
+    range lies inside it (None means "not set" and is skipped)."""
     for field in dataclasses.fields(config):
         within = field.metadata.get("range")
         value = getattr(config, field.name)
+        key = f"{section}.{field.name}"
+        for i, item in enumerate(value) if isinstance(value, (tuple, list)) else ():
+            limits.check_finite(f"{key}[{i}]", item)
+        limits.check_finite(key, value)
         if within is not None and value is not None:
-            within.check(f"{section}.{field.name}", value)
+            within.check(key, value)
 
 
 DATASET_KINDS: tuple[str, ...] = limits.DATASET_KINDS
@@ -232,8 +237,21 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise UserInputError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserInputError(f"{path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        line = _line_of(path, exc.start)
+        raise UserInputError(f"{path}: not valid TOML (line {line} is not UTF-8; save the file as UTF-8)") from None
+    except IsADirectoryError:
+        raise UserInputError(f"{path}: is a folder, not a TOML file") from None
     except OSError as exc:
         raise UserInputError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _line_of(path: Path, offset: int) -> int:
+    """The 1-based line of byte ``offset`` in ``path`` (for an error message)."""
+    try:
+        return path.read_bytes()[:offset].count(b"\n") + 1
+    except OSError:
+        return 0
 
 
 def resolve(

@@ -18,7 +18,8 @@ from gssf_cli.errors import UserInputError
 
 @dataclass(frozen=True)
 class Range:
-    """A closed or half-open interval of numbers; NaN is never inside (every comparison with NaN is false)."""
+    """A closed or half-open interval of finite numbers: NaN and ±Inf are never inside, whatever the bounds (a
+    setting of ``inf`` is always a typo or an overflow, and it turns a run's numbers into NaN)."""
 
     low: float | None = None
     high: float | None = None
@@ -26,7 +27,7 @@ class Range:
     high_inclusive: bool = True
 
     def contains(self, value: float) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return False
         above = self.low is None or (value >= self.low if self.low_inclusive else value > self.low)
         below = self.high is None or (value <= self.high if self.high_inclusive else value < self.high)
@@ -48,9 +49,17 @@ class Range:
 
     def check(self, key: str, value: float) -> float:
         """``value`` if inside; else a one-line :class:`UserInputError` naming ``key``."""
+        check_finite(key, value)
         if not self.contains(value):
             raise UserInputError(f"{key}: {self.describe()}, got {value}")
         return value
+
+
+def check_finite(key: str, value: object) -> None:
+    """A float setting must be a finite number: a one-line :class:`UserInputError` naming ``key`` for NaN or ±Inf
+    (other values pass; their type and range are checked elsewhere)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserInputError(f"{key}: must be a finite number, got {value}")
 
 
 def _number(value: float) -> str:
@@ -100,22 +109,105 @@ TASKS: tuple[str, ...] = get_args(Task)
 
 
 def valid_block_sizes(dim: int) -> list[int]:
-    """The divisors of ``dim`` in increasing order: the block sizes ``bdiag``/``gssf`` accept."""
-    small = [k for k in range(1, math.isqrt(dim) + 1) if dim % k == 0]
-    return sorted({*small, *(dim // k for k in small)})
+    """The divisors of ``dim`` in increasing order: the block sizes ``bdiag``/``gssf`` accept.
+
+    From the prime factorisation (:func:`_prime_factors`), so even an absurd ``dim`` (10^30) answers at once.
+    """
+    divisors = [1]
+    for prime, power in _prime_factors(dim).items():
+        divisors = [d * prime**k for d in divisors for k in range(power + 1)]
+    return sorted(divisors)
+
+
+MAX_LISTED_SIZES = 32
+"""An error message lists at most this many valid block sizes (10^30 has 961)."""
 
 
 def check_block_size(name: str, dim: int, block_size: int | None) -> int:
-    sizes = ", ".join(map(str, valid_block_sizes(dim)))
+    def sizes() -> str:  # listed only in an error message: valid sizes need a factorisation
+        found = valid_block_sizes(dim)
+        if len(found) <= MAX_LISTED_SIZES:
+            return ", ".join(map(str, found))
+        return ", ".join(map(str, found[: MAX_LISTED_SIZES - 1])) + f", …, {dim} ({len(found)} in all)"
+
     if block_size is None:
-        raise UserInputError(f"similarity {name!r} needs a block size; valid block sizes: {sizes}")
+        raise UserInputError(f"similarity {name!r} needs a block size; valid block sizes: {sizes()}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise UserInputError(f"block size must be a positive integer, got {block_size!r}; valid block sizes: {sizes}")
+        raise UserInputError(f"block size must be a positive integer, got {block_size!r}; valid block sizes: {sizes()}")
     if dim % block_size:
         raise UserInputError(
-            f"block size {block_size} does not divide the embedding size {dim}; valid block sizes: {sizes}"
+            f"block size {block_size} does not divide the embedding size {dim}; valid block sizes: {sizes()}"
         )
     return block_size
+
+
+_SMALL_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+
+
+def _prime_factors(n: int) -> dict[int, int]:
+    """``{factor: power}`` of ``n >= 1``: trial division by small primes, then Miller-Rabin and Pollard's rho.
+
+    A cofactor that resists :data:`_RHO_STEPS` steps of rho is kept whole (as if prime), so any ``n`` answers
+    in about a second at worst; that takes a product of two primes above ~10^10, a ``dim`` no model could hold.
+    """
+    factors: dict[int, int] = {}
+    for p in _SMALL_PRIMES:
+        while n % p == 0:
+            factors[p] = factors.get(p, 0) + 1
+            n //= p
+    stack = [n] if n > 1 else []
+    while stack:
+        m = stack.pop()
+        d = None if _is_probable_prime(m) else _pollard_rho(m)
+        if d is None:
+            factors[m] = factors.get(m, 0) + 1
+        else:
+            stack += [d, m // d]
+    return factors
+
+
+def _is_probable_prime(n: int) -> bool:
+    """Miller-Rabin with the first 13 prime bases: exact below 3.3 * 10^24, and wrong beyond with
+    negligible probability."""
+    if n < 2:
+        return False
+    for p in _SMALL_PRIMES:
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in _SMALL_PRIMES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+_RHO_STEPS = 50_000
+
+
+def _pollard_rho(n: int) -> int | None:
+    """A non-trivial factor of the composite ``n`` without small prime factors (Pollard's rho with Floyd's
+    cycle finding), or None when none turns up within :data:`_RHO_STEPS` steps."""
+    for c in (1, 3, 5, 7):
+        x = y = 2
+        for _ in range(_RHO_STEPS):
+            x = (x * x + c) % n
+            y = (y * y + c) % n
+            y = (y * y + c) % n
+            d = math.gcd(abs(x - y), n)
+            if d == n:
+                break
+            if d != 1:
+                return d
+    return None
 
 
 def head_parameters(name: str, dim: int, block_size: int) -> int:

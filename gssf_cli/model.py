@@ -12,9 +12,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gssf_cli import limits
 from gssf_cli.config import TrainConfig
 from gssf_cli.data.dataset import Dataset, Split
 from gssf_cli.encoders import EncoderSpec, build_encoder, parameter_counts
+from gssf_cli.errors import UserInputError
 from gssf_cli.losses import make_objective
 from gssf_cli.similarity import Similarity, make_similarity
 
@@ -50,8 +52,13 @@ class RetrievalModel(nn.Module):
 
 
 def encoder_spec(dataset: Dataset, config: TrainConfig) -> EncoderSpec:
+    return manifest_spec(dataset.manifest, config)
+
+
+def manifest_spec(manifest: dict[str, Any], config: TrainConfig) -> EncoderSpec:
+    """The encoders ``config`` builds for a dataset with this ``manifest.json``."""
     return EncoderSpec.from_manifest(
-        dataset.manifest,
+        manifest,
         embed_dim=config.embed_dim,
         word_dim=config.word_dim,
         pooling=config.pooling,
@@ -61,10 +68,69 @@ def encoder_spec(dataset: Dataset, config: TrainConfig) -> EncoderSpec:
 
 
 def build_model(dataset: Dataset, config: TrainConfig) -> RetrievalModel:
-    encoder = build_encoder(encoder_spec(dataset, config))
+    """The model of ``config`` for ``dataset``; refused up front (:func:`check_fits_memory`) when its weights
+    alone would not fit in this machine's memory, rather than failing (or swapping) inside the allocator."""
+    spec = encoder_spec(dataset, config)
+    check_fits_memory(spec, config)
+    encoder = build_encoder(spec)
     block = config.block_size if config.uses_block_size() else None
     similarity = make_similarity(config.metric, config.embed_dim, block, norm=config.metric_norm)
     return RetrievalModel(encoder, similarity, dataset.task)
+
+
+FLOAT32_BYTES = 4
+
+
+def count_parameters(spec: EncoderSpec, config: TrainConfig) -> int:
+    """The learned parameters :func:`build_model` would create, computed from the spec and the config alone (no
+    allocation, any size); a test proves it equals the built model's count for every kind of tower."""
+    d = spec.embed_dim
+
+    def projection(in_dim: int) -> int:
+        n = in_dim * d + d
+        if spec.mlp:
+            hidden = max(d // 2, 1)
+            n += in_dim * hidden + hidden + 2 * hidden + hidden * d + d  # Linear, LayerNorm, Linear
+        return n
+
+    def pooling(mode: str) -> int:
+        return d + 1 if mode == "attention" else 0
+
+    def gru(in_dim: int) -> int:  # one direction of one layer: weight_ih, weight_hh, two biases
+        return 3 * d * (in_dim + d + 2)
+
+    head = limits.head_parameters(config.metric, d, config.block_size if config.uses_block_size() else 0)
+    if spec.task == "labels":
+        return projection(spec.image_dim) + head
+    if spec.image_kind == "features":
+        image = projection(spec.image_dim)
+    else:
+        image = projection(spec.image_dim) + pooling(spec.pooling if spec.image_kind == "regions" else "mean")
+    if spec.text_kind == "captions":
+        assert spec.vocab_size is not None
+        inputs = [spec.word_dim] + [2 * d] * (spec.gru_layers - 1)
+        text = spec.vocab_size * spec.word_dim + 2 * sum(gru(n) for n in inputs) + pooling(spec.pooling)
+    else:
+        assert spec.text_dim is not None
+        text = projection(spec.text_dim)
+    return image + text + head
+
+
+def check_fits_memory(spec: EncoderSpec, config: TrainConfig, available: int | None = None) -> None:
+    """Refuse a model whose float32 weights alone exceed the memory available now (``available`` bytes, by
+    default read from the machine); training needs about four times that (gradients, two AdamW moments)."""
+    from gssf_cli.data.files import available_memory, format_bytes
+
+    available = available_memory() if available is None else available
+    parameters = count_parameters(spec, config)
+    needed = parameters * FLOAT32_BYTES
+    if available is not None and needed > available:
+        raise UserInputError(
+            f"train: with embed_dim {spec.embed_dim} and word_dim {spec.word_dim} the model would have {parameters:,} parameters, "
+            f"{needed:,} bytes ({format_bytes(needed)}) as float32 before any training state, but this machine has "
+            f"{available:,} bytes ({format_bytes(available)}) available; lower --embed-dim "
+            "(or --word-dim, --gru-layers, the metric's block size)"
+        )
 
 
 def build_objective(config: TrainConfig) -> nn.Module:
@@ -101,9 +167,15 @@ def embed_split(
 
 
 def load_weights(model: nn.Module, weights: dict[str, Any]) -> None:
-    """Load a checkpoint's tensors, reporting a mismatch as one readable line."""
-    from gssf_cli.errors import UserInputError
-
+    """Load a checkpoint's tensors, reporting a mismatch (a missing, unexpected or differently shaped tensor) as
+    one readable line naming the tensor."""
+    expected = model.state_dict()
+    for name, tensor in weights.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserInputError(
+                f"checkpoint does not fit the model: tensor {name} has shape {list(tensor.shape)}, the model's "
+                f"{list(expected[name].shape)} (was the checkpoint trained with other settings or data?)"
+            )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise UserInputError(

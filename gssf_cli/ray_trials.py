@@ -202,6 +202,7 @@ def _ray_session(config: TuneConfig) -> Iterator[list[float]]:
         return
     temp_dir: str | None = None
     started = time.perf_counter()
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if config.address:
             ray.init(address=config.address, log_to_driver=False, logging_level=logging.ERROR)
@@ -220,6 +221,8 @@ def _ray_session(config: TuneConfig) -> Iterator[list[float]]:
         where = f"the Ray cluster at {config.address}" if config.address else "a local Ray instance"
         hint = " (is it running? does it need RAY_AUTH_MODE=token and its token?)" if config.address else ""
         raise UserInputError(f"cannot start or join {where}{hint}: {_first_line(str(exc))}") from None
+    if threading.current_thread() is threading.main_thread() and callable(sigterm):
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init installs sys.exit(15); gssf ends its runs KILLED instead
     elapsed[0] = time.perf_counter() - started
     try:
         yield elapsed

@@ -27,6 +27,7 @@ def load_trained(tracker: Tracker, run_ref: str, data: Path | None = None) -> tu
         raise UserInputError(f"run {run_id} is a {run_.data.tags.get('gssf.stage', 'non-gssf')} run, not a train run")
     runs_dir = Path(run_.data.params.get("train.runs_dir", default_of(TrainConfig, "runs_dir")))
     folder = runs_dir / run_id / ckpt.BEST
+    ckpt.recover(folder)
     if not folder.is_dir():
         try:
             folder = Path(tempfile.mkdtemp(prefix="gssf-ckpt-")) / ckpt.BEST
@@ -37,6 +38,7 @@ def load_trained(tracker: Tracker, run_ref: str, data: Path | None = None) -> tu
                 f"run {run_id} has no checkpoint (not in {runs_dir / run_id} nor as an artifact)"
             ) from None
     saved = ckpt.load(folder)
+    ckpt.check_state(saved.state, folder / ckpt.STATE, ("config", "dataset_sha256"))
     values = dict(saved.state["config"])
     if data is not None:
         values["data"] = str(data)

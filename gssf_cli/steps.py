@@ -29,8 +29,9 @@ from gssf_cli.config import (
     from_dict,
 )
 from gssf_cli.data.manifest import MANIFEST, manifest_digest
+from gssf_cli.errors import UserInputError
 
-__all__ = ["Links", "TrainConfig", "plan", "stage_config"]
+__all__ = ["Links", "TrainConfig", "check", "plan", "stage_config"]
 
 CONFIGS: dict[str, type] = {
     "prepare": PrepareConfig,
@@ -143,3 +144,34 @@ def after_tune(links: Links, best_config: str | None) -> Links:
 
 def _run_of(entry: Mapping[str, Any] | None) -> str | None:
     return None if entry is None else entry.get("run_id")
+
+
+def check(pipeline: PipelineConfig) -> None:
+    """Resolve every stage's config before anything runs, so a typo fails in a second, not after training: each
+    stage's table, tune's search space against its base train config (:func:`gssf_cli.tuning.check_search`,
+    which needs no dataset), and that every folder a stage will write can be written."""
+    from gssf_cli import tuning
+    from gssf_cli.data.files import check_output_folder, check_writable
+
+    links = Links(prepared(pipeline))
+    configs = {stage: stage_config(pipeline, stage, links) for stage in pipeline.stages}
+    runs_dirs = [configs["train"].runs_dir] if "train" in configs else []
+    if "tune" in configs:
+        tune = configs["tune"]
+        try:
+            base, _ = tuning.check_search(tune, base_train(pipeline) or None)
+        except UserInputError as exc:
+            raise UserInputError(f"[tune] {exc}") from None
+        runs_dirs.append(base.runs_dir)
+        if "://" not in tune.storage:
+            check_writable(Path(tune.storage), f"tune.storage {tune.storage}", "[tune] storage")
+    if "prepare" in configs:
+        check_output_folder(configs["prepare"].out, force=True, option="[prepare] out")
+    for runs_dir in runs_dirs:
+        check_writable(runs_dir, f"the runs folder {runs_dir}", "[train] runs_dir")
+    if "export" in configs:
+        out = configs["export"].out
+        if out is not None:
+            check_output_folder(out, force=True, option="[export] out")
+        else:
+            check_writable(Path("exports"), "output folder exports", "[export] out")

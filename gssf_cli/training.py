@@ -107,21 +107,37 @@ class Trainer:
         self.metric_name = registry.validation_metric(dataset.task)
         self.start_epoch, self.best_value, self.best_epoch = 0, -math.inf, -1
         self.val_history: list[float] = []  # the validation metric at every epoch so far (in the checkpoint state)
+        self.resumed_metrics: dict[str, float] = {}  # what the resumed checkpoint's epoch reported (on_epoch_end)
         if resume_from is not None:
-            saved = ckpt.load(resume_from)
-            check_resumable(saved.state, config, dataset, str(resume_from.parent.name))
-            self.trainable.load_state_dict(saved.model)
-            if saved.optimizer is not None:
-                self.optimizer.load_state_dict(saved.optimizer)
-            ckpt.restore_rng(saved.rng)
-            self.start_epoch = saved.state["epoch"] + 1
-            self.best_value, self.best_epoch = saved.state["best_value"], saved.state["best_epoch"]
-            self.val_history = [float(v) for v in saved.state.get("val_history", [])]
+            # A run killed before its first checkpoint has only the config it started with: it starts again.
+            started = None if ckpt.recover(resume_from) else ckpt.read_run_config(resume_from.parent)
+            if started is not None:
+                check_resumable(started, config, dataset, str(resume_from.parent.name))
+            else:
+                self._resume(resume_from)
+
+    def _resume(self, folder: Path) -> None:
+        saved = ckpt.load(folder)
+        ckpt.check_state(saved.state, folder / ckpt.STATE)
+        check_resumable(saved.state, self.config, self.dataset, str(folder.parent.name))
+        self.trainable.load_state_dict(saved.model)
+        if saved.optimizer is not None:
+            self.optimizer.load_state_dict(saved.optimizer)
+        ckpt.restore_rng(saved.rng)
+        self.start_epoch = saved.state["epoch"] + 1
+        self.best_value, self.best_epoch = saved.state["best_value"], saved.state["best_epoch"]
+        self.val_history = [float(v) for v in saved.state.get("val_history", [])]
+        last = {k: float(v) for k, v in saved.state.get("last_metrics", {}).items()}
+        self.resumed_metrics = {**last, f"best_{self.metric_name}": float(self.best_value)} if last else {}
 
     def fit(self, out_dir: Path, on_epoch_end: EpochCallback | None = None) -> FitResult:
-        """Train the remaining epochs, writing ``out_dir/best`` and ``out_dir/checkpoint`` every epoch."""
+        """Train the remaining epochs, writing ``out_dir/best`` and ``out_dir/checkpoint`` every epoch (and, first,
+        ``out_dir/config.json``: the config and dataset, so that a kill before the first checkpoint can resume)."""
         config = self.config
         started = time.perf_counter()
+        ckpt.write_run_config(out_dir, to_dict(config), self.dataset.digest)
+        for name in (ckpt.BEST, ckpt.LAST):
+            ckpt.recover(out_dir / name)  # and the leftovers of saves a kill interrupted go
         for epoch in range(self.start_epoch, config.epochs):
             stats = self._train_epoch(epoch)
             val = self._validate()
@@ -297,8 +313,19 @@ def load_teacher(config: TrainConfig, dataset: Dataset) -> dict[str, np.ndarray]
     train = dataset.split("train")
     if task != "cross_modal" and dataset.task == "cross_modal":
         raise UserInputError(f"{config.teacher}: a teacher file needs images and texts arrays")
-    images = np.asarray(arrays["images"], dtype=np.float32)
-    texts = np.asarray(arrays["texts"], dtype=np.float32)
+    from gssf_cli.data.files import check_finite
+
+    for name in ("images", "texts"):
+        array = arrays[name]
+        if array.ndim != 2 or array.dtype.kind not in "fiu":
+            raise UserInputError(
+                f"{config.teacher}:{name}: expected a 2-D array of numbers, got {array.dtype} shape {list(array.shape)}"
+            )
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes Inf, refused just below
+        images = np.asarray(arrays["images"], dtype=np.float32)
+        texts = np.asarray(arrays["texts"], dtype=np.float32)
+    check_finite(images, f"{config.teacher}:images")
+    check_finite(texts, f"{config.teacher}:texts")
     if len(images) != train.num_images or len(texts) != train.num_pairs:
         raise UserInputError(
             f"{config.teacher}: {len(images)} images / {len(texts)} texts, but the train split has "

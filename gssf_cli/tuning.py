@@ -194,6 +194,46 @@ def make_plan(
 
     The base train config is ``config.base_config`` (a TOML file) if given, else ``base_values``.
     """
+    base, dimensions = check_search(config, base_values)
+    manifest = _manifest(base.data)
+    task, splits = str(manifest["task"]), set(manifest.get("splits", {}))
+    metric, metric_key = resolve_metric(config.metric, task)
+    if metric != "loss" and base.val_split not in splits:
+        raise UserInputError(
+            f"{base.data} has no {base.val_split!r} split to validate trials on; "
+            "prepare one, set --base val_split=..., or tune on --metric loss"
+        )
+    problem = split_problem(base.data, manifest, base.val_split) if metric != "loss" else None
+    if problem is not None:
+        raise UserInputError(
+            f"{base.data}: the {base.val_split} split {problem}, so trials could not be compared on it; "
+            "set --base val_split=..., prepare the dataset again, or tune on --metric loss"
+        )
+    available = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    if config.address is None and config.cpus_per_trial > available:
+        raise UserInputError(
+            f"--cpus-per-trial {config.cpus_per_trial}: this machine has {available} CPUs, so no trial could start"
+        )
+    grid_size = math.prod(len(d.values) for d in dimensions if d.is_grid)
+    samples = config.trials or (1 if all(d.is_grid for d in dimensions) else DEFAULT_RANDOM_TRIALS)
+    return TunePlan(
+        base=base,
+        dimensions=tuple(dimensions),
+        task=task,
+        metric=metric,
+        metric_key=metric_key,
+        mode=config.mode or default_mode(metric),
+        num_samples=samples,
+        num_trials=grid_size * samples,
+    )
+
+
+def check_search(
+    config: TuneConfig, base_values: Mapping[str, Any] | None = None
+) -> tuple[TrainConfig, list[Dimension]]:
+    """The base train config and the parsed space, with every check that needs no dataset: the ``--param``
+    syntax, names and values, the ``--base`` overrides, and every combination's train config
+    (:func:`check_space`). A pipeline runs it before its first stage; :func:`make_plan` starts with it."""
     file_values = base_file_values(config.base_config) if config.base_config else dict(base_values or {})
     overrides = parse_overrides(config.base)
     values = {**file_values, **overrides}
@@ -220,38 +260,16 @@ def make_plan(
             "--param block_size=divisors: the embedding size is tuned too, so list the block sizes instead"
         )
     base = resolve(TrainConfig, "base", {**values, **{d.name: d.probes()[0] for d in dimensions}})
-    manifest = _manifest(base.data)
-    task, splits = str(manifest["task"]), set(manifest.get("splits", {}))
-    metric, metric_key = resolve_metric(config.metric, task)
-    if metric != "loss" and base.val_split not in splits:
-        raise UserInputError(
-            f"{base.data} has no {base.val_split!r} split to validate trials on; "
-            "prepare one, set --base val_split=..., or tune on --metric loss"
-        )
-    problem = split_problem(base.data, manifest, base.val_split) if metric != "loss" else None
-    if problem is not None:
-        raise UserInputError(
-            f"{base.data}: the {base.val_split} split {problem}, so trials could not be compared on it; "
-            "set --base val_split=..., prepare the dataset again, or tune on --metric loss"
-        )
     check_space(base, dimensions)
-    available = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
-    if config.address is None and config.cpus_per_trial > available:
-        raise UserInputError(
-            f"--cpus-per-trial {config.cpus_per_trial}: this machine has {available} CPUs, so no trial could start"
-        )
-    grid_size = math.prod(len(d.values) for d in dimensions if d.is_grid)
-    samples = config.trials or (1 if all(d.is_grid for d in dimensions) else DEFAULT_RANDOM_TRIALS)
-    return TunePlan(
-        base=base,
-        dimensions=tuple(dimensions),
-        task=task,
-        metric=metric,
-        metric_key=metric_key,
-        mode=config.mode or default_mode(metric),
-        num_samples=samples,
-        num_trials=grid_size * samples,
-    )
+    return base, dimensions
+
+
+def probe_configs(plan: TunePlan) -> list[TrainConfig]:
+    """The train configs of every combination of grid values and range ends (at most
+    :data:`MAX_CHECKED_COMBINATIONS`): the trials' extremes, for checks that need the dataset (model size)."""
+    base_values = to_dict(plan.base)
+    combos = itertools.islice(_combinations(plan.dimensions), MAX_CHECKED_COMBINATIONS)
+    return [from_dict(TrainConfig, {**base_values, **combo}, "train") for combo in combos]
 
 
 def check_space(base: TrainConfig, dimensions: Sequence[Dimension]) -> None:
@@ -397,10 +415,13 @@ def _grid_value(text: str, hint: Any, where: str) -> Any:
 
 def _parse_number(text: str, hint: Any, where: str) -> Any:
     try:
-        return int(text) if hint is int else float(text)
+        value = int(text) if hint is int else float(text)
     except ValueError:
         kind = "an integer" if hint is int else "a number"
         raise UserInputError(f"{where}: {text!r} is not {kind}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserInputError(f"{where}: {text!r} is not a finite number")
+    return value
 
 
 def _strip_optional(hint: Any) -> Any:

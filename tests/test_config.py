@@ -68,3 +68,25 @@ def test_toml_errors_are_one_line(tmp_path: Path) -> None:
         load_toml(bad)
     with pytest.raises(UserInputError, match="config file not found"):
         load_toml(tmp_path / "missing.toml")
+
+
+def test_toml_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(b'seed = 1\nname = "caf\xe9"\n')
+    with pytest.raises(UserInputError, match=r"c\.toml: not valid TOML \(line 2 is not UTF-8"):
+        load_toml(path)
+
+
+def test_a_folder_is_not_a_toml_file(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="is a folder, not a TOML file"):
+        load_toml(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["lr = inf", "lr = nan", "margin = -inf", "weight_decay = +inf"])
+def test_non_finite_numbers_in_a_file_are_refused(tmp_path: Path, text: str) -> None:
+    from gssf_cli.config import TrainConfig
+
+    path = tmp_path / "t.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(UserInputError, match=r"^train\.\w+: must be a finite number, got"):
+        resolve(TrainConfig, "train", load_toml(path), {"data": "d"})

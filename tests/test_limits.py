@@ -87,7 +87,7 @@ def test_config_literals_are_the_library_names() -> None:
     [
         (limits.AT_LEAST_ONE, [1, 7], [0, -1, math.nan]),
         (limits.POSITIVE, [1e-12, 3.0], [0.0, -1.0, math.nan]),
-        (limits.NON_NEGATIVE, [0.0, 2.0, math.inf], [-1e-12, math.nan, -math.inf]),
+        (limits.NON_NEGATIVE, [0.0, 2.0, 1e308], [-1e-12, math.nan, -math.inf, math.inf]),
         (limits.FRACTION, [0.5], [0.0, 1.0, math.nan]),
         (limits.TEMPERATURE, [0.01, 1.0], [0.0099, 1.01, math.nan]),
     ],
@@ -103,3 +103,70 @@ def test_head_parameters_match_every_member() -> None:
     for name in limits.SIMILARITY_NAMES:
         block = 4 if name in limits.BLOCK_SIMILARITIES else None
         assert limits.head_parameters(name, 32, 4) == make_similarity(name, 32, block).num_parameters()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("within", [limits.POSITIVE, limits.NON_NEGATIVE, limits.AT_LEAST_ONE, limits.FRACTION])
+def test_no_range_holds_a_non_finite_number(within: limits.Range, value: float) -> None:
+    assert not within.contains(value)
+    with pytest.raises(UserInputError, match=r"^train\.x: must be a finite number, got"):
+        within.check("train.x", value)
+
+
+def test_every_float_setting_must_be_finite() -> None:
+    """Generic (config.check_ranges): whatever the field, with or without a declared range."""
+    import dataclasses
+    import typing
+
+    from gssf_cli.config import EvaluateConfig, ExportConfig, PrepareConfig, TuneConfig
+
+    required: dict[type, dict[str, Any]] = {
+        TrainConfig: {"data": "d"},
+        PrepareConfig: {"dataset": "digits", "out": "d"},
+        ExportConfig: {},
+        EvaluateConfig: {"run": "latest"},
+        TuneConfig: {"params": ["lr=0.1,0.2"]},
+    }
+    checked = 0
+    for cls, values in required.items():
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            if float not in (hints[field.name], *typing.get_args(hints[field.name])):
+                continue
+            for bad in (math.nan, math.inf, -math.inf):
+                with pytest.raises(UserInputError, match=rf"\.{field.name}: must be a finite number"):
+                    from_dict(cls, {**values, field.name: bad}, "x")
+            checked += 1
+    assert checked >= 11
+
+
+@pytest.mark.parametrize("dim", [1, 2, 12, 64, 97, 360, 1024, 2**20, 3 * 5 * 7 * 11 * 13 * 17])
+def test_valid_block_sizes_are_the_divisors(dim: int) -> None:
+    small = [k for k in range(1, math.isqrt(dim) + 1) if dim % k == 0]
+    assert limits.valid_block_sizes(dim) == sorted({*small, *(dim // k for k in small)})
+
+
+@pytest.mark.parametrize(
+    "dim",
+    [10**9, 10**18, 10**30, 2**61 - 1, (2**61 - 1) * (2**31 - 1), 1_000_000_007 * 998_244_353, (10**30 + 57) * 97],
+)
+def test_block_sizes_of_huge_dimensions_are_fast_and_divide(dim: int) -> None:
+    import time
+
+    started = time.perf_counter()
+    sizes = limits.valid_block_sizes(dim)
+    assert time.perf_counter() - started < 2.0
+    assert sizes[0] == 1 and sizes[-1] == dim and all(dim % k == 0 for k in sizes)
+    assert sizes == sorted(set(sizes))
+    with pytest.raises(UserInputError, match=r"valid block sizes: 1, ") as caught:
+        limits.check_block_size("gssf", dim, dim + 1)
+    assert len(str(caught.value)) < 600
+
+
+def test_checking_a_block_size_that_divides_needs_no_factorisation() -> None:
+    import time
+
+    started = time.perf_counter()
+    for _ in range(1000):
+        limits.check_block_size("gssf", 2**200, 2**100)
+    assert time.perf_counter() - started < 0.5

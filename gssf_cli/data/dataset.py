@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gssf_cli.data.files import open_array
 from gssf_cli.data.manifest import load_manifest, manifest_digest
 from gssf_cli.data.text import PAD, Vocabulary, read_captions
 from gssf_cli.errors import UserInputError
@@ -148,6 +149,7 @@ class Dataset:
         self.name: str = self.manifest["name"]
         self.task: str = self.manifest["task"]
         self.vocab = Vocabulary.load(folder / "vocab.json") if (folder / "vocab.json").is_file() else None
+        check_split_files(folder, self.manifest, self.vocab is not None)
         self._splits: dict[str, Split] = {}
 
     def split(self, name: str) -> Split:
@@ -157,3 +159,55 @@ class Dataset:
 
     def has_split(self, name: str) -> bool:
         return name in self.manifest["splits"]
+
+
+def check_split_files(folder: Path, manifest: dict[str, Any], has_vocab: bool) -> None:
+    """Every split's files agree with the manifest: present, readable, numeric (float features, integer labels),
+    the manifest's item shape, its counts, and not empty. Only array headers and caption line counts are read, so
+    a stage refuses a damaged or hand-edited dataset before it opens a run instead of failing in an epoch."""
+    task = manifest["task"]
+    modalities = manifest["modalities"]
+    for split, counts in manifest["splits"].items():
+        if task == "labels":
+            items = counts["items"]
+            _check_array(folder, f"{split}_feats.npy", items, modalities["features"]["shape"], "f")
+            _check_array(folder, f"{split}_labels.npy", items, [], "i")
+            continue
+        images, captions = counts["images"], counts["captions"]
+        if captions != manifest["captions_per_image"] * images:
+            raise UserInputError(
+                f"{folder}: the {split} split lists {images} images but {captions} captions, not "
+                f"{manifest['captions_per_image']} per image; prepare the dataset again"
+            )
+        _check_array(folder, f"{split}_ims.npy", images, modalities["image"]["shape"], "f")
+        text = modalities["text"]
+        if text["type"] != "captions":
+            _check_array(folder, f"{split}_txts.npy", captions, text["shape"], "f")
+            continue
+        if not has_vocab:
+            raise UserInputError(f"{folder}/vocab.json: missing (the captions need it); prepare the dataset again")
+        path = folder / f"{split}_caps.txt"
+        if not path.is_file():
+            raise UserInputError(f"{path}: missing; prepare the dataset again")
+        lines = len(path.read_bytes().splitlines())
+        if lines != captions:
+            raise UserInputError(f"{path}: {lines} captions, the manifest lists {captions}; prepare the dataset again")
+
+
+def _check_array(folder: Path, name: str, rows: int, item_shape: list[int], kind: str) -> None:
+    """``folder/name`` holds ``rows`` rows of ``item_shape`` (the manifest's; for regions ``[R, F]`` the region
+    count may differ from it) of floating (``kind`` "f") or integer ("i") values."""
+    path = folder / name
+    array = open_array(path, "listed in the manifest")
+    fix = "prepare the dataset again"
+    if kind == "f" and not np.issubdtype(array.dtype, np.floating):
+        raise UserInputError(f"{path}: expected floating-point values, got dtype {array.dtype}; {fix}")
+    if kind == "i" and not np.issubdtype(array.dtype, np.integer):
+        raise UserInputError(f"{path}: expected integer labels, got dtype {array.dtype}; {fix}")
+    if array.ndim != 1 + len(item_shape) or list(array.shape[1:][-1:]) != item_shape[-1:]:
+        expected = ["N", *item_shape]
+        raise UserInputError(f"{path}: expected shape {expected}, got {list(array.shape)}; {fix}")
+    if len(array) != rows:
+        raise UserInputError(f"{path}: {len(array)} rows, the manifest lists {rows}; {fix}")
+    if rows == 0:
+        raise UserInputError(f"{path}: the split is empty; {fix}")

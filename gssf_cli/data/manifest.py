@@ -59,12 +59,19 @@ def load_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserInputError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read ({exc.strerror})") from None
+    if not isinstance(manifest, dict):
+        raise UserInputError(
+            f"{path}: expected a JSON object, got {type(manifest).__name__}; prepare the dataset again"
+        )
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise UserInputError(
             f"{path}: dataset format version {version} is not supported (this gssf reads {FORMAT_VERSION}); "
             "prepare the dataset again"
         )
+    check_fields(manifest, path)
     if verify:
         for name, entry in manifest.get("files", {}).items():
             file = folder / name
@@ -84,3 +91,60 @@ def file_sha256(path: Path) -> str:
     if key not in _VERIFIED:
         _VERIFIED[key] = sha256_file(path)
     return _VERIFIED[key]
+
+
+_SPLIT_COUNTS = {"cross_modal": ("images", "captions"), "labels": ("items",)}
+
+
+def check_fields(manifest: dict[str, Any], path: Path) -> None:
+    """Every field a later stage reads is there with the right type (see the module docstring), so a damaged or
+    hand-edited manifest is one line naming the field rather than a crash deep inside a stage."""
+
+    def need(value: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+        if isinstance(value, bool) or not isinstance(value, kind):
+            found = "missing" if value is None else f"{type(value).__name__} {value!r}"[:60]
+            raise UserInputError(f"{path}: {key}: expected {what}, got {found}; prepare the dataset again")
+        return value
+
+    def count(value: Any, key: str) -> int:
+        number: int = need(value, key, int, "a count (an integer >= 0)")
+        if number < 0:
+            raise UserInputError(f"{path}: {key}: expected a count (an integer >= 0), got {number}")
+        return number
+
+    def shape(modality: dict[str, Any], key: str) -> None:
+        dims = need(modality.get("shape"), f"{key}.shape", list, "a list of sizes")
+        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+            raise UserInputError(f"{path}: {key}.shape: expected positive sizes, got {dims}; prepare the dataset again")
+
+    need(manifest.get("name"), "name", str, "a string")
+    task = need(manifest.get("task"), "task", str, "a string")
+    if task not in _SPLIT_COUNTS:
+        raise UserInputError(f"{path}: task: expected one of {', '.join(_SPLIT_COUNTS)}, got {task!r}")
+    modalities = need(manifest.get("modalities"), "modalities", dict, "an object")
+    if task == "labels":
+        shape(need(modalities.get("features"), "modalities.features", dict, "an object"), "modalities.features")
+    else:
+        count(manifest.get("captions_per_image"), "captions_per_image")
+        if manifest["captions_per_image"] < 1:
+            raise UserInputError(f"{path}: captions_per_image: expected at least 1; prepare the dataset again")
+        image = need(modalities.get("image"), "modalities.image", dict, "an object")
+        need(image.get("type"), "modalities.image.type", str, "a string")
+        shape(image, "modalities.image")
+        text = need(modalities.get("text"), "modalities.text", dict, "an object")
+        if need(text.get("type"), "modalities.text.type", str, "a string") == "captions":
+            count(text.get("vocab_size"), "modalities.text.vocab_size")
+        else:
+            shape(text, "modalities.text")
+    splits = need(manifest.get("splits"), "splits", dict, "an object of splits")
+    if not splits:
+        raise UserInputError(f"{path}: splits: no split listed; prepare the dataset again")
+    for split, counts in splits.items():
+        need(counts, f"splits.{split}", dict, "an object of counts")
+        for name in _SPLIT_COUNTS[task]:
+            count(counts.get(name), f"splits.{split}.{name}")
+    files = need(manifest.get("files", {}), "files", dict, "an object of checksums")
+    for name, entry in files.items():
+        need(entry, f"files.{name}", dict, "an object with sha256 and bytes")
+        need(entry.get("sha256"), f"files.{name}.sha256", str, "a string")
+        count(entry.get("bytes"), f"files.{name}.bytes")

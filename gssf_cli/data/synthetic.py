@@ -22,11 +22,54 @@ import numpy as np
 
 from gssf_cli.config import PrepareConfig
 from gssf_cli.data.text import build_vocabulary
+from gssf_cli.errors import UserInputError
 
 CONCEPTS_PER_IMAGE = 3
 SYNONYMS = 3
 BACKGROUNDS = 16
 SPLITS = ("train", "dev", "test")
+
+
+PEAK_BYTES_PER_VALUE = 3 * 8
+"""Generating one split's regions holds about three float64 arrays of its ``[N, R, F]`` values at once."""
+CAPTION_BYTES = 64
+"""About what one caption takes on disk (a few words of ``w0123``) and in memory (a Python string)."""
+
+
+def needed_bytes(config: PrepareConfig) -> tuple[int, int]:
+    """``(memory, disk)``: the peak memory generating the largest split takes, and the bytes of the dataset
+    folder, estimated from the sizes alone (before anything is allocated)."""
+    counts = (config.train_images, config.dev_images, config.test_images)
+    values = [n * config.regions * config.region_dim for n in counts]
+    captions = [n * config.captions_per_image for n in counts]
+    memory = max(v * PEAK_BYTES_PER_VALUE + c * CAPTION_BYTES for v, c in zip(values, captions, strict=True))
+    disk = sum(values) * 4 + sum(captions) * CAPTION_BYTES
+    return memory, disk
+
+
+def check_size(config: PrepareConfig, out: Path) -> None:
+    """Refuse sizes whose generation would not fit in the memory available now or on the disk of ``out``, with
+    the numbers, instead of running for minutes and failing (or swapping) half-way."""
+    from gssf_cli.data.files import available_memory, format_bytes, free_disk
+
+    memory, disk = needed_bytes(config)
+    sizes = (
+        f"{config.train_images:,}/{config.dev_images:,}/{config.test_images:,} train/dev/test images of "
+        f"{config.regions} x {config.region_dim} regions"
+    )
+    fix = "lower --train-images/--dev-images/--test-images, --regions or --region-dim"
+    available = available_memory()
+    if available is not None and memory > available:
+        raise UserInputError(
+            f"prepare: {sizes} need about {memory:,} bytes ({format_bytes(memory)}) of memory to generate, but "
+            f"this machine has {available:,} bytes ({format_bytes(available)}) available; {fix}"
+        )
+    free = free_disk(out.parent)
+    if free is not None and disk > free:
+        raise UserInputError(
+            f"prepare: {sizes} take about {disk:,} bytes ({format_bytes(disk)}) on disk, but {out.parent} has "
+            f"{free:,} bytes ({format_bytes(free)}) free; {fix}"
+        )
 
 
 def write_synthetic(config: PrepareConfig, folder: Path) -> dict[str, Any]:

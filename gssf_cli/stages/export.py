@@ -39,8 +39,13 @@ class ExportResult:
 def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None) -> ExportResult:
     """Export ``config.run`` and gate it on parity; the bundle lands in ``config.out`` (or exports/RUN)."""
     from gssf_cli import bundle
+    from gssf_cli.data.files import check_output_folder, check_writable
     from gssf_cli.runs import load_trained
 
+    if config.out is not None:
+        check_output_folder(config.out, config.force)
+    else:
+        check_writable(Path("exports"), "output folder exports", "--out")
     train_run, model, dataset = load_trained(tracker, config.run)
     run_id = train_run.info.run_id
     out = config.out or Path("exports") / run_id

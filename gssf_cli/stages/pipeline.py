@@ -28,7 +28,7 @@ from gssf_cli import cache, steps
 from gssf_cli import metrics as registry
 from gssf_cli.config import PipelineConfig, from_dict, load_pipeline, load_toml, to_dict
 from gssf_cli.errors import CheckFailedError, UserInputError
-from gssf_cli.steps import Links, stage_config
+from gssf_cli.steps import Links, check, stage_config
 
 if TYPE_CHECKING:
     from gssf_cli.tracking import Tracker
@@ -58,13 +58,6 @@ class PipelineResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def check(pipeline: PipelineConfig) -> None:
-    """Resolve every stage's config before anything runs, so a typo fails in a second, not after training."""
-    links = Links(steps.prepared(pipeline))
-    for stage in pipeline.stages:
-        stage_config(pipeline, stage, links)
 
 
 def run(

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from gssf_cli.config import PrepareConfig, to_dict
-from gssf_cli.data import writer
-from gssf_cli.data.files import staged_folder
+from gssf_cli.data import synthetic, writer
+from gssf_cli.data.files import check_output_folder, staged_folder
 from gssf_cli.data.manifest import MANIFEST, manifest_digest, write_manifest
 from gssf_cli.data.rankable import check_prepared_splits
 
@@ -38,8 +38,12 @@ def run(config: PrepareConfig, tracker: Tracker | None = None, parent_run_id: st
     A dev/test split that cannot rank anything (see :mod:`gssf_cli.data.rankable`) is refused before the
     folder is moved into place.
 
-    The tracking store is contacted before any work so that a wrong ``--tracking-uri`` fails fast.
+    The output folder and, for generated data, the memory and disk the sizes need are checked first, then the
+    tracking store is contacted before any work so that a wrong ``--tracking-uri`` fails fast.
     """
+    check_output_folder(config.out, config.force)
+    if config.dataset == "synthetic":
+        synthetic.check_size(config, config.out)
     if tracker is not None:
         _ = tracker.experiment_id
     started = time.perf_counter()

@@ -4,6 +4,11 @@ The run logs its resolved config, the dataset, parameter counts, per-epoch metri
 lr, samples/s, ``best_<metric>``), and at the end the best checkpoint, the resolved config as TOML and a
 heatmap of the learned W ⊙ U. Every check (dataset, teacher, block size, resume compatibility) runs before
 the MLflow run is opened, so bad input leaves no run behind.
+
+Resuming a run killed at any moment: a run killed before its first checkpoint starts again at epoch 0 from the
+``config.json`` written as it opened (:func:`gssf_cli.checkpoint.write_run_config`); a checkpoint whose epoch
+metrics never reached MLflow (a kill between the two) has them logged from the checkpoint; the MLflow run is
+reopened whatever its status (a killed process leaves it RUNNING) and ends FINISHED, FAILED or KILLED.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ if TYPE_CHECKING:
     from gssf_cli.data.dataset import Dataset
     from gssf_cli.model import RetrievalModel
     from gssf_cli.tracking import StageRun, Tracker
-    from gssf_cli.training import FitResult, Progress
+    from gssf_cli.training import FitResult, Progress, Trainer
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,10 @@ def run(
 
     from gssf_cli import checkpoint as ckpt
     from gssf_cli.data.dataset import Dataset
+    from gssf_cli.data.files import check_writable
     from gssf_cli.training import Trainer
 
+    check_writable(config.runs_dir, f"the runs folder {config.runs_dir}", "--runs-dir")
     dataset = Dataset(config.data)
     resume_from = config.runs_dir / resume / ckpt.LAST if resume is not None else None
     trainer = Trainer(config, dataset, resume_from=resume_from, progress=progress)
@@ -65,9 +72,14 @@ def run(
                     "train", run_name=f"train {config.metric}", parent_run_id=parent_run_id, resume_run_id=resume
                 )
             )
-            if resume is None:
-                _log_start(tracked, config, dataset, trainer.model)
         run_id = tracked.run_id if tracked is not None else (resume or uuid.uuid4().hex)
+        # First of all, what the run started with: a run killed before its first checkpoint can then resume.
+        ckpt.write_run_config(config.runs_dir / run_id, to_dict(config), dataset.digest)
+        if tracker is not None and tracked is not None:
+            if resume is None or not _start_logged(tracker, resume):
+                _log_start(tracked, config, dataset, trainer.model)
+            if resume is not None:
+                _log_lost_epoch(tracker, tracked, trainer)
 
         def log_epoch(epoch: int, metrics: dict[str, float], _: Path) -> None:
             if tracked is not None:
@@ -95,6 +107,21 @@ def _log_start(run_: StageRun, config: TrainConfig, dataset: Dataset, model: Ret
     )
     run_.log_params({f"params_{k}": v for k, v in model.parameter_counts().items()})
     run_.set_tags({"gssf.metric": config.metric, "gssf.task": dataset.task})
+
+
+def _start_logged(tracker: Tracker, run_id: str) -> bool:
+    """Whether :func:`_log_start` completed on this run (its tags come last); a kill may have cut it short."""
+    return "gssf.task" in tracker.get_run(run_id).data.tags
+
+
+def _log_lost_epoch(tracker: Tracker, run_: StageRun, trainer: Trainer) -> None:
+    """Log the resumed checkpoint's epoch metrics that a kill between the checkpoint and its logging lost."""
+    epoch = trainer.start_epoch - 1
+    if epoch < 0:
+        return
+    lost = {k: v for k, v in trainer.resumed_metrics.items() if epoch not in tracker.metric_steps(run_.run_id, k)}
+    if lost:
+        run_.log_metrics(lost, step=epoch)
 
 
 def _log_end(run_: StageRun, fitted: FitResult, model: RetrievalModel) -> None:

@@ -83,6 +83,7 @@ def run(
     from gssf_cli.ray_trials import check_reachable, run_trials, storage_path
 
     plan = tuning.make_plan(config, base_values=base_values)
+    check_outputs(config, plan)
     if tracker is not None:
         _ = tracker.experiment_id
     if config.address:
@@ -130,6 +131,21 @@ def run(
         trial_seconds=round(sum(o.seconds for o in outcomes), 2),
         ray_start_seconds=round(ray_run.ray_start_seconds, 2),
     )
+
+
+def check_outputs(config: TuneConfig, plan: TunePlan) -> None:
+    """Before Ray starts or a run opens: the folders a tune writes (``--storage`` unless it is a URI, the runs
+    folder that gets ``trials.csv`` and the best config) can be written, and every trial's model fits in memory."""
+    from gssf_cli.data.files import check_writable
+    from gssf_cli.data.manifest import load_manifest
+    from gssf_cli.model import check_fits_memory, manifest_spec
+
+    if "://" not in config.storage:
+        check_writable(Path(config.storage), f"--storage {config.storage}", "--storage")
+    check_writable(plan.base.runs_dir, f"the runs folder {plan.base.runs_dir}", "--base runs_dir=...")
+    manifest = load_manifest(plan.base.data, verify=False)
+    for trial in tuning.probe_configs(plan):
+        check_fits_memory(manifest_spec(manifest, trial), trial)
 
 
 def _log_start(run_: StageRun, config: TuneConfig, plan: TunePlan) -> None:

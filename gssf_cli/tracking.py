@@ -196,12 +196,24 @@ class Tracker:
         try:
             yield handle
         except KeyboardInterrupt:
-            self.client.set_terminated(handle.run_id, status="KILLED")
+            self._end(handle.run_id, "KILLED")
             raise
         except BaseException:
-            self.client.set_terminated(handle.run_id, status="FAILED")
+            self._end(handle.run_id, "FAILED")
             raise
         self.client.set_terminated(handle.run_id, status="FAILED" if handle.failed else "FINISHED")
+
+    def _end(self, run_id: str, status: str) -> None:
+        """End a run after an interruption or error without masking it. Ctrl-C or SIGTERM may have landed inside
+        one of the store's own transactions and left its session unusable, so the status is written through a
+        fresh client if the first try fails; if that fails too, the run stays RUNNING (``--resume`` ends it)."""
+        try:
+            self.client.set_terminated(run_id, status=status)
+        except Exception:
+            try:
+                MlflowClient(tracking_uri=self.tracking_uri).set_terminated(run_id, status=status)
+            except Exception:
+                return
 
     def get_run(self, run_ref: str, stage: str | None = None) -> Run:
         """A run by id, or the newest run (of ``stage`` if given) for ``latest``.

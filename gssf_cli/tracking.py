@@ -19,6 +19,7 @@ a fresh folder do not race to create the same tables. Logging is not serialised:
 from __future__ import annotations
 
 import contextlib
+import getpass
 import http.client
 import json
 import logging
@@ -59,6 +60,9 @@ PROBE_CONNECT_TIMEOUT_S = 5.0
 PROBE_HTTP_TIMEOUT_S = 5.0
 STORE_LOCK_TIMEOUT_S = 300.0
 FIX_URI = "--tracking-uri / MLFLOW_TRACKING_URI"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+CLASSIC_ML = "custom_model_development"  # the UI's "classic ML" mode; without it MLflow 3 opens in GenAI mode
+SHORT_ID_LENGTH = 6
 
 
 def default_tracking_uri(cwd: Path | None = None) -> str:
@@ -104,6 +108,7 @@ def run_tags(stage: str, parent_run_id: str | None = None, extra: Mapping[str, s
     """What every gssf run carries: its stage, the gssf version, the git commit, and its parent if any."""
     tags = {
         STAGE_TAG: stage,
+        "mlflow.user": current_user(),
         "gssf.version": __version__,
         "mlflow.source.name": f"gssf {stage}",
         "mlflow.source.type": "LOCAL",
@@ -115,6 +120,19 @@ def run_tags(stage: str, parent_run_id: str | None = None, extra: Mapping[str, s
         tags[PARENT_TAG] = parent_run_id
     tags.update(extra or {})
     return tags
+
+
+def current_user() -> str:
+    """Who ran it, as MLflow's fluent API records it ("Created by" in the UI)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def unique_run_name(base: str, run_id: str) -> str:
+    """``base`` plus the run id's first characters: two runs never share a name, and a name leads to its id."""
+    return f"{base}-{run_id[:SHORT_ID_LENGTH]}"
 
 
 class Tracker:
@@ -148,7 +166,9 @@ class Tracker:
                 if found is not None:
                     return found
                 try:
-                    return str(self.client.create_experiment(self.experiment_name))
+                    return str(
+                        self.client.create_experiment(self.experiment_name, tags={EXPERIMENT_KIND_TAG: CLASSIC_ML})
+                    )
                 except MlflowException:
                     # Another process (on a server, where the lock does not reach) created it first.
                     found = self._existing_experiment()
@@ -188,9 +208,35 @@ class Tracker:
             self.client.update_run(resume_run_id, status="RUNNING")
             yield from self._close_on_exit(StageRun(self.client, resume_run_id))
             return
+        handle = self.open_run(stage, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
+        yield from self._close_on_exit(handle)
+
+    def open_run(
+        self,
+        stage: str,
+        *,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        start_time_ms: int | None = None,
+    ) -> StageRun:
+        """Create a RUNNING run named ``<run_name or stage>-<short id>``; the caller ends it with :meth:`end_run`
+        (a tune's trial runs live across callbacks, so no context manager can hold them)."""
         all_tags = run_tags(stage, parent_run_id, tags)
-        run = self.client.create_run(self.experiment_id, run_name=run_name or stage, tags=all_tags)
-        yield from self._close_on_exit(StageRun(self.client, run.info.run_id))
+        base = run_name or stage
+        run = self.client.create_run(self.experiment_id, start_time=start_time_ms, tags=all_tags, run_name=base)
+        run_id = run.info.run_id
+        self.client.update_run(run_id, name=unique_run_name(base, run_id))
+        return StageRun(self.client, run_id)
+
+    def end_run(self, run_id: str, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
+        """End a run opened by :meth:`open_run` as FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status=status, end_time=end_time_ms)
+
+    def reopen_run(self, run_id: str) -> StageRun:
+        """Mark an ended run RUNNING again (a resumed tune's unfinished trials) and return a handle to it."""
+        self.client.update_run(run_id, status="RUNNING")
+        return StageRun(self.client, run_id)
 
     def _close_on_exit(self, handle: StageRun) -> Iterator[StageRun]:
         try:
@@ -309,9 +355,9 @@ class Tracker:
         the run's metric charts show the trial's own epochs and times; ``status`` is FINISHED, FAILED or
         KILLED; the start and end times are the trial's.
         """
-        all_tags = run_tags(stage, parent_run_id, tags)
-        run = self.client.create_run(self.experiment_id, start_time=start_time_ms, tags=all_tags, run_name=run_name)
-        handle = StageRun(self.client, run.info.run_id)
+        handle = self.open_run(
+            stage, run_name=run_name, parent_run_id=parent_run_id, tags=tags, start_time_ms=start_time_ms
+        )
         try:
             if params:
                 handle.log_params(params)

@@ -91,7 +91,7 @@ def _row(dataset: str, label: str, result: train.TrainResult, seconds: float) ->
         r1 = f"P@1 {m['val_precision_at_1']:.3f}"
     return (
         f"| {dataset} | {label} | {result.parameters.get('metric_head', 0):,} | {quality} | {r1} | "
-        f"{result.best_epoch + 1} | {seconds:.0f} s |"
+        f"{result.best_epoch} | {seconds:.0f} s |"
     )
 
 

@@ -1,33 +1,46 @@
 """The ``gssf`` command: thin Typer wiring (parse → build a config → call a stage → print).
 
-A stage command's setting flags are generated from its config dataclass in :mod:`gssf_cli.config`: one flag
-per field, spelled ``--field-name`` unless the field's ``flag`` metadata spells it, with the field's help and
-default; only ``file_only`` fields have none. Adding a setting to a config therefore adds its flag, with no
-edit here. A generated flag is None when not given, which lets :func:`gssf_cli.config.resolve` apply the
+A stage command's setting flags are generated from its config dataclass in :mod:`gssf_cli.config`
+(:func:`gssf_cli.cli.config_flags`): one flag per field, spelled ``--field-name`` unless the field's ``flag``
+metadata spells it, with the field's help and default; only ``file_only`` fields have none. Adding a setting to
+a config therefore adds its flag, with no edit here. A generated flag is None when not given, which lets :func:`gssf_cli.config.resolve` apply the
 precedence CLI > TOML file > dataclass default.
 
 Heavy libraries (torch, mlflow, ray, onnx) are imported inside the commands that need them, so that
 ``gssf --help`` starts fast; :mod:`gssf_cli.config` imports only the standard library.
+
+Command-line conventions (the contract scripts rely on): exit 0 success, 1 the work ran but failed its own check
+(or an internal error), 2 bad usage or bad input, 130 interrupted (Ctrl-C, SIGTERM). Every error is one line on
+stderr, ``gssf: error: ...`` (usage errors add ``(see gssf CMD --help)``); with ``--json`` it is also one JSON
+object ``{"error", "kind", "exit_code"}`` on stdout, so stdout always holds exactly one JSON document. The
+machinery for this lives in :class:`gssf_cli.cli.Group` (usage errors) and :func:`guarded` (errors of the work).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import os
 import signal
-import sys
 import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from gssf_cli import __version__
+from gssf_cli.cli import (
+    Command,
+    Failure,
+    Group,
+    Settings,
+    config_flags,
+    internal_failure,
+    report,
+    with_default,
+)
 from gssf_cli.config import (
     EvaluateConfig,
     ExportConfig,
@@ -36,7 +49,6 @@ from gssf_cli.config import (
     TuneConfig,
     field_value,
     load_toml,
-    parse_int_list,
     resolve,
 )
 from gssf_cli.errors import CheckFailedError, UserInputError
@@ -44,9 +56,15 @@ from gssf_cli.errors import CheckFailedError, UserInputError
 T = TypeVar("T")
 C = TypeVar("C")
 
+
+# ---------------------------------------------------------------------------------------------------------
+# The app, its global options, and how every error is reported
+
+
 app = typer.Typer(
     name="gssf",
     help="Experiment orchestrator for cross-modal metric learning with GSSF. Every stage is an MLflow run.",
+    cls=Group,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -79,13 +97,23 @@ def main_options(
         str | None,
         typer.Option(
             "--tracking-uri",
-            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).",
+            metavar="URI",
+            help=with_default("MLflow tracking URI.", "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here"),
         ),
     ] = None,
     experiment: Annotated[
-        str | None, typer.Option("--experiment", help="MLflow experiment name (default: gssf).")
+        str | None,
+        typer.Option(
+            "--experiment",
+            metavar="NAME",
+            help=with_default(
+                "MLflow experiment name.", "$MLFLOW_EXPERIMENT_NAME, else gssf (gssf run: the pipeline's name)"
+            ),
+        ),
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show full tracebacks on errors (or set GSSF_DEBUG=1).")
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
@@ -97,140 +125,31 @@ def _options(ctx: typer.Context) -> GlobalOptions:
     return ctx.obj if isinstance(ctx.obj, GlobalOptions) else GlobalOptions()
 
 
+def _json_mode(ctx: typer.Context) -> bool:
+    return bool(ctx.params.get("json_output"))
+
+
 def guarded(ctx: typer.Context, work: Callable[[], T]) -> T:
-    """Run ``work`` turning known failures into one line on stderr and the contract's exit codes."""
+    """Run ``work`` turning known failures into one line on stderr (and a JSON object on stdout with
+    ``--json``) and the contract's exit codes; ``--debug`` lets them through with their traceback."""
     debug = _options(ctx).debug
     try:
         return work()
     except UserInputError as exc:
         if debug:
             raise
-        _error(f"error: {exc}")
-        raise typer.Exit(2) from None
+        failure = Failure("input", str(exc), 2)
     except CheckFailedError as exc:
         if debug:
             raise
-        _error(f"check failed: {exc}")
-        raise typer.Exit(1) from None
+        failure = Failure("check_failed", str(exc), 1)
     except KeyboardInterrupt:
-        _error("interrupted")
-        raise typer.Exit(130) from None
+        failure = Failure("interrupted", "interrupted", 130)
     except Exception as exc:
         if debug:
             raise
-        _error(f"internal error: {type(exc).__name__}: {exc} (re-run with --debug for the traceback)")
-        raise typer.Exit(1) from None
-
-
-def _error(message: str) -> None:
-    first_line = " ".join(str(message).split("\n")[0].split())
-    print(f"gssf: {first_line}", file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Flags generated from the config dataclasses
-
-
-@dataclass(frozen=True)
-class _Flag:
-    """One config field on the command line: its Typer annotation and how its value becomes a config value."""
-
-    field: str
-    annotation: Any
-    to_config: Callable[[Any], Any]
-
-
-def _flags(cls: type) -> dict[str, _Flag]:
-    """The flags of every field of config ``cls`` except the ``file_only`` ones, keyed by field name."""
-    hints = typing.get_type_hints(cls)
-    return {
-        field.name: _flag(field, hints[field.name])
-        for field in dataclasses.fields(cls)
-        if not field.metadata.get("file_only")
-    }
-
-
-def _flag(field: dataclasses.Field[Any], hint: Any) -> _Flag:
-    """A field's flag. Choices (``Literal``) are plain strings so that the config's own check reports them."""
-    name = field.name.replace("_", "-")
-    declared = field.metadata.get("flag")
-    decls = declared or f"--{name}"
-    to_config: Callable[[Any], Any] = _unchanged
-    hint = _without_none(hint)
-    if hint is bool:
-        decls = declared or f"--{name}/--no-{name}"
-        cli_type: Any = bool
-    elif get_origin(hint) is Literal:
-        cli_type = str
-    elif hint in (int, float, str, Path):
-        cli_type = hint
-    elif hint == tuple[int, ...]:
-        cli_type = str
-        to_config = functools.partial(parse_int_list, option=decls)
-    elif hint == tuple[str, ...]:
-        cli_type = list[str]
-        to_config = _repeated
-    else:
-        raise TypeError(f"{field.name}: no command-line form for {hint!r}; add one here or declare it file_only")
-    choices = get_args(hint) if get_origin(hint) is Literal else ()
-    option = typer.Option(decls, help=_help(field, decls, choices))
-    return _Flag(field.name, Annotated[cli_type | None, option], to_config)
-
-
-def _without_none(hint: Any) -> Any:
-    """``T | None`` → ``T``: on the command line None already means "not given"."""
-    if get_origin(hint) in (typing.Union, types.UnionType):
-        options = [option for option in get_args(hint) if option is not type(None)]
-        if len(options) == 1:
-            return options[0]
-    return hint
-
-
-def _unchanged(value: Any) -> Any:
-    return value
-
-
-def _repeated(values: list[str]) -> tuple[str, ...] | None:
-    """A repeatable option given zero times counts as not given."""
-    return tuple(values) or None
-
-
-def _help(field: dataclasses.Field[Any], decls: str, choices: tuple[str, ...] = ()) -> str:
-    """The field's help, its choices (from the config's ``Literal``) and its default (the flag's own default is
-    None), styled like Typer's."""
-    help_text: str = field.metadata["help"]
-    if choices:
-        help_text = f"{help_text} {' | '.join(choices)}."
-    shown = _shown_default(field.default, decls)
-    return help_text if shown is None else f"{help_text} [dim]\\[default: {shown}][/dim]"
-
-
-def _shown_default(default: Any, decls: str) -> str | None:
-    """A default as it would be typed: ``1,5,10`` for a list, the active side's name for an on/off flag."""
-    if default is dataclasses.MISSING or default is None or default == ():
-        return None
-    if isinstance(default, bool):
-        sides = decls.split("/")
-        if len(sides) == 1:
-            return None
-        return sides[0 if default else 1].lstrip("-")
-    if isinstance(default, tuple):
-        return ",".join(map(str, default))
-    return str(default)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The generated flags of one command as given (None: not given), keyed by config field."""
-
-    given: dict[str, Any]
-    flags: dict[str, _Flag]
-
-    def values(self) -> dict[str, Any]:
-        """The given flags as config values (``--k 1,5`` → ``(1, 5)``); raises UserInputError, so call it guarded."""
-        return {
-            name: None if value is None else self.flags[name].to_config(value) for name, value in self.given.items()
-        }
+        failure = internal_failure(exc)
+    raise typer.Exit(report(failure, _json_mode(ctx)))
 
 
 def _stage_command(name: str, cls: type) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -242,7 +161,7 @@ def _stage_command(name: str, cls: type) -> Callable[[Callable[..., None]], Call
     """
 
     def register(fn: Callable[..., None]) -> Callable[..., None]:
-        flags = _flags(cls)
+        flags = config_flags(cls)
         own = inspect.signature(fn, eval_str=True).parameters
         if clash := sorted(flags.keys() & own.keys()):
             raise TypeError(f"{name}: parameters {clash} clash with fields of {cls.__name__}")
@@ -264,7 +183,7 @@ def _stage_command(name: str, cls: type) -> Callable[[Callable[..., None]], Call
 
         command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
         command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
-        return app.command(name)(command)
+        return app.command(name, cls=Command)(command)
 
     return register
 
@@ -301,7 +220,9 @@ def _run_stage(
     return guarded(ctx, work)
 
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print machine-readable JSON instead of a table (errors too, on stdout).")
+]
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="TOML file with settings; command-line flags override it.")
 ]
@@ -328,6 +249,40 @@ def prepare(
     console.print_prepare(result.to_json(), json_output)
 
 
+@_stage_command("train", TrainConfig)
+def train(
+    ctx: typer.Context,
+    settings: Settings,
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", metavar="RUN", help="Continue a run (id or 'latest') from its checkpoint."),
+    ] = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Train encoders and a GSSF metric head; checkpoints every epoch, validation on dev, logged to MLflow."""
+    resume_id: str | None = None
+
+    def saved(tracker: Any, given: dict[str, Any]) -> dict[str, Any]:
+        """The resumed run's config, read from the runs folder in effect now (flag, file, else the default)."""
+        nonlocal resume_id
+        from gssf_cli.checkpoint import saved_config
+
+        resume_id = tracker.get_run(resume, stage="train").info.run_id
+        return saved_config(resume_id, field_value(TrainConfig, "runs_dir", given, "train"))
+
+    def call(resolved: TrainConfig, tracker: Any) -> Any:
+        from gssf_cli.stages import train as stage
+
+        return stage.run(resolved, tracker, resume=resume_id, progress=_training_progress(json_output))
+
+    beneath = saved if resume is not None else None
+    result = _run_stage(ctx, TrainConfig, "train", config, settings.values, call, beneath=beneath)
+    from gssf_cli import console
+
+    console.print_training(result.to_json(), json_output)
+
+
 @_stage_command("evaluate", EvaluateConfig)
 def evaluate(
     ctx: typer.Context, settings: Settings, config: ConfigOption = None, json_output: JsonOption = False
@@ -345,51 +300,42 @@ def evaluate(
     console.print_evaluation(result.to_json(), json_output)
 
 
-@_stage_command("train", TrainConfig)
-def train(
-    ctx: typer.Context,
-    settings: Settings,
-    resume: Annotated[
-        str | None, typer.Option("--resume", help="Continue a run (id or 'latest') from its checkpoint.")
-    ] = None,
-    config: ConfigOption = None,
-    json_output: JsonOption = False,
-) -> None:
-    """Train encoders and a GSSF metric head; checkpoints every epoch, validation on dev, logged to MLflow."""
-    resume_id: str | None = None
-
-    def saved(tracker: Any, given: dict[str, Any]) -> dict[str, Any]:
-        """The resumed run's config, read from the runs folder in effect now (flag, file, else the default)."""
-        nonlocal resume_id
-        from gssf_cli.checkpoint import saved_config
-
-        resume_id = tracker.get_run(resume, stage="train").info.run_id
-        return saved_config(resume_id, field_value(TrainConfig, "runs_dir", given, "train"))
-
-    def call(resolved: TrainConfig, tracker: Any) -> Any:
-        from gssf_cli import console
-        from gssf_cli.stages import train as stage
-
-        progress = None if json_output else console.TrainingProgress()
-        return stage.run(resolved, tracker, resume=resume_id, progress=progress)
-
-    beneath = saved if resume is not None else None
-    result = _run_stage(ctx, TrainConfig, "train", config, settings.values, call, beneath=beneath)
-    from gssf_cli import console
-
-    console.print_training(result.to_json(), json_output)
-
-
 @_stage_command("tune", TuneConfig)
 def tune(
     ctx: typer.Context,
     settings: Settings,
     values: Annotated[
-        str | None, typer.Option("--values", help="SPEC for the single --param NAME, e.g. 8,16,32.")
+        str | None, typer.Option("--values", metavar="SPEC", help="SPEC for the single --param NAME, e.g. 8,16,32.")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            metavar="RUN",
+            help="Continue an interrupted tune run (id or 'latest') with its own saved settings (no setting flags).",
+        ),
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
     """Search train settings (e.g. the block size) with Ray Tune; one MLflow child run per trial, best config."""
+    if resume is not None:
+        run_ref = resume
+
+        def resumed() -> Any:
+            given = settings.given_flags() + (["--values"] if values is not None else [])
+            if given:
+                raise UserInputError(
+                    f"--resume continues the tune with its own saved settings: drop {', '.join(given)}"
+                )
+            from gssf_cli.stages import tune as stage
+
+            return stage.resume(run_ref, _options(ctx).tracker(), progress=True)
+
+        resumed_result = guarded(ctx, resumed)
+        from gssf_cli import console
+
+        console.print_tune(resumed_result.to_json(), json_output)
+        return
 
     def cli_values() -> dict[str, Any]:
         """``--param NAME --values SPEC`` becomes ``NAME=SPEC``; no ``--param`` at all is left to the config's check."""
@@ -401,7 +347,7 @@ def tune(
     def call(resolved: TuneConfig, tracker: Any) -> Any:
         from gssf_cli.stages import tune as stage
 
-        return stage.run(resolved, tracker, progress=not json_output)
+        return stage.run(resolved, tracker, progress=True)  # progress goes to stderr: --json stdout stays JSON
 
     result = _run_stage(ctx, TuneConfig, "tune", None, cli_values, call)
     from gssf_cli import console
@@ -415,7 +361,10 @@ def export(
     *,
     onnx: Annotated[bool, typer.Option("--onnx", help="Export ONNX graphs (the only format; required).")] = False,
     check: Annotated[
-        Path | None, typer.Option("--check", help="Verify an existing bundle (checksums, checker, loading) instead.")
+        Path | None,
+        typer.Option(
+            "--check", metavar="BUNDLE", help="Verify an existing bundle (checksums, checker, loading) instead."
+        ),
     ] = None,
     settings: Settings,
     config: ConfigOption = None,
@@ -449,19 +398,29 @@ def export(
     result = _run_stage(ctx, ExportConfig, "export", config, cli_values, call)
     from gssf_cli import console
 
-    console.print_export(result.to_json(), json_output)
-    if not result.passed:
-        _error(
-            "check failed: ONNX Runtime outputs are outside the parity tolerance (see the table); "
-            f"nothing deployed, the bundle is kept in {result.path}"
-        )
-        raise typer.Exit(1)
+    payload = result.to_json()
+    if result.passed:
+        console.print_export(payload, json_output)
+        return
+    where = "its parity report is in the JSON" if json_output else "see the table"
+    failure = Failure(
+        "check_failed",
+        f"ONNX Runtime outputs are outside the parity tolerance ({where}); nothing deployed, "
+        f"the bundle is kept in {result.path}",
+        1,
+    )
+    if json_output:  # stdout holds one JSON document: the result, which says what failed
+        payload |= {"error": failure.message, "kind": failure.kind, "exit_code": failure.exit_code}
+    console.print_export(payload, json_output)
+    raise typer.Exit(report(failure, as_json=False))
 
 
-@app.command("run")
+@app.command("run", cls=Command)
 def run_pipeline(
     ctx: typer.Context,
-    pipeline: Annotated[Path, typer.Argument(help="Pipeline file, e.g. pipelines/quickstart.toml.")],
+    pipeline: Annotated[
+        Path, typer.Argument(metavar="PIPELINE.toml", help="Pipeline file, e.g. pipelines/quickstart.toml.")
+    ],
     force: Annotated[bool, typer.Option("--force", help="Re-run every stage even if cached.")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Say which stages would run and why; run nothing, log nothing.")
@@ -478,15 +437,26 @@ def run_pipeline(
         loaded = stage.load_pipeline(pipeline)
         if options.experiment is None:
             options.experiment = loaded.name
-        progress = None if json_output else console.TrainingProgress()
         return stage.run(
-            loaded, options.tracker(), force=force, progress=progress, dry_run=dry_run, notify=console.note
+            loaded,
+            options.tracker(),
+            force=force,
+            progress=_training_progress(json_output),
+            dry_run=dry_run,
+            notify=console.note,
         )
 
     result = guarded(ctx, work)
     from gssf_cli import console
 
     console.print_pipeline(result.to_json(), json_output)
+
+
+def _training_progress(json_output: bool) -> Any:
+    """Training progress on stderr: bars for people, plain per-epoch lines beside ``--json`` (no bars in logs)."""
+    from gssf_cli import console
+
+    return console.TrainingProgress(plain=True) if json_output else console.TrainingProgress()
 
 
 def main() -> None:

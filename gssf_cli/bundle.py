@@ -704,3 +704,45 @@ def export_example(tower: nn.Module, batch: int = 3, length: int = 7, regions: i
         feats = torch.randn(batch, tower.in_dim, generator=gen).to(device, dtype)
         return ExportExample((feats,), {"features": {0: batch_dim}}, ["features"], out)
     raise TypeError(f"no export example for {type(tower).__name__}")
+
+
+class BundleModel:
+    """A verified bundle behind :func:`gssf_cli.serving.predict` on ONNX Runtime (no torch at serving time):
+    what ``mlflow.pyfunc.load_model`` gives for a registered export."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        from gssf_cli.data.text import Vocabulary
+
+        self.task = manifest["task"]
+        self.sessions = {name: _session(folder / info["file"]) for name, info in manifest["graphs"].items()}
+        vocab = manifest.get("preprocessing", {}).get("text", {}).get("vocab")
+        self.vocab = Vocabulary.load(folder / vocab) if vocab else None
+
+    @classmethod
+    def load(cls, folder: Path | str) -> BundleModel:
+        """Open a bundle after :func:`verify_bundle` (checksums, gate, paths) accepted it."""
+        folder = Path(folder)
+        verify_bundle(folder)
+        return cls(folder, _read_manifest(folder))
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        tower = "encoder" if self.task == "labels" else "image_encoder"
+        return np.asarray(self.sessions[tower].run(None, {"features": images.astype(np.float32)})[0])
+
+    def encode_texts(self, texts: Any) -> np.ndarray:
+        if self.task == "labels":
+            return self.encode_images(np.asarray(texts, dtype=np.float32))
+        if isinstance(texts, np.ndarray) or self.vocab is None:
+            feed = {"features": np.asarray(texts, dtype=np.float32)}
+        else:
+            from gssf_cli.data.dataset import TokenizedCaptions
+
+            captions = TokenizedCaptions(list(texts), self.vocab)
+            tokens, lengths = captions.batch(np.arange(len(captions)))
+            feed = {"tokens": tokens.numpy(), "lengths": lengths.numpy()}
+        return np.asarray(self.sessions["text_encoder"].run(None, feed)[0])
+
+    def scores(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+        """``metric_head(images) @ texts.T``: the learned similarity as an inner product, ``[N, M]``."""
+        head = self.sessions["metric_head"].run(None, {"embeddings": image_embeddings.astype(np.float32)})[0]
+        return np.asarray(head @ text_embeddings.T)

@@ -2,17 +2,25 @@
 
 A run folder (``<runs_dir>/<run id>/``) holds two checkpoint folders: :data:`LAST` (the newest epoch, with
 optimizer and RNG state, to resume from) and :data:`BEST` (the best validation epoch, weights only, what
-evaluation and export use). A checkpoint folder holds ``model.safetensors`` (weights), ``optimizer.safetensors`` (AdamW moments and
-step counts), ``rng.safetensors`` (torch RNG states) and ``state.json`` (epoch, best metric, optimizer
-hyper-parameters, config, dataset hash). It is written to a temporary sibling folder and renamed into
-place, so a kill at any moment leaves either the previous checkpoint or the new one, never half of one.
+evaluation and export use). A checkpoint folder holds ``model.safetensors`` (weights), ``optimizer.safetensors``
+(AdamW moments and step counts), ``rng.safetensors`` (torch RNG states) and ``state.json`` (epochs done, best
+epoch and metric, optimizer hyper-parameters, config, dataset hash). It is written to a temporary sibling folder
+and renamed into place, so a kill at any moment leaves either the previous checkpoint or the new one, never half
+of one.
+
+Epoch numbering (the one gssf uses everywhere): epochs count from 1. ``epochs_done`` is the number of completed
+epochs, which is also the number of the epoch the checkpoint was saved after; ``best_epoch`` is the number of the
+best one (1 = the first epoch). States written before this numbering hold ``epoch`` (the 0-based index of the
+saved epoch) and a 0-based ``best_epoch`` instead: every reader here turns them into the current form
+(:func:`normalise_state`). New states still hold ``epoch`` (= ``epochs_done - 1``) for readers of that older
+form; read ``epochs_done``.
 
 Why :func:`recover`: a save is two renames (the old folder aside, the new one into place), so a kill between
 them leaves no ``NAME/`` at all, only ``.NAME.old-PID-TAG`` and a complete ``.NAME.tmp-PID-TAG``. Every reader
 and writer first puts the newest complete leftover of a dead process back into place, then removes the other
 leftovers of dead processes; a live writer's leftovers are never touched. The run folder also holds
 :data:`RUN_CONFIG` (the config and dataset a run started with, written before its first epoch), so a run killed
-before its first checkpoint can still be resumed: it starts again at epoch 0.
+before its first checkpoint can still be resumed: it starts again at epoch 1.
 """
 
 from __future__ import annotations
@@ -131,7 +139,7 @@ def load(folder: Path) -> Checkpoint:
     if not (folder / MODEL).is_file() or not (folder / STATE).is_file():
         raise UserInputError(f"{folder}: no checkpoint here (expected {MODEL} and {STATE})")
     try:
-        state = json.loads((folder / STATE).read_text())
+        state = normalise_state(json.loads((folder / STATE).read_text()))
         model = load_file(str(folder / MODEL))
         rng = load_file(str(folder / RNG)) if (folder / RNG).is_file() else {}
         optimizer = None
@@ -157,10 +165,32 @@ def saved_config(run_id: str, runs_dir: Path | str | None = None) -> dict[str, A
 
 
 def saved_state(folder: Path) -> dict[str, Any]:
-    """A checkpoint folder's JSON state alone (epoch, best value, config), without loading any tensor."""
+    """A checkpoint folder's JSON state alone (epochs done, best epoch and value, config), without loading any
+    tensor; an older state comes in the current form (:func:`normalise_state`)."""
     recover(folder)
-    state: dict[str, Any] = _read_json(folder / STATE)
+    state: dict[str, Any] = normalise_state(_read_json(folder / STATE))
     return state
+
+
+def normalise_state(state: Any) -> Any:
+    """A checkpoint state in the current numbering: one written before it (``epoch``: 0-based index of the saved
+    epoch, ``best_epoch`` 0-based) gains ``epochs_done`` = ``epoch + 1`` and a 1-based ``best_epoch``. A state
+    that already has ``epochs_done`` (or is not a JSON object: :func:`check_state` says so) is returned as it is."""
+    if not isinstance(state, dict) or "epochs_done" in state:
+        return state
+    epoch, best = state.get("epoch"), state.get("best_epoch")
+    out = dict(state)
+    if isinstance(epoch, int) and not isinstance(epoch, bool):
+        out["epochs_done"] = epoch + 1
+    if isinstance(best, int) and not isinstance(best, bool):
+        out["best_epoch"] = best + 1
+    return out
+
+
+def epoch_fields(epochs_done: int) -> dict[str, int]:
+    """What a new state says about its place in the run: ``epochs_done``, and the older ``epoch`` index beside it
+    (``epochs_done - 1``) for readers that still look for it."""
+    return {"epochs_done": epochs_done, "epoch": epochs_done - 1}
 
 
 def write_run_config(run_dir: Path, config: dict[str, Any], dataset_sha256: str) -> None:
@@ -194,7 +224,7 @@ def recover(folder: Path) -> bool:
     """Put back a checkpoint that a kill between the two renames of :func:`save` left aside, and remove the
     leftovers of dead saves; True when a checkpoint folder is then in place.
 
-    When ``folder`` is missing, the newest complete leftover of a dead process (by the epoch in its state; a new
+    When ``folder`` is missing, the newest complete leftover of a dead process (by the epochs done; a new
     ``.tmp-`` before an ``.old-`` of the same epoch) is renamed into place. Once a folder is in place, the other
     leftovers of dead processes go. A process that is still alive may be between its renames: its leftovers
     stay, and a reader waits a moment for its folder to appear.
@@ -252,8 +282,8 @@ def _promote(folder: Path, leftovers: list[_Leftover]) -> None:
     for leftover in leftovers:
         state = _complete_state(leftover.path)
         if state is not None:
-            epoch = state.get("epoch")
-            ranked.append((epoch if isinstance(epoch, int) else -1, leftover.kind == "tmp", leftover.path))
+            done = state.get("epochs_done")
+            ranked.append((done if isinstance(done, int) else -1, leftover.kind == "tmp", leftover.path))
     if ranked:
         newest = max(ranked, key=lambda r: (r[0], r[1]))[2]
         with contextlib.suppress(OSError):  # another process promoted one first: the caller checks what is in place
@@ -263,7 +293,7 @@ def _promote(folder: Path, leftovers: list[_Leftover]) -> None:
 def _complete_state(folder: Path) -> dict[str, Any] | None:
     """The state of a checkpoint folder whose every file is whole, else None."""
     try:
-        state = json.loads((folder / STATE).read_text())
+        state = normalise_state(json.loads((folder / STATE).read_text()))
     except (OSError, ValueError):
         return None
     if not isinstance(state, dict):
@@ -304,12 +334,13 @@ def _read_json(path: Path) -> Any:
 STATE_FIELDS: dict[str, tuple[type, ...]] = {
     "config": (dict,),
     "dataset_sha256": (str,),
-    "epoch": (int,),
+    "epochs_done": (int,),
     "best_epoch": (int,),
     "best_value": (int, float),
     "last_metrics": (dict,),
 }
-"""What a checkpoint's ``state.json`` holds for its readers (resume, evaluation, export), with the JSON types."""
+"""What a checkpoint's ``state.json`` holds for its readers (resume, evaluation, export), with the JSON types
+(after :func:`normalise_state`: ``epochs_done`` completed epochs, ``best_epoch`` counted from 1)."""
 
 
 def check_state(state: Any, path: Path, fields: tuple[str, ...] = tuple(STATE_FIELDS)) -> dict[str, Any]:

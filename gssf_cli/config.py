@@ -121,7 +121,9 @@ class EvaluateConfig:
     ``embeddings`` is an ``.npz`` file (see :mod:`gssf_cli.evaluation` for its keys); ``run`` is a
     trained run (id or ``latest``) evaluated on its dataset (or ``data``), split ``test`` unless given. ``metric``:
     ``cosine`` L2-normalises both sides first, ``dot`` scores raw inner products. ``split`` picks
-    ``{split}_images``-style keys when the file holds several splits.
+    ``{split}_images``-style keys when the file holds several splits. ``output`` also writes the results to a
+    ``.json`` file that says what was measured (see :func:`gssf_cli.evaluation.results_document`), replacing a
+    file of that name; it is checked before anything runs (:meth:`check_output`).
     """
 
     embeddings: Path | None = setting(
@@ -139,6 +141,10 @@ class EvaluateConfig:
     metric: EmbeddingMetric = setting("cosine", help="Score of the embeddings (cosine: L2-normalise first):")
     memory_budget_mb: int = setting(256, help="Memory for score chunks, MiB.", within=limits.AT_LEAST_ONE)
     plots: bool = setting(True, help="Log plots to MLflow.")
+    output: Path | None = setting(
+        None,
+        help="Also write the results to this .json file: dataset, model, metrics (with CLIP_benchmark's names).",
+    )
 
     def validate(self) -> None:
         if (self.embeddings is None) == (self.run is None):
@@ -147,6 +153,27 @@ class EvaluateConfig:
             raise UserInputError("--data applies to --run only (it overrides the run's dataset folder)")
         if not self.ks or any(k < 1 for k in self.ks):
             raise UserInputError(f"evaluate.ks: cut-offs must be positive integers, got {list(self.ks)}")
+        self.check_output()
+
+    def check_output(self) -> None:
+        """Refuse an ``output`` that cannot become the results file, without creating anything: it must be named
+        ``*.json``, not be a folder, and sit in an existing folder this process may write to (the file is
+        written there under a temporary name, then renamed)."""
+        import os
+
+        if self.output is None:
+            return
+        out, folder = self.output, self.output.parent
+        if out.suffix.lower() != ".json":
+            raise UserInputError(f"--output {out}: the results file must be named *.json")
+        if out.is_dir():
+            raise UserInputError(f"--output {out}: is a folder; name a file in it, e.g. {out / 'results.json'}")
+        if not folder.exists():
+            raise UserInputError(f"--output {out}: the folder {folder} does not exist; create it first")
+        if not folder.is_dir():
+            raise UserInputError(f"--output {out}: {folder} is a file, not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserInputError(f"--output {out}: the folder {folder} is not writable; choose another --output")
 
 
 MetricName = SimilarityName
@@ -174,13 +201,17 @@ class TrainConfig:
     pooling: Pooling = setting("mean", help="Region and token pooling:")
     mlp: bool = setting(False, help="2-layer MLP residual on projections.")
     gru_layers: int = setting(1, help="Layers of the caption GRU.", within=limits.AT_LEAST_ONE)
-    epochs: int = setting(20, help="Epochs.", within=limits.AT_LEAST_ONE)
+    epochs: int = setting(20, help="Epochs (numbered from 1 in output and MLflow).", within=limits.AT_LEAST_ONE)
     batch_size: int = setting(128, help="Pairs per batch (negatives come from the batch).", within=limits.AT_LEAST_TWO)
     lr: float = setting(5e-4, help="AdamW learning rate.", within=limits.POSITIVE)
-    lr_decay_epoch: int = setting(15, help="Epoch from which lr is multiplied by --lr-decay.")
+    lr_decay_epoch: int = setting(
+        15, help="Epochs at the full lr: from epoch N+1 on (epochs count from 1) lr is multiplied by --lr-decay."
+    )
     lr_decay: float = setting(0.1, help="Learning-rate decay factor.", within=limits.NON_NEGATIVE)
     weight_decay: float = setting(1e-4, help="Weight decay of the metric head.", within=limits.NON_NEGATIVE)
-    warmup_epochs: int = setting(1, help="Epochs summing over all negatives first.", within=limits.NON_NEGATIVE)
+    warmup_epochs: int = setting(
+        1, help="Epochs 1..N sum over all negatives; hardest negatives from epoch N+1.", within=limits.NON_NEGATIVE
+    )
     grad_clip: float = setting(2.0, help="Gradient-norm clipping (0 = off).", within=limits.NON_NEGATIVE)
     loss: LossName = setting("triplet", help="Ranking loss:")
     margin: float = setting(0.2, help="Hinge margin.", within=limits.MARGIN)
@@ -206,6 +237,9 @@ class TrainConfig:
     def uses_block_size(self) -> bool:
         return self.metric in limits.BLOCK_SIMILARITIES
 
+    def model_label(self) -> str:
+        return limits.model_label(self.metric, self.block_size if self.uses_block_size() else None)
+
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
@@ -223,6 +257,13 @@ class ExportConfig:
     split: str = setting("test", help="Dataset split for the parity check.")
     parity_batch: int = setting(16, help="Largest batch of the per-graph parity checks.", within=limits.AT_LEAST_TWO)
     force: bool = setting(False, help="Replace an existing bundle.", flag="--force")
+    register: str | None = setting(
+        None, help="Register the bundle, once its gate passed, as a new version of this MLflow registered model."
+    )
+
+    def validate(self) -> None:
+        if self.register is not None:
+            limits.check_registered_name("export.register", self.register)
 
 
 C = TypeVar("C")
@@ -403,7 +444,8 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
-SchedulerName = Literal["asha", "fifo"]
+SchedulerName = Literal["auto", "fifo", "asha"]
+"""``auto``: FIFO for a pure grid (every trial runs its whole budget), ASHA when any value is sampled."""
 Mode = Literal["max", "min"]
 
 
@@ -447,7 +489,9 @@ class TuneConfig:
         help="Samples: each grid point runs once per sample (default 1 grid, 8 ranges).",
         within=limits.AT_LEAST_ONE,
     )
-    scheduler: SchedulerName = setting("asha", help="Scheduler (asha stops weak trials early):")
+    scheduler: SchedulerName = setting(
+        "auto", help="Scheduler: auto = fifo for a pure grid, asha (stops weak trials early) if any value is sampled:"
+    )
     grace_period: int = setting(1, help="ASHA: epochs before a trial may be stopped.", within=limits.AT_LEAST_ONE)
     reduction_factor: int = setting(2, help="ASHA: keep the best 1/N at each rung.", within=limits.AT_LEAST_TWO)
     cpus_per_trial: int = setting(1, help="CPUs (and torch threads) per trial.", within=limits.AT_LEAST_ONE)

@@ -6,21 +6,47 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from gssf_cli.training import EpochSummary
 
 stdout = Console()
 stderr = Console(stderr=True)
 
 
 class TrainingProgress:
-    """A rich bar per training epoch on stderr (loss and samples/s); satisfies
+    """Training as a person watches it, on stderr: while an epoch trains, a bar (batches, loss, samples/s); while
+    it validates, a bar of the validation's steps (encode the split, score it); when it ends, one line that stays
+    (the bars are transient, so the lines pile up above the next epoch's bar)::
+
+        epoch  3/20  loss 0.4123  val rsum 312.40 (best)  lr 5e-4  12.3 s
+
+    Epochs are numbered from 1; ``(best)`` marks the epoch that is now the best (its weights are in ``best/``);
+    the seconds are the epoch's wall time (training, validation, checkpoint). ``plain``: the lines alone, with no
+    bar and no colour or cursor codes, written straight to stderr (for ``--json``, whose stdout is the JSON, and
+    for logs). ``console``: where the bars and lines go instead of stderr. Satisfies
     :class:`gssf_cli.training.Progress`."""
+
+    def __init__(self, plain: bool = False, console: Console | None = None) -> None:
+        self.plain = plain
+        self.console = console
+
+    def _console(self) -> Console:
+        return self.console if self.console is not None else stderr
+
+    def _bars(self) -> bool:
+        """Bars only where they can be redrawn in place: in a terminal (a log file would get blank lines)."""
+        return not self.plain and self._console().is_terminal
 
     @contextlib.contextmanager
     def epoch(self, label: str, batches: int) -> Iterator[Callable[[float, float], None]]:
+        if not self._bars():
+            yield lambda loss, rate: None
+            return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         columns = (
@@ -30,9 +56,67 @@ class TrainingProgress:
             TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.0f} samples/s"),
             TimeRemainingColumn(),
         )
-        with Progress(*columns, console=stderr, transient=True) as bar:
+        with Progress(*columns, console=self._console(), transient=True) as bar:
             task = bar.add_task("train", total=batches, loss=0.0, rate=0.0)
             yield lambda loss, rate: bar.update(task, advance=1, loss=loss, rate=rate)
+
+    @contextlib.contextmanager
+    def validation(self, label: str, steps: int) -> Iterator[Callable[[str], None]]:
+        if not self._bars():
+            yield lambda what: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[what]}"))
+        with Progress(*columns, TimeElapsedColumn(), console=self._console(), transient=True) as bar:
+            task = bar.add_task("validate", total=steps, what="")
+            started = 0
+
+            def step(what: str) -> None:
+                nonlocal started
+                bar.update(task, completed=started, what=what)
+                started += 1
+
+            yield step
+
+    def epoch_done(self, summary: EpochSummary) -> None:
+        line = epoch_line(summary)
+        if self.plain:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        else:
+            self._console().print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def epoch_line(summary: EpochSummary) -> str:
+    """``epoch  3/20  loss 0.4123  val rsum 312.40 (best)  lr 5e-4  12.3 s``: the line kept for each epoch
+    (without a validation split the loss picks the best epoch, and ``(best)`` follows the loss)."""
+    metrics, name = summary.metrics, summary.validation_metric
+    best = " (best)" if summary.improved else ""
+    parts = [f"epoch {summary.epoch:>{len(str(summary.epochs))}}/{summary.epochs}", f"loss {metrics['loss']:.4f}"]
+    if f"val_{name}" in metrics:
+        parts.append(f"val {name} {_metric_value(name, metrics[f'val_{name}'])}{best}")
+    else:
+        parts[-1] += best
+    if "lr" in metrics:
+        parts.append(f"lr {_short_number(metrics['lr'])}")
+    parts.append(f"{summary.seconds:.1f} s")
+    return "  ".join(parts)
+
+
+def _metric_value(name: str, value: float) -> str:
+    """Fractions (MAP@R, P@1) with 4 decimals, percentages and sums of them (rSum) with 2."""
+    from gssf_cli import metrics
+
+    return f"{value:.4f}" if metrics.get(name).unit == "fraction" else f"{value:.2f}"
+
+
+def _short_number(value: float) -> str:
+    """A learning rate as people write it: ``5e-4``, ``2.5e-3``, ``0``."""
+    if value == 0:
+        return "0"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def print_json(payload: Any) -> None:
@@ -100,8 +184,28 @@ def print_evaluation(result: dict[str, Any], as_json: bool) -> None:
         stdout.print(table)
         if result.get("num_skipped"):
             stdout.print(f"{result['num_skipped']:.0f} queries had no relevant item and were skipped")
+    measured = _measured(result.get("dataset_info", {}), result.get("model_info", {}))
+    if measured:
+        stdout.print(measured, highlight=False, markup=False)
+    if result.get("output"):
+        stdout.print(f"results written to [bold]{result['output']}[/]")
     if result.get("run_id"):
         stdout.print(f"MLflow run {result['run_id']}")
+
+
+def _measured(dataset: dict[str, Any], model: dict[str, Any]) -> str:
+    """One line on what an evaluation measured: which model (or file), on which data."""
+    if not dataset or not model:
+        return ""
+    if model.get("source") == "embeddings":
+        return f"embeddings {model['path']} (sha256 {str(model['sha256'])[:12]}), {model['score']} scores"
+    block = f", block size {model['block_size']}" if model.get("block_size") else ""
+    epoch = f", best epoch {model['best_epoch']}" if model.get("best_epoch") is not None else ""
+    return (
+        f"model: {model.get('metric_head')} head{block} (D {model.get('embed_dim')}) of run "
+        f"{model.get('train_run_id')}{epoch}; data: {dataset.get('name')} ({dataset.get('split')} split, manifest "
+        f"sha256 {str(dataset.get('manifest_sha256'))[:12]})"
+    )
 
 
 def _is_metric(key: str) -> bool:
@@ -118,7 +222,7 @@ def print_training(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(result)
         return
-    table = Table(title=f"best epoch {result['best_epoch'] + 1} (validation {result['validation_metric']})")
+    table = Table(title=f"best epoch {result['best_epoch']} (validation {result['validation_metric']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result["metrics"].items():
@@ -131,6 +235,8 @@ def print_training(result: dict[str, Any], as_json: bool) -> None:
     )
     stdout.print(f"checkpoints in [bold]{result['out_dir']}[/]")
     stdout.print(f"MLflow run {result['run_id']}")
+    if result.get("model_id"):
+        stdout.print(f"MLflow model models:/{result['model_id']} (load it with mlflow.pyfunc.load_model)")
 
 
 def print_tune(result: dict[str, Any], as_json: bool) -> None:
@@ -144,7 +250,7 @@ def print_tune(result: dict[str, Any], as_json: bool) -> None:
     )
     table.add_column("#", justify="right")
     table.add_column("trial")
-    table.add_column("status")
+    table.add_column("status", no_wrap=True)
     for name in result["tuned"]:
         table.add_column(name, justify="right")
     table.add_column(metric, justify="right")
@@ -152,18 +258,22 @@ def print_tune(result: dict[str, Any], as_json: bool) -> None:
     table.add_column("head params", justify="right")
     table.add_column("s", justify="right")
     table.add_column("MLflow run")
+    errors = any(trial.get("error") for trial in result["trials"])
+    if errors:
+        table.add_column("error", overflow="fold")
     for rank, trial in enumerate(result["trials"], start=1):
         value = trial["metric"]
         table.add_row(
             str(rank),
             trial["trial_id"],
-            trial["status"] + (f": {trial['error']}" if trial.get("error") else ""),
+            trial["status"],
             *(_tuned_cell(trial["values"].get(name)) for name in result["tuned"]),
             "" if value is None else f"{value:.4g}",
             str(trial["epochs"]),
             "" if trial.get("head_params") is None else f"{trial['head_params']:,}",
             f"{trial['seconds']:.1f}",
             trial.get("run_id") or "",
+            *([trial.get("error") or ""] if errors else []),
         )
     stdout.print(table)
     best = result["best"]
@@ -218,6 +328,11 @@ def print_export(result: dict[str, Any], as_json: bool) -> None:
     else:
         where = f"parity gate FAILED, nothing deployed: bundle kept for inspection in [bold]{result['path']}[/]"
     stdout.print(f"{where} ({result['seconds']:.1f} s); MLflow run {result['export_run_id']}")
+    if result.get("model_id"):
+        stdout.print(f"MLflow model models:/{result['model_id']} (mlflow.pyfunc.load_model serves it on ONNX Runtime)")
+    if result.get("registered"):
+        registered = result["registered"]
+        stdout.print(f"registered as [bold]models:/{registered['name']}/{registered['version']}[/]")
 
 
 def print_bundle_check(result: dict[str, Any], as_json: bool) -> None:
@@ -247,8 +362,12 @@ def print_pipeline(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print_json(result)
         return
-    dry = result["parent_run_id"] is None
-    table = Table(title=f"pipeline {result['name']}" + (" (dry run: nothing ran)" if dry else ""))
+    dry = result["dry_run"]
+    all_cached = result["parent_run_id"] is None and not dry
+    note = (
+        " (dry run: nothing ran)" if dry else " (all cached: nothing ran, no MLflow run opened)" if all_cached else ""
+    )
+    table = Table(title=f"pipeline {result['name']}{note}")
     for column in ("stage", "status", "run", "seconds", "result", "why"):
         table.add_column(column)
     for stage in result["stages"]:
@@ -270,7 +389,8 @@ def print_pipeline(result: dict[str, Any], as_json: bool) -> None:
         headline = [k for names in registry.HEADLINE.values() for k in names if k in shown]
         if headline:
             stdout.print(f"{label}: " + ", ".join(f"{k} {shown[k]:.4g}" for k in headline))
-    stdout.print(f"{result['seconds']:.1f} s; parent MLflow run {result['parent_run_id']}")
+    if not all_cached:
+        stdout.print(f"{result['seconds']:.1f} s; parent MLflow run {result['parent_run_id']}")
 
 
 def _short(value: Any) -> str:

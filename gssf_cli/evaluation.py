@@ -9,20 +9,28 @@ An embeddings file (``.npz``) holds one of three layouts (optionally prefixed ``
 - label-based, query set against a gallery: ``queries``, ``query_labels``, ``gallery``, ``gallery_labels``.
 
 The metrics themselves are :mod:`gssf_cli.retrieval`'s pure functions; this module turns files and models into
-their inputs, their results into :class:`EvaluateResult`, and samples of the scores into figures.
+their inputs, their results into :class:`EvaluateResult` (which says what was measured: the dataset and the
+model, see :func:`dataset_identity` and :func:`model_identity`), results into a results file people can keep
+(:func:`results_document`, :func:`write_results`), and samples of the scores into figures.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
+import os
 import time
+import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gssf_cli import __version__
+from gssf_cli import metrics as registry
 from gssf_cli.config import EvaluateConfig
 from gssf_cli.errors import UserInputError
 
@@ -41,6 +49,11 @@ PLOT_SAMPLE = 2000
 
 @dataclass(frozen=True)
 class EvaluateResult:
+    """One evaluation: ``metrics`` (flat, named as in :mod:`gssf_cli.metrics`), cross-modal ``folds``, ``sizes``,
+    and what was measured: ``dataset_info`` (:func:`dataset_identity`, :func:`file_identity`) and ``model_info``
+    (:func:`model_identity` plus the train run; for an embeddings file, the file). ``run_id``: the evaluate run;
+    ``output``: the results file written, if any."""
+
     task: str
     protocol: str | None
     metrics: dict[str, float]
@@ -48,19 +61,31 @@ class EvaluateResult:
     sizes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     run_id: str | None = None
+    dataset_info: dict[str, Any] = field(default_factory=dict)
+    model_info: dict[str, Any] = field(default_factory=dict)
+    output: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """Flat metrics first (the documented keys), then context."""
+        """Flat metrics first (the documented keys), then context: what was measured, sizes, run."""
         out: dict[str, Any] = dict(self.metrics)
         out.update({"task": self.task, "sizes": self.sizes, "seconds": self.seconds, "run_id": self.run_id})
         if self.task == "cross_modal":
             out["protocol"] = self.protocol
             out["folds"] = self.folds
+        out.update({"dataset_info": self.dataset_info, "model_info": self.model_info})
+        if self.output is not None:
+            out["output"] = self.output
         return out
 
 
 def load_embeddings(path: Path, split: str | None) -> tuple[str, dict[str, np.ndarray]]:
     """Read an embeddings file and name its layout: ``cross_modal``, ``labels`` or ``labels_two_sets``."""
+    layout, arrays, _ = _read_embeddings(path, split)
+    return layout, arrays
+
+
+def _read_embeddings(path: Path, split: str | None) -> tuple[str, dict[str, np.ndarray], str | None]:
+    """:func:`load_embeddings`, and the split whose keys were read (None: unprefixed keys)."""
     if not path.is_file():
         raise UserInputError(f"embeddings file {path} not found: pass an .npz with images+texts or features+labels")
     try:
@@ -78,7 +103,7 @@ def load_embeddings(path: Path, split: str | None) -> tuple[str, dict[str, np.nd
             missing = [f"{prefix}{k}" for k in keys if f"{prefix}{k}" not in arrays]
             if missing:
                 raise UserInputError(f"{path}: {', '.join(missing)} missing (needed beside {prefix}{keys[0]})")
-            return task, {k: arrays[f"{prefix}{k}"] for k in keys}
+            return task, {k: arrays[f"{prefix}{k}"] for k in keys}, prefix.removesuffix("_") or None
     raise UserInputError(
         f"{path}: found keys {sorted(arrays)}; expected {prefix}images+{prefix}texts, "
         f"{prefix}features+{prefix}labels, or queries/query_labels/gallery/gallery_labels"
@@ -101,14 +126,26 @@ def evaluate_model(
     protocol: str = "all",
     ks: tuple[int, ...] = (1, 5, 10),
     memory_budget_bytes: int = 256 * 2**20,
+    step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a model on one split, scored by its own metric head (rSum etc., or MAP@R etc.)."""
+    """Metrics of a model on one split, scored by its own metric head (rSum etc., or MAP@R etc.).
+
+    ``step``, if given, is told as each of the two steps starts (encoding the split, then scoring it), with
+    what it does: how training shows its validation without this module knowing about a terminal.
+    """
     import torch
 
     from gssf_cli.model import embed_split
 
+    split = dataset.split(split_name)
     with torch.no_grad():
-        images, texts = embed_split(model, dataset.split(split_name), device)
+        if step is not None and split.task == "cross_modal":
+            step(f"encode {split.num_images:,} images, {split.num_pairs:,} texts")
+        elif step is not None:
+            step(f"encode {split.num_images:,} items")
+        images, texts = embed_split(model, split, device)
+        if step is not None:
+            step("score")
         return _score_split(model, dataset, split_name, images, texts, protocol, ks, memory_budget_bytes)
 
 
@@ -161,7 +198,7 @@ def evaluate_file(config: EvaluateConfig) -> Evaluation:
     from gssf_cli import retrieval
 
     assert config.embeddings is not None
-    layout, arrays = load_embeddings(config.embeddings, config.split)
+    layout, arrays, split = _read_embeddings(config.embeddings, config.split)
     prepare = _normalise if config.metric == "cosine" else _as_float
     budget = config.memory_budget_mb * 2**20
     started = time.perf_counter()
@@ -200,7 +237,10 @@ def evaluate_file(config: EvaluateConfig) -> Evaluation:
         raise UserInputError(f"{config.embeddings}: {exc}") from None
     seconds = round(time.perf_counter() - started, 3)
     task = "cross_modal" if layout == "cross_modal" else "labels"
-    result = EvaluateResult(task, protocol, metrics, folds, sizes, seconds)
+    dataset_info, model_info = file_identity(config.embeddings, split, layout, protocol, sizes, config.metric)
+    result = EvaluateResult(
+        task, protocol, metrics, folds, sizes, seconds, dataset_info=dataset_info, model_info=model_info
+    )
     return Evaluation(result, layout, arrays, None, config.metric)
 
 
@@ -227,8 +267,150 @@ def evaluate_trained(model: RetrievalModel, dataset: Dataset, config: EvaluateCo
     else:
         sizes = {"queries": split.num_images, "gallery": split.num_images}
         arrays = {"features": images.numpy(), "labels": split.labels}
-    result = EvaluateResult(dataset.task, protocol, metrics, folds, sizes, seconds)
+    dataset_info = dataset_identity(dataset, split_name, protocol, sizes)
+    result = EvaluateResult(
+        dataset.task,
+        protocol,
+        metrics,
+        folds,
+        sizes,
+        seconds,
+        dataset_info=dataset_info,
+        model_info=model_identity(model),
+    )
     return Evaluation(result, dataset.task, arrays, model.similarity.scores, "learned metric")
+
+
+def dataset_identity(
+    dataset: Dataset, split_name: str, protocol: str | None, sizes: Mapping[str, int]
+) -> dict[str, Any]:
+    """What a trained model was measured on: the dataset's name, kind and folder, the sha256 of its manifest
+    (which lists every file's checksum, so it names the content), the split, the protocol and the sizes."""
+    return {
+        "name": dataset.name,
+        "kind": dataset.manifest.get("kind"),
+        "folder": str(dataset.folder),
+        "manifest_sha256": dataset.digest,
+        "split": split_name,
+        "protocol": protocol,
+        "sizes": dict(sizes),
+    }
+
+
+def model_identity(model: RetrievalModel) -> dict[str, Any]:
+    """The evaluated model as built: its metric head (name, block size d or None, embedding size D, score
+    normalisation) and its parameter counts. The stage adds the train run it came from and its best epoch."""
+    similarity = model.similarity
+    return {
+        "metric_head": similarity.name,
+        "block_size": similarity.block_size,
+        "embed_dim": similarity.dim,
+        "metric_norm": similarity.norm,
+        "parameters": model.parameter_counts(),
+    }
+
+
+def file_identity(
+    path: Path, split: str | None, layout: str, protocol: str | None, sizes: Mapping[str, int], score: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What an embeddings file evaluation measured, as ``(dataset_info, model_info)``: the file is both the data
+    and the model's output, so both name it by path and sha256; the dataset side adds the split whose keys were
+    read, the layout, protocol and sizes, the model side the score (``cosine`` or ``dot``)."""
+    from gssf_cli.data.files import sha256_file
+
+    digest = sha256_file(path)
+    dataset_info = {
+        "name": path.stem,
+        "kind": "embeddings",
+        "path": str(path),
+        "sha256": digest,
+        "split": split,
+        "layout": layout,
+        "protocol": protocol,
+        "sizes": dict(sizes),
+    }
+    return dataset_info, {"source": "embeddings", "path": str(path), "sha256": digest, "score": score}
+
+
+CLIP_BENCHMARK_NAMES: dict[str, str] = {"t2i": "image_retrieval_recall", "i2t": "text_retrieval_recall"}
+"""CLIP_benchmark's name for each of our recall directions (see :func:`clip_benchmark_aliases`)."""
+
+
+def clip_benchmark_aliases(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Our cross-modal recalls under CLIP_benchmark's names and in its unit (a fraction in [0, 1], not %).
+
+    CLIP_benchmark (``clip_benchmark/metrics/zeroshot_retrieval.py``) scores ``texts @ images.T`` and names a
+    recall after what is *retrieved*: ``image_retrieval_recall@K`` is, for each text query, whether its image is
+    among the top K images — our text→image ``t2i_rK`` / 100; ``text_retrieval_recall@K`` is, for each image
+    query, whether any of its captions is among the top K texts — our image→text ``i2t_rK`` / 100. Both are the
+    mean over queries of a 0/1 hit, as ours are (ties aside: CLIP_benchmark takes ``torch.topk``'s order, we count
+    an item as ranked below every item that scores higher).
+    """
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        direction, _, k = key.partition("_r")
+        if direction in CLIP_BENCHMARK_NAMES and k.isdigit() and registry.get(key).unit == "%":
+            out[f"{CLIP_BENCHMARK_NAMES[direction]}@{k}"] = value / registry.PERCENT
+    return out
+
+
+RESULTS_FORMAT = "gssf-evaluate-results/1"
+"""Names the layout of :func:`results_document` (a reader checks it before trusting the keys)."""
+
+
+def results_document(result: EvaluateResult, now: datetime.datetime | None = None) -> dict[str, Any]:
+    """The results file of ``gssf evaluate --output``: what was measured, the metrics, by what and when.
+
+    Shaped like CLIP_benchmark's results files, whose ``dataset``, ``model``, ``pretrained``, ``task`` and
+    ``metrics`` keys it keeps with the same types (``clip_benchmark build`` tables them): ``dataset`` is the
+    dataset's (or file's) name, ``model`` the metric head with its block size (``bdiag-d8``; ``embeddings-cosine``
+    for a file), ``pretrained`` the train run id (the file's name), ``task`` ours (``cross_modal`` or ``labels``),
+    ``metrics`` ours (the ``--json`` keys) plus :func:`clip_benchmark_aliases`. The identities in full are
+    ``dataset_info`` and ``model_info`` (the same objects as in ``--json``); then the folds of a multi-fold
+    protocol, the gssf version, the time (UTC), the evaluate run id and the seconds the evaluation took.
+    """
+    from gssf_cli.limits import model_label
+
+    model_info = result.model_info
+    if model_info.get("source") == "embeddings":
+        model, pretrained = f"embeddings-{model_info.get('score')}", Path(str(model_info.get("path"))).name
+    else:
+        model = model_label(str(model_info.get("metric_head")), model_info.get("block_size"))
+        pretrained = str(model_info.get("train_run_id"))
+    when = now or datetime.datetime.now(datetime.UTC)
+    return {
+        "dataset": result.dataset_info.get("name"),
+        "model": model,
+        "pretrained": pretrained,
+        "task": result.task,
+        "metrics": {**result.metrics, **clip_benchmark_aliases(result.metrics)},
+        "dataset_info": result.dataset_info,
+        "model_info": model_info,
+        "folds": result.folds if len(result.folds) > 1 else [],
+        "format": RESULTS_FORMAT,
+        "gssf_version": __version__,
+        "created": when.isoformat(timespec="seconds"),
+        "evaluate_run_id": result.run_id,
+        "seconds": result.seconds,
+    }
+
+
+def write_results(path: Path, document: Mapping[str, Any]) -> None:
+    """Write ``document`` as JSON at ``path`` atomically: into a temporary file in the same folder, then one
+    rename, so that a reader never sees half a file and a failure leaves no file (and an earlier one as it was)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(document, indent=2, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserInputError(f"--output {path}: cannot write the results file ({exc.strerror or exc})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _as_float(x: np.ndarray, name: str) -> np.ndarray:

@@ -220,3 +220,22 @@ def head_parameters(name: str, dim: int, block_size: int) -> int:
         "dense": dim * dim,
         "gssf": dim + dim * block_size,
     }[name]
+
+
+REGISTERED_NAME_FORBIDDEN = ("/", ":")
+MAX_REGISTERED_NAME = 256
+
+
+def check_registered_name(key: str, name: str) -> None:
+    """A Model Registry name MLflow accepts (not blank, no ``/`` or ``:``, not path-like), checked before any run."""
+    if not name.strip():
+        raise UserInputError(f"{key}: a registered model name cannot be blank")
+    if any(c in name for c in REGISTERED_NAME_FORBIDDEN) or name != name.strip() or ".." in name:
+        raise UserInputError(f"{key}: {name!r} is not a valid registered model name (no '/', ':', '..' or edge spaces)")
+    if len(name) > MAX_REGISTERED_NAME:
+        raise UserInputError(f"{key}: a registered model name has at most {MAX_REGISTERED_NAME} characters")
+
+
+def model_label(metric: str, block_size: int | None) -> str:
+    """What a run or model name says of a model: the metric head and its block size (``gssf-d64``, ``cosine``)."""
+    return f"{metric}-d{block_size}" if block_size else metric

@@ -70,12 +70,17 @@ def manifest_spec(manifest: dict[str, Any], config: TrainConfig) -> EncoderSpec:
 def build_model(dataset: Dataset, config: TrainConfig) -> RetrievalModel:
     """The model of ``config`` for ``dataset``; refused up front (:func:`check_fits_memory`) when its weights
     alone would not fit in this machine's memory, rather than failing (or swapping) inside the allocator."""
-    spec = encoder_spec(dataset, config)
+    return build_model_for(dataset.manifest, config)
+
+
+def build_model_for(manifest: dict[str, Any], config: TrainConfig) -> RetrievalModel:
+    """:func:`build_model` from a dataset's ``manifest.json`` alone (a served model carries no dataset)."""
+    spec = manifest_spec(manifest, config)
     check_fits_memory(spec, config)
     encoder = build_encoder(spec)
     block = config.block_size if config.uses_block_size() else None
     similarity = make_similarity(config.metric, config.embed_dim, block, norm=config.metric_norm)
-    return RetrievalModel(encoder, similarity, dataset.task)
+    return RetrievalModel(encoder, similarity, str(manifest["task"]))
 
 
 FLOAT32_BYTES = 4

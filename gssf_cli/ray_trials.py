@@ -4,8 +4,10 @@ The only module that imports Ray. Each trial is :func:`_train_trial`: the librar
 (:func:`gssf_cli.training.fit`, no tracker) reporting every epoch's metrics and checkpoint with
 ``ray.tune.report``, so ASHA can stop weak trials early and a crashed trial is retried (``--max-failures``)
 from its last checkpoint via ``tune.get_checkpoint()``. A trial uses ``--cpus-per-trial`` threads
-(``torch.set_num_threads`` and ``TrainConfig.threads``). Trials never open the tracking store: the driver
-replays their results into MLflow after ``Tuner.fit()`` (see :mod:`gssf_cli.stages.tune`).
+(``torch.set_num_threads`` and ``TrainConfig.threads``). Trials never open the tracking store: a driver-side
+Tune callback passes each trial's start, epochs and end to a :class:`~gssf_cli.tuning.TrialLog` as they happen
+(the tune stage logs them to MLflow), and prints them as plain progress lines on stderr. An interrupted search
+continues with ``Tuner.restore`` (``run_trials(..., resume=True)``).
 
 A local Ray uses all CPUs, no dashboard, no usage stats, and a session folder in a short temporary directory
 removed afterwards (Unix socket paths must stay under ~107 characters); results go under ``--storage``.
@@ -23,7 +25,9 @@ in seconds (exit 2) instead of ``ray.init``'s minutes of retries. What the user 
   same absolute path on every node.
 - ``--storage`` that every node and this machine can reach: a shared folder (NFS) or a URI such as
   ``s3://bucket/gssf`` (with the cloud credentials in the nodes' environment); trial checkpoints go there.
-- MLflow needs no access from the cluster: only this process logs.
+- MLflow needs no access from the cluster: only this process logs. Under Ray Client, Tune's callbacks would
+  run on the head node, so none are installed there: the trials are logged from their results after ``fit()``
+  (no live runs, no progress lines).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +52,7 @@ from gssf_cli import tuning
 from gssf_cli.config import TuneConfig, to_dict
 from gssf_cli.errors import UserInputError
 from gssf_cli.limits import head_parameters
-from gssf_cli.tuning import TrialOutcome, TunePlan, describe_values
+from gssf_cli.tuning import TrialLog, TrialOutcome, TunePlan, describe_values
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0"}
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -109,69 +113,245 @@ def storage_path(storage: str) -> str:
     return str(path)
 
 
+def experiment_path(storage: str, name: str) -> str:
+    """Where Tune keeps experiment ``name`` under ``storage`` (a folder or a URI): what ``Tuner.restore`` reads."""
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def callbacks_run_here(address: str | None) -> bool:
+    """Whether Tune's callbacks run in this process. Under Ray Client (``ray://``) Tune's controller, and so
+    every callback, runs on the cluster's head node, which cannot reach this process's tracking store."""
+    return not (address or "").startswith("ray://")
+
+
+def check_restorable(path: str, address: str | None, what: str) -> None:
+    """Before a resumed tune opens its run: ``path`` still holds the Tune experiment (``tuner.pkl``)."""
+    _ray_environment(address)
+    from ray.tune import Tuner
+
+    try:
+        found = Tuner.can_restore(path)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{what}: cannot read its Ray results at {path}: {_first_line(str(exc))}") from None
+    if not found:
+        raise UserInputError(
+            f"{what}: its Ray results folder {path} is gone (or holds no Tune experiment), so it cannot be resumed; "
+            "start a new `gssf tune`"
+        )
+
+
 @dataclass(frozen=True)
 class RayRun:
     """What :func:`run_trials` saw: each trial, Ray's start-up seconds (0 if it was running), and whether
-    Ctrl-C ended the search early."""
+    Ctrl-C (or SIGTERM) ended the search early."""
 
     outcomes: list[TrialOutcome]
     ray_start_seconds: float
     interrupted: bool
 
 
-def run_trials(plan: TunePlan, config: TuneConfig, name: str, storage: str, progress: bool = False) -> RayRun:
-    """Run every trial of ``plan`` on Ray. Ray's console output goes to stderr so that ``--json`` keeps
-    stdout clean."""
-    os.environ.update(RAY_ENV)
-    if not config.address:
-        _loopback_only()
+def run_trials(
+    plan: TunePlan,
+    config: TuneConfig,
+    name: str,
+    storage: str,
+    progress: bool = False,
+    log: TrialLog | None = None,
+    *,
+    resume: bool = False,
+    root: Path | None = None,
+) -> RayRun:
+    """Run every trial of ``plan`` on Ray as experiment ``name`` under ``storage`` — or, with ``resume``, continue
+    that experiment where it stopped (unfinished and errored trials go on from their last checkpoints; finished
+    ones are kept, not re-run).
+
+    ``log`` receives each trial's start, epochs and end as they happen; ``progress`` prints one plain line per
+    such event on stderr. Neither works under Ray Client (see :func:`callbacks_run_here`): the caller then logs
+    from the outcomes. ``root`` is the folder relative trial paths (a tuned teacher file) are read from: the
+    working directory the tune started in. Ray's console output goes to stderr so that ``--json`` keeps stdout
+    clean.
+    """
+    _ray_environment(config.address)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    spec = _trial_spec(plan, config)
-    scheduler: Any = FIFOScheduler()
-    if config.scheduler == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=plan.base.epochs,
-            grace_period=min(config.grace_period, plan.base.epochs),
-            reduction_factor=config.reduction_factor,
-        )
-    with contextlib.redirect_stdout(sys.stderr), _quiet_ray_logs(), _ray_session(config) as ray_seconds:
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(_train_trial, spec=spec), {"cpu": config.cpus_per_trial}),
-            param_space=_search_space(plan),
-            tune_config=tune.TuneConfig(
-                metric=plan.metric_key,
-                mode=plan.mode,
-                scheduler=scheduler,
-                num_samples=plan.num_samples,
-                search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=config.max_concurrent),
-                reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage,
-                verbose=0,
-                failure_config=tune.FailureConfig(max_failures=config.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[_progress_callback(plan)] if progress else [],
-            ),
-        )
-        with _sigint_watch() as interrupted:
+    spec = _trial_spec(plan, config, root or Path.cwd())
+    trainable = tune.with_resources(tune.with_parameters(_train_trial, spec=spec), {"cpu": config.cpus_per_trial})
+    callbacks = [_callback(name)] if callbacks_run_here(config.address) else []
+    with (
+        contextlib.redirect_stdout(sys.stderr),
+        _quiet_ray_logs(),
+        _driver(name, _Driver(plan, log, progress)),
+        _ray_session(config) as ray_seconds,
+    ):
+        if resume:
+            tuner = tune.Tuner.restore(
+                experiment_path(storage, name), trainable, resume_unfinished=True, resume_errored=True
+            )
+        else:
+            scheduler: Any = FIFOScheduler()
+            if plan.scheduler == "asha":
+                scheduler = ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=plan.base.epochs,
+                    grace_period=min(config.grace_period, plan.base.epochs),
+                    reduction_factor=config.reduction_factor,
+                )
+            tuner = tune.Tuner(
+                trainable,
+                param_space=_search_space(plan),
+                tune_config=tune.TuneConfig(
+                    metric=plan.metric_key,
+                    mode=plan.mode,
+                    scheduler=scheduler,
+                    num_samples=plan.num_samples,
+                    search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=config.max_concurrent),
+                    reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=storage,
+                    verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=config.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    callbacks=callbacks,
+                ),
+            )
+        with _interrupt_watch() as interrupted:
             grid = tuner.fit()
         outcomes = [_outcome(grid[index], plan) for index in range(len(grid))]
     return RayRun(outcomes, ray_seconds[0], interrupted[0])
 
 
-@contextlib.contextmanager
-def _sigint_watch() -> Iterator[list[bool]]:
-    """Tell whether Ctrl-C stopped ``Tuner.fit()``, and put the SIGINT handler back.
+def _ray_environment(address: str | None) -> None:
+    """Ray's settings for gssf (no usage stats, the old console output), and loopback only unless joining a
+    cluster; before Ray is imported, as some are read then."""
+    os.environ.update(RAY_ENV)
+    if not address:
+        _loopback_only()
 
-    Why: Tune catches the first Ctrl-C, stops the trials and returns normally, so a stopped search would
-    look finished. Tune installs its own handler for the search and reinstates the previous one only when
-    the signal arrives — so the previous handler being back in place afterwards means an interrupt.
+
+class _Driver:
+    """What the driver does with Tune's trial events: print a progress line, and pass the event to the
+    :class:`~gssf_cli.tuning.TrialLog`. A failing log must not end the search (the trials' results are still in
+    Ray's storage, and the tune stage fills gaps after ``fit()``): the first failure is reported on stderr, later
+    ones are silent, and every event is still tried."""
+
+    def __init__(self, plan: TunePlan, log: TrialLog | None, progress: bool) -> None:
+        self.plan, self.log, self.progress = plan, log, progress
+        self.warned = False
+
+    def started(self, trial: Any) -> None:
+        values = {k: _plain(v) for k, v in (trial.config or {}).items()}
+        self._say(trial, "started")
+        if self.log is not None:
+            self._call(self.log.trial_started, str(trial.trial_id), values, str(trial.path or ""))
+
+    def result(self, trial: Any, result: Mapping[str, Any]) -> None:
+        epoch = result.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or not math.isfinite(epoch):
+            return
+        metrics = _result_metrics(result)
+        value = metrics.get(self.plan.metric_key)
+        shown = f"{value:.4g}" if value is not None else "?"
+        self._say(trial, f"epoch {int(epoch)}/{self.plan.base.epochs}: {self.plan.metric} {shown}")
+        if self.log is not None:
+            self._call(self.log.trial_result, str(trial.trial_id), int(epoch), metrics)
+
+    def ended(self, trial: Any, error: str | None = None) -> None:
+        epochs = int((trial.last_result or {}).get("training_iteration") or 0)
+        status = tuning.trial_status(error is not None, epochs, self.plan.base.epochs)
+        how = {"FAILED": f": {error}", "KILLED": f", stopped early after {epochs} of {self.plan.base.epochs} epochs"}
+        self._say(trial, f"{status}{how.get(status, f' after {epochs} epochs')}")
+        if self.log is not None:
+            self._call(self.log.trial_ended, str(trial.trial_id), status, epochs, error)
+
+    def retrying(self, trial: Any) -> None:
+        self._say(trial, "crashed; retrying from its last checkpoint")
+
+    def _say(self, trial: Any, what: str) -> None:
+        if self.progress:
+            values = describe_values({k: _plain(v) for k, v in (trial.config or {}).items()})
+            print(f"gssf tune: trial {trial.trial_id} ({values}) {what}", file=sys.stderr, flush=True)
+
+    def _call(self, method: Callable[..., None], *args: Any) -> None:
+        try:
+            method(*args)
+        except Exception as exc:
+            if not self.warned:
+                self.warned = True
+                print(
+                    f"gssf: warning: could not log a trial to the tracking store ({type(exc).__name__}: "
+                    f"{_first_line(str(exc))}); the tune goes on, and what is missing is logged when it ends",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+
+_DRIVERS: dict[str, _Driver] = {}
+"""The driver of each experiment running in this process, by experiment name (see :func:`_callback`)."""
+
+
+@contextlib.contextmanager
+def _driver(name: str, driver: _Driver) -> Iterator[None]:
+    _DRIVERS[name] = driver
+    try:
+        yield
+    finally:
+        _DRIVERS.pop(name, None)
+
+
+def _callback(name: str) -> Any:
+    """Tune's driver-side callback for experiment ``name``: it forwards each trial event to the :class:`_Driver`
+    registered under that name in this process.
+
+    Why by name: Tune pickles the callbacks into the experiment's ``tuner.pkl`` and ``Tuner.restore`` unpickles
+    them. The callback pickles as a call of this function, so ``tuner.pkl`` holds no tracking client (which
+    cannot be pickled) and a resumed tune's events reach the resuming process's driver, through this version's
+    code.
+    """
+    from ray.tune import Callback
+
+    def driver() -> _Driver | None:
+        return _DRIVERS.get(name)
+
+    class DriverCallback(Callback):
+        def __reduce__(self) -> tuple[Any, tuple[str]]:
+            return (_callback, (name,))
+
+        def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            if (found := driver()) is not None:
+                found.started(trial)
+
+        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
+            if (found := driver()) is not None:
+                found.result(trial, result)
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            if (found := driver()) is not None:
+                found.ended(trial)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            if (found := driver()) is not None:
+                found.ended(trial, _trial_error(trial))
+
+        def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            if (found := driver()) is not None:
+                found.retrying(trial)
+
+    return DriverCallback()
+
+
+@contextlib.contextmanager
+def _interrupt_watch() -> Iterator[list[bool]]:
+    """Tell whether Ctrl-C (or SIGTERM) stopped ``Tuner.fit()``, and put the signal handlers back.
+
+    Why: Tune catches the first Ctrl-C, stops the trials, saves the experiment's state (what a resume continues
+    from) and returns normally, so a stopped search would look finished. Tune installs its own handler for the
+    search and reinstates the previous one only when the signal arrives — so the previous handler being back in
+    place afterwards means an interrupt. SIGTERM is turned into that same Ctrl-C while ``fit()`` runs, so a
+    ``kill`` also leaves a resumable state; a second one interrupts at once.
     """
     import ray
 
@@ -181,6 +361,9 @@ def _sigint_watch() -> Iterator[list[bool]]:
         and not ray.util.client.ray.is_connected()
     )
     before = signal.getsignal(signal.SIGINT)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    if watching:
+        signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
     flag = [False]
     try:
         yield flag
@@ -188,6 +371,7 @@ def _sigint_watch() -> Iterator[list[bool]]:
         if watching:
             flag[0] = signal.getsignal(signal.SIGINT) is before
             signal.signal(signal.SIGINT, before)
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 @contextlib.contextmanager
@@ -244,7 +428,7 @@ def _quiet_ray_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _trial_spec(plan: TunePlan, config: TuneConfig) -> dict[str, Any]:
+def _trial_spec(plan: TunePlan, config: TuneConfig, root: Path) -> dict[str, Any]:
     """What every trial shares. Paths are made absolute here: Ray runs trials in their own folders."""
     base = to_dict(plan.base)
     base["data"] = str(plan.base.data.expanduser().resolve())
@@ -252,7 +436,7 @@ def _trial_spec(plan: TunePlan, config: TuneConfig) -> dict[str, Any]:
         base["teacher"] = str(plan.base.teacher.expanduser().resolve())
     return {
         "base": base,
-        "root": str(Path.cwd()),
+        "root": str(root),
         "cpus": config.cpus_per_trial,
         "metric_key": plan.metric_key,
     }
@@ -303,8 +487,6 @@ def _train_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     if checkpoint is not None:
         shutil.rmtree(out_dir, ignore_errors=True)
         checkpoint.to_directory(str(out_dir))
-        if ckpt.saved_state(out_dir / ckpt.LAST)["epoch"] + 1 >= config.epochs:
-            return
         resume_from = out_dir / ckpt.LAST
 
     def report(epoch: int, metrics: dict[str, float], checkpoint_folder: Path) -> None:
@@ -318,34 +500,47 @@ def _train_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     fit(config, Dataset(config.data), out_dir, resume_from=resume_from, on_epoch_end=report)
 
 
-def _progress_callback(plan: TunePlan) -> Any:
-    """A driver-side callback printing one line per trial event on stderr (it logs nothing)."""
-    from ray.tune import Callback
+def _result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics training reported in one Tune result (a live result or a row of the results table), without
+    Tune's own bookkeeping and the epoch number itself."""
+    from ray.tune.result import AUTO_RESULT_KEYS
 
-    epochs, metric, key = plan.base.epochs, plan.metric, plan.metric_key
+    skip = {*AUTO_RESULT_KEYS, "done", "trial_id", "epoch", "reported_at", "experiment_tag", "should_checkpoint"}
+    return {
+        str(k): float(v)
+        for k, v in result.items()
+        if str(k) not in skip
+        and not str(k).startswith("config/")
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    }
 
-    class Progress(Callback):
-        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any) -> None:
-            value = result.get(key)
-            shown = f"{value:.4g}" if isinstance(value, (int, float)) else "?"
-            print(
-                f"gssf tune: trial {trial.trial_id} ({describe_values(trial.config)}) "
-                f"epoch {int(result.get('epoch', 0)) + 1}/{epochs}: {metric} {shown}",
-                file=sys.stderr,
-            )
 
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            print(f"gssf tune: trial {trial.trial_id} ({describe_values(trial.config)}) failed", file=sys.stderr)
+def _trial_error(trial: Any) -> str:
+    """A failed trial's error as one line: the exception Tune pickled for it, read from the trial's local folder
+    (Tune copies it to the storage only later), else from the storage, else Tune's text of it."""
+    from ray import cloudpickle
 
-    return Progress()
+    readers = (
+        lambda: cloudpickle.loads(Path(trial.pickled_error_file).read_bytes()),
+        trial.get_pickled_error,
+        trial.get_error,
+    )
+    for read in readers:
+        error: Any = None
+        with contextlib.suppress(Exception):
+            error = read()
+        if isinstance(error, BaseException):
+            return _error_line(error)
+        if error:
+            return _first_line(str(error))
+    return "the trial failed"
 
 
 def _outcome(result: Any, plan: TunePlan) -> TrialOutcome:
-    from ray.tune.result import AUTO_RESULT_KEYS
-
     last = dict(result.metrics or {})
     values = {k: _plain(v) for k, v in (result.config or {}).items()}
-    skip = {*AUTO_RESULT_KEYS, "done", "trial_id", "epoch", "reported_at", "experiment_tag", "should_checkpoint"}
     rows: dict[int, tuple[int, dict[str, float], float, float]] = {}
     frame = result.metrics_dataframe
     if frame is not None and not frame.empty and "epoch" in frame.columns:
@@ -353,15 +548,7 @@ def _outcome(result: Any, plan: TunePlan) -> TrialOutcome:
             epoch = record.get("epoch")
             if not isinstance(epoch, (int, float)) or math.isnan(epoch):
                 continue
-            metrics = {
-                str(k): float(v)
-                for k, v in record.items()
-                if str(k) not in skip
-                and not str(k).startswith("config/")
-                and isinstance(v, (int, float))
-                and not isinstance(v, bool)
-                and math.isfinite(v)
-            }
+            metrics = _result_metrics(record)
             stamp = float(record.get("reported_at") or record.get("timestamp") or time.time())
             rows[int(epoch)] = (int(stamp * 1000), metrics, float(record.get("time_total_s") or 0.0), stamp)
     history = [(epoch, stamp, metrics) for epoch, (stamp, metrics, _, _) in sorted(rows.items())]

@@ -1,20 +1,30 @@
 """Trained runs: find a run's best checkpoint (locally or as an MLflow artifact) and rebuild its model.
 
 Evaluation and export both start from "a run id or ``latest``"; this is the one place that turns that into
-(the run, the model with its best weights, the dataset it was trained on).
+(the run, the model with its best weights, the dataset it was trained on). A trained model is also served as
+an MLflow pyfunc (:class:`TrainedModel`) from a self-contained folder (:func:`pack_model`): the best weights in
+safetensors and JSON only — nothing is pickled — so ``mlflow.pyfunc.load_model`` needs no dataset.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from gssf_cli import checkpoint as ckpt
 from gssf_cli.config import TrainConfig, default_of, from_dict
-from gssf_cli.data.dataset import Dataset
+from gssf_cli.data.dataset import Dataset, TokenizedCaptions
+from gssf_cli.data.manifest import MANIFEST
+from gssf_cli.data.text import Vocabulary
 from gssf_cli.errors import UserInputError
-from gssf_cli.model import RetrievalModel, build_model, load_weights
+from gssf_cli.model import RetrievalModel, build_model, build_model_for, load_weights
 from gssf_cli.tracking import Tracker
 
 
@@ -49,3 +59,64 @@ def load_trained(tracker: Tracker, run_ref: str, data: Path | None = None) -> tu
     model = build_model(dataset, config)
     load_weights(model, saved.model)
     return run_, model, dataset
+
+
+VOCAB = "vocab.json"
+SERVE_BATCH = 256
+
+
+def pack_model(checkpoint_folder: Path, dataset: Dataset, into: Path) -> Path:
+    """A served model's folder: the checkpoint's weights and state, the dataset's manifest and vocabulary."""
+    into.mkdir(parents=True, exist_ok=True)
+    for name in (ckpt.MODEL, ckpt.STATE):
+        shutil.copyfile(checkpoint_folder / name, into / name)
+    shutil.copyfile(dataset.folder / MANIFEST, into / MANIFEST)
+    if dataset.vocab is not None:
+        shutil.copyfile(dataset.folder / VOCAB, into / VOCAB)
+    return into
+
+
+class TrainedModel:
+    """A trained model on the CPU behind :func:`gssf_cli.serving.predict` (a :class:`gssf_cli.serving.Retriever`)."""
+
+    def __init__(self, model: RetrievalModel, vocab: Vocabulary | None) -> None:
+        self.model = model.eval()
+        self.vocab = vocab
+
+    @classmethod
+    def load(cls, folder: Path | str) -> TrainedModel:
+        """From a :func:`pack_model` folder."""
+        folder = Path(folder)
+        saved = ckpt.load(folder)
+        ckpt.check_state(saved.state, folder / ckpt.STATE, ("config",))
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        model = build_model_for(manifest, from_dict(TrainConfig, dict(saved.state["config"]), "train"))
+        load_weights(model, saved.model)
+        vocab = Vocabulary.load(folder / VOCAB) if (folder / VOCAB).is_file() else None
+        return cls(model, vocab)
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        return self._batched(len(images), lambda s: self.model.encode_images(torch.from_numpy(images[s])))
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str] | np.ndarray) -> np.ndarray:
+        if isinstance(texts, np.ndarray) or self.vocab is None:
+            features = np.asarray(texts, dtype=np.float32)
+            return self._batched(len(features), lambda s: self.model.encode_texts(torch.from_numpy(features[s])))
+        captions = TokenizedCaptions(list(texts), self.vocab)
+
+        def encode(rows: slice) -> torch.Tensor:
+            tokens, lengths = captions.batch(np.arange(len(captions))[rows])
+            return self.model.encode_texts(tokens, lengths)
+
+        return self._batched(len(captions), encode)
+
+    @torch.no_grad()
+    def scores(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
+        return self.model.scores(torch.from_numpy(image_embeddings), torch.from_numpy(text_embeddings)).numpy()
+
+    def _batched(self, rows: int, encode: Any) -> np.ndarray:
+        """``[rows, D]`` from ``encode(slice)`` per batch of :data:`SERVE_BATCH` rows."""
+        parts = [encode(slice(s, s + SERVE_BATCH)).numpy() for s in range(0, rows, SERVE_BATCH)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.model.similarity.dim), np.float32)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import http.client
+import io
 import json
 import logging
 import os
@@ -60,6 +61,30 @@ PROBE_CONNECT_TIMEOUT_S = 5.0
 PROBE_HTTP_TIMEOUT_S = 5.0
 STORE_LOCK_TIMEOUT_S = 300.0
 FIX_URI = "--tracking-uri / MLFLOW_TRACKING_URI"
+PYFUNC_CODE = '''"""A gssf model for mlflow.pyfunc, from code: weights are read from the artifact folder, never unpickled."""
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+
+class GssfModel(PythonModel):
+    _skip_type_hint_validation = True  # gssf_cli.serving.predict validates its mapping of arrays itself
+
+    def load_context(self, context):
+        from {module} import {cls}
+
+        self.model = {cls}.load(context.artifacts["{artifact}"])
+
+    def predict(self, context, model_input, params=None):
+        """A dict {{"images": array, "texts": [str]}} in Python, or the one-row DataFrame a server makes of it."""
+        from gssf_cli.serving import predict
+
+        return predict(self.model, model_input)
+
+
+mlflow.models.set_model(GssfModel())
+'''
+"""The generated model code of :meth:`StageRun.log_served_model` (``{module}``/``{cls}``: the loader)."""
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CLASSIC_ML = "custom_model_development"  # the UI's "classic ML" mode; without it MLflow 3 opens in GenAI mode
 SHORT_ID_LENGTH = 6
@@ -189,6 +214,8 @@ class Tracker:
                 f"experiment {self.experiment_name!r} is deleted in {self.tracking_uri}: "
                 "restore it or pass another --experiment"
             )
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_ML)
         return str(found.experiment_id)
 
     @contextlib.contextmanager
@@ -447,6 +474,54 @@ class StageRun:
         input_tags += [InputTag(k, v) for k, v in (tags or {}).items()]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)])
         self.set_tags({"gssf.dataset.name": name, "gssf.dataset.manifest_sha256": digest})
+
+    def log_served_model(
+        self, name: str, folder: Path, loader: str, requirements: Sequence[str], tags: Mapping[str, str] | None = None
+    ) -> str:
+        """Log ``folder`` as an MLflow model loadable with ``mlflow.pyfunc.load_model``; return its model id.
+
+        Models-from-code: the model is a few lines of generated code (:data:`PYFUNC_CODE`) that build ``loader``
+        (``module:Class``, whose ``load(folder)`` reads safetensors/ONNX and JSON) from the artifact folder —
+        no pickle is written and none is read back. ``requirements`` are pinned (MLflow would otherwise spend
+        seconds inferring them).
+        """
+        import tempfile
+
+        from gssf_cli.serving import PYFUNC_ARTIFACT
+
+        module, cls = loader.split(":")
+        mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
+        with tempfile.TemporaryDirectory(prefix="gssf-pyfunc-") as tmp:
+            code = Path(tmp) / "gssf_model.py"
+            code.write_text(PYFUNC_CODE.format(module=module, cls=cls, artifact=PYFUNC_ARTIFACT), encoding="utf-8")
+            # Created here, in the run's own experiment: mlflow would put it in the active (default) one.
+            experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            logged = self.client.create_logged_model(
+                experiment_id, name, source_run_id=self.run_id, tags=dict(tags or {})
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mlflow.models.Model.log(
+                    artifact_path=None,
+                    name=name,
+                    flavor=mlflow.pyfunc,
+                    run_id=self.run_id,
+                    model_id=logged.model_id,
+                    python_model=str(code),
+                    artifacts={PYFUNC_ARTIFACT: str(folder)},
+                    pip_requirements=list(requirements),
+                )
+        return str(logged.model_id)
+
+    def register_model(self, registered_name: str, model_id: str) -> int:
+        """A new version of ``registered_name`` in the Model Registry for logged model ``model_id`` (linked to
+        this run); returns the version number."""
+        mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # mlflow prints its own lines
+            warnings.simplefilter("ignore")
+            version = mlflow.register_model(f"models:/{model_id}", registered_name, await_registration_for=0)
+        self.set_tags({"gssf.registered_model": f"{registered_name}/{version.version}"})
+        return int(version.version)
 
     def log_onnx_model(self, graph: Any, name: str) -> None:
         """An ONNX graph (an ``onnx.ModelProto``) as an MLflow model under ``name``, served with the CPU provider."""

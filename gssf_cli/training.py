@@ -7,6 +7,9 @@ validation on ``val_split`` with the evaluation functions (rSum, or MAP@R for la
 atomic checkpoint. The best epoch is kept. Resuming from a checkpoint folder continues with the same config
 and dataset and ends with the same result as an uninterrupted run (on CPU).
 
+Epochs are numbered from 1 everywhere (epoch 1 is the first): the ``epoch`` given to callbacks and progress,
+:attr:`FitResult.best_epoch`, the checkpoint's ``best_epoch``, and the step of per-epoch metrics in MLflow.
+
 A validation split must be able to tell epochs apart: one that cannot rank (one class, one image: see
 :mod:`gssf_cli.data.rankable`) is refused up front, and a run whose validation metric sat at its best possible
 value at every epoch (so the "best epoch" would just be the first) stops with an error
@@ -16,7 +19,8 @@ judges its whole history.
 Why a class and a function: :class:`Trainer` builds everything and runs every check up front (dataset split,
 teacher file, block size, resume compatibility), so a caller that tracks the run — the ``train`` stage — can
 refuse bad input before it opens an MLflow run; :func:`fit` is the one-call form (Ray trials, scripts).
-Nothing here knows about MLflow or the terminal: progress and per-epoch results leave through callbacks.
+Nothing here knows about MLflow or the terminal: progress and per-epoch results leave through callbacks
+(:data:`EpochCallback`) and a :class:`Progress` object (the CLI's terminal bars and lines; none in Ray trials).
 """
 
 from __future__ import annotations
@@ -43,21 +47,50 @@ from gssf_cli.evaluation import evaluate_model, load_embeddings
 from gssf_cli.model import RetrievalModel, build_model, build_objective
 
 EpochCallback = Callable[[int, dict[str, float], Path], None]
-"""``(epoch, metrics, last_checkpoint_folder)`` after each epoch's checkpoint is on disk; metrics include
-``best_<validation metric>``."""
+"""``(epoch, metrics, last_checkpoint_folder)`` after each epoch's checkpoint is on disk; ``epoch`` counts from
+1 (the first epoch is 1, the last ``config.epochs``); metrics include ``best_<validation metric>``."""
+
+
+@dataclass(frozen=True)
+class EpochSummary:
+    """One finished epoch, for a person to read: ``epoch`` of ``epochs`` (counted from 1), the metrics the
+    :data:`EpochCallback` gets (``loss``, ``lr``, ``val_<metric>``..., ``best_<metric>``), the metric that picks the
+    best epoch (``validation_metric``; when the dataset has no validation split the loss picks it and
+    ``metrics`` has no ``val_`` entries), whether this epoch is the new best, and its wall time in seconds
+    (training, validation and checkpoint)."""
+
+    epoch: int
+    epochs: int
+    metrics: dict[str, float]
+    validation_metric: str
+    improved: bool
+    seconds: float
 
 
 class Progress(Protocol):
-    """Where the trainer reports batches (a terminal bar in the CLI; nothing in Ray trials)."""
+    """Where the trainer reports what it is doing (in the CLI: bars and one kept line per epoch on the terminal;
+    nothing in Ray trials). Why a protocol: the library must not know about the terminal."""
 
     def epoch(self, label: str, batches: int) -> AbstractContextManager[Callable[[float, float], None]]:
-        """A context for one epoch; the function it yields is called after every batch with
+        """A context for one epoch's training; the function it yields is called after every batch with
         ``(mean loss so far, samples per second)``."""
+        ...
+
+    def validation(self, label: str, steps: int) -> AbstractContextManager[Callable[[str], None]]:
+        """A context for one validation (encoding the validation split, then scoring it) of ``steps`` steps; the
+        function it yields is called as each step starts, with what the step does."""
+        ...
+
+    def epoch_done(self, summary: EpochSummary) -> None:
+        """Called once per epoch, after its checkpoint is written and before the :data:`EpochCallback`."""
         ...
 
 
 @dataclass(frozen=True)
 class FitResult:
+    """What :func:`fit` ends with: ``best_epoch`` counts from 1 (the epoch whose weights are in ``best/``);
+    ``epochs_run`` is how many epochs this call ran (fewer than ``config.epochs`` when it resumed)."""
+
     out_dir: Path
     best_epoch: int
     epochs_run: int
@@ -77,7 +110,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def lr_at(config: TrainConfig, epoch: int) -> float:
-    return config.lr * (config.lr_decay if epoch >= config.lr_decay_epoch else 1.0)
+    """The learning rate of ``epoch`` (counted from 1): ``lr`` for epochs 1 .. ``lr_decay_epoch``, then
+    ``lr * lr_decay`` (so ``lr_decay_epoch`` = 15 decays from epoch 16 on; 0 decays from the first epoch)."""
+    return config.lr * (config.lr_decay if epoch > config.lr_decay_epoch else 1.0)
+
+
+def uses_hardest_negatives(config: TrainConfig, epoch: int) -> bool:
+    """Whether ``epoch`` (counted from 1) mines the hardest negatives: after ``warmup_epochs`` epochs over all."""
+    return epoch > config.warmup_epochs
 
 
 class Trainer:
@@ -105,7 +145,8 @@ class Trainer:
         self.trainable = torch.nn.ModuleDict({"model": self.model, "objective": self.objective})
         self.optimizer = make_optimizer(self.model, self.objective, config)
         self.metric_name = registry.validation_metric(dataset.task)
-        self.start_epoch, self.best_value, self.best_epoch = 0, -math.inf, -1
+        # Completed epochs (the next one is epochs_done + 1) and the best so far (best_epoch 0: none yet).
+        self.epochs_done, self.best_value, self.best_epoch = 0, -math.inf, 0
         self.val_history: list[float] = []  # the validation metric at every epoch so far (in the checkpoint state)
         self.resumed_metrics: dict[str, float] = {}  # what the resumed checkpoint's epoch reported (on_epoch_end)
         if resume_from is not None:
@@ -124,7 +165,7 @@ class Trainer:
         if saved.optimizer is not None:
             self.optimizer.load_state_dict(saved.optimizer)
         ckpt.restore_rng(saved.rng)
-        self.start_epoch = saved.state["epoch"] + 1
+        self.epochs_done = saved.state["epochs_done"]
         self.best_value, self.best_epoch = saved.state["best_value"], saved.state["best_epoch"]
         self.val_history = [float(v) for v in saved.state.get("val_history", [])]
         last = {k: float(v) for k, v in saved.state.get("last_metrics", {}).items()}
@@ -138,7 +179,9 @@ class Trainer:
         ckpt.write_run_config(out_dir, to_dict(config), self.dataset.digest)
         for name in (ckpt.BEST, ckpt.LAST):
             ckpt.recover(out_dir / name)  # and the leftovers of saves a kill interrupted go
-        for epoch in range(self.start_epoch, config.epochs):
+        first = self.epochs_done + 1
+        for epoch in range(first, config.epochs + 1):
+            epoch_started = time.perf_counter()
             stats = self._train_epoch(epoch)
             val = self._validate()
             history = {**stats, **{f"val_{k}": v for k, v in val.items()}}
@@ -149,7 +192,7 @@ class Trainer:
             if improved:
                 self.best_value, self.best_epoch = value, epoch
             state = {
-                "epoch": epoch,
+                **ckpt.epoch_fields(epoch),
                 "best_value": self.best_value,
                 "best_epoch": self.best_epoch,
                 "config": to_dict(config),
@@ -161,15 +204,21 @@ class Trainer:
             if improved:
                 ckpt.save(out_dir / ckpt.BEST, self.model, state)
             ckpt.save(out_dir / ckpt.LAST, self.trainable, state, self.optimizer)
+            self.epochs_done = epoch
+            reported = {**history, f"best_{self.metric_name}": self.best_value}
+            if self.progress is not None:
+                seconds = time.perf_counter() - epoch_started
+                summary = EpochSummary(epoch, config.epochs, reported, self.metric_name, improved, seconds)
+                self.progress.epoch_done(summary)
             if on_epoch_end is not None:
-                on_epoch_end(epoch, {**history, f"best_{self.metric_name}": self.best_value}, out_dir / ckpt.LAST)
+                on_epoch_end(epoch, reported, out_dir / ckpt.LAST)
             if self.metric_name in val:
                 self._check_can_choose_best(val)
         best_state = ckpt.saved_state(out_dir / ckpt.BEST)
         return FitResult(
             out_dir=out_dir,
             best_epoch=self.best_epoch,
-            epochs_run=config.epochs - self.start_epoch,
+            epochs_run=config.epochs - first + 1,
             metrics={k: float(v) for k, v in best_state["last_metrics"].items()},
             validation_metric=self.metric_name,
             parameters=self.model.parameter_counts(),
@@ -178,18 +227,20 @@ class Trainer:
         )
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train epoch number ``epoch`` (counted from 1); its loss, lr and throughput."""
         config, model, device = self.config, self.model, self.device
         split = self.dataset.split("train")
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        # Seeded by the 0-based index, as before epochs were numbered from 1: the same batches as older versions.
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch - 1)
         batches = split.pair_batches(config.batch_size, generator)
         lr = lr_at(config, epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        hardest = epoch >= config.warmup_epochs
+        hardest = uses_hardest_negatives(config, epoch)
         vocab_size = len(self.dataset.vocab) if self.dataset.vocab is not None else None
         model.train()
         total_loss, seen, started = 0.0, 0, time.perf_counter()
-        with self._epoch_progress(f"epoch {epoch + 1}/{config.epochs}", len(batches)) as advance:
+        with self._epoch_progress(f"epoch {epoch}/{config.epochs}", len(batches)) as advance:
             for pairs in batches:
                 batch = split.training_batch(pairs, generator)
                 images = model.encode_images(batch.images.to(device))
@@ -228,10 +279,20 @@ class Trainer:
             )
 
     def _validate(self) -> dict[str, float]:
-        if not self.dataset.has_split(self.config.val_split):
+        """The validation metrics of the current weights on ``val_split`` (none when the dataset lacks it)."""
+        split = self.config.val_split
+        if not self.dataset.has_split(split):
             return {}
-        metrics = evaluate_model(self.model, self.dataset, self.config.val_split, self.device)
+        if self.progress is None:
+            metrics = evaluate_model(self.model, self.dataset, split, self.device)
+        else:
+            with self.progress.validation(f"validate on {split}", VALIDATION_STEPS) as step:
+                metrics = evaluate_model(self.model, self.dataset, split, self.device, step=step)
         return {k: float(v) for k, v in metrics.items() if isinstance(v, float)}
+
+
+VALIDATION_STEPS = 2
+"""What a validation reports to :meth:`Progress.validation`: encoding the split, then scoring it."""
 
 
 def fit(

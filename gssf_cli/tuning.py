@@ -6,7 +6,12 @@ everything that can be checked without running a trial is checked here — param
 sizes against the embedding size (for every combination of grid values and range ends), files named by the
 base config or a tuned value, the optimisation metric against the dataset's task. It imports the standard
 library and :mod:`gssf_cli.config` only; Ray lives in :mod:`gssf_cli.ray_trials`. It also holds what the
-driver does with the trials' outcomes without Ray: ranking, statuses and the results table.
+driver does with the trials' outcomes without Ray: ranking, statuses and the results table, and the
+:class:`TrialLog` protocol through which the driver reports each trial while it runs.
+
+Scheduler: ``--scheduler auto`` (the default) is FIFO for a pure grid — every value listed, as in the
+block-size figure, so every trial runs its whole budget and the curve compares like with like — and ASHA as soon
+as any dimension is sampled from a range, where stopping weak samples early is what makes a random search cheap.
 
 Search-space syntax (``--param NAME=SPEC``, repeatable, or ``--param NAME --values SPEC`` for one parameter):
 
@@ -36,7 +41,16 @@ from typing import Any, Literal, get_args, get_origin
 
 from gssf_cli import limits
 from gssf_cli import metrics as registry
-from gssf_cli.config import TrainConfig, TuneConfig, default_of, from_dict, load_toml, resolve, to_dict
+from gssf_cli.config import (
+    SchedulerName,
+    TrainConfig,
+    TuneConfig,
+    default_of,
+    from_dict,
+    load_toml,
+    resolve,
+    to_dict,
+)
 from gssf_cli.data.rankable import split_problem
 from gssf_cli.errors import UserInputError
 
@@ -97,10 +111,16 @@ class TunePlan:
     mode: str
     num_samples: int
     num_trials: int
+    scheduler: SchedulerName
+    """fifo or asha: ``auto`` is resolved here."""
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(d.name for d in self.dimensions)
+
+    def run_name(self) -> str:
+        """The tune run's name before the tracker's short id: ``tune-block_size+lr``."""
+        return "tune-" + "+".join(self.names)
 
     def tunes(self, name: str) -> bool:
         return name in self.names
@@ -215,6 +235,9 @@ def make_plan(
             f"--cpus-per-trial {config.cpus_per_trial}: this machine has {available} CPUs, so no trial could start"
         )
     grid_size = math.prod(len(d.values) for d in dimensions if d.is_grid)
+    scheduler = config.scheduler
+    if scheduler == "auto":
+        scheduler = "fifo" if all(d.is_grid for d in dimensions) else "asha"
     samples = config.trials or (1 if all(d.is_grid for d in dimensions) else DEFAULT_RANDOM_TRIALS)
     return TunePlan(
         base=base,
@@ -225,6 +248,7 @@ def make_plan(
         mode=config.mode or default_mode(metric),
         num_samples=samples,
         num_trials=grid_size * samples,
+        scheduler=scheduler,
     )
 
 
@@ -480,6 +504,28 @@ def trial_values_or_none(plan: TunePlan, values: Mapping[str, Any]) -> dict[str,
 def describe_values(values: Mapping[str, Any]) -> str:
     """``block_size=8 lr=0.001``: a trial's tuned values on one line."""
     return " ".join(f"{k}={_short(v)}" for k, v in values.items())
+
+
+def trial_run_name(values: Mapping[str, Any]) -> str:
+    """A trial run's name before the tracker's short id: ``trial-block_size=8,lr=0.001``."""
+    return "trial-" + ",".join(f"{k}={_short(v)}" for k, v in values.items())
+
+
+class TrialLog(typing.Protocol):
+    """Where the tune driver sends each trial's life as it happens (the tune stage implements it over MLflow).
+
+    Called from Ray Tune's driver-side callback, in the driver process only, so one process writes the tracking
+    store. A trial may start more than once (a retry after a crash, a resumed tune): ``trial_started`` then
+    continues the trial's record. ``epoch`` is the number training reported with the epoch's ``metrics``;
+    ``status`` is FINISHED, KILLED (stopped early by the scheduler after ``epochs`` of the budget) or FAILED
+    (with ``error``, one line).
+    """
+
+    def trial_started(self, trial_id: str, values: Mapping[str, Any], path: str) -> None: ...
+
+    def trial_result(self, trial_id: str, epoch: int, metrics: Mapping[str, float]) -> None: ...
+
+    def trial_ended(self, trial_id: str, status: str, epochs: int, error: str | None) -> None: ...
 
 
 def _short(value: Any) -> str:

@@ -758,3 +758,18 @@ def test_debug_shows_the_traceback(gssf: Gssf, workdir: Path) -> None:
     result = gssf("--debug", "prepare", "--dataset", "imagenet", "--out", "data/x")
     assert result.exit_code != 0
     assert type(result.exception).__name__ == "UserInputError"
+
+
+JSON_CASES = sorted({case.split(":")[0]: case for case in sorted(CASES, reverse=True)}.values())  # one a command
+
+
+@pytest.mark.parametrize("case", JSON_CASES)
+def test_bad_input_with_json_is_one_json_object_on_stdout(gssf: Gssf, workdir: Path, case: str) -> None:
+    """With ``--json`` the same error is also a JSON object on stdout, the stream a script parses."""
+    setup, expected = CASES[case]
+    args = setup(workdir)
+    result = gssf(*args, "--json")
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    error = json.loads(result.stdout)
+    assert error["kind"] == "input" and error["exit_code"] == 2 and expected in error["error"]
+    assert result.stderr.strip().splitlines() == [f"gssf: error: {error['error']}"]

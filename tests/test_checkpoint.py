@@ -158,3 +158,19 @@ def test_a_run_without_a_checkpoint_resumes_from_its_start_config(tmp_path: Path
     (run_dir / ckpt.RUN_CONFIG).write_text("[1]")
     with pytest.raises(UserInputError, match="not a run config"):
         ckpt.read_run_config(run_dir)
+
+
+def test_states_of_older_versions_read_in_the_one_numbering(tmp_path: Path) -> None:
+    """Older states say ``epoch`` (0-based index of the saved epoch) and a 0-based ``best_epoch``; readers get
+    ``epochs_done`` and a ``best_epoch`` counted from 1, and new states keep ``epoch`` for older readers."""
+    base = {"config": {}, "dataset_sha256": "x", "best_value": 1.0, "last_metrics": {}}
+    ckpt.save(tmp_path / "old", torch.nn.Linear(1, 1), {**base, "epoch": 2, "best_epoch": 1})
+    for state in (ckpt.saved_state(tmp_path / "old"), ckpt.load(tmp_path / "old").state):
+        assert (state["epochs_done"], state["best_epoch"], state["epoch"]) == (3, 2, 2)
+        ckpt.check_state(state, tmp_path / "old")
+    new = {**base, **ckpt.epoch_fields(3), "best_epoch": 2}
+    assert new["epoch"] == 2 and ckpt.normalise_state(new) == new
+    ckpt.save(tmp_path / "new", torch.nn.Linear(1, 1), new)
+    assert ckpt.saved_state(tmp_path / "new")["best_epoch"] == 2, "a current state is read as it is"
+    with pytest.raises(UserInputError, match="epochs_done: expected int, got missing"):
+        ckpt.check_state({k: v for k, v in new.items() if k not in ("epoch", "epochs_done")}, tmp_path)

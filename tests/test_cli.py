@@ -88,15 +88,33 @@ def test_every_config_field_has_a_flag_or_is_file_only(command: str) -> None:
 
 
 def test_help_shows_the_config_defaults(gssf: Callable[..., Result]) -> None:
-    def line_of(command: str, flag: str) -> str:
+    def row_of(command: str, flag: str) -> str:
         result = gssf(command, "--help")
         assert result.exit_code == 0
-        return next(line for line in result.stdout.splitlines() if f" {flag} " in line)
+        return help_rows(result.stdout)[flag]
 
-    assert "[default: 1024]" in line_of("train", "--embed-dim")
-    assert "[default: no-mlp]" in line_of("train", "--mlp")
-    assert "[default: 1,5,10]" in line_of("evaluate", "--k")
-    assert "[default" not in line_of("train", "--data")
+    assert "[default: 1024]" in row_of("train", "--embed-dim")
+    assert "[default: no-mlp]" in row_of("train", "--mlp")
+    assert "[default: 1,5,10]" in row_of("evaluate", "--k")
+    assert "[default" not in row_of("train", "--data")
+
+
+def help_rows(text: str) -> dict[str, str]:
+    """Each row of rich help's panels, its wrapped lines joined, keyed by its first name (``--mlp``); a row starts
+    at the panel's edge (after a required ``*``), its continuation lines in the help column."""
+    rows: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        body = line[1:].rstrip("│ ")
+        cells = body.split()
+        if not line.startswith("│") or not cells:
+            current = None
+        elif len(body) - len(body.lstrip()) <= 6:
+            current = cells[1] if cells[0] == "*" and len(cells) > 1 else cells[0]
+            rows[current] = " ".join(cells)
+        elif current is not None:
+            rows[current] += " " + " ".join(cells)
+    return rows
 
 
 @pytest.fixture
@@ -118,7 +136,7 @@ def test_flags_arrive_as_config_values_and_absent_ones_as_none(
     gssf("evaluate", "--embeddings", "e.npz", "--k", "1,5", "--no-plots", "--memory-budget-mb", "9", "--metric", "x")
     assert resolved["cli"] == {
         "embeddings": Path("e.npz"), "run": None, "data": None, "protocol": None, "split": None, "ks": (1, 5),
-        "metric": "x", "memory_budget_mb": 9, "plots": False,
+        "metric": "x", "memory_budget_mb": 9, "plots": False, "output": None,
     }  # fmt: skip
     gssf("tune", "--param", "lr", "--values", "1,2", "--base", "a=1", "--base", "b=2", "--config", "t.toml")
     assert resolved["cli"]["params"] == ("lr=1,2",)

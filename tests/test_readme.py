@@ -3,7 +3,10 @@
 Every ``bash`` block carries a marker on the line above: ``<!-- readme: run -->`` (run here, in order, each
 line with the installed ``gssf``) or ``<!-- readme: skip (reason) -->`` (installs, the test suite itself,
 synopses with placeholders, servers). A block without a marker fails the test, so the README cannot grow a
-command nobody runs. The onnxruntime snippet runs verbatim after the blocks.
+command nobody runs. The onnxruntime snippet runs verbatim after the blocks. Then ``mlflow ui`` is started on
+the folder and what a user sees there is checked through its REST API (:mod:`tests.mlflow_ui`): a classic-ML
+experiment, distinct run names, nested stages, logged models (the trained one loaded through the server) and
+the registered bundle. ``GSSF_UI_SCREENSHOTS=tests/ui`` refreshes the README's screenshots.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.mlflow_ui import check_quickstart, load_through_server, mlflow_ui, screenshots
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -51,6 +56,12 @@ def test_readme_commands_run_in_order_on_a_fresh_folder(tmp_path: Path) -> None:
         assert out.returncode == 0, f"README block failed:\n{body}\n--- stderr ---\n{out.stderr[-3000:]}"
         ran += 1
     assert ran >= 2
+    with mlflow_ui(tmp_path) as url:
+        seen = check_quickstart(url)
+        shapes = load_through_server(url, seen["train_models"][-1]["model_id"], tmp_path)
+        assert shapes["scores"] == [3, 2] and shapes["image_embeddings"][0] == 3, shapes
+        if os.environ.get("GSSF_UI_SCREENSHOTS"):
+            screenshots(url, seen["experiment_id"], Path(os.environ["GSSF_UI_SCREENSHOTS"]).resolve())
     snippet = text.split("<!-- onnx-snippet:begin -->", 1)[1].split("<!-- onnx-snippet:end -->", 1)[0]
     code = re.search(r"```python\n(.*?)```", snippet, re.S)
     assert code is not None

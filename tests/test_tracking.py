@@ -263,3 +263,35 @@ def test_real_mlflow_server(mlflow_server: str, workdir: Path, gssf: Callable[..
     assert result.exit_code == 0, result.stderr
     assert tracker.get_run("latest", stage="prepare").data.tags["gssf.dataset.name"] == "syn"
     assert not (workdir / "mlflow.db").exists()
+
+
+def test_runs_look_native_in_the_mlflow_ui(workdir: Path) -> None:
+    """The experiment is classic ML (MLflow 3 otherwise opens it in GenAI mode), every run says who ran it, and
+    run names never repeat: ``<name>-<first characters of the run id>``."""
+    tracker = Tracker(experiment="native")
+    with (
+        tracker.start_run("train", run_name="train-gssf-d64") as first,
+        tracker.start_run("train", run_name="train-gssf-d64") as second,
+    ):
+        pass
+    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    runs = [tracker.client.get_run(r.run_id) for r in (first, second)]
+    assert [r.info.run_name for r in runs] == [f"train-gssf-d64-{r.info.run_id[:6]}" for r in runs]
+    assert runs[0].info.run_name != runs[1].info.run_name
+    assert all(r.data.tags["mlflow.user"] == tracking.current_user() for r in runs)
+    trial = tracker.open_run("tune_trial", run_name="trial-block_size=8", parent_run_id=first.run_id)
+    assert tracker.client.get_run(trial.run_id).info.status == "RUNNING"
+    tracker.end_run(trial.run_id, "KILLED")
+    ended = tracker.client.get_run(trial.run_id)
+    assert ended.info.status == "KILLED" and ended.data.tags[PARENT_TAG] == first.run_id
+
+
+def test_an_experiment_made_before_gets_its_kind(workdir: Path) -> None:
+    """An experiment created by an older gssf (or by hand) is marked classic ML on first use, not re-created."""
+    from mlflow.tracking import MlflowClient
+
+    old_id = MlflowClient(default_tracking_uri()).create_experiment("older")
+    tracker = Tracker(experiment="older")
+    assert tracker.experiment_id == old_id
+    assert tracker.client.get_experiment(old_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"

@@ -1,7 +1,11 @@
-"""The training library without the CLI or MLflow: resume equivalence, callbacks, checks before work."""
+"""The training library without the CLI or MLflow: resume equivalence, callbacks and progress (epochs counted
+from 1), checks before work."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,15 @@ from gssf_cli.data import writer
 from gssf_cli.data.dataset import Dataset
 from gssf_cli.data.manifest import write_manifest
 from gssf_cli.errors import UserInputError
-from gssf_cli.training import Trainer, cannot_choose_best, fit
+from gssf_cli.training import (
+    VALIDATION_STEPS,
+    EpochSummary,
+    Trainer,
+    cannot_choose_best,
+    fit,
+    lr_at,
+    uses_hardest_negatives,
+)
 from tests.conftest import tiny_train_config
 from tests.factories import write_split_features
 
@@ -28,12 +40,12 @@ def test_resumed_fit_ends_where_an_uninterrupted_one_does(tiny_syn: Path, tmp_pa
     whole = fit(config, Dataset(tiny_syn), tmp_path / "whole")
 
     def stop_after_first(epoch: int, metrics: dict[str, float], folder: Path) -> None:
-        if epoch == 0:
+        if epoch == 1:
             raise Interrupted
 
     with pytest.raises(Interrupted):
         fit(config, Dataset(tiny_syn), tmp_path / "cut", on_epoch_end=stop_after_first)
-    assert ckpt.saved_state(tmp_path / "cut" / ckpt.LAST)["epoch"] == 0
+    assert ckpt.saved_state(tmp_path / "cut" / ckpt.LAST)["epochs_done"] == 1
     resumed = fit(config, Dataset(tiny_syn), tmp_path / "cut", resume_from=tmp_path / "cut" / ckpt.LAST)
     assert resumed.epochs_run == 2 and resumed.best_epoch == whole.best_epoch
     drop = {"samples_per_s"}
@@ -53,7 +65,7 @@ def test_every_epoch_reports_metrics_and_a_checkpoint(tiny_syn: Path, tmp_path: 
         tmp_path,
         on_epoch_end=lambda epoch, metrics, folder: seen.append((epoch, set(metrics), (folder / ckpt.STATE).is_file())),
     )
-    assert [epoch for epoch, _, _ in seen] == [0, 1]
+    assert [epoch for epoch, _, _ in seen] == [1, 2], "epochs count from 1"
     assert all({"loss", "val_rsum", "best_rsum", "lr"} <= keys and on_disk for _, keys, on_disk in seen)
 
 
@@ -115,7 +127,7 @@ def test_fit_stops_when_validation_sits_at_its_best_possible_value(
     config = tiny_train_config(tiny_syn, epochs=3)
 
     def stop_after_first(epoch: int, metrics: dict[str, float], folder: Path) -> None:
-        if epoch == 0:
+        if epoch == 1:
             raise Interrupted
 
     with pytest.raises(Interrupted):
@@ -127,5 +139,95 @@ def test_fit_stops_when_validation_sits_at_its_best_possible_value(
 
     monkeypatch.setattr(Trainer, "_validate", lambda self: _constant_validation(300.0))
     result = fit(config, Dataset(tiny_syn), tmp_path / "tied")
-    assert result.best_epoch == 0 and result.epochs_run == 3
+    assert result.best_epoch == 1 and result.epochs_run == 3
     assert ckpt.saved_state(tmp_path / "tied" / ckpt.LAST)["val_history"] == [300.0] * 3
+
+
+class RecordingProgress:
+    """A :class:`gssf_cli.training.Progress` that writes down what the trainer tells it, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+        self.summaries: list[EpochSummary] = []
+
+    @contextlib.contextmanager
+    def epoch(self, label: str, batches: int) -> Iterator[Callable[[float, float], None]]:
+        self.events.append(("epoch", label))
+        yield lambda loss, rate: None
+
+    @contextlib.contextmanager
+    def validation(self, label: str, steps: int) -> Iterator[Callable[[str], None]]:
+        started: list[str] = []
+        yield started.append
+        self.events.append(("validation", (label, steps, started)))
+
+    def epoch_done(self, summary: EpochSummary) -> None:
+        self.events.append(("done", summary.epoch))
+        self.summaries.append(summary)
+
+
+def test_progress_hears_of_training_validation_and_each_finished_epoch(tiny_syn: Path, tmp_path: Path) -> None:
+    progress = RecordingProgress()
+    callbacks: list[int] = []
+    result = fit(
+        tiny_train_config(tiny_syn, epochs=3),
+        Dataset(tiny_syn),
+        tmp_path,
+        progress=progress,
+        on_epoch_end=lambda epoch, metrics, folder: callbacks.append(epoch),
+    )
+    assert [kind for kind, _ in progress.events] == ["epoch", "validation", "done"] * 3
+    assert [what for kind, what in progress.events if kind == "epoch"] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    label, steps, started = next(what for kind, what in progress.events if kind == "validation")  # type: ignore[misc]
+    assert label == "validate on dev" and len(started) == steps == VALIDATION_STEPS
+    assert started == ["encode 16 images, 80 texts", "score"]
+    assert [s.epoch for s in progress.summaries] == callbacks == [1, 2, 3]
+    assert all(s.epochs == 3 and s.validation_metric == "rsum" and s.seconds > 0 for s in progress.summaries)
+    assert all({"loss", "lr", "val_rsum", "best_rsum"} <= set(s.metrics) for s in progress.summaries)
+    assert progress.summaries[0].improved, "the first epoch is always the best so far"
+    improved = [s.epoch for s in progress.summaries if s.improved]
+    assert improved[-1] == result.best_epoch
+    best = max(progress.summaries, key=lambda s: (s.metrics["val_rsum"], -s.epoch))
+    assert best.epoch == result.best_epoch == ckpt.saved_state(tmp_path / ckpt.BEST)["best_epoch"]
+
+
+def test_schedule_settings_count_epochs_from_one(tiny_syn: Path, tmp_path: Path) -> None:
+    """``lr_decay_epoch`` N: epochs 1..N at ``lr``, decayed from N+1; ``warmup_epochs`` W: epochs 1..W sum over
+    all negatives."""
+    config = tiny_train_config(tiny_syn, epochs=3, lr=0.004, lr_decay_epoch=2, lr_decay=0.5, warmup_epochs=1)
+    lrs: dict[int, float] = {}
+    fit(
+        config,
+        Dataset(tiny_syn),
+        tmp_path,
+        on_epoch_end=lambda epoch, metrics, folder: lrs.update({epoch: metrics["lr"]}),
+    )
+    assert lrs == {1: 0.004, 2: 0.004, 3: 0.002}
+    assert [lr_at(config, e) for e in (1, 2, 3)] == [0.004, 0.004, 0.002]
+    assert [uses_hardest_negatives(config, e) for e in (1, 2, 3)] == [False, True, True]
+    assert lr_at(tiny_train_config(tiny_syn, lr_decay_epoch=0, lr_decay=0.5), 1) == pytest.approx(0.0015)
+
+
+def test_a_checkpoint_written_with_0_based_epochs_resumes_identically(tiny_syn: Path, tmp_path: Path) -> None:
+    """Checkpoints of older versions say ``epoch`` (0-based index) and a 0-based ``best_epoch``."""
+    config = tiny_train_config(tiny_syn)
+    whole = fit(config, Dataset(tiny_syn), tmp_path / "whole")
+
+    def stop_after_second(epoch: int, metrics: dict[str, float], folder: Path) -> None:
+        if epoch == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        fit(config, Dataset(tiny_syn), tmp_path / "old", on_epoch_end=stop_after_second)
+    for name in (ckpt.LAST, ckpt.BEST):
+        path = tmp_path / "old" / name / ckpt.STATE
+        state = json.loads(path.read_text())
+        old = {k: v for k, v in state.items() if k != "epochs_done"} | {"best_epoch": state["best_epoch"] - 1}
+        path.write_text(json.dumps(old))
+    saved = ckpt.saved_state(tmp_path / "old" / ckpt.LAST)
+    assert saved["epochs_done"] == 2 and saved["epoch"] == 1
+    resumed = fit(config, Dataset(tiny_syn), tmp_path / "old", resume_from=tmp_path / "old" / ckpt.LAST)
+    assert resumed.epochs_run == 1 and resumed.best_epoch == whole.best_epoch
+    a = ckpt.load(tmp_path / "whole" / ckpt.LAST).model
+    b = ckpt.load(tmp_path / "old" / ckpt.LAST).model
+    assert all(torch.equal(a[k], b[k]) for k in a)

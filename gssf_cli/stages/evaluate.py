@@ -1,18 +1,22 @@
 """Stage ``evaluate``: retrieval metrics of embeddings or a trained run, tracked as an MLflow run with plots.
 
 The work is :mod:`gssf_cli.evaluation`'s; this wrapper logs the config, the metrics (on the evaluation run, and
-as ``{split}_{metric}`` on the train run they describe), ``evaluation.json`` and the figures.
+as ``{split}_{metric}`` on the train run they describe), ``evaluation.json`` and the figures, adds the train run
+to what the result says of the model (its id, name and best epoch, counted from 1), and with ``output`` writes
+the results file (:func:`gssf_cli.evaluation.results_document`) before the run closes. A bad ``output`` is
+refused before anything runs: no run, no file.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from gssf_cli import evaluation
 from gssf_cli.config import EvaluateConfig, to_dict
 from gssf_cli.errors import UserInputError
 from gssf_cli.evaluation import EvaluateResult, load_embeddings
+from gssf_cli.limits import model_label
 
 if TYPE_CHECKING:
     from gssf_cli.tracking import StageRun, Tracker
@@ -22,6 +26,7 @@ __all__ = ["EvaluateResult", "load_embeddings", "run"]
 
 def run(config: EvaluateConfig, tracker: Tracker | None = None, parent_run_id: str | None = None) -> EvaluateResult:
     """Evaluate embeddings or a trained run; metrics, config and plots go to an ``evaluate`` run."""
+    config.check_output()
     if config.run is not None:
         if tracker is None:
             raise UserInputError("--run needs a tracking store to find the run")
@@ -31,12 +36,12 @@ def run(config: EvaluateConfig, tracker: Tracker | None = None, parent_run_id: s
         _ = tracker.experiment_id
     outcome = evaluation.evaluate_file(config)
     if tracker is None:
-        return outcome.result
+        return _write_output(config, outcome.result)
     with tracker.start_run(
-        "evaluate", run_name=f"evaluate {config.embeddings.name}", parent_run_id=parent_run_id
+        "evaluate", run_name=f"evaluate-{config.embeddings.stem}", parent_run_id=parent_run_id
     ) as run_:
         _log(run_, config, outcome)
-    return EvaluateResult(**{**asdict(outcome.result), "run_id": run_.run_id})
+        return _write_output(config, replace(outcome.result, run_id=run_.run_id))
 
 
 def _run_trained(config: EvaluateConfig, tracker: Tracker, parent_run_id: str | None) -> EvaluateResult:
@@ -45,10 +50,17 @@ def _run_trained(config: EvaluateConfig, tracker: Tracker, parent_run_id: str | 
 
     train_run, model, dataset = load_trained(tracker, config.run or "latest", config.data)
     outcome = evaluation.evaluate_trained(model, dataset, config)
+    trained_by = {
+        "source": "train_run",
+        "train_run_id": train_run.info.run_id,
+        "train_run_name": train_run.info.run_name,
+        "best_epoch": _best_epoch(tracker, train_run),
+    }
+    outcome = replace(outcome, result=replace(outcome.result, model_info={**trained_by, **outcome.result.model_info}))
     split_name = config.split or "test"
     with tracker.start_run(
         "evaluate",
-        run_name=f"evaluate {train_run.info.run_name}",
+        run_name=f"evaluate-{model_label(model.similarity.name, model.similarity.block_size)}-{split_name}",
         parent_run_id=parent_run_id,
         tags={"gssf.source_run": train_run.info.run_id},
     ) as run_:
@@ -56,7 +68,25 @@ def _run_trained(config: EvaluateConfig, tracker: Tracker, parent_run_id: str | 
         _log(run_, config, outcome)
         metrics = outcome.result.metrics
         tracker.run_handle(train_run.info.run_id).log_metrics({f"{split_name}_{k}": v for k, v in metrics.items()})
-    return EvaluateResult(**{**asdict(outcome.result), "run_id": run_.run_id})
+        return _write_output(config, replace(outcome.result, run_id=run_.run_id))
+
+
+def _best_epoch(tracker: Tracker, train_run: Any) -> int | None:
+    """The train run's best epoch, counted from 1 (None when it never finished). Runs logged before epochs were
+    counted from 1 have their first epoch at step 0 and a 0-based ``best_epoch``: those are shifted."""
+    value = train_run.data.metrics.get("best_epoch")
+    if value is None:
+        return None
+    steps = tracker.metric_steps(train_run.info.run_id, "loss")
+    return int(value) + (1 if steps and steps[0] == 0 else 0)
+
+
+def _write_output(config: EvaluateConfig, result: EvaluateResult) -> EvaluateResult:
+    """With ``config.output``: write the results file (atomically) and say where in the result."""
+    if config.output is None:
+        return result
+    evaluation.write_results(config.output, evaluation.results_document(result))
+    return replace(result, output=str(config.output))
 
 
 def _log(run_: StageRun, config: EvaluateConfig, outcome: evaluation.Evaluation) -> None:

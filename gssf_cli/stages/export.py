@@ -1,9 +1,11 @@
 """Stage ``export``: a trained run as an ONNX bundle (:mod:`gssf_cli.bundle`), tracked as an MLflow run.
 
-The export run logs the config, the parity report as metrics, the bundle's manifest, and each graph as an
-MLflow ONNX model served with the CPU provider. A failed parity gate deploys nothing: the bundle is kept as
-``<out>.failed`` (the result's ``path``), the run still logs the metrics and the manifest but no model, and it
-ends FAILED.
+The export run logs the config, the parity report as metrics, the bundle's manifest, and the bundle as one
+MLflow model (``mlflow.pyfunc.load_model`` serves it on ONNX Runtime, no torch: :class:`gssf_cli.bundle.
+BundleModel`), named ``<model>-onnx-<export run short id>``. With ``--register NAME`` that model becomes a new
+version of the registered model NAME, linked to the export run (whose ``gssf.source_run`` tag names the train
+run). A failed parity gate deploys nothing: the bundle is kept as ``<out>.failed`` (the result's ``path``), the
+run still logs the metrics and the manifest but no model, registers nothing, and ends FAILED.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gssf_cli import __version__
 from gssf_cli.bundle import verify_bundle
 from gssf_cli.config import ExportConfig, to_dict
+from gssf_cli.limits import model_label
 
 if TYPE_CHECKING:
     from gssf_cli.tracking import Tracker
@@ -28,9 +32,11 @@ class ExportResult:
     run_id: str
     export_run_id: str | None
     passed: bool
+    model_id: str | None
     graphs: dict[str, dict[str, Any]]
     parity: dict[str, Any]
     seconds: float = 0.0
+    registered: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,17 +59,28 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
     written = bundle.write_bundle(model, dataset, out, config, run_id)
     seconds = time.perf_counter() - started
     graphs, parity = written.manifest["graphs"], written.manifest["parity"]
+    label = model_label(written.manifest["metric"]["name"], written.manifest["metric"]["block_size"])
+    model_id, registered = None, None
     with tracker.start_run(
-        "export", run_name=f"export {train_run.info.run_name}", parent_run_id=parent_run_id,
-        tags={"gssf.source_run": run_id},
-    ) as run_:  # fmt: skip
+        "export", run_name=f"export-{label}", parent_run_id=parent_run_id, tags={"gssf.source_run": run_id}
+    ) as run_:
         run_.log_config("export", to_dict(config))
         run_.log_metrics(bundle.parity_metrics(parity) | {"seconds": seconds, "passed": float(written.passed)})
         run_.log_artifact(written.path / bundle.MANIFEST, "bundle")
         if written.passed:
-            for name, info in graphs.items():
-                run_.log_onnx_model(bundle.load_graph(written.path / info["file"]), name)
+            model_id = run_.log_served_model(
+                f"{label}-onnx-{run_.run_id[:6]}",
+                written.path,
+                loader="gssf_cli.bundle:BundleModel",
+                requirements=[f"gssf=={__version__}", "onnxruntime", "numpy"],
+                tags={"gssf.stage": "export", "gssf.source_run": run_id},
+            )
+            if config.register is not None:
+                version = run_.register_model(config.register, model_id)
+                registered = {"name": config.register, "version": version}
         else:
             run_.set_tags({"gssf.export.failed_bundle": str(written.path)})
             run_.mark_failed()
-    return ExportResult(str(written.path), run_id, run_.run_id, written.passed, graphs, parity, round(seconds, 2))
+    return ExportResult(
+        str(written.path), run_id, run_.run_id, written.passed, model_id, graphs, parity, round(seconds, 2), registered
+    )

@@ -55,6 +55,7 @@ class PipelineResult:
     stages: list[StageOutcome]
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
+    dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,11 +78,13 @@ def run(
         tracker, pipeline, cache.Cache(pipeline.name), force, dry_run, progress, notify or (lambda line: None)
     )
     started = time.perf_counter()
-    if dry_run:
+    if dry_run or not force:
+        preview = ctx if dry_run else _Context(tracker, pipeline, ctx.cache, False, True, progress, ctx.notify)
         for step in steps.plan(pipeline):
-            ctx.outcomes.append(_STEPS[step](ctx))
-        return PipelineResult(pipeline.name, None, ctx.outcomes, 0.0)
-    with tracker.start_run("run", run_name=f"pipeline {pipeline.name}") as parent:
+            preview.outcomes.append(_STEPS[step](preview))
+        if dry_run or all(o.status == "cached" for o in preview.outcomes):
+            return PipelineResult(pipeline.name, None, preview.outcomes, 0.0, preview.metrics, dry_run)
+    with tracker.start_run("run", run_name=f"pipeline-{pipeline.name}") as parent:
         ctx.parent_run_id = parent.run_id
         parent.log_text(pipeline.text, f"pipeline/{pipeline.path.name}")
         parent.set_tags({"gssf.pipeline": pipeline.name})

@@ -68,7 +68,7 @@ def run(config: PrepareConfig, tracker: Tracker | None = None, parent_run_id: st
     )
     if tracker is None:
         return result
-    with tracker.start_run("prepare", run_name=f"prepare {result.name}", parent_run_id=parent_run_id) as run_:
+    with tracker.start_run("prepare", run_name=f"prepare-{result.name}", parent_run_id=parent_run_id) as run_:
         run_.log_config("prepare", to_dict(config))
         run_.log_dataset(result.name, config.out, result.manifest_sha256, context="prepare", tags={"kind": result.kind})
         run_.log_artifact(config.out / MANIFEST, "dataset")

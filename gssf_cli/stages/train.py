@@ -1,11 +1,12 @@
 """Stage ``train``: :mod:`gssf_cli.training` as a tracked MLflow run, resumable by run id.
 
 The run logs its resolved config, the dataset, parameter counts, per-epoch metrics (loss, validation metrics,
-lr, samples/s, ``best_<metric>``), and at the end the best checkpoint, the resolved config as TOML and a
+lr, samples/s, ``best_<metric>``) with the epoch as step (counted from 1: the first epoch is step 1), and at the
+end ``best_epoch`` (counted from 1, as everywhere), the best checkpoint, the resolved config as TOML and a
 heatmap of the learned W ⊙ U. Every check (dataset, teacher, block size, resume compatibility) runs before
 the MLflow run is opened, so bad input leaves no run behind.
 
-Resuming a run killed at any moment: a run killed before its first checkpoint starts again at epoch 0 from the
+Resuming a run killed at any moment: a run killed before its first checkpoint starts again at epoch 1 from the
 ``config.json`` written as it opened (:func:`gssf_cli.checkpoint.write_run_config`); a checkpoint whose epoch
 metrics never reached MLflow (a kill between the two) has them logged from the checkpoint; the MLflow run is
 reopened whatever its status (a killed process leaves it RUNNING) and ends FINISHED, FAILED or KILLED.
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What ``gssf train`` prints (``--json``): ``best_epoch`` counts from 1, like every epoch number."""
+
     run_id: str
     out_dir: str
     best_epoch: int
@@ -37,6 +40,7 @@ class TrainResult:
     validation_metric: str
     parameters: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    model_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,7 +73,7 @@ def run(
         if tracker is not None:
             tracked = stack.enter_context(
                 tracker.start_run(
-                    "train", run_name=f"train {config.metric}", parent_run_id=parent_run_id, resume_run_id=resume
+                    "train", run_name=f"train-{config.model_label()}", parent_run_id=parent_run_id, resume_run_id=resume
                 )
             )
         run_id = tracked.run_id if tracked is not None else (resume or uuid.uuid4().hex)
@@ -86,8 +90,10 @@ def run(
                 tracked.log_metrics(metrics, step=epoch)
 
         fitted = trainer.fit(config.runs_dir / run_id, on_epoch_end=log_epoch)
+        model_id = None
         if tracked is not None:
             _log_end(tracked, fitted, trainer.model)
+            model_id = log_served_model(tracked, config, fitted.out_dir / ckpt.BEST, dataset)
     return TrainResult(
         run_id=run_id,
         out_dir=str(fitted.out_dir),
@@ -97,6 +103,7 @@ def run(
         validation_metric=fitted.validation_metric,
         parameters=fitted.parameters,
         seconds=fitted.seconds,
+        model_id=model_id,
     )
 
 
@@ -115,9 +122,10 @@ def _start_logged(tracker: Tracker, run_id: str) -> bool:
 
 
 def _log_lost_epoch(tracker: Tracker, run_: StageRun, trainer: Trainer) -> None:
-    """Log the resumed checkpoint's epoch metrics that a kill between the checkpoint and its logging lost."""
-    epoch = trainer.start_epoch - 1
-    if epoch < 0:
+    """Log the resumed checkpoint's epoch metrics that a kill between the checkpoint and its logging lost: the
+    checkpoint's epoch is number ``epochs_done`` (counted from 1, the step its metrics are logged at)."""
+    epoch = trainer.epochs_done
+    if epoch < 1:
         return
     lost = {k: v for k, v in trainer.resumed_metrics.items() if epoch not in tracker.metric_steps(run_.run_id, k)}
     if lost:
@@ -140,3 +148,23 @@ def _log_end(run_: StageRun, fitted: FitResult, model: RetrievalModel) -> None:
         fig = plots.metric_heatmap(model.similarity.effective_matrix().detach().cpu().numpy(), model.similarity.name)
         run_.log_figure(fig, "plots/metric_heatmap.png")
         plots.close(fig)
+
+
+def log_served_model(run_: StageRun, config: TrainConfig, best_folder: Path, dataset: Dataset) -> str:
+    """The best model as an MLflow model (``mlflow.pyfunc.load_model``; PyTorch inside, safetensors weights)."""
+    import tempfile
+
+    import torch
+
+    from gssf_cli import __version__
+    from gssf_cli.runs import pack_model
+
+    with tempfile.TemporaryDirectory(prefix="gssf-model-") as tmp:
+        folder = pack_model(best_folder, dataset, Path(tmp) / "model")
+        return run_.log_served_model(
+            f"{config.model_label()}-{run_.run_id[:6]}",
+            folder,
+            loader="gssf_cli.runs:TrainedModel",
+            requirements=[f"gssf=={__version__}", f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"],
+            tags={"gssf.stage": "train", "gssf.metric": config.metric},
+        )

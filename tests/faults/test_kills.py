@@ -100,7 +100,7 @@ def reference(tiny_syn: Path, tmp_path_factory: pytest.TempPathFactory) -> Finis
         out = json.loads(result.stdout)
         finished = _finished(where / "runs" / out["run_id"], out["metrics"])
     assert set(finished.history) >= {"loss", "lr", "val_rsum", "best_rsum"}
-    assert all([step for step, _ in rows] == list(range(EPOCHS)) for rows in finished.history.values())
+    assert all([step for step, _ in rows] == list(range(1, EPOCHS + 1)) for rows in finished.history.values())
     return finished
 
 
@@ -176,11 +176,10 @@ def _writing_checkpoint_rng(tensors: Any, path: str) -> bool:
 
 
 def _mid_epoch(epoch: int, batch: int) -> Arm:
-    """Kill after ``batch`` optimizer steps of ``epoch`` (the trainer reports each batch to its progress)."""
+    """Kill after ``batch`` optimizer steps of epoch number ``epoch`` (from 1; the trainer reports each batch to
+    the context of :meth:`Trainer._epoch_progress`, whatever progress the CLI gave it)."""
 
     def arm(mp: pytest.MonkeyPatch) -> None:
-        import gssf_cli.training as training
-
         real_epoch = Trainer._train_epoch
         current = {"epoch": -1}
 
@@ -201,7 +200,7 @@ def _mid_epoch(epoch: int, batch: int) -> Arm:
             yield advance
 
         mp.setattr(Trainer, "_train_epoch", train_epoch)
-        mp.setattr(training, "_silent", counting)
+        mp.setattr(Trainer, "_epoch_progress", lambda self, label, batches: counting())
 
     return arm
 
@@ -211,67 +210,72 @@ class KillPoint:
     phase: str  # the issue's phases: (a) before the first checkpoint ... (e) before the epoch's metrics are logged
     arm: Arm
     left: frozenset[str]  # what the kill leaves in the run folder (leftovers without their process id and tag)
-    logged: tuple[int, ...]  # the epochs whose metrics reached MLflow before the kill
-    resumes_at: int  # the epoch --resume starts with
+    logged: tuple[int, ...]  # the epochs (numbered from 1, the MLflow steps) whose metrics were logged before the kill
+    resumes_after: int  # the epochs done when --resume starts (it starts with epoch resumes_after + 1)
 
 
-def _point(phase: str, arm: Arm, left: str, logged: tuple[int, ...] = (), resumes_at: int = 0) -> KillPoint:
-    return KillPoint(phase, arm, frozenset(["config.json", *left.split()]), logged, resumes_at)
+def _point(phase: str, arm: Arm, left: str, logged: tuple[int, ...] = (), resumes_after: int = 0) -> KillPoint:
+    return KillPoint(phase, arm, frozenset(["config.json", *left.split()]), logged, resumes_after)
 
 
 _CKPT_TMP, _BEST_TMP = _named(".checkpoint.tmp-"), _named(".best.tmp-")
 KILL_POINTS: dict[str, KillPoint] = {
-    # (a) before the first checkpoint: the run starts again at epoch 0 from its config.json
+    # Epochs are numbered from 1, as gssf numbers them.
+    # (a) before the first checkpoint: the run starts again at epoch 1 from its config.json
     "logging the run's start": _point("a", _kill_at(StageRun, "log_params", _nth(1)), ""),
-    "mid-epoch 0": _point("a", _mid_epoch(0, 7), ""),
-    "validation of epoch 0": _point("a", _kill_at(Trainer, "_validate", _nth(1)), ""),
-    "best/ of epoch 0 written, no checkpoint yet": _point(
+    "mid-epoch 1": _point("a", _mid_epoch(1, 7), ""),
+    "validation of epoch 1": _point("a", _kill_at(Trainer, "_validate", _nth(1)), ""),
+    "best/ of epoch 1 written, no checkpoint yet": _point(
         "a", _kill_at(ckpt, "save", _nth(1, _named("best")), after=True), "best"
     ),
     # (b) mid-write of a checkpoint: a partial .checkpoint.tmp-*
     "writing the first checkpoint": _point(
         "b", _kill_at(ckpt, "save_file", _nth(1, _writing_checkpoint_rng)), "best .checkpoint.tmp"
     ),
-    "writing epoch 1's checkpoint": _point(
+    "writing epoch 2's checkpoint": _point(
         "b",
         _kill_at(ckpt, "save_file", _nth(2, _writing_checkpoint_rng)),
         "best checkpoint .checkpoint.tmp",
-        (0,),
-        resumes_at=1,
+        (1,),
+        resumes_after=1,
     ),
     # (c) between the two renames (no checkpoint/ at all), or before the old folder is removed
     "between the renames of the first checkpoint": _point(
-        "c", _kill_at(Path, "rename", _nth(1, _CKPT_TMP)), "best .checkpoint.tmp", resumes_at=1
+        "c", _kill_at(Path, "rename", _nth(1, _CKPT_TMP)), "best .checkpoint.tmp", resumes_after=1
     ),
-    "between the renames of epoch 1's checkpoint": _point(
-        "c", _kill_at(Path, "rename", _nth(2, _CKPT_TMP)), "best .checkpoint.old .checkpoint.tmp", (0,), resumes_at=2
+    "between the renames of epoch 2's checkpoint": _point(
+        "c", _kill_at(Path, "rename", _nth(2, _CKPT_TMP)), "best .checkpoint.old .checkpoint.tmp", (1,), resumes_after=2
     ),
-    "between the renames of best/ at epoch 0": _point("c", _kill_at(Path, "rename", _nth(1, _BEST_TMP)), ".best.tmp"),
-    "removing epoch 0's checkpoint after epoch 1's": _point(
+    "between the renames of best/ at epoch 1": _point("c", _kill_at(Path, "rename", _nth(1, _BEST_TMP)), ".best.tmp"),
+    "removing epoch 1's checkpoint after epoch 2's": _point(
         "c",
         _kill_at(shutil, "rmtree", _nth(2, _named(".checkpoint.old-"))),
         "best checkpoint .checkpoint.old",
-        (0,),
-        resumes_at=2,
+        (1,),
+        resumes_after=2,
     ),
     # (d) mid-epoch and during validation, with a checkpoint on disk
-    "mid-epoch 1": _point("d", _mid_epoch(1, 5), "best checkpoint", (0,), resumes_at=1),
-    "validation of epoch 1": _point(
-        "d", _kill_at(Trainer, "_validate", _nth(2)), "best checkpoint", (0,), resumes_at=1
+    "mid-epoch 2": _point("d", _mid_epoch(2, 5), "best checkpoint", (1,), resumes_after=1),
+    "validation of epoch 2": _point(
+        "d", _kill_at(Trainer, "_validate", _nth(2)), "best checkpoint", (1,), resumes_after=1
     ),
-    "start of epoch 2": _point(
-        "d", _kill_at(Trainer, "_train_epoch", lambda self, epoch: epoch == 2), "best checkpoint", (0, 1), resumes_at=2
-    ),
-    # (e) epoch 1 checkpointed, its metrics not logged yet; and the final logging after the last epoch
-    "epoch 1 checkpointed, its metrics not logged": _point(
-        "e",
-        _kill_at(StageRun, "log_metrics", lambda self, metrics, step=None: step == 1),
+    "start of epoch 3": _point(
+        "d",
+        _kill_at(Trainer, "_train_epoch", lambda self, epoch: epoch == 3),
         "best checkpoint",
-        (0,),
-        resumes_at=2,
+        (1, 2),
+        resumes_after=2,
+    ),
+    # (e) epoch 2 checkpointed, its metrics not logged yet; and the final logging after the last epoch
+    "epoch 2 checkpointed, its metrics not logged": _point(
+        "e",
+        _kill_at(StageRun, "log_metrics", lambda self, metrics, step=None: step == 2),
+        "best checkpoint",
+        (1,),
+        resumes_after=2,
     ),
     "final logging after the last epoch": _point(
-        "e", _kill_at(StageRun, "log_artifacts", _nth(1)), "best checkpoint", (0, 1, 2), resumes_at=3
+        "e", _kill_at(StageRun, "log_artifacts", _nth(1)), "best checkpoint", (1, 2, 3), resumes_after=3
     ),
 }
 
@@ -308,13 +312,13 @@ def test_a_kill_at_any_phase_resumes_to_the_uninterrupted_run(
     assert {p.name.split("-")[0] for p in run_dir.iterdir()} == kill.left
     assert Tracker().metric_steps(run_id, "loss") == list(kill.logged)
     out = _assert_resumes_identically(run_id, reference)
-    assert out["epochs_run"] == EPOCHS - kill.resumes_at
+    assert out["epochs_run"] == EPOCHS - kill.resumes_after
 
 
 def test_leftovers_named_by_older_versions_are_recovered(tiny_syn: Path, workdir: Path, reference: Finished) -> None:
     """An older version named leftovers without a process id: a complete one is put back, and once it is over
     an hour old the rest goes."""
-    run_id = _killed_run(KILL_POINTS["between the renames of epoch 1's checkpoint"].arm, tiny_syn)
+    run_id = _killed_run(KILL_POINTS["between the renames of epoch 2's checkpoint"].arm, tiny_syn)
     run_dir = workdir / "runs" / run_id
     an_hour_ago = time.time() - 2 * 3600
     for leftover in run_dir.glob(".checkpoint.*"):
@@ -322,12 +326,12 @@ def test_leftovers_named_by_older_versions_are_recovered(tiny_syn: Path, workdir
         renamed = leftover.rename(run_dir / f".checkpoint.{kind}-{os.urandom(4).hex()}")
         os.utime(renamed, (an_hour_ago, an_hour_ago))
     assert not (run_dir / ckpt.LAST).exists()
-    assert ckpt.saved_state(run_dir / ckpt.LAST)["epoch"] == 1  # the complete tmp, newer than the old folder
+    assert ckpt.saved_state(run_dir / ckpt.LAST)["epochs_done"] == 2  # the complete tmp, newer than the old folder
     _assert_resumes_identically(run_id, reference)
 
 
 def test_a_run_without_checkpoint_or_config_cannot_resume(tiny_syn: Path, workdir: Path) -> None:
-    run_id = _killed_run(KILL_POINTS["validation of epoch 0"].arm, tiny_syn)
+    run_id = _killed_run(KILL_POINTS["validation of epoch 1"].arm, tiny_syn)
     (workdir / "runs" / run_id / ckpt.RUN_CONFIG).unlink()
     result = _cli("train", "--resume", run_id)
     assert result.exit_code == 2 and "has no local checkpoint" in result.stderr

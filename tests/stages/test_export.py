@@ -70,21 +70,66 @@ def test_bundle_holds_checked_graphs_and_a_manifest(exported: tuple[Path, dict, 
     assert manifest["preprocessing"]["text"]["tokenizer"] == "basic-v1"
 
 
-def test_export_run_is_logged_with_onnx_models(exported: tuple[Path, dict, dict]) -> None:
-    root, _, bundle = exported
+def test_export_run_is_logged_with_one_served_bundle_model(exported: tuple[Path, dict, dict]) -> None:
+    """One MLflow model per export, named after the model and the export run, in the run's experiment; it loads
+    with mlflow.pyfunc and scores like PyTorch through ONNX Runtime."""
+    root, trained, bundle = exported
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         client = Tracker().client
         run = client.get_run(bundle["export_run_id"])
         assert run.data.tags["gssf.stage"] == "export" and run.data.metrics["passed"] == 1.0
         assert run.data.metrics["onnx_rsum"] == bundle["parity"]["retrieval"]["metrics_torch"]["rsum"]
+        assert run.info.run_name == f"export-gssf-d4-{run.info.run_id[:6]}"
         import mlflow
 
         mlflow.set_tracking_uri(Tracker().tracking_uri)
         models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-        assert {m.name for m in models if m.source_run_id == run.info.run_id} == {
-            "image_encoder", "text_encoder", "metric_head",
-        }  # fmt: skip
+        mine = [m for m in models if m.source_run_id == run.info.run_id]
+        assert [(m.name, m.model_id) for m in mine] == [(f"gssf-d4-onnx-{run.info.run_id[:6]}", bundle["model_id"])]
+        served = mlflow.pyfunc.load_model(f"models:/{bundle['model_id']}")
+        images = np.load(root / "data/syn/test_ims.npy")[:4]
+        captions = (root / "data/syn/test_caps.txt").read_text().splitlines()[:3]
+        out = served.predict({"images": images, "texts": captions})
+        from gssf_cli.runs import TrainedModel, load_trained
+
+        _, model, dataset = load_trained(Tracker(), trained["run_id"])
+        reference = TrainedModel(model, dataset.vocab)
+        expected = reference.scores(reference.encode_images(images), reference.encode_texts(captions))
+    np.testing.assert_allclose(out["scores"], expected, atol=1e-5, rtol=1e-4)
+    assert out["image_embeddings"].shape == (4, 16) and out["text_embeddings"].shape == (3, 16)
+
+
+def test_register_adds_a_version_per_export_linked_to_its_run(exported: tuple[Path, dict, dict]) -> None:
+    root, trained, _ = exported
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        first = _ok(_invoke("export", "--onnx", "--run", trained["run_id"], "--out", "exports/r1",
+                            "--register", "syn-retrieval", "--json"))  # fmt: skip
+        second = _ok(_invoke("export", "--onnx", "--run", trained["run_id"], "--out", "exports/r2",
+                             "--register", "syn-retrieval", "--json"))  # fmt: skip
+        assert first["registered"] == {"name": "syn-retrieval", "version": 1}
+        assert second["registered"] == {"name": "syn-retrieval", "version": 2}
+        client = Tracker().client
+        versions = sorted(client.search_model_versions("name='syn-retrieval'"), key=lambda v: int(v.version))
+        assert [(v.version, v.run_id) for v in versions] == [
+            (1, first["export_run_id"]), (2, second["export_run_id"]),
+        ]  # fmt: skip
+        assert [v.source for v in versions] == [f"models:/{first['model_id']}", f"models:/{second['model_id']}"]
+        assert client.get_run(second["export_run_id"]).data.tags["gssf.source_run"] == trained["run_id"]
+        import mlflow
+
+        mlflow.set_tracking_uri(Tracker().tracking_uri)
+        served = mlflow.pyfunc.load_model("models:/syn-retrieval/2")
+        out = served.predict({"texts": ["a dog runs"]})
+    assert out["text_embeddings"].shape == (1, 16)
+
+
+def test_register_refuses_a_bad_name_before_any_run(gssf: Gssf, workdir: Path) -> None:
+    for name in ("a/b", "a:b", " ", "x" * 300):
+        line = _one_line(gssf("export", "--onnx", "--register", name))
+        assert "registered model name" in line, line
+    assert not (workdir / "exports").exists() and not (workdir / "mlruns").exists()
 
 
 def test_readme_snippet_scores_like_pytorch(exported: tuple[Path, dict, dict]) -> None:
@@ -127,7 +172,7 @@ def test_readme_snippet_scores_like_pytorch(exported: tuple[Path, dict, dict]) -
 
 def _assert_failed_export_run(run_id: str, passed_run_id: str) -> None:
     """The export run ended FAILED, with the parity metrics and the manifest, and no graph logged as a model
-    (the same query finds the three models of ``passed_run_id``, an export that passed)."""
+    (the same query finds the one model of ``passed_run_id``, an export that passed)."""
     client = Tracker().client
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and run.data.metrics["passed"] == 0.0
@@ -136,7 +181,8 @@ def _assert_failed_export_run(run_id: str, passed_run_id: str) -> None:
     assert [a.path for a in client.list_artifacts(run_id, "bundle")] == ["bundle/manifest.json"]
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert [m.name for m in models if m.source_run_id == run_id] == []
-    assert len([m.name for m in models if m.source_run_id == passed_run_id]) == 3
+    assert len([m.name for m in models if m.source_run_id == passed_run_id]) == 1
+    assert "gssf.registered_model" not in run.data.tags
 
 
 def test_parity_outside_tolerance_exits_1(exported: tuple[Path, dict, dict]) -> None:
@@ -170,12 +216,13 @@ def test_failed_export_never_replaces_a_good_bundle(exported: tuple[Path, dict, 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         result = _invoke("export", "--onnx", "--run", trained["run_id"], "--out", "exports/good", "--force",
-                         "--atol", "0", "--rtol", "0", "--json")  # fmt: skip
+                         "--atol", "0", "--rtol", "0", "--register", "never", "--json")  # fmt: skip
         assert result.exit_code == 1, result.stdout + result.stderr
         failed = json.loads(result.stdout)
         assert failed["passed"] is False and failed["parity"]["passed"] is False
         assert failed["path"] == "exports/good.failed"
         assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+        assert failed["registered"] is None and not Tracker().client.search_model_versions("name='never'")
         assert not (root / "exports/good.failed/stale.txt").exists()
         assert json.loads((root / "exports/good.failed/manifest.json").read_text())["parity"]["passed"] is False
         _assert_failed_export_run(failed["export_run_id"], bundle["export_run_id"])

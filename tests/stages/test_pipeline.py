@@ -150,6 +150,13 @@ def _statuses(gssf: Gssf, *extra: str) -> dict[str, str]:
     return {s["stage"]: s["status"] for s in json.loads(result.stdout)["stages"]}
 
 
+def _run_names() -> list[str]:
+    from gssf_cli.tracking import Tracker
+
+    client = Tracker().client
+    return sorted(r.info.run_name for r in client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
+
 def test_the_cache_trusts_contents_not_names(gssf: Gssf, workdir: Path) -> None:
     """Each kind of damage re-runs the stage that wrote the file and everything after it, and only that."""
     from tests.factories import write_feature_npz
@@ -159,7 +166,12 @@ def test_the_cache_trusts_contents_not_names(gssf: Gssf, workdir: Path) -> None:
     ran = dict.fromkeys(["prepare", "train", "evaluate", "export"], "ran")
     cached = dict.fromkeys(ran, "cached")
     assert _statuses(gssf) == ran
-    assert _statuses(gssf) == cached
+    runs_before = _run_names()
+    cached_again = gssf("run", "chain.toml", "--json")
+    assert {s["status"] for s in json.loads(cached_again.stdout)["stages"]} == {"cached"}
+    assert json.loads(cached_again.stdout)["parent_run_id"] is None
+    assert _run_names() == runs_before, "a fully cached re-run opens no MLflow run"
+    assert len(set(runs_before)) == len(runs_before), f"run names repeat: {runs_before}"
     assert _statuses(gssf, "--force") == ran
     cache = json.loads((workdir / ".gssf" / "pipelines" / "chain.json").read_text())
 

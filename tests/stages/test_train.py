@@ -62,7 +62,8 @@ def test_run_is_fully_tracked(gssf: Gssf, syn: Path) -> None:
     assert run.data.params["train.metric"] == "bdiag" and run.data.params["train.block_size"] == "8"
     assert int(run.data.params["params_metric_head"]) == 32 * 8
     for name in ("loss", "val_rsum", "lr", "samples_per_s"):
-        assert [m.step for m in client.get_metric_history(out["run_id"], name)] == [0, 1]
+        assert [m.step for m in client.get_metric_history(out["run_id"], name)] == [1, 2], "epochs count from 1"
+    assert run.data.metrics["best_epoch"] == out["best_epoch"] in (1, 2)
     artifacts = {a.path for a in client.list_artifacts(out["run_id"])}
     assert {"checkpoint", "config", "plots"} <= artifacts
     assert {a.path for a in client.list_artifacts(out["run_id"], "plots")} == {"plots/metric_heatmap.png"}
@@ -114,18 +115,18 @@ def test_kill_mid_epoch_then_resume_matches_an_uninterrupted_run(gssf: Gssf, syn
         state_files = [
             p for p in (workdir / "runs").glob("*/checkpoint/state.json") if p.parent.parent.name != reference["run_id"]
         ]
-        if state_files and json.loads(state_files[0].read_text())["epoch"] >= 1:
+        if state_files and json.loads(state_files[0].read_text())["epochs_done"] >= 2:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = json.loads(state_files[0].read_text())["epoch"]
-    assert 1 <= killed_at < 3
+    done = json.loads(state_files[0].read_text())["epochs_done"]
+    assert 2 <= done < 4
     run_id = state_files[0].parent.parent.name
     resumed = _train(gssf, "--resume", run_id)
     assert resumed["run_id"] == run_id
-    assert resumed["epochs_run"] == 4 - (killed_at + 1)
+    assert resumed["epochs_run"] == 4 - done
     assert _quality(resumed["metrics"]) == _quality(reference["metrics"])
     assert Tracker().client.get_run(run_id).info.status == "FINISHED"
 

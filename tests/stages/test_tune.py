@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from gssf_cli.app import app
 from gssf_cli.config import TrainConfig, TuneConfig, resolve
 from gssf_cli.errors import UserInputError
 from gssf_cli.tracking import Tracker
+from gssf_cli.trial_runs import TrialRuns
 from gssf_cli.tuning import (
     make_plan,
 )
@@ -98,7 +100,7 @@ BAD_INVOCATIONS: list[tuple[list[str], str]] = [
     (["--param", "block_size=4", "--base", "lr"], "--base 'lr': expected KEY=VALUE"),
     (["--param", "block_size=4", "--base", "lrate=0.1"], "base.lrate: unknown key"),
     (["--param", "block_size=4", "--cpus-per-trial", "4096"], "--cpus-per-trial 4096: this machine has"),
-    (["--param", "block_size=4", "--scheduler", "pbt"], "tune.scheduler: 'pbt' is not one of asha, fifo"),
+    (["--param", "block_size=4", "--scheduler", "pbt"], "tune.scheduler: 'pbt' is not one of auto, fifo, asha"),
     ([], "give at least one --param NAME"),
 ]  # fmt: skip
 
@@ -133,10 +135,11 @@ def test_bad_parameters_exit_2_before_ray_starts(moduledir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def block_tune(moduledir: Path) -> dict[str, Any]:
-    """The CLI, as a user runs it: three block sizes, 2 epochs each, FIFO (every trial runs to the end)."""
+    """The CLI, as a user runs it: three block sizes, 2 epochs each; a pure grid, so the default scheduler is
+    FIFO (every trial runs to the end)."""
     result = _cli(
         "tune", "--data", "data/syn", "--param", "block_size", "--values", "4,8,16", *SMALL_BASE,
-        "--base", "metric=bdiag", "--epochs", "2", "--scheduler", "fifo", "--json",
+        "--base", "metric=bdiag", "--epochs", "2", "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     return dict(json.loads(result.stdout))
@@ -146,6 +149,8 @@ def test_block_size_tune_logs_one_child_per_trial(block_tune: dict[str, Any]) ->
     client = Tracker().client
     tune_run = client.get_run(block_tune["run_id"])
     assert tune_run.info.status == "FINISHED" and tune_run.data.tags["gssf.stage"] == "tune"
+    assert tune_run.info.run_name == f"tune-block_size-{block_tune['run_id'][:6]}"
+    assert block_tune["scheduler"] == "fifo" == tune_run.data.tags["gssf.tune.scheduler"]
     children = Tracker().child_runs(block_tune["run_id"])
     assert len(children) == 3 == len(block_tune["trials"])
     assert {c.info.status for c in children} == {"FINISHED"}
@@ -154,7 +159,8 @@ def test_block_size_tune_logs_one_child_per_trial(block_tune: dict[str, Any]) ->
         assert child.data.tags["gssf.stage"] == "tune_trial"
         assert child.data.params["train.metric"] == "bdiag" and child.data.params["train.embed_dim"] == "32"
         history = client.get_metric_history(child.info.run_id, "val_rsum")
-        assert [m.step for m in history] == [0, 1]
+        assert [m.step for m in history] == _reported_epochs(child) and len(history) == 2
+        assert child.info.run_name.startswith(f"trial-block_size={child.data.params['train.block_size']}-")
         assert child.info.end_time >= child.info.start_time
     by_run = {t["run_id"]: t for t in block_tune["trials"]}
     assert set(by_run) == {c.info.run_id for c in children}
@@ -179,6 +185,20 @@ def test_block_size_tune_output_and_artifacts(block_tune: dict[str, Any], module
     rows = list(csv.DictReader(io.StringIO(Path(block_tune["out_dir"], "trials.csv").read_text())))
     assert [int(r["block_size"]) for r in rows] == [t["values"]["block_size"] for t in trials]
     assert _tune_params_logged(client.get_run(run_id).data.params)
+
+
+def _progress_epochs(trial_path: Path) -> list[int]:
+    """The epoch numbers a trial reported to Ray, in order (its ``progress.csv``), however training counts them."""
+    table = trial_path / "progress.csv"
+    if not table.exists():  # a trial that failed before its first epoch
+        return []
+    rows = list(csv.DictReader(io.StringIO(table.read_text())))
+    return [int(float(row["epoch"])) for row in rows]
+
+
+def _reported_epochs(child: Any) -> list[int]:
+    """What a trial's MLflow steps must be: the epochs it reported, each once."""
+    return sorted(set(_progress_epochs(Path(child.data.tags["gssf.tune.trial_path"]))))
 
 
 def _tune_params_logged(params: dict[str, str]) -> bool:
@@ -245,7 +265,7 @@ def test_asha_stops_weak_trials_and_failed_trials_do_not_stop_the_tune(asha_tune
         assert child.info.status == trial["status"]
         statuses[(trial["values"]["teacher"], trial["values"]["lr"])] = trial["status"]
         steps = [m.step for m in tracker.client.get_metric_history(child.info.run_id, "loss")]
-        assert steps == list(range(trial["epochs"]))
+        assert steps == _reported_epochs(child) and len(steps) == trial["epochs"]
         if trial["status"] == "FAILED":
             assert "train split has 300 images / 1500 texts" in trial["error"]
             assert "train split has" in child.data.tags["gssf.error"] and trial["epochs"] == 0
@@ -256,6 +276,7 @@ def test_asha_stops_weak_trials_and_failed_trials_do_not_stop_the_tune(asha_tune
         ("teacher_other.npz", 1e-7): "FAILED",
     }
     assert asha_tune["best"]["values"] == {"teacher": "teacher.npz", "lr": 0.003}
+    assert asha_tune["scheduler"] == "asha", "an explicit --scheduler is honoured on a pure grid"
     assert asha_tune["trials"][-1]["metric"] is None
     metrics = tune_run.data.metrics
     assert (metrics["trials_finished"], metrics["trials_killed"], metrics["trials_failed"]) == (1, 1, 2)
@@ -367,13 +388,12 @@ def test_a_crashed_trial_resumes_from_its_checkpoint(moduledir: Path, bigger: Pa
     assert proc.returncode == 0, err
     trial = json.loads(out)["trials"][0]
     assert trial["status"] == "FINISHED" and trial["epochs"] == 4
-    progress = next(storage.glob("*/*/progress.csv")).read_text().splitlines()
-    header = progress[0].split(",")
-    epochs = [int(float(row.split(",")[header.index("epoch")])) for row in progress[1:]]
-    assert epochs.count(0) == 1, f"the retry started over instead of resuming: epochs reported {epochs}"
-    assert sorted(set(epochs)) == [0, 1, 2, 3]
+    epochs = _progress_epochs(next(storage.glob("*/*/progress.csv")).parent)
+    assert epochs.count(epochs[0]) == 1, f"the retry started over instead of resuming: epochs reported {epochs}"
+    assert len(set(epochs)) == 4
     history = Tracker().client.get_metric_history(trial["run_id"], "loss")
-    assert [m.step for m in history] == [0, 1, 2, 3]
+    assert [m.step for m in history] == sorted(set(epochs))
+    assert Tracker().client.get_run(trial["run_id"]).info.status == "FINISHED"
 
 
 def test_ctrl_c_logs_what_ran_and_ends_the_tune_run_killed(moduledir: Path, bigger: Path, tmp_path: Path) -> None:
@@ -393,13 +413,185 @@ def test_ctrl_c_logs_what_ran_and_ends_the_tune_run_killed(moduledir: Path, bigg
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "gssf: interrupted" and out == ""
+    assert err.strip().splitlines()[-1] == "gssf: interrupted"
+    assert out == "" or json.loads(out)["exit_code"] == 130, "--json: stdout is JSON or nothing"
     tracker = Tracker()
     name = next(storage.iterdir()).name
     tune_run = tracker.client.get_run(name.removeprefix("tune-"))
     assert tune_run.info.status == "KILLED"
     children = tracker.child_runs(tune_run.info.run_id)
     assert len(children) == 2 and {c.info.status for c in children} == {"KILLED"}
+    assert not any("gssf.tune.stopped" in c.data.tags for c in children), "interrupted, not stopped by ASHA"
+
+    from gssf_cli.stages import tune as stage
+
+    shutil.rmtree(storage / name)
+    with pytest.raises(UserInputError, match=r"its Ray results folder .* is gone .* cannot be resumed"):
+        stage.resume(tune_run.info.run_id, tracker, progress=False)
+    assert tracker.client.get_run(tune_run.info.run_id).info.status == "KILLED", "a refused resume wrote nothing"
+
+
+def test_the_scheduler_is_fifo_for_a_grid_and_asha_for_sampling(moduledir: Path) -> None:
+    def scheduler(*params: str, **kwargs: Any) -> str:
+        config = TuneConfig(params=params, data=Path("data/syn"), **kwargs)
+        return make_plan(config, cpu_count=2).scheduler
+
+    assert TuneConfig(params=("lr=0.1,0.2",)).scheduler == "auto"
+    assert scheduler("block_size=4,8,16") == "fifo"
+    assert scheduler("block_size=4,8", "lr=0.1,0.2") == "fifo"
+    assert scheduler("block_size=4,8", "lr=1e-4:1e-2:log") == "asha"
+    assert scheduler("margin=0.1:0.3") == "asha"
+    assert scheduler("block_size=4,8", scheduler="asha") == "asha"
+    assert scheduler("margin=0.1:0.3", scheduler="fifo") == "fifo"
+
+
+def test_resume_refuses_what_it_cannot_continue(block_tune: dict[str, Any]) -> None:
+    """A finished tune, a trial run, another stage's run: one line each, and nothing written."""
+    from gssf_cli.stages import tune as stage
+
+    tracker = Tracker()
+    tune_id = block_tune["run_id"]
+    trial_id = block_tune["trials"][0]["run_id"]
+    prepare_id = tracker.get_run("latest", stage="prepare").info.run_id
+    before = len(tracker.client.search_runs([tracker.experiment_id]))
+    cases = {
+        tune_id: f"tune run {tune_id} already finished: there is nothing to resume",
+        trial_id: f"run {trial_id} is one trial of tune run {tune_id}: resume that run instead",
+        prepare_id: f"run {prepare_id} is not a tune run (a prepare run)",
+        "0" * 32: "unknown run",
+    }
+    for ref, message in cases.items():
+        with pytest.raises(UserInputError) as caught:
+            stage.resume(ref, tracker, progress=False)
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert len(tracker.client.search_runs([tracker.experiment_id])) == before
+    assert tracker.client.get_run(tune_id).info.status == "FINISHED"
+
+
+def test_trial_runs_are_reattached_and_completed_from_the_outcomes(moduledir: Path) -> None:
+    """The MLflow side of a trial's life across a driver that died and a resume (no Ray: the events are what
+    Tune's callback passes on): a trial that starts again continues its own run, an epoch already there is not
+    logged twice, and after ``fit()`` what the live log missed comes from the outcome — the epochs of a run,
+    the whole run of a trial never seen live; a trial that never started gets no run."""
+    from gssf_cli.tuning import TrialOutcome
+
+    config = TuneConfig(
+        params=("block_size=4,8,16",), data=Path("data/syn"), base=("embed_dim=32", "metric=bdiag"), epochs=3
+    )
+    plan = make_plan(config, cpu_count=2)
+    tracker = Tracker(experiment="trial-runs")
+
+    def metrics(epoch: int) -> dict[str, float]:
+        return {"val_rsum": 10.0 * epoch, "loss": 1.0 / epoch}
+
+    def outcome(trial_id: str, block: int, epochs: int, status: str) -> TrialOutcome:
+        history = [(e, 1_700_000_000_000 + e, metrics(e)) for e in range(1, epochs + 1)]
+        best = 10.0 * epochs if epochs else None
+        return TrialOutcome(trial_id, {"block_size": block}, status, best, epochs, 1.0, history=history)
+
+    with tracker.start_run("tune") as tune_run:
+        with TrialRuns(tracker, tune_run.run_id, plan, replay=False) as first:
+            first.trial_started("a", {"block_size": 4}, "/ray/a")
+            first.trial_result("a", 1, metrics(1))
+            first.trial_result("a", 1, metrics(1))
+        assert tracker.run_status(first.run_ids["a"]) == "KILLED", "the driver stopped under a running trial"
+        with TrialRuns(tracker, tune_run.run_id, plan, replay=False) as resumed:
+            resumed.trial_started("a", {"block_size": 4}, "/ray/a")
+            resumed.trial_result("a", 1, metrics(1))
+            resumed.trial_result("a", 2, metrics(2))
+            ids = [resumed.settle(outcome("a", 4, 3, "FINISHED"), interrupted=False)]
+            ids.append(resumed.settle(outcome("b", 8, 1, "KILLED"), interrupted=False))
+            assert resumed.settle(outcome("c", 16, 0, "KILLED"), interrupted=True) is None
+    children = {c.data.tags["gssf.tune.trial_id"]: c for c in tracker.child_runs(tune_run.run_id)}
+    assert sorted(children) == ["a", "b"] and [children["a"].info.run_id, children["b"].info.run_id] == ids
+    a, b = children["a"], children["b"]
+    assert a.info.status == "FINISHED" and a.info.run_name.startswith("trial-block_size=4-")
+    assert _steps(tracker, a) == [1, 2, 3] and a.data.params["train.block_size"] == "4"
+    assert b.info.status == "KILLED" and b.data.tags["gssf.tune.stopped"] == "stopped early after 1 of 3 epochs"
+    assert _steps(tracker, b) == [1] and b.data.params["train.metric"] == "bdiag"
+
+
+def _store_state(tracker: Tracker) -> tuple[Any, list[Any]]:
+    """The tune run in ``tracker``'s store (the only one there) and its trial runs, as the UI would show them now."""
+    found = tracker.client.search_runs([tracker.experiment_id], "tags.`gssf.stage` = 'tune'")
+    if not found:
+        return None, []
+    return found[0], tracker.child_runs(found[0].info.run_id)
+
+
+def _steps(tracker: Tracker, run: Any) -> list[int]:
+    return [m.step for m in tracker.client.get_metric_history(run.info.run_id, "val_rsum")]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="stops the tune with SIGTERM")
+def test_trial_runs_are_live_and_a_killed_tune_resumes(
+    moduledir: Path, bigger: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """One tune, three block sizes one at a time, watched from another process through its own store: each trial's
+    run is there, RUNNING, with its epochs, while the tune runs. SIGTERM once the first trial finished and the second
+    has an epoch; the tune resumes (from another working directory, with no flags): the same runs carry on, no
+    trial or epoch is logged twice, the finished trial is not run again, and the tune run ends FINISHED."""
+    from gssf_cli.stages import tune as stage
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "COLUMNS": "120", "NO_COLOR": "1", "MLFLOW_TRACKING_URI": uri}
+    command = [
+        sys.executable, "-m", "gssf_cli", "tune", "--data", str(bigger), "--param", "block_size=4,8,16",
+        "--epochs", "3", "--max-concurrent", "1", "--storage", "ray", *SMALL_BASE, "--base", "metric=bdiag", "--json",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tracker = Tracker(tracking_uri=uri)
+    seen_live: list[tuple[str, list[int]]] = []
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            tune_run, children = _store_state(tracker)
+            if tune_run is not None and tune_run.info.status == "RUNNING":
+                running = [c for c in children if c.info.status == "RUNNING" and _steps(tracker, c)]
+                seen_live += [(c.info.run_id, _steps(tracker, c)) for c in running]
+                if running and any(c.info.status == "FINISHED" for c in children):
+                    proc.send_signal(signal.SIGTERM)
+                    break
+            time.sleep(0.1)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert seen_live, f"no trial run was seen RUNNING with an epoch logged while the tune ran: {err}"
+    assert proc.returncode == 130, err
+    tune_run, children = _store_state(tracker)
+    tune_id = tune_run.info.run_id
+    assert tune_run.info.status == "KILLED" and tune_run.data.tags["gssf.tune.scheduler"] == "fifo"
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert finished and len(finished) < 3, [c.info.status for c in children]
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    before = {
+        c.info.run_id: (c.info.end_time, _progress_epochs(Path(c.data.tags["gssf.tune.trial_path"]))) for c in finished
+    }
+
+    capfd.readouterr()
+    result = stage.resume(tune_id, tracker, progress=True)
+    out, err = capfd.readouterr()
+    assert out == "", "progress goes to stderr only"
+    assert "started" in err and "FINISHED after 3 epochs" in err
+
+    tune_run, children = _store_state(tracker)
+    assert result.run_id == tune_id and tune_run.info.status == "FINISHED"
+    assert result.scheduler == "fifo" and len(result.trials) == 3
+    assert len(children) == 3, "a trial run was duplicated (or one is missing)"
+    assert sorted(int(c.data.params["train.block_size"]) for c in children) == [4, 8, 16]
+    assert {c.info.run_id for c in children} == {t["run_id"] for t in result.trials}
+    assert len({c.data.tags["gssf.tune.trial_id"] for c in children}) == 3
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = _steps(tracker, child)
+        assert steps == _reported_epochs(child) and len(steps) == 3, (child.info.run_name, steps)
+    for child in children:
+        if child.info.run_id in before:
+            now = (child.info.end_time, _progress_epochs(Path(child.data.tags["gssf.tune.trial_path"])))
+            assert now == before[child.info.run_id], "a trial that had finished ran again"
+    with pytest.raises(UserInputError, match="already finished"):
+        stage.resume("latest", tracker, progress=False)
 
 
 def test_tune_help_lists_the_options() -> None:

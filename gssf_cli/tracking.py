@@ -513,13 +513,20 @@ class StageRun:
                 )
         return str(logged.model_id)
 
-    def register_model(self, registered_name: str, model_id: str) -> int:
+    def register_model(
+        self, registered_name: str, model_id: str, description: str, tags: Mapping[str, str] | None = None
+    ) -> int:
         """A new version of ``registered_name`` in the Model Registry for logged model ``model_id`` (linked to
-        this run); returns the version number."""
+        this run), described and tagged (who made it: the registry records no user on a local store); returns
+        the version number."""
         mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
+        all_tags = {"mlflow.user": current_user(), **(tags or {})}
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # mlflow prints its own lines
             warnings.simplefilter("ignore")
-            version = mlflow.register_model(f"models:/{model_id}", registered_name, await_registration_for=0)
+            version = mlflow.register_model(
+                f"models:/{model_id}", registered_name, await_registration_for=0, tags=all_tags
+            )
+        self.client.update_model_version(registered_name, version.version, description=description)
         self.set_tags({"gssf.registered_model": f"{registered_name}/{version.version}"})
         return int(version.version)
 

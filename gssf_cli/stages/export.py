@@ -76,7 +76,13 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
                 tags={"gssf.stage": "export", "gssf.source_run": run_id},
             )
             if config.register is not None:
-                version = run_.register_model(config.register, model_id)
+                version = run_.register_model(
+                    config.register,
+                    model_id,
+                    f"ONNX bundle of train run {run_id} ({label}), exported by run {run_.run_id}; parity gate "
+                    f"passed. mlflow.pyfunc.load_model serves it on ONNX Runtime.",
+                    {"gssf.source_run": run_id, "gssf.metric": label},
+                )
                 registered = {"name": config.register, "version": version}
         else:
             run_.set_tags({"gssf.export.failed_bundle": str(written.path)})

@@ -117,6 +117,8 @@ def test_register_adds_a_version_per_export_linked_to_its_run(exported: tuple[Pa
         ]  # fmt: skip
         assert [v.source for v in versions] == [f"models:/{first['model_id']}", f"models:/{second['model_id']}"]
         assert client.get_run(second["export_run_id"]).data.tags["gssf.source_run"] == trained["run_id"]
+        assert versions[1].tags["gssf.source_run"] == trained["run_id"] and versions[1].tags["mlflow.user"]
+        assert trained["run_id"] in versions[1].description and "parity gate passed" in versions[1].description
         import mlflow
 
         mlflow.set_tracking_uri(Tracker().tracking_uri)

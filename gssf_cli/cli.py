@@ -114,8 +114,10 @@ def _in_context(exc: click_errors.UsageError, ctx: ClickContext) -> None:
         exc.ctx, exc.cmd = ctx, ctx.command
 
 
-class Command(TyperCommand):
-    """A gssf command: click-style help (:func:`_readable`) and a readable error for extra arguments."""
+class _ReadableParams:
+    """Click-style help for every parameter of a command or group, ``--help`` included (:func:`_readable`)."""
+
+    params: list[Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -123,7 +125,11 @@ class Command(TyperCommand):
             _readable(param)
 
     def get_help_option(self, ctx: ClickContext) -> TyperOption | None:
-        return typing.cast(TyperOption | None, _readable(super().get_help_option(ctx)))
+        return typing.cast(TyperOption | None, _readable(super().get_help_option(ctx)))  # type: ignore[misc]
+
+
+class Command(_ReadableParams, TyperCommand):
+    """A gssf command: click-style help (:func:`_readable`) and a readable error for extra arguments."""
 
     def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
         """As click, but an extra argument after a flag says that flags take no value (``--mlp true``)."""
@@ -144,7 +150,7 @@ class Command(TyperCommand):
         return rest
 
 
-class Group(TyperGroup):
+class Group(_ReadableParams, TyperGroup):
     """The ``gssf`` group: click-style help, and every click error (unknown option or command, missing or
     malformed value, extra argument) as one line on stderr with exit 2, or a JSON object with ``--json``.
 
@@ -152,14 +158,6 @@ class Group(TyperGroup):
     from the commands (1, 2, 130) pass through unchanged, ``Abort`` is exit 1, and ``gssf`` alone prints the
     help (exit 2, as click). The console script and ``typer.testing.CliRunner`` both call :meth:`main`.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            _readable(param)
-
-    def get_help_option(self, ctx: ClickContext) -> TyperOption | None:
-        return typing.cast(TyperOption | None, _readable(super().get_help_option(ctx)))
 
     def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
         ctx.meta[_ARGS_KEY] = list(args)

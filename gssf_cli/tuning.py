@@ -29,13 +29,14 @@ import csv
 import dataclasses
 import io
 import itertools
+import json
 import math
 import os
 import tomllib
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -558,3 +559,60 @@ def results_csv(ranked: list[TrialOutcome], plan: TunePlan) -> str:
             ]
         )
     return buffer.getvalue()
+
+
+RESUME_TAG = "gssf.tune.resume"
+MAX_TAG_LENGTH = 8000
+"""MLflow's longest tag value: resume settings longer than this (a huge search space) are not recorded."""
+
+
+@dataclass(frozen=True)
+class Search:
+    """A checked search, ready to start or continue: its config, plan, Ray storage (absolute or a URI) and the
+    folder relative trial paths (a tuned teacher file) are read from."""
+
+    config: TuneConfig
+    plan: TunePlan
+    storage: str
+    root: Path
+
+
+def resume_tags(search: Search) -> dict[str, str]:
+    """What :func:`gssf_cli.stages.tune.resume` needs, recorded as the tune run is created (so a run that exists can be resumed): the
+    tune config as resolved (the scheduler chosen, the storage absolute, the base folded in), the base train
+    config with absolute paths, and the working directory relative trial paths are read from."""
+    plan = search.plan
+    config = replace(
+        search.config,
+        scheduler=plan.scheduler,
+        storage=search.storage,
+        base=(),
+        base_config=None,
+        data=None,
+        epochs=None,
+    )
+    base = to_dict(plan.base)
+    base["data"] = str(plan.base.data.expanduser().resolve())
+    base["runs_dir"] = str(plan.base.runs_dir.expanduser().resolve())
+    if plan.base.teacher is not None:
+        base["teacher"] = str(plan.base.teacher.expanduser().resolve())
+    text = json.dumps({"tune": to_dict(config), "base": base, "root": str(search.root)}, separators=(",", ":"))
+    return {RESUME_TAG: text} if len(text) <= MAX_TAG_LENGTH else {}
+
+
+def saved_search(run_id: str, text: str | None) -> Search:
+    """The search a tune run recorded (``text``: its :data:`RESUME_TAG`), checked again as a new tune would be."""
+    if not text:
+        raise UserInputError(
+            f"tune run {run_id} recorded no settings to resume from (an older gssf started it, or it was killed "
+            "as it started): start a new gssf tune"
+        )
+    try:
+        saved = json.loads(text)
+        values, base, root = dict(saved["tune"]), dict(saved["base"]), Path(saved["root"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserInputError(
+            f"tune run {run_id}: its tag {RESUME_TAG} is not readable ({exc}): start a new tune"
+        ) from None
+    config = from_dict(TuneConfig, values, "tune")
+    return Search(config, make_plan(config, base_values=base), config.storage, root)

@@ -22,19 +22,12 @@ from typer.testing import Result
 
 from gssf_cli import console
 from gssf_cli.cli import shown_default
-from gssf_cli.config import EvaluateConfig, ExportConfig, PrepareConfig, TrainConfig, TuneConfig
 from gssf_cli.errors import CheckFailedError, UserInputError
+from gssf_cli.steps import CONFIGS
 from tests.test_cli import help_rows
 
 Gssf = Callable[..., Result]
 COMMANDS = ("prepare", "train", "evaluate", "tune", "export", "run")
-CONFIGS: dict[str, type] = {
-    "prepare": PrepareConfig,
-    "train": TrainConfig,
-    "evaluate": EvaluateConfig,
-    "tune": TuneConfig,
-    "export": ExportConfig,
-}
 TYPER_TYPES = re.compile(r"<(bool|str|int|float|path|list|tuple)\b")
 
 

@@ -1,44 +1,25 @@
 """Stage ``tune``: search train settings (the block size above all) with Ray Tune; one MLflow writer, live.
 
-How a tune runs:
-
-1. :func:`gssf_cli.tuning.make_plan` checks everything it can before Ray starts (parameter names, value
-   syntax, block sizes against D for every grid combination, files, the metric) and resolves ``--scheduler
-   auto``: FIFO for a pure grid, ASHA when any value is sampled — a mistake costs a second.
-2. Ray (:mod:`gssf_cli.ray_trials`, which also says how to join a cluster with ``--address``): a local
-   instance by default, results under ``--storage`` (``.gssf/ray`` by default) as experiment
-   ``tune-<tune run id>``; each trial is the library's own training reporting every epoch to Ray, so ASHA can
-   stop weak trials early and a crashed trial resumes from its last checkpoint.
-3. MLflow, written by this process only: the tune run ``tune-<tuned names>`` (a child of ``parent_run_id``
-   when given) and, live, one child run per trial ``trial-<name=value,...>`` (tag ``mlflow.parentRunId``;
-   params = the trial's full train config). Tune's driver-side callback hands each trial event to
-   :class:`gssf_cli.trial_runs.TrialRuns` (a :class:`~gssf_cli.tuning.TrialLog`): the run opens RUNNING when the trial starts, gets
-   each epoch's metrics as the result arrives (step = the epoch number training reported), and ends FINISHED,
-   FAILED (tag ``gssf.error``) or KILLED (stopped early by the scheduler: tag ``gssf.tune.stopped``). So the
-   UI shows a search while it runs, and a driver that dies leaves everything up to its last epoch. Trials never
-   open the tracking store: many processes writing one SQLite file lock or corrupt it, and on a cluster the
-   file is not even there. After ``Tuner.fit()`` :meth:`gssf_cli.trial_runs.TrialRuns.settle` checks each trial's run against the
-   ResultGrid and adds what is missing — everything under Ray Client (``ray://``), where Tune's callbacks run
-   on the cluster's head node and cannot log here; only what a failed store write dropped otherwise.
-4. On the tune run: ``trials.csv`` (the results table), ``config/best_train.toml`` (the best trial's full train
-   config, top-level keys: ``gssf train --config`` loads it as is) and, when the block size is tuned,
-   ``plots/block_size.png`` (the metric against the block size on a log2 axis, metric-head parameters on a
-   second axis: the GSSF paper's Fig. 3). The same files land in ``<runs_dir>/<tune run>/``.
-5. Ctrl-C or SIGTERM: Tune stops the trials and saves its state; what ran is logged (trials cut short KILLED),
-   the tune run ends KILLED and the command exits 130. Every trial failing is exit 1 (the tune ran but found
-   nothing).
-6. :func:`resume` (``gssf tune --resume RUN``) continues a KILLED tune — or a RUNNING one whose driver was
-   killed — from the settings the tune run recorded when it started (tag ``gssf.tune.resume``: the resolved
-   tune config and base train config, and the working directory), with ``Tuner.restore``: unfinished and
-   errored trials go on from their last checkpoints, finished ones are not run again. The same tune run and the
-   same trial runs (found by their ``gssf.tune.trial_id`` tag) carry on; an epoch already logged is not logged
-   twice.
+1. :func:`gssf_cli.tuning.make_plan` checks everything it can before Ray starts (names, value syntax, block
+   sizes for every grid combination, files, the metric) and resolves ``--scheduler auto`` (FIFO for a pure
+   grid, ASHA when a value is sampled).
+2. Ray (:mod:`gssf_cli.ray_trials`): local by default, results under ``--storage`` as experiment
+   ``tune-<tune run id>``; each trial is the library's own training, reporting every epoch.
+3. MLflow, written by this process only (many writers lock or corrupt a SQLite file; on a cluster it is not
+   even there): the tune run ``tune-<names>`` and, live, one child run per trial from Tune's driver-side
+   callback (:class:`gssf_cli.trial_runs.TrialRuns`), completed from the ResultGrid after ``fit()`` — wholly
+   under Ray Client, whose callbacks run on the head node.
+4. Outputs on the tune run and in ``<runs_dir>/<tune run>/``: ``trials.csv``, ``best_train.toml`` (``gssf
+   train --config`` loads it) and, when the block size is tuned, ``block_size.png`` (the paper's Fig. 3).
+5. Ctrl-C or SIGTERM: Tune stops and saves its state, what ran is logged, the tune run ends KILLED (exit 130);
+   :func:`resume` continues it (or a RUNNING one whose driver was killed) with ``Tuner.restore``, from the
+   settings recorded at its start (:func:`gssf_cli.tuning.resume_tags`), on the same runs. Every trial
+   failing is exit 1.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import Mapping
@@ -47,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gssf_cli import tuning
-from gssf_cli.config import TuneConfig, dump_toml, from_dict, to_dict
+from gssf_cli.config import TuneConfig, dump_toml, to_dict
 from gssf_cli.errors import CheckFailedError, UserInputError
 from gssf_cli.trial_runs import TRIAL_STAGE, TrialRuns
 
@@ -56,10 +37,7 @@ if TYPE_CHECKING:
     from gssf_cli.tuning import TrialOutcome, TunePlan
 
 STAGE = "tune"
-RESUME_TAG = "gssf.tune.resume"
 EXPERIMENT_TAG = "gssf.tune.experiment_path"
-MAX_TAG_LENGTH = 8000
-"""MLflow's longest tag value: resume settings longer than this (a huge search space) are not recorded."""
 
 
 @dataclass(frozen=True)
@@ -81,17 +59,6 @@ class TuneResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class _Search:
-    """A checked search, ready to start or continue: its config, plan, Ray storage (absolute or a URI) and the
-    folder relative trial paths (a tuned teacher file) are read from."""
-
-    config: TuneConfig
-    plan: TunePlan
-    storage: str
-    root: Path
 
 
 def run(
@@ -117,7 +84,7 @@ def run(
         _ = tracker.experiment_id
     if config.address:
         check_reachable(config.address)
-    search = _Search(config, plan, storage_path(config.storage), Path.cwd())
+    search = tuning.Search(config, plan, storage_path(config.storage), Path.cwd())
     return _search(search, tracker, progress, parent_run_id=parent_run_id)
 
 
@@ -142,7 +109,7 @@ def resume(run_ref: str, tracker: Tracker, progress: bool = True) -> TuneResult:
         raise UserInputError(f"run {run_id} is not a tune run ({what}): pass the id of a `gssf tune` run, or latest")
     if found.info.status == "FINISHED":
         raise UserInputError(f"tune run {run_id} already finished: there is nothing to resume; start a new gssf tune")
-    search = _saved_search(run_id, tags)
+    search = tuning.saved_search(run_id, tags.get(tuning.RESUME_TAG))
     check_outputs(search.config, search.plan)
     tracker.follow(found)
     if tracker.experiment_id != found.info.experiment_id:
@@ -174,7 +141,7 @@ def check_outputs(config: TuneConfig, plan: TunePlan) -> None:
 
 
 def _search(
-    search: _Search,
+    search: tuning.Search,
     tracker: Tracker | None,
     progress: bool,
     *,
@@ -196,7 +163,7 @@ def _search(
             else:
                 tune_run = stack.enter_context(
                     tracker.start_run(
-                        STAGE, run_name=plan.run_name(), parent_run_id=parent_run_id, tags=_resume_tags(search)
+                        STAGE, run_name=plan.run_name(), parent_run_id=parent_run_id, tags=tuning.resume_tags(search)
                     )
                 )
                 _log_start(tune_run, search)
@@ -204,15 +171,9 @@ def _search(
             trial_runs = stack.enter_context(TrialRuns(tracker, tune_run.run_id, plan, replay))
         run_id = tune_run.run_id if tune_run is not None else uuid.uuid4().hex
         live = trial_runs if trial_runs is not None and not trial_runs.replay else None
+        resumed = resume_run_id is not None
         ray_run = run_trials(
-            plan,
-            config,
-            _experiment_name(run_id),
-            search.storage,
-            progress,
-            live,
-            resume=resume_run_id is not None,
-            root=search.root,
+            plan, config, _experiment_name(run_id), search.storage, progress, live, resume=resumed, root=search.root
         )
         outcomes = ray_run.outcomes
         if trial_runs is not None:
@@ -253,49 +214,7 @@ def _experiment_name(run_id: str) -> str:
     return f"tune-{run_id}"
 
 
-def _resume_tags(search: _Search) -> dict[str, str]:
-    """What :func:`resume` needs, recorded as the tune run is created (so a run that exists can be resumed): the
-    tune config as resolved (the scheduler chosen, the storage absolute, the base folded in), the base train
-    config with absolute paths, and the working directory relative trial paths are read from."""
-    plan = search.plan
-    config = replace(
-        search.config,
-        scheduler=plan.scheduler,
-        storage=search.storage,
-        base=(),
-        base_config=None,
-        data=None,
-        epochs=None,
-    )
-    base = to_dict(plan.base)
-    base["data"] = str(plan.base.data.expanduser().resolve())
-    base["runs_dir"] = str(plan.base.runs_dir.expanduser().resolve())
-    if plan.base.teacher is not None:
-        base["teacher"] = str(plan.base.teacher.expanduser().resolve())
-    text = json.dumps({"tune": to_dict(config), "base": base, "root": str(search.root)}, separators=(",", ":"))
-    return {RESUME_TAG: text} if len(text) <= MAX_TAG_LENGTH else {}
-
-
-def _saved_search(run_id: str, tags: Mapping[str, str]) -> _Search:
-    """The search a tune run recorded in :data:`RESUME_TAG`, checked again as a new tune would be."""
-    text = tags.get(RESUME_TAG)
-    if not text:
-        raise UserInputError(
-            f"tune run {run_id} recorded no settings to resume from (an older gssf started it, or it was killed "
-            "as it started): start a new gssf tune"
-        )
-    try:
-        saved = json.loads(text)
-        values, base, root = dict(saved["tune"]), dict(saved["base"]), Path(saved["root"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserInputError(
-            f"tune run {run_id}: its tag {RESUME_TAG} is not readable ({exc}): start a new tune"
-        ) from None
-    config = from_dict(TuneConfig, values, "tune")
-    return _Search(config, tuning.make_plan(config, base_values=base), config.storage, root)
-
-
-def _log_start(run_: StageRun, search: _Search) -> None:
+def _log_start(run_: StageRun, search: tuning.Search) -> None:
     from gssf_cli.data.manifest import load_manifest, manifest_digest
     from gssf_cli.ray_trials import experiment_path
 

@@ -1,0 +1,135 @@
+"""Threads that hold up when cores are shared: training steps and cross-modal evaluation at 1, 2 and "auto"
+torch threads, with OpenMP's default (spinning) and passive wait policy, on a quiet machine and while a
+competing CPU load runs.
+
+Why: with the default thread count a training epoch collapsed ~30x on a busy machine (issue 13) — torch's
+OpenMP workers spin at every barrier, and a worker whose core is taken by another process stalls all the
+others. Each configuration runs in a fresh interpreter (``--measure``): OpenMP reads ``OMP_WAIT_POLICY`` once,
+when torch loads it. The competing load is one busy-loop process per core, started here and stopped by pid.
+
+Run from the repository root:  python benchmarks/bench_threads.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from common import report
+
+THREADS = ("1", "2", "auto")
+POLICIES: dict[str, dict[str, str]] = {
+    "default": {},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin 10k": {"GOMP_SPINCOUNT": "10000"},
+}
+"""OpenMP waiting: spin (libgomp's default: 300,000 spins before sleeping), sleep at once, or spin briefly."""
+OMP_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+SPIN = "while True: pass"
+
+
+@contextmanager
+def competing_load(processes: int):
+    """``processes`` busy-loop interpreters (one per core), stopped by pid on exit."""
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(processes)]
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        for proc in spinners:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def measure(kind: str, threads: str, quick: bool) -> dict[str, float]:
+    """In this (fresh) process: seconds per training step, or per cross-modal evaluation, median of repeats."""
+    import torch
+
+    if threads != "auto":
+        torch.set_num_threads(int(threads))
+    if kind == "train":
+        from bench_train import _setup
+
+        sizes = (256, 32, 12, 256, 12) if quick else (1024, 128, 36, 2048, 12)
+        step = _setup("gssf", 64 if not quick else 16, *sizes)
+        step()
+        times = []
+        for _ in range(3 if quick else 5):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return {"seconds": statistics.median(times), "samples_per_s": sizes[1] / statistics.median(times)}
+    from gssf_cli.retrieval import evaluate_cross_modal
+
+    n, d = (1_000, 256) if quick else (5_000, 1024)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
+    texts = torch.nn.functional.normalize(torch.randn(5 * n, d, generator=gen), dim=1)
+    times, gemm = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        evaluate_cross_modal(images, texts, captions_per_image=5)
+        times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        images @ texts.T
+        gemm.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "gemm_seconds": statistics.median(gemm)}
+
+
+def run_one(kind: str, threads: str, policy: str, quick: bool) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if k not in OMP_KEYS} | POLICIES[policy]
+    args = [sys.executable, __file__, "--measure", kind, threads] + (["--quick"] if quick else [])
+    done = subprocess.run(args, env=env, capture_output=True, text=True, check=True, timeout=1800)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--measure", nargs=2, metavar=("KIND", "THREADS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure[0], args.measure[1], args.quick)))
+        return
+    cores = os.cpu_count() or 1
+    rows: list[dict[str, Any]] = []
+    for loaded in (False, True):
+        for kind in ("train", "evaluate"):
+            for policy in POLICIES:
+                for threads in THREADS:
+                    if loaded:
+                        with competing_load(cores):
+                            result = run_one(kind, threads, policy, args.quick)
+                    else:
+                        result = run_one(kind, threads, policy, args.quick)
+                    row: dict[str, Any] = {"machine": "loaded" if loaded else "quiet", "work": kind,
+                                           "OpenMP wait": policy, "threads": threads, **result}  # fmt: skip
+                    if "gemm_seconds" in result:
+                        row["x GEMM"] = result["seconds"] / result["gemm_seconds"]
+                    rows.append(row)
+    for row in rows:
+        same = [r for r in rows if r["machine"] == row["machine"] and r["work"] == row["work"]]
+        best = min(r["seconds"] for r in same)
+        row["x best here"] = row["seconds"] / best
+    notes = [
+        f"loaded: {cores} busy-loop processes (one per core) run beside the measured process; each "
+        "configuration in a fresh interpreter; medians of repeated steps/evaluations.",
+        "train: one GSSF (d=64) step at the README's sizes (D=1024, B=128, 36x2048 regions); evaluate: "
+        "COCO-5K-shaped cross-modal evaluation, with the bare GEMM measured in the same process.",
+    ]
+    report("threads" + ("_quick" if args.quick else ""), rows, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,8 +14,21 @@ from rich.table import Table
 if TYPE_CHECKING:
     from gssf_cli.training import EpochSummary
 
-stdout = Console()
-stderr = Console(stderr=True)
+
+class _ConsoleNow:
+    """A rich Console made at each use. Why: a Console built once at import keeps the width ``COLUMNS`` had then,
+    so a table printed later (another command in the same process, a test runner that sets ``COLUMNS``) wraps at
+    a stale width; made now, it reads the width and the stream of the moment."""
+
+    def __init__(self, stderr: bool) -> None:
+        self.stderr = stderr
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(Console(stderr=self.stderr), name)
+
+
+stdout = _ConsoleNow(stderr=False)
+stderr = _ConsoleNow(stderr=True)
 
 
 class TrainingProgress:
@@ -33,10 +46,10 @@ class TrainingProgress:
 
     def __init__(self, plain: bool = False, console: Console | None = None) -> None:
         self.plain = plain
-        self.console = console
+        self.console = console if console is not None else Console(stderr=True)
 
     def _console(self) -> Console:
-        return self.console if self.console is not None else stderr
+        return self.console
 
     def _bars(self) -> bool:
         """Bars only where they can be redrawn in place: in a terminal (a log file would get blank lines)."""

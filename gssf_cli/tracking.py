@@ -19,6 +19,7 @@ a fresh folder do not race to create the same tables. Logging is not serialised:
 from __future__ import annotations
 
 import contextlib
+import gc
 import getpass
 import http.client
 import io
@@ -278,15 +279,29 @@ class Tracker:
 
     def _end(self, run_id: str, status: str) -> None:
         """End a run after an interruption or error without masking it. Ctrl-C or SIGTERM may have landed inside
-        one of the store's own transactions and left its session unusable, so the status is written through a
-        fresh client if the first try fails; if that fails too, the run stays RUNNING (``--resume`` ends it)."""
+        one of the store's own transactions and left its session unusable — or holding SQLite's write lock, so
+        that the first try fails with "database is locked" (seen under load) — so the store's connections are
+        released (:meth:`_release_store`) and the status is written through a fresh client; if that fails too,
+        the run stays RUNNING (``--resume`` ends it)."""
         try:
             self.client.set_terminated(run_id, status=status)
         except Exception:
+            self._release_store()
             try:
                 MlflowClient(tracking_uri=self.tracking_uri).set_terminated(run_id, status=status)
             except Exception:
                 return
+
+    def _release_store(self) -> None:
+        """Let go of what an interrupted transaction holds: a SQLite write lock stays with its connection (every
+        other connection then gets "database is locked"), so finalise the sessions the interrupt abandoned and
+        close the engine's connections — an open transaction rolls back as its connection closes."""
+        engine = getattr(self.client._tracking_client.store, "engine", None)
+        if engine is None:
+            return
+        gc.collect()
+        with contextlib.suppress(Exception):
+            engine.dispose()
 
     def get_run(self, run_ref: str, stage: str | None = None) -> Run:
         """A run by id, or the newest run (of ``stage`` if given) for ``latest``.

@@ -34,12 +34,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_ui(folder: Path, timeout_s: float = 90.0) -> Iterator[str]:
-    """``mlflow ui`` on 127.0.0.1 over ``folder/mlflow.db``; yields its base URL, stops it afterwards."""
+def mlflow_ui(
+    folder: Path, timeout_s: float = 90.0, command_name: str = "ui", store: str = "mlflow.db", *extra: str
+) -> Iterator[str]:
+    """``mlflow ui`` (or ``mlflow server``: ``command_name``) on 127.0.0.1 over ``folder/store``; yields its base
+    URL once ``/health`` answers, stops it afterwards."""
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}"]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "mlflow", command_name, "--backend-store-uri", f"sqlite:///{folder / store}"]
+    command += ["--host", "127.0.0.1", "--port", str(port), *extra]
     server = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:

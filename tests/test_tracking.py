@@ -7,9 +7,7 @@ import os
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from gssf_cli import tracking
 from gssf_cli.errors import UserInputError
 from gssf_cli.tracking import PARENT_TAG, Tracker, default_tracking_uri, flatten_params, resolve_tracking_uri
 from tests.conftest import tiny_synthetic_args
+from tests.mlflow_ui import mlflow_ui
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.toml"
 
@@ -223,35 +222,10 @@ def test_leftover_of_a_dropped_table_is_renamed_back(workdir: Path) -> None:
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[str]:
     """A real ``mlflow server`` on 127.0.0.1 with its own SQLite store; stopped after the test."""
-    port = _free_port()
     server_dir = tmp_path / "server"
     server_dir.mkdir()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", "sqlite:///server.db",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=server_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow server did not start")
-            time.sleep(0.5)
+    with mlflow_ui(server_dir, 90.0, "server", "server.db", "--workers", "1") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.server

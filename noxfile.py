@@ -1,9 +1,11 @@
 """Developer tasks. `nox` runs the default sessions (lint, typecheck, tests, e2e), as CI does.
 
-Every session uses one shared environment (``.nox/shared``): the project with its ``dev`` extra is installed
-once (about 2 GB: torch, mlflow, ray, onnx) and reinstalled only when ``pyproject.toml`` changes, instead of
-one fresh venv per session. Tests run on all cores with pytest-xdist, one test file per worker (files share
-module-scoped fixtures such as a trained run or a finished tune).
+Every session but ``bench`` uses one shared environment (``.nox/shared``): the project with its ``dev`` extra is
+installed once (about 2 GB: torch, mlflow, ray, onnx) and reinstalled only when ``pyproject.toml`` changes,
+instead of one fresh venv per session. ``bench`` gets its own (``.nox/bench``, extras ``dev,bench``) so that
+the libraries it compares against (pytorch-metric-learning, faiss) never reach the environment the tests run
+in. Tests run on all cores with pytest-xdist, one test file per worker (files share module-scoped fixtures
+such as a trained run or a finished tune).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import nox
 nox.options.sessions = ["lint", "typecheck", "tests", "e2e"]
 
 SHARED = Path(".nox") / "shared"
+BENCH = Path(".nox") / "bench"
 QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -25,22 +28,30 @@ QUIET_ENV = {
 }
 
 
-def _shared(session: nox.Session) -> Path:
-    """The shared environment's bin folder, created or updated when pyproject.toml changed."""
-    bin_dir = SHARED / "bin"
-    stamp = SHARED / ".pyproject.sha256"
-    digest = hashlib.sha256(Path("pyproject.toml").read_bytes()).hexdigest()
+def _environment(session: nox.Session, folder: Path, extras: str) -> Path:
+    """``folder``'s bin folder: a venv with the project and its ``extras`` (e.g. ``"dev,bench"``) installed,
+    created on first use and reinstalled when pyproject.toml or the extras changed."""
+    bin_dir = folder / "bin"
+    stamp = folder / ".pyproject.sha256"
+    digest = hashlib.sha256(Path("pyproject.toml").read_bytes() + extras.encode()).hexdigest()
     if not (bin_dir / "python").exists():
-        session.run(sys.executable, "-m", "venv", str(SHARED), external=True)
+        session.run(sys.executable, "-m", "venv", str(folder), external=True)
     if not stamp.is_file() or stamp.read_text() != digest:
         session.run(str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "-e", ".[dev]", external=True)  # fmt: skip
+                    "-e", f".[{extras}]", external=True)  # fmt: skip
         stamp.write_text(digest)
     return bin_dir
 
 
-def _run(session: nox.Session, tool: str, *args: str, env: dict[str, str] | None = None) -> None:
-    bin_dir = _shared(session)
+def _run(
+    session: nox.Session,
+    tool: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    folder: Path = SHARED,
+    extras: str = "dev",
+) -> None:
+    bin_dir = _environment(session, folder, extras)
     path = f"{bin_dir.resolve()}{os.pathsep}{os.environ.get('PATH', '')}"
     session.run(str(bin_dir / tool), *args, external=True, env={**(env or {}), "PATH": path})
 
@@ -83,8 +94,10 @@ def experiments(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Benchmarks: ratios measured side by side, absolute figures labelled with the machine."""
+    """Benchmarks, in their own environment (with the peers they compare against): ratios measured side by
+    side, absolute figures labelled with the machine."""
     env = {**QUIET_ENV, "PYTHONPATH": os.path.join(os.getcwd(), "benchmarks")}
     for script in sorted(os.listdir("benchmarks")):
         if script.startswith("bench_") and script.endswith(".py"):
-            _run(session, "python", os.path.join("benchmarks", script), *session.posargs, env=env)
+            _run(session, "python", os.path.join("benchmarks", script), *session.posargs, env=env, folder=BENCH,
+                 extras="dev,bench")  # fmt: skip

@@ -15,18 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
-from common import report
+from common import competing_load, report
 
 THREADS = ("1", "2", "auto")
 POLICIES: dict[str, dict[str, str]] = {
@@ -36,20 +34,6 @@ POLICIES: dict[str, dict[str, str]] = {
 }
 """OpenMP waiting: spin (libgomp's default: 300,000 spins before sleeping), sleep at once, or spin briefly."""
 OMP_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-SPIN = "while True: pass"
-
-
-@contextmanager
-def competing_load(processes: int):
-    """``processes`` busy-loop interpreters (one per core), stopped by pid on exit."""
-    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(processes)]
-    try:
-        time.sleep(0.5)
-        yield
-    finally:
-        for proc in spinners:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def measure(kind: str, threads: str, quick: bool) -> dict[str, float]:

@@ -11,11 +11,17 @@ import json
 import os
 import platform
 import resource
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SPIN = "while True: pass"
 
 
 def machine_label() -> str:
@@ -50,6 +56,23 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def competing_load(processes: int) -> Iterator[None]:
+    """``processes`` busy-loop interpreters (one per core), stopped by pid on exit.
+
+    Why: a shared machine is the normal case (CI runners, a colleague's job), so benchmarks measure "quiet" and
+    "loaded" the same way: this load, started by the benchmark itself, beside the measured process.
+    """
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(processes)]
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        for proc in spinners:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def report(name: str, rows: list[dict[str, Any]], notes: list[str] | None = None) -> None:

@@ -140,6 +140,10 @@ class EvaluateConfig:
     ks: tuple[int, ...] = setting((1, 5, 10), help="Cut-offs for R@K, e.g. 1,5,10.", flag="--k")
     metric: EmbeddingMetric = setting("cosine", help="Score of the embeddings (cosine: L2-normalise first):")
     memory_budget_mb: int = setting(256, help="Memory for score chunks, MiB.", within=limits.AT_LEAST_ONE)
+    full_map: bool = setting(
+        False,
+        help="Label-based: also mAP over each query's full ranking (sorts most of every row; MAP@R needs only the top R).",
+    )
     plots: bool = setting(True, help="Log plots to MLflow.")
     output: Path | None = setting(
         None,

@@ -145,6 +145,12 @@ class ImageEncoder(nn.Module):
 
     Each region is projected (optionally with the MLP residual, see :class:`Projection`), the regions are
     pooled (``mean`` | ``max`` | ``attention``), and the result is L2-normalised.
+
+    Mean pooling of a plain projection (no MLP) pools first: ``mean_r(W x_r + b) = W mean_r(x_r) + b``, so the
+    ``[B·R, F] x [F, D]`` GEMM (and its weight gradient) shrinks R-fold to ``[B, F] x [F, D]`` — the same
+    function up to float rounding. At the default sizes (R = 36, F = 2048, D = 1024) that GEMM was a quarter
+    of a training step (``benchmarks/bench_train_profile.py``). ``pool_first = False`` forces the per-region
+    path (the reference the benchmark and tests compare against); it is not saved with the weights.
     """
 
     def __init__(self, in_dim: int, embed_dim: int, pooling: str = _POOLING, mlp: bool = _MLP) -> None:
@@ -152,15 +158,26 @@ class ImageEncoder(nn.Module):
         self.in_dim, self.embed_dim = in_dim, embed_dim
         self.proj = Projection(in_dim, embed_dim, mlp)
         self.pool = Pooling(embed_dim, pooling)
+        self.pool_first = True
 
     def regions(self, features: Tensor) -> Tensor:
         """Projected regions ``[B, R, D]`` before pooling (a global feature becomes R = 1)."""
-        if features.dim() == 2:
-            features = features.unsqueeze(1)
-        return self.proj(features)
+        return self.proj(_as_regions(features))
+
+    def pools_first(self) -> bool:
+        """Whether :meth:`forward` takes the pool-then-project shortcut: only when the two commute (mean of a
+        linear map) and :attr:`pool_first` allows it."""
+        return self.pool_first and self.pool.mode == "mean" and self.proj.mlp is None
 
     def forward(self, features: Tensor) -> Tensor:
+        if self.pools_first():
+            return l2_normalize(self.proj(_as_regions(features).mean(dim=1)))
         return l2_normalize(self.pool(self.regions(features)))
+
+
+def _as_regions(features: Tensor) -> Tensor:
+    """``[B, R, F]`` as is; one global feature ``[B, F]`` as one region ``[B, 1, F]``."""
+    return features.unsqueeze(1) if features.dim() == 2 else features
 
 
 class FeatureEncoder(nn.Module):
@@ -200,6 +217,18 @@ def _gather_steps(x: Tensor, index: Tensor) -> Tensor:
     ONNX exporter records its length axis as the example's constant, which would freeze the axis.
     """
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _bidirectional(gru_f: nn.Module, gru_b: nn.Module, x: Tensor, reverse: Tensor) -> tuple[Tensor, Tensor]:
+    """One bidirectional layer over padded ``x [B, L, I]``: the forward and the backward states ``[B, L, D]``,
+    the backward direction read within each length (``reverse [B, L]`` from :func:`_reversal_index`).
+
+    Why the two directions come back separately: only a next layer reads them concatenated ``[B, L, 2D]``, so
+    the last layer never builds that copy.
+    """
+    fwd, _ = gru_f(x)
+    bwd, _ = gru_b(_gather_steps(x, reverse))
+    return fwd, _gather_steps(bwd, reverse)
 
 
 class TextEncoder(nn.Module):
@@ -248,13 +277,9 @@ class TextEncoder(nn.Module):
         """Per-token states ``[B, L, D]`` (mean of both directions; garbage at padding) and the mask ``[B, L]``."""
         n, mask = self.valid_mask(tokens, lengths)
         reverse = _reversal_index(n, tokens.shape[1])
-        x = self.embed(tokens)
-        fwd = bwd = x
-        for gru_f, gru_b in zip(self.gru_fwd, self.gru_bwd, strict=True):
-            fwd, _ = gru_f(x)
-            bwd, _ = gru_b(_gather_steps(x, reverse))
-            bwd = _gather_steps(bwd, reverse)
-            x = torch.cat([fwd, bwd], dim=-1)
+        fwd, bwd = _bidirectional(self.gru_fwd[0], self.gru_bwd[0], self.embed(tokens), reverse)
+        for gru_f, gru_b in zip(self.gru_fwd[1:], self.gru_bwd[1:], strict=True):
+            fwd, bwd = _bidirectional(gru_f, gru_b, torch.cat([fwd, bwd], dim=-1), reverse)
         return (fwd + bwd) / 2, mask
 
     def forward(self, tokens: Tensor, lengths: Tensor | None = None) -> Tensor:

@@ -158,6 +158,7 @@ def _score_split(
     protocol: str,
     ks: tuple[int, ...],
     memory_budget_bytes: int,
+    full_map: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a split's embeddings (images ``[N, D]``, texts ``[kN, D]``) under the model's metric head."""
     from gssf_cli import retrieval
@@ -175,7 +176,12 @@ def _score_split(
                 memory_budget_bytes=memory_budget_bytes,
             )
         return retrieval.evaluate_labels(
-            images, split.labels, score_fn=model.similarity.scores, ks=ks, memory_budget_bytes=memory_budget_bytes
+            images,
+            split.labels,
+            score_fn=model.similarity.scores,
+            ks=ks,
+            memory_budget_bytes=memory_budget_bytes,
+            full_map=full_map,
         )
     except retrieval.RetrievalInputError as exc:
         raise UserInputError(f"{dataset.folder} ({split_name} split): {exc}") from None
@@ -230,7 +236,13 @@ def evaluate_file(config: EvaluateConfig) -> Evaluation:
                 queries, gallery = arrays["queries"], arrays["gallery"]
                 query_labels, gallery_labels = arrays["query_labels"], arrays["gallery_labels"]
             metrics = retrieval.evaluate_labels(
-                queries, query_labels, gallery, gallery_labels, ks=config.ks, memory_budget_bytes=budget
+                queries,
+                query_labels,
+                gallery,
+                gallery_labels,
+                ks=config.ks,
+                memory_budget_bytes=budget,
+                full_map=config.full_map,
             )
             sizes = {"queries": len(queries), "gallery": len(gallery if gallery is not None else queries)}
     except retrieval.RetrievalInputError as exc:
@@ -256,7 +268,9 @@ def evaluate_trained(model: RetrievalModel, dataset: Dataset, config: EvaluateCo
     budget = config.memory_budget_mb * 2**20
     with torch.no_grad():
         images, texts = embed_split(model, split, torch.device("cpu"))
-        outcome = dict(_score_split(model, dataset, split_name, images, texts, config.protocol, config.ks, budget))
+        outcome = dict(
+            _score_split(model, dataset, split_name, images, texts, config.protocol, config.ks, budget, config.full_map)
+        )
     seconds = round(time.perf_counter() - started, 3)
     folds = outcome.pop("folds", []) if dataset.task == "cross_modal" else []
     protocol = outcome.pop("protocol", None)

@@ -197,6 +197,24 @@ def test_mean_and_max_pooling_match_direct_computation(pooling: str) -> None:
     torch.testing.assert_close(txt(tokens, lengths), l2_normalize(direct))
 
 
+@pytest.mark.parametrize("shape", [(6, 5, F_IN), (6, F_IN)])
+def test_mean_pooling_of_a_linear_projection_pools_first_with_the_same_result(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    img = ImageEncoder(F_IN, D, "mean", mlp=False)
+    assert img.pools_first()
+    x = torch.randn(*shape, dtype=torch.float64)
+    img.double()
+    fused = img(x)
+    img.pool_first = False
+    assert not img.pools_first()
+    torch.testing.assert_close(fused, img(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("pooling", "mlp"), [("max", False), ("attention", False), ("mean", True)])
+def test_only_mean_of_a_plain_projection_pools_first(pooling: str, mlp: bool) -> None:
+    assert not ImageEncoder(F_IN, D, pooling, mlp).pools_first()
+
+
 def test_parameter_counts_add_up() -> None:
     gru = lambda n_in: 3 * (n_in * D + D * D + 2 * D)  # noqa: E731
     text_expected = VOCAB * WORD + 2 * gru(WORD) + 2 * gru(2 * D)

@@ -31,6 +31,18 @@ def test_file_and_model_evaluation_agree_on_the_same_embeddings(tiny_syn: Path, 
     assert trained.result.metrics["rsum"] == pytest.approx(direct["rsum"])
 
 
+def test_full_map_is_asked_for_and_leaves_the_other_label_metrics_unchanged(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "labels.npz", features=rng.normal(size=(60, 8)), labels=np.arange(60) % 5)
+    top = evaluation.evaluate_file(EvaluateConfig(embeddings=tmp_path / "labels.npz", plots=False)).result.metrics
+    full = evaluation.evaluate_file(
+        EvaluateConfig(embeddings=tmp_path / "labels.npz", plots=False, full_map=True)
+    ).result.metrics
+    assert "map" not in top
+    assert 0.0 < full.pop("map") <= 1.0
+    assert full == pytest.approx(top, abs=1e-12)
+
+
 def test_figures_for_both_tasks(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "labels.npz", features=rng.normal(size=(40, 8)), labels=np.arange(40) % 4)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,6 @@ from gssf_cli.retrieval import (
     RetrievalInputError,
     cross_modal_ranks,
     evaluate_cross_modal,
-    evaluate_labels,
     iter_score_chunks,
 )
 
@@ -98,6 +98,17 @@ def assert_metrics_equal(got: dict[str, Any], expected: dict[str, float]) -> Non
     assert set(expected) <= set(got)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-9), key
+
+
+def evaluate_labels(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Both ways of evaluating labels: from the top of each ranking (the default) and from the full ranking
+    (``full_map=True``). They must agree on every metric but ``map``, which only the full ranking has; the
+    full result is returned, for the tests to compare with their references."""
+    full = retrieval.evaluate_labels(*args, full_map=True, **kwargs)
+    top = retrieval.evaluate_labels(*args, **kwargs)
+    assert "map" not in top
+    assert top == pytest.approx({key: value for key, value in full.items() if key != "map"}, abs=1e-12)
+    return full
 
 
 def metrics_only(result: dict[str, Any]) -> dict[str, Any]:
@@ -262,12 +273,18 @@ def test_cross_modal_chunked_equals_unchunked(problem: tuple[np.ndarray, int], b
     assert evaluate_cross_modal(scores=s, captions_per_image=k, memory_budget_bytes=budget) == whole
 
 
+@pytest.mark.parametrize("numpy_passes", [True, False])
 @pytest.mark.parametrize("partial_sort_max_fraction", [0.0, 1.0])
 @pytest.mark.parametrize("tile_elements", [1, 7, 64, 2**20])
 @pytest.mark.parametrize("budget", [1, 100, 10_000])
 def test_tiles_chunks_and_sorting_strategies_do_not_change_results(
-    monkeypatch: pytest.MonkeyPatch, tile_elements: int, budget: int, partial_sort_max_fraction: float
+    monkeypatch: pytest.MonkeyPatch,
+    tile_elements: int,
+    budget: int,
+    partial_sort_max_fraction: float,
+    numpy_passes: bool,
 ) -> None:
+    """Every tiling, and both ways of counting: numpy passes (CPU) and torch ops (other devices, bfloat16)."""
     rng = np.random.default_rng(0)
     s = rng.integers(-3, 4, size=(9, 27)).astype(np.float32)
     query_labels, gallery_labels = rng.integers(0, 2, size=9), rng.integers(0, 2, size=27)
@@ -278,6 +295,8 @@ def test_tiles_chunks_and_sorting_strategies_do_not_change_results(
     assert expected_gallery is not None
     monkeypatch.setattr(retrieval, "_TILE_ELEMENTS", tile_elements)
     monkeypatch.setattr(retrieval, "_PARALLEL_SORT_ELEMENTS", 1)
+    if not numpy_passes:
+        monkeypatch.setattr(retrieval, "_numpy_ok", lambda _: False)
     monkeypatch.setattr(retrieval, "_PARTIAL_SORT_MAX_FRACTION", partial_sort_max_fraction)
     got = evaluate_cross_modal(scores=s, captions_per_image=3, memory_budget_bytes=budget)
     assert_metrics_equal(metrics_only(got), expected)
@@ -287,6 +306,48 @@ def test_tiles_chunks_and_sorting_strategies_do_not_change_results(
         None, query_labels, scores=s, gallery_labels=gallery_labels, memory_budget_bytes=budget
     )
     assert_metrics_equal(got_gallery, expected_gallery)
+
+
+def released_block(s: np.ndarray, start: int, stop: int, held: list[weakref.ref[torch.Tensor]]) -> torch.Tensor:
+    """Rows of ``s`` that fail the test if an earlier block is still referenced when this one is made."""
+    assert all(ref() is None for ref in held), "the previous score block is still alive"
+    block = torch.from_numpy(s[start:stop].copy())
+    held.append(weakref.ref(block))
+    return block
+
+
+def released_chunks(
+    s: np.ndarray, rows: int, held: list[weakref.ref[torch.Tensor]]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    for start in range(0, s.shape[0], rows):
+        block = released_block(s, start, start + rows, held)
+        yield start, block
+        del block
+
+
+@pytest.mark.parametrize("ranking", ["cross-modal", "labels top", "labels full"])
+def test_one_score_block_alive_at_a_time(ranking: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory stays at one block per worker (here one worker): each block is released, with every view of
+    it, before the next is scored."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    rng = np.random.default_rng(7)
+    s = rng.normal(size=(12, 36)).astype(np.float32)
+    held: list[weakref.ref[torch.Tensor]] = []
+    chunks = released_chunks(s, 5, held)
+    codes, gallery_codes = torch.from_numpy(np.arange(12) % 3), torch.from_numpy(np.arange(36) % 3)
+    by_class = retrieval._group_by_class(gallery_codes.numpy(), 3, torch.device("cpu"))
+    if ranking == "cross-modal":
+        positives = torch.from_numpy(s[np.arange(36) // 3, np.arange(36)])
+        retrieval._rank_cross_modal_chunks(chunks, positives, 12, 3)
+    elif ranking == "labels full":
+        retrieval._label_stats(chunks, codes, by_class, False)
+    else:
+        blocks = retrieval._RowBlocks(12, 36, 4, lambda start, stop: released_block(s, start, stop, held))
+        monkeypatch.setattr(retrieval, "_SCORE_TILE_ELEMENTS", 5 * 36)
+        monkeypatch.setattr(retrieval, "_MIN_SCORE_ROWS", 1)
+        depth = retrieval._TopDepth(10, 36, False)
+        retrieval._label_stats_top(blocks, 2**20, codes, gallery_codes.numpy(), by_class, depth)
+    assert len(held) == 3
 
 
 @pytest.mark.parametrize("budget", [1, 4 * 40 * 3, 4 * 40 * 7 + 1, 2**30])
@@ -416,6 +477,51 @@ def test_labels_match_reference(problem: tuple[np.ndarray, list[int], list[int] 
 
 
 @FAST
+@given(
+    label_problems(),
+    st.sampled_from([1, 2, 7, 40]),
+    st.sampled_from([1, 5, 2**18]),
+    st.sampled_from([(1,), (1, 5, 10)]),
+)
+def test_top_candidates_from_column_maxima_keep_the_top_exact(
+    problem: tuple[np.ndarray, list[int], list[int] | None], height: int, tile: int, ks: tuple[int, ...]
+) -> None:
+    """Tall stripes (many scores per column maximum, ties among them, a tail of leftover scores) and tiny
+    tiles (one query at a time) keep every metric exact."""
+    s, query_labels, gallery_labels = problem
+    expected = reference_labels(s, query_labels, gallery_labels or query_labels, gallery_labels is None, ks=ks)
+    if expected is None:
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retrieval, "_stripe_height", lambda width, deepest: min(width, height))
+        patch.setattr(retrieval, "_TILE_ELEMENTS", tile)
+        got = retrieval.evaluate_labels(None, query_labels, scores=s, gallery_labels=gallery_labels, ks=ks)
+    expected.pop("map")
+    assert_metrics_equal(got, expected)
+    assert "map" not in got
+
+
+@pytest.mark.parametrize("need", [1, 3, 10, 40])
+@pytest.mark.parametrize("height", [None, 1, 2, 7, 203])
+def test_top_candidates_are_exactly_the_scores_at_or_above_a_bound_below_the_needed_depth(
+    need: int, height: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if height is not None:
+        monkeypatch.setattr(retrieval, "_stripe_height", lambda width, deepest: height)
+    rng = np.random.default_rng(need)
+    scores = rng.integers(-20, 20, size=(6, 203)).astype(np.float32)
+    flat = retrieval._top_candidates(scores, np.full(6, need))
+    chosen = np.zeros(scores.size, dtype=bool)
+    chosen[flat] = True
+    chosen = chosen.reshape(scores.shape)
+    assert len(flat) == chosen.sum()
+    for row, picked in zip(scores, chosen, strict=True):
+        assert picked.sum() >= need
+        assert row[picked].min() <= np.sort(row)[::-1][need - 1]
+        assert not (row[~picked] >= row[picked].min()).any()
+
+
+@FAST
 @given(st.integers(1, 8), st.integers(1, 30), st.integers(1, 3), st.integers(1, 3), st.data())
 def test_labels_with_embeddings_and_score_fn_match_reference(
     q: int, g: int, d: int, num_classes: int, data: st.DataObject
@@ -431,16 +537,42 @@ def test_labels_with_embeddings_and_score_fn_match_reference(
         return (a * w) @ b.T
 
     budget = data.draw(st.sampled_from([1, 50, retrieval.DEFAULT_MEMORY_BUDGET_BYTES]))
+    stripe = data.draw(st.sampled_from([1, 3, 4096]))
     s = score_fn(queries, gallery).numpy()
     expected = reference_labels(s, query_labels, gallery_labels, exclude_self=False)
     run: Callable[[], dict[str, float]] = lambda: evaluate_labels(  # noqa: E731
         queries, query_labels, gallery, gallery_labels, score_fn=score_fn, memory_budget_bytes=budget
     )
-    if expected is None:
-        with pytest.raises(RetrievalInputError):
-            run()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retrieval, "_STRIPE_COLUMNS", stripe)
+        patch.setattr(retrieval, "_STRIPE_COLUMNS_PER_NEEDED", 0)
+        patch.setattr(retrieval, "_STREAM_QUERY_ROWS", data.draw(st.sampled_from([1, 3, 256])))
+        if expected is None:
+            with pytest.raises(RetrievalInputError):
+                run()
+            return
+        assert_metrics_equal(run(), expected)
+
+
+@FAST
+@given(label_problems(), st.sampled_from([1, 2, 5, 4096]), st.sampled_from([(1,), (1, 5, 10)]))
+def test_streamed_gallery_stripes_keep_the_top_exact(
+    problem: tuple[np.ndarray, list[int], list[int] | None], stripe: int, ks: tuple[int, ...]
+) -> None:
+    """Self-retrieval and separate galleries scored a few columns at a time (integer embeddings whose inner
+    products are the problem's scores: one-hot queries against score-valued gallery columns)."""
+    s, query_labels, gallery_labels = problem
+    expected = reference_labels(s, query_labels, gallery_labels or query_labels, gallery_labels is None, ks=ks)
+    if expected is None or gallery_labels is None:
         return
-    assert_metrics_equal(run(), expected)
+    queries = torch.eye(s.shape[0])
+    gallery = torch.from_numpy(s.T.copy())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retrieval, "_STRIPE_COLUMNS", stripe)
+        patch.setattr(retrieval, "_STRIPE_COLUMNS_PER_NEEDED", 0)
+        got = retrieval.evaluate_labels(queries, query_labels, gallery, gallery_labels, ks=ks)
+    expected.pop("map")
+    assert_metrics_equal(got, expected)
 
 
 @pytest.mark.parametrize("partial_sort_max_fraction", [0.0, 1.0])
@@ -497,6 +629,7 @@ TWO_BY_TWO = {"images": np.ones((2, 2)), "texts": np.ones((2, 2)), "captions_per
         ({"images": np.zeros((1, 1)), "captions_per_image": 1}, "give both images and texts"),
         ({**TWO_BY_TWO, "score_fn": lambda q, g: q.sum(1)}, r"score_fn returned \[2\], expected shape \[2, 2\]"),
         ({**TWO_BY_TWO, "score_fn": lambda q, g: (q @ g.T) / 0.0}, "score_fn output contain NaN or Inf"),
+        ({"images": np.full((2, 2), 3e19), "texts": np.full((2, 2), 3e19), "captions_per_image": 1}, "NaN or Inf"),
     ],
 )
 def test_cross_modal_input_errors(kwargs: dict[str, Any], message: str) -> None:

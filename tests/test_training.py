@@ -24,6 +24,7 @@ from gssf_cli.training import (
     Trainer,
     cannot_choose_best,
     fit,
+    load_optimizer_state,
     lr_at,
     uses_hardest_negatives,
 )
@@ -231,3 +232,22 @@ def test_a_checkpoint_written_with_0_based_epochs_resumes_identically(tiny_syn: 
     a = ckpt.load(tmp_path / "whole" / ckpt.LAST).model
     b = ckpt.load(tmp_path / "old" / ckpt.LAST).model
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_uses_the_fused_adamw(tiny_syn: Path) -> None:
+    trainer = Trainer(tiny_train_config(tiny_syn), Dataset(tiny_syn))
+    assert all(group["fused"] for group in trainer.optimizer.param_groups)
+
+
+def test_an_optimizer_state_from_the_per_tensor_adamw_resumes_fused() -> None:
+    """Checkpoints written before AdamW was fused carry ``fused: None``; a resumed run stays on the fused kernel."""
+    model = torch.nn.Linear(3, 2)
+    old = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    old.step()
+    new = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    load_optimizer_state(new, old.state_dict())
+    assert new.param_groups[0]["fused"] is True
+    assert torch.equal(new.state[model.weight]["exp_avg"], old.state[model.weight]["exp_avg"])
+    new.step()
+    assert float(new.state[model.weight]["step"]) == 2

@@ -17,7 +17,7 @@ CROSS_MODAL_KEYS = {
     "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
     "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr", "i2t_map",
 }  # fmt: skip
-LABEL_KEYS = {"r_at_1", "r_at_5", "r_at_10", "map", "map_at_r", "precision_at_1", "r_precision"}
+LABEL_KEYS = {"r_at_1", "r_at_5", "r_at_10", "map_at_r", "precision_at_1", "r_precision"}
 
 
 def _pairs(n: int = 30, k: int = 5, noise: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +68,9 @@ def test_label_based_self_and_two_sets(gssf: Gssf, workdir: Path) -> None:
     feats = np.eye(6, 8)[labels] + 0.3 * rng.normal(size=(60, 8))
     np.savez(workdir / "self.npz", features=feats, labels=labels)
     out = _run(gssf, "--embeddings", "self.npz", "--k", "1,2")
-    assert {"r_at_1", "r_at_2", "map", "map_at_r", "precision_at_1", "r_precision"} <= set(out)
+    assert {"r_at_1", "r_at_2", "map_at_r", "precision_at_1", "r_precision"} <= set(out) and "map" not in out
+    full = _run(gssf, "--embeddings", "self.npz", "--k", "1,2", "--full-map")
+    assert 0.0 < full["map"] <= 1.0 and full["map_at_r"] == pytest.approx(out["map_at_r"])
     np.savez(
         workdir / "two.npz",
         queries=feats[:20],

@@ -180,7 +180,7 @@ def measure_cross_modal(
     notes = [
         f"cross-modal ours/GEMM (same row chunks, same process): quiet {ours / gemm_chunked:.2f}x (target <= 1.3x), "
         f"loaded {ours_loaded / gemm_loaded:.2f}x (target <= 2x; one busy-loop process per core, medians); "
-        f"reference/ours = {reference / ours:.2f}x (target >= 20x); "
+        f"reference/ours = {reference / ours:.2f}x; "
         f"peak RSS of ours in a fresh process = {peak['peak_rss_mib']:.0f} MiB (target <= 1024; "
         f"{peak['baseline_rss_mib']:.0f} MiB before evaluating: interpreter, torch and the embeddings).",
         f"ranking work alone: reference loops {ref_loops:.2f} s vs ours minus its GEMM {ranking_ours:.2f} s "
@@ -188,7 +188,9 @@ def measure_cross_modal(
         f"reference per-query loops timed on {n_ref:,} images and {CAPTIONS_PER_IMAGE * n_ref:,} captions and "
         f"extrapolated linearly to all queries; its score matrix and transpose ({ref_matrix:.2f} s) timed whole.",
         f"ranks agree with the reference on the subset: i2t {agree_i2t}/{n_ref}, "
-        f"t2i {agree_t2i}/{CAPTIONS_PER_IMAGE * n_ref}.",
+        f"t2i {agree_t2i}/{CAPTIONS_PER_IMAGE * n_ref} (a caption's own score comes from a separate small GEMM, "
+        "which can round its last bit differently from the reference's one big GEMM: a rival within one ulp "
+        "then ranks the other way).",
         f"times are the best of {repeats} runs; torch threads: {torch.get_num_threads()} (default).",
     ]
     return rows, notes

@@ -31,6 +31,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -63,6 +64,7 @@ MAX_PARAM_LENGTH = 6000
 PROBE_CONNECT_TIMEOUT_S = 5.0
 PROBE_HTTP_TIMEOUT_S = 5.0
 STORE_LOCK_TIMEOUT_S = 300.0
+_END_ATTEMPTS = 3
 FIX_URI = "--tracking-uri / MLFLOW_TRACKING_URI"
 PYFUNC_CODE = '''"""A gssf model for mlflow.pyfunc, from code: weights are read from the artifact folder, never unpickled."""
 
@@ -271,28 +273,33 @@ class Tracker:
     def _close_on_exit(self, handle: StageRun) -> Iterator[StageRun]:
         try:
             yield handle
-        except KeyboardInterrupt:
-            self._end(handle.run_id, "KILLED")
+        except KeyboardInterrupt as interrupt:
+            self._end(handle.run_id, "KILLED", interrupt)
             raise
-        except BaseException:
-            self._end(handle.run_id, "FAILED")
+        except BaseException as error:
+            self._end(handle.run_id, "FAILED", error)
             raise
         self.client.set_terminated(handle.run_id, status="FAILED" if handle.failed else "FINISHED")
 
-    def _end(self, run_id: str, status: str) -> None:
+    def _end(self, run_id: str, status: str, cause: BaseException) -> None:
         """End a run after an interruption or error without masking it. Ctrl-C or SIGTERM may have landed inside
         one of the store's own transactions and left its session unusable — or holding SQLite's write lock, so
-        that the first try fails with "database is locked" (seen under load) — so the store's connections are
-        released (:meth:`_release_store`) and the status is written through a fresh client; if that fails too,
-        the run stays RUNNING (``--resume`` ends it)."""
+        that the first try fails with "database is locked" (seen under load). Then the frames of the
+        interrupted call are cleared (``cause``'s traceback kept its session, and so the lock, alive), the
+        store's connections are released (:meth:`_release_store`) and the status is written through a fresh
+        client, a few times; if that still fails, the run stays RUNNING (``--resume`` ends it)."""
         try:
             self.client.set_terminated(run_id, status=status)
+            return
         except Exception:
+            traceback.clear_frames(cause.__traceback__)
             self._release_store()
+        for attempt in range(_END_ATTEMPTS):
             try:
                 MlflowClient(tracking_uri=self.tracking_uri).set_terminated(run_id, status=status)
-            except Exception:
                 return
+            except Exception:
+                time.sleep(0.2 * (attempt + 1))
 
     def _release_store(self) -> None:
         """Let go of what an interrupted transaction holds: a SQLite write lock stays with its connection (every

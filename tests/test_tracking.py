@@ -103,6 +103,30 @@ def test_failed_stage_marks_the_run_failed(workdir: Path) -> None:
     assert tracker.client.get_run(run.run_id).info.status == "FAILED"
 
 
+def test_an_interrupt_inside_a_store_write_still_ends_the_run_killed(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM landing inside one of the store's own transactions: that connection keeps SQLite's write lock
+    for as long as the interrupted frames (kept by the traceback) hold it. Ending the run must let go of it."""
+    tracker = Tracker()
+    engine = tracker.client._tracking_client.store.engine
+
+    def interrupted_write() -> None:
+        connection = engine.connect()
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        raise KeyboardInterrupt
+
+    def locked(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), tracker.start_run("train") as run:
+        monkeypatch.setattr(tracker.client, "set_terminated", locked)
+        interrupted_write()
+    assert tracking.MlflowClient(tracking_uri=tracker.tracking_uri).get_run(run.run_id).info.status == "KILLED"
+    assert time.monotonic() - started < 15, "the fresh client waited on the abandoned write lock"
+
+
 def test_unknown_run_is_a_user_error(workdir: Path) -> None:
     from gssf_cli.errors import UserInputError
 

@@ -1082,8 +1082,7 @@ def _top_candidates(scores: NDArray[Any], need: NDArray[np.int64]) -> NDArray[np
     column_max = np.concatenate([stripes.max(axis=1), scores[:, height * width :]], axis=1)
     if deepest >= column_max.shape[1]:
         return np.arange(scores.size)
-    kth = column_max.shape[1] - deepest
-    bound = np.partition(column_max, kth, axis=1)[:, kth]
+    bound = _kth_largest_of_maxima(column_max, deepest)
     row, column = np.divmod(np.flatnonzero(column_max >= bound[:, None]), column_max.shape[1])
     in_stripes = column < width
     stripe_row, stripe_column = row[in_stripes], column[in_stripes]

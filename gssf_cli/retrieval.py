@@ -491,9 +491,10 @@ class _Workers:
 
 @contextlib.contextmanager
 def _tile_workers(device: torch.device) -> Iterator[_Workers]:
-    """Worker threads that take whole tiles, as many as torch uses on CPU (numpy releases the GIL).
+    """Worker threads for numpy work, as many as torch uses on CPU (numpy releases the GIL); none elsewhere.
+    They take whole row ranges (or, in the full-ranking path, column slabs of one tile to sort).
 
-    Why whole tiles: a worker that loses its core to another process delays only its own tile while the
+    Why whole ranges: a worker that loses its core to another process delays only its own tile while the
     others take the next ones, instead of stalling a barrier inside every op. Scoped to one evaluation so that
     no thread outlives it (nor a fork)."""
     workers = torch.get_num_threads()
@@ -502,18 +503,6 @@ def _tile_workers(device: torch.device) -> Iterator[_Workers]:
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retrieval-tiles") as pool:
         yield _Workers(pool, workers)
-
-
-@contextlib.contextmanager
-def _sorting_threads() -> Iterator[ThreadPoolExecutor | None]:
-    """As many sorting threads as torch uses (numpy's sort releases the GIL); None when that is one. Scoped
-    to one evaluation so that no thread outlives it (nor a fork)."""
-    workers = torch.get_num_threads()
-    if workers < 2:
-        yield None
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retrieval-sort") as pool:
-        yield pool
 
 
 def _negatives_at_or_above(
@@ -925,7 +914,7 @@ def _label_stats(
         map_at_r=torch.zeros(num_queries, dtype=torch.float64, device=device),
         r_precision=torch.zeros(num_queries, dtype=torch.float64, device=device),
     )
-    with _sorting_threads() as pool:
+    with _tile_workers(device) as workers:
         for chunk_start, block in chunks:
             for tile_start, tile in _tiles(block):
                 first = chunk_start + tile_start
@@ -944,7 +933,7 @@ def _label_stats(
                         ranked[keep],
                     )
                 relevant = tile.gather(1, columns)
-                negatives, num_ranked = _negatives_at_or_above(tile, relevant, valid, ranked, pool)
+                negatives, num_ranked = _negatives_at_or_above(tile, relevant, valid, ranked, workers.pool)
                 tile_stats = _position_stats(negatives, num_ranked)
                 stats.first_rank[rows] = tile_stats.first_rank
                 stats.average_precision[rows] = tile_stats.average_precision

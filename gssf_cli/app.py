@@ -42,6 +42,7 @@ from gssf_cli.cli import (
     with_default,
 )
 from gssf_cli.config import (
+    CompareConfig,
     EvaluateConfig,
     ExportConfig,
     PrepareConfig,
@@ -257,11 +258,22 @@ def train(
         str | None,
         typer.Option("--resume", metavar="RUN", help="Continue a run (id or 'latest') from its checkpoint."),
     ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            metavar="S,S,...",
+            help="Train once per seed (a train run each, under one 'seeds' run); tables give mean ± std and n.",
+        ),
+    ] = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Train encoders and a GSSF metric head; checkpoints every epoch, validation on dev, logged to MLflow."""
     resume_id: str | None = None
+    if seeds is not None:
+        _train_seeds(ctx, settings, seeds, resume, config, json_output)
+        return
 
     def saved(tracker: Any, given: dict[str, Any]) -> dict[str, Any]:
         """The resumed run's config, read from the runs folder in effect now (flag, file, else the default)."""
@@ -281,6 +293,31 @@ def train(
     from gssf_cli import console
 
     console.print_training(result.to_json(), json_output)
+
+
+def _train_seeds(
+    ctx: typer.Context, settings: Settings, seeds: str, resume: str | None, config: Path | None, json_output: bool
+) -> None:
+    """``gssf train --seeds S,S,...``: one train run per seed under a ``seeds`` run, summarised as mean ± std."""
+
+    def cli_values() -> dict[str, Any]:
+        if resume is not None:
+            raise UserInputError("--seeds starts new runs; --resume continues one: resume each seed's run by its id")
+        if "--seed" in settings.given_flags():
+            raise UserInputError("give --seed S for one run or --seeds S,S,... for several, not both")
+        return settings.values()
+
+    def call(resolved: TrainConfig, tracker: Any) -> Any:
+        from gssf_cli.config import parse_int_list
+        from gssf_cli.stages import train as stage
+
+        parsed = parse_int_list(seeds, "--seeds") or ()
+        return stage.run_seeds(resolved, parsed, tracker, progress=_training_progress(json_output))
+
+    result = _run_stage(ctx, TrainConfig, "train", config, cli_values, call)
+    from gssf_cli import console
+
+    console.print_seeds(result.to_json(), json_output)
 
 
 @_stage_command("evaluate", EvaluateConfig)
@@ -413,6 +450,44 @@ def export(
         payload |= {"error": failure.message, "kind": failure.kind, "exit_code": failure.exit_code}
     console.print_export(payload, json_output)
     raise typer.Exit(report(failure, as_json=False))
+
+
+@_stage_command("compare", CompareConfig)
+def compare(
+    ctx: typer.Context,
+    runs: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="RUN",
+            help="Train runs (id or 'latest'), the baseline first; A1,A2,A3 is one configuration over several seeds.",
+            show_default=False,
+        ),
+    ],
+    settings: Settings,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Paired significance tests between trained runs on one test split: differences, bootstrap CIs, p-values.
+
+    Every run is measured on the same split and protocol; queries are the sampling unit (an image with its
+    captions, cross-modal). Each run after the first is compared with the first. A comma-separated group
+    (A1,A2,A3: several seeds of one configuration) is averaged per query before the test, so that
+    `gssf compare A1,A2,A3 B1,B2,B3` compares two configurations rather than two trained models: the test sees
+    only the sampling of the test queries, not the variance of training.
+    """
+
+    def cli_values() -> dict[str, Any]:
+        return {**settings.values(), "runs": tuple(runs) if runs else None}
+
+    def call(resolved: CompareConfig, tracker: Any) -> Any:
+        from gssf_cli.stages import compare as stage
+
+        return stage.run(resolved, tracker)
+
+    result = _run_stage(ctx, CompareConfig, "compare", config, cli_values, call)
+    from gssf_cli import console
+
+    console.print_comparison(result.to_json(), json_output)
 
 
 @app.command("run", cls=Command)

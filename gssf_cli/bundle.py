@@ -4,7 +4,9 @@ The only module that imports ``onnx`` and ``onnxruntime`` (lazily, as timm's ``u
 and tracking a model never pays for them).
 
 The bundle (``exports/NAME/``) holds one graph per tower — ``image_encoder.onnx`` and ``text_encoder.onnx``
-(or ``encoder.onnx`` for label-based data) — and ``metric_head.onnx``, which maps image (query-side)
+(or ``encoder.onnx`` for label-based data; for a head-only run over features, ``--encoder identity``, a tower is
+the L2 norm, with the run's adapter if it has one; over a run's frozen towers they are included: the manifest's
+``encoders`` says which, :func:`encoders_note`) — and ``metric_head.onnx``, which maps image (query-side)
 embeddings through W ⊙ U so that ``scores = head(images) @ texts.T``: GSSF becomes plain inner-product
 search. Exporter: torch's dynamo exporter at an explicit opset, single-file graphs, dynamic batch (and
 sequence / region) axes, checked by ``onnx.checker`` (full check) and by ONNX Runtime at several sizes,
@@ -54,6 +56,7 @@ FutureWarnings (``_check_is_size``, ``LeafSpec``) that ``-W error`` turns into f
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -70,7 +73,15 @@ from torch import Tensor, nn
 
 from gssf_cli import metrics as registry
 from gssf_cli.config import ExportConfig
-from gssf_cli.encoders import DualEncoder, FeatureEncoder, ImageEncoder, SingleTower, TextEncoder
+from gssf_cli.encoders import (
+    DualEncoder,
+    FeatureEncoder,
+    HeadOnlyTower,
+    ImageEncoder,
+    SingleTower,
+    TextEncoder,
+    encoder_kind,
+)
 from gssf_cli.errors import UserInputError
 from gssf_cli.similarity import Similarity
 
@@ -289,6 +300,7 @@ def _write_into(
         "exporter": {"name": "torch.onnx.export(dynamo=True)", "opset": config.opset},
         "versions": _versions(),
         "graphs": graphs,
+        "encoders": encoders_note(model),
         "files": files,
         "preprocessing": preprocessing,
         "usage": "scores = metric_head(image_embeddings) @ text_embeddings.T",
@@ -296,6 +308,28 @@ def _write_into(
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest
+
+
+ENCODER_NOTES = {
+    "trained": "the towers the run trained with its metric head",
+    "identity": "a head-only run over features (--encoder identity): no trained towers, so each encoder graph is "
+    "the L2 normalisation of the features{adapter}, and the bundle holds just the metric head{and_adapters}; feed "
+    "the encoder graphs the kind of features the run trained on (e.g. CLIP image and text embeddings)",
+    "frozen": "a head-only run over a trained run's frozen towers (--encoder frozen): the frozen towers are "
+    "included in the encoder graphs{adapter}, so the bundle deploys end to end from raw inputs",
+}
+"""What a bundle's encoder graphs are, by the run's ``--encoder`` (the manifest's ``encoders.note``)."""
+
+
+def encoders_note(model: RetrievalModel) -> dict[str, Any]:
+    """The manifest's ``encoders``: the run's kind of towers (``trained``, ``identity``, ``frozen``), whether it
+    has adapters, and a sentence saying what the encoder graphs hold."""
+    kind, adapter = encoder_kind(model.encoder)
+    note = ENCODER_NOTES[kind].format(
+        adapter=", then the run's linear adapter and L2 again" if adapter else "",
+        and_adapters=" and the adapters" if adapter else "",
+    )
+    return {"kind": kind, "adapter": adapter, "note": note}
 
 
 def _keep_failed(staging: Path, failed: Path) -> None:
@@ -682,28 +716,36 @@ def export_example(tower: nn.Module, batch: int = 3, length: int = 7, regions: i
     on the tower's device; token ids are non-zero and the lengths vary, with one full-length row. Also calls
     :func:`clear_rnn_dispatch_cache`, so that the export that follows keeps the sequence axis dynamic.
     Inputs: ``tokens [B, L]`` int64 and ``lengths [B]`` int64 (text), ``features [B, R, F]`` (image) or
-    ``features [B, F]`` (feature tower); output: ``embeddings [B, D]``.
+    ``features [B, F]`` (feature tower); a head-only tower (:class:`~gssf_cli.encoders.HeadOnlyTower`) takes its
+    frozen tower's inputs, or ``features [B, F]`` (identity); output: ``embeddings [B, D]``.
     """
     if min(batch, length, regions) < 2 or len({batch, length, regions}) < 3:
         raise ValueError("example sizes must be >= 2 and pairwise different to keep the axes dynamic")
     clear_rnn_dispatch_cache()
-    param = next(tower.parameters())
-    device, dtype = param.device, param.dtype
+    param = next(tower.parameters(), None)  # an identity tower without adapter has none
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(0)
     batch_dim = torch.export.Dim("batch")
     out = ["embeddings"]
-    if isinstance(tower, TextEncoder):
-        tokens = torch.randint(1, tower.vocab_size, (batch, length), generator=gen)
+    inner = tower.tower if isinstance(tower, HeadOnlyTower) and tower.tower is not None else tower
+    args: tuple[Tensor, ...]
+    if isinstance(inner, TextEncoder):
+        tokens = torch.randint(1, inner.vocab_size, (batch, length), generator=gen)
         lengths = torch.arange(batch, 0, -1) * length // batch
+        args = (tokens.to(device), lengths.to(device))
         shapes = {"tokens": {0: batch_dim, 1: torch.export.Dim("length")}, "lengths": {0: batch_dim}}
-        return ExportExample((tokens.to(device), lengths.to(device)), shapes, ["tokens", "lengths"], out)
-    if isinstance(tower, ImageEncoder):
-        images = torch.randn(batch, regions, tower.in_dim, generator=gen).to(device, dtype)
-        return ExportExample((images,), {"features": {0: batch_dim, 1: torch.export.Dim("regions")}}, ["features"], out)
-    if isinstance(tower, FeatureEncoder):
-        feats = torch.randn(batch, tower.in_dim, generator=gen).to(device, dtype)
-        return ExportExample((feats,), {"features": {0: batch_dim}}, ["features"], out)
-    raise TypeError(f"no export example for {type(tower).__name__}")
+    elif isinstance(inner, ImageEncoder):
+        args = (torch.randn(batch, regions, inner.in_dim, generator=gen).to(device, dtype),)
+        shapes = {"features": {0: batch_dim, 1: torch.export.Dim("regions")}}
+    elif isinstance(inner, (FeatureEncoder, HeadOnlyTower)):
+        args = (torch.randn(batch, inner.in_dim, generator=gen).to(device, dtype),)
+        shapes = {"features": {0: batch_dim}}
+    else:
+        raise TypeError(f"no export example for {type(tower).__name__}")
+    names = list(shapes)
+    # torch.export keys dynamic shapes by the names of forward's arguments (a head-only tower's differ).
+    arguments = list(inspect.signature(tower.forward).parameters)
+    return ExportExample(args, {arguments[i]: shapes[name] for i, name in enumerate(names)}, names, out)
 
 
 class BundleModel:

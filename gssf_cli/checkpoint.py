@@ -175,8 +175,13 @@ def saved_state(folder: Path) -> dict[str, Any]:
 def normalise_state(state: Any) -> Any:
     """A checkpoint state in the current numbering: one written before it (``epoch``: 0-based index of the saved
     epoch, ``best_epoch`` 0-based) gains ``epochs_done`` = ``epoch + 1`` and a 1-based ``best_epoch``. A state
-    that already has ``epochs_done`` (or is not a JSON object: :func:`check_state` says so) is returned as it is."""
-    if not isinstance(state, dict) or "epochs_done" in state:
+    that already has ``epochs_done`` is kept as it is (one that is not a JSON object too: :func:`check_state` says
+    so), except that a config written before feature towers had layers gains ``mlp_layers = 1``
+    (:func:`_one_layer_towers`)."""
+    if not isinstance(state, dict):
+        return state
+    state = _one_layer_towers(state)
+    if "epochs_done" in state:
         return state
     epoch, best = state.get("epoch"), state.get("best_epoch")
     out = dict(state)
@@ -185,6 +190,16 @@ def normalise_state(state: Any) -> Any:
     if isinstance(best, int) and not isinstance(best, bool):
         out["best_epoch"] = best + 1
     return out
+
+
+def _one_layer_towers(state: dict[str, Any]) -> dict[str, Any]:
+    """A state whose train config (it names its ``data``) predates feature towers with layers (no ``mlp_layers``,
+    and no ``encoder``: every newer run writes both, its tower shape resolved) was trained with one-layer towers: it says so, so that its
+    model is rebuilt (and resumed) as it was trained rather than with today's defaults."""
+    config = state.get("config")
+    if not isinstance(config, dict) or "data" not in config or "mlp_layers" in config or "encoder" in config:
+        return state
+    return {**state, "config": {**config, "mlp_layers": 1}}
 
 
 def epoch_fields(epochs_done: int) -> dict[str, int]:

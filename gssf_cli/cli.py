@@ -327,7 +327,13 @@ class Flag:
 
 
 # Metavars that say more than the type, by spelling (a run reads RUN, as in --resume RUN).
-_FLAG_METAVARS = {"--param": "NAME[=SPEC]", "--base": "KEY=VALUE", "--run": "RUN"}
+_FLAG_METAVARS = {
+    "--param": "NAME[=SPEC]",
+    "--base": "KEY=VALUE",
+    "--run": "RUN",
+    "--head": "RUN",
+    "--encoder-run": "RUN",
+}
 
 
 def config_flags(cls: type) -> dict[str, Flag]:

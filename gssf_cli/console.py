@@ -252,6 +252,31 @@ def print_training(result: dict[str, Any], as_json: bool) -> None:
         stdout.print(f"MLflow model models:/{result['model_id']} (load it with mlflow.pyfunc.load_model)")
 
 
+def print_seeds(result: dict[str, Any], as_json: bool) -> None:
+    """``gssf train --seeds``: per metric of the best epochs, mean ± sample std over the seeds, n, and each seed's
+    value; then the runs."""
+    if as_json:
+        print_json(result)
+        return
+    runs = result["runs"]
+    seeds = result["seeds"]
+    table = Table(title=f"{len(seeds)} seeds, best epoch of each by validation {result['validation_metric']}")
+    table.add_column("metric")
+    table.add_column("mean ± std", justify="right")
+    table.add_column("n", justify="right")
+    for seed in seeds:
+        table.add_column(f"seed {seed}", justify="right")
+    for name, spread in result["summary"].items():
+        digits = 4 if abs(spread["mean"]) < 10 else 2
+        cells = [f"{r['metrics'][name]:.{digits}f}" for r in runs]
+        table.add_row(name, f"{spread['mean']:.{digits}f} ± {spread['std']:.{digits}f}", str(spread["n"]), *cells)
+    stdout.print(table)
+    for seed, run in zip(seeds, runs, strict=True):
+        stdout.print(f"seed {seed}: MLflow run {run['run_id']}, best epoch {run['best_epoch']}, {run['out_dir']}")
+    if result.get("run_id"):
+        stdout.print(f"MLflow run {result['run_id']} (the seeds together; compare groups with gssf compare)")
+
+
 def print_tune(result: dict[str, Any], as_json: bool) -> None:
     """Every trial, best first (status, tuned values, metric, epochs), then the best trial and its config."""
     if as_json:
@@ -289,6 +314,8 @@ def print_tune(result: dict[str, Any], as_json: bool) -> None:
             *([trial.get("error") or ""] if errors else []),
         )
     stdout.print(table)
+    if result.get("configurations"):
+        _print_configurations(result)
     best = result["best"]
     if best is not None:
         shown = ", ".join(f"{k}={_tuned_cell(v)}" for k, v in best["values"].items())
@@ -301,6 +328,28 @@ def print_tune(result: dict[str, Any], as_json: bool) -> None:
     )
     if result.get("run_id"):
         stdout.print(f"MLflow run {result['run_id']}")
+
+
+def _print_configurations(result: dict[str, Any]) -> None:
+    """The tune summary per configuration across seeds: mean ± sample std and n of the finished trials."""
+    metric = result["metric"]
+    names = [n for n in result["tuned"] if n != "seed"]
+    table = Table(title=f"{len(result['configurations'])} configurations across seeds, best mean first")
+    table.add_column("#", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column(f"{metric} mean ± std", justify="right")
+    table.add_column("n", justify="right")
+    for rank, found in enumerate(result["configurations"], start=1):
+        spread = found["metric"]
+        cell = "" if spread is None else f"{spread['mean']:.4g} ± {spread['std']:.2g}"
+        table.add_row(
+            str(rank),
+            *(_tuned_cell(found["values"].get(n)) for n in names),
+            cell,
+            "0" if spread is None else str(spread["n"]),
+        )
+    stdout.print(table)
 
 
 def _tuned_cell(value: Any) -> str:
@@ -408,3 +457,90 @@ def print_pipeline(result: dict[str, Any], as_json: bool) -> None:
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_comparison(result: dict[str, Any], as_json: bool) -> None:
+    """One row per (metric, compared run): both values, the difference with its interval, the p-value and the
+    verdict at the test's level; then what was compared on what, and how."""
+    from gssf_cli.comparison import format_p, format_value
+
+    if as_json:
+        print_json(result)
+        return
+    settings = result["settings"]
+    confidence = round(100 * settings["confidence"])
+    several = len(result["compared"]) > 1
+    protocol = f", protocol {result['protocol']}" if result.get("protocol") else ""
+    table = Table(
+        title=f"{result['dataset']['name']}, {result['split']} split{protocol}: "
+        f"{result['units']:,} paired units ({result['unit']})"
+    )
+    table.add_column("metric")
+    if several:
+        table.add_column("compared")
+    for column in ("baseline", "compared" if not several else "value", "difference", f"{confidence}% CI", "p-value"):
+        table.add_column(column, justify="right")
+    table.add_column(f"at {100 - confidence:g}%")
+    systems = {system["label"]: system for system in result["compared"]}
+    previous = None
+    for row in result["rows"]:
+        metric = row["metric"]
+        compared = systems.get(row["compared"], {})
+        if several and previous is not None and row["compared"] != previous:
+            table.add_section()
+        previous = row["compared"]
+        verdict = row["verdict"]
+        style = {"better": "green", "worse": "red"}.get(verdict, "")
+        table.add_row(
+            metric,
+            *([row["compared"]] if several else []),
+            _across_runs(result["baseline"], metric, format_value(metric, row["baseline"])),
+            _across_runs(compared, metric, format_value(metric, row["other"])),
+            f"{row['difference']:+.4f}" if _fraction(metric) else f"{row['difference']:+.2f}",
+            f"[{format_value(metric, row['ci_low'])}, {format_value(metric, row['ci_high'])}]",
+            format_p(row["p_value"]),
+            f"[{style}]{'significant, ' + verdict if verdict != 'n.s.' else 'n.s.'}[/]" if style else verdict,
+        )
+    stdout.print(table)
+    baseline = result["baseline"]
+    stdout.print(
+        f"baseline: {baseline['label']} ({', '.join(run['run_id'] for run in baseline['runs'])})",
+        highlight=False,
+        markup=False,
+    )
+    if not several:
+        other = result["compared"][0]
+        stdout.print(
+            f"compared: {other['label']} ({', '.join(run['run_id'] for run in other['runs'])})",
+            highlight=False,
+            markup=False,
+        )
+    stdout.print(
+        f"difference = compared - baseline; paired bootstrap ({settings['bootstrap']:,} resamples of the units) "
+        f"for the interval, paired sign-flip test ({settings['permutations']:,} permutations) for p; "
+        f"seed {settings['seed']}",
+        highlight=False,
+        markup=False,
+    )
+    if result.get("not_tested"):
+        stdout.print(f"not tested: {', '.join(result['not_tested'])} (medians are not means over units)")
+    if result.get("run_id"):
+        stdout.print(f"MLflow run {result['run_id']}")
+
+
+def _across_runs(system: dict[str, Any], metric: str, mean: str) -> str:
+    """A group's value: its mean ± the sample std over its runs (seeds), or the single run's value."""
+    spread = system.get("spread", {}).get(metric)
+    if not spread or spread["n"] < 2:
+        return mean
+    digits = 4 if _fraction(metric) else 2
+    return f"{mean} ± {spread['std']:.{digits}f}"
+
+
+def _fraction(metric: str) -> bool:
+    from gssf_cli import metrics
+
+    try:
+        return metrics.get(metric).unit == "fraction"
+    except KeyError:
+        return False

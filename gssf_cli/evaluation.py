@@ -199,13 +199,19 @@ class Evaluation:
     score_label: str = "cosine"
 
 
-def evaluate_file(config: EvaluateConfig) -> Evaluation:
-    """Metrics of the embeddings file ``config.embeddings`` (cosine or dot, per ``config.metric``)."""
+def evaluate_file(config: EvaluateConfig, head: RetrievalModel | None = None) -> Evaluation:
+    """Metrics of the embeddings file ``config.embeddings``: cosine or dot, per ``config.metric``; or, with
+    ``head`` (a trained model: ``--head RUN``), scored by its metric head, the arrays read as that head reads
+    them (:func:`gssf_cli.model.embed_for_head`: a head-only run's adapters apply)."""
     from gssf_cli import retrieval
 
     assert config.embeddings is not None
     layout, arrays, split = _read_embeddings(config.embeddings, config.split)
-    prepare = _normalise if config.metric == "cosine" else _as_float
+    prepare: Callable[[np.ndarray, str], np.ndarray] = _normalise if config.metric == "cosine" else _as_float
+    score_fn: Callable[..., Any] | None = None
+    if head is not None:
+        prepare = _head_reader(head, config.embeddings, layout)
+        score_fn = head.similarity.scores
     budget = config.memory_budget_mb * 2**20
     started = time.perf_counter()
     folds: list[dict[str, float]] = []
@@ -215,7 +221,13 @@ def evaluate_file(config: EvaluateConfig) -> Evaluation:
             images, texts = arrays["images"], arrays["texts"]
             k = _captions_per_image(len(images), len(texts))
             outcome = retrieval.evaluate_cross_modal(
-                images, texts, captions_per_image=k, protocol=config.protocol, ks=config.ks, memory_budget_bytes=budget
+                images,
+                texts,
+                captions_per_image=k,
+                protocol=config.protocol,
+                score_fn=score_fn,
+                ks=config.ks,
+                memory_budget_bytes=budget,
             )
             folds = outcome.pop("folds")
             protocol = outcome.pop("protocol")
@@ -240,6 +252,7 @@ def evaluate_file(config: EvaluateConfig) -> Evaluation:
                 query_labels,
                 gallery,
                 gallery_labels,
+                score_fn=score_fn,
                 ks=config.ks,
                 memory_budget_bytes=budget,
                 full_map=config.full_map,
@@ -249,11 +262,31 @@ def evaluate_file(config: EvaluateConfig) -> Evaluation:
         raise UserInputError(f"{config.embeddings}: {exc}") from None
     seconds = round(time.perf_counter() - started, 3)
     task = "cross_modal" if layout == "cross_modal" else "labels"
-    dataset_info, model_info = file_identity(config.embeddings, split, layout, protocol, sizes, config.metric)
+    score = config.metric if head is None else "learned metric"
+    dataset_info, model_info = file_identity(config.embeddings, split, layout, protocol, sizes, score)
+    if head is not None:
+        model_info = {**model_identity(head), "source": "head", "embeddings": config.embeddings.as_posix()}
+        model_info["embeddings_sha256"] = dataset_info["sha256"]
     result = EvaluateResult(
         task, protocol, metrics, folds, sizes, seconds, dataset_info=dataset_info, model_info=model_info
     )
-    return Evaluation(result, layout, arrays, None, config.metric)
+    return Evaluation(result, layout, arrays, score_fn, score)
+
+
+def _head_reader(head: RetrievalModel, path: Path, layout: str) -> Callable[[np.ndarray, str], np.ndarray]:
+    """How ``--head`` prepares each array of a file: checked like any embeddings, then read as the head reads
+    them (on the head's query side for images and queries). A file of the other task is refused."""
+    from gssf_cli.model import embed_for_head
+
+    task = "cross_modal" if layout == "cross_modal" else "labels"
+    if task != head.task:
+        what = "images and texts" if task == "cross_modal" else "features and labels"
+        raise UserInputError(f"{path}: holds {what}, but the --head run is a {head.task} model; give its kind of file")
+
+    def read(x: np.ndarray, name: str) -> np.ndarray:
+        return embed_for_head(head, _as_float(x, name), "text" if name == "texts" else "image", f"{path}:{name}")
+
+    return read
 
 
 def evaluate_trained(model: RetrievalModel, dataset: Dataset, config: EvaluateConfig) -> Evaluation:
@@ -313,13 +346,19 @@ def dataset_identity(
 
 def model_identity(model: RetrievalModel) -> dict[str, Any]:
     """The evaluated model as built: its metric head (name, block size d or None, embedding size D, score
-    normalisation) and its parameter counts. The stage adds the train run it came from and its best epoch."""
+    normalisation), its encoders (``trained``, or a head-only run's ``identity`` / ``frozen``, and whether it has
+    adapters) and its parameter counts. The stage adds the train run it came from and its best epoch."""
+    from gssf_cli.encoders import encoder_kind
+
     similarity = model.similarity
+    encoder, adapter = encoder_kind(model.encoder)
     return {
         "metric_head": similarity.name,
         "block_size": similarity.block_size,
         "embed_dim": similarity.dim,
         "metric_norm": similarity.norm,
+        "encoder": encoder,
+        "adapter": adapter,
         "parameters": model.parameter_counts(),
     }
 

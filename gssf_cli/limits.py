@@ -99,6 +99,12 @@ DISTILL_KINDS: tuple[str, ...] = get_args(DistillKind)
 Pooling = Literal["mean", "max", "attention"]
 POOLINGS: tuple[str, ...] = get_args(Pooling)
 Device = Literal["auto", "cpu", "cuda"]
+EncoderKind = Literal["trained", "identity", "frozen"]
+ENCODER_KINDS: tuple[str, ...] = get_args(EncoderKind)
+"""``trained``: towers learned with the head; ``identity`` and ``frozen``: the head alone (plus optional adapters)
+over the dataset's features or over a trained run's frozen encoders."""
+LrSchedule = Literal["cosine", "step", "constant"]
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 DatasetKind = Literal["synthetic", "digits", "precomp", "features"]
 DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
 Protocol = Literal["all", "f30k-1k", "coco-1k", "coco-5k"]

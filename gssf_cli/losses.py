@@ -177,8 +177,9 @@ class InfoNCELoss(nn.Module):
 class DistillationOutput:
     """The parts of :class:`StructureDistillation`, all scalars.
 
-    ``struct`` trains the student (and τ₂), ``lambda_terms`` trains only λ, and
-    ``total = relation_weight · struct + lambda_weight · lambda_terms`` is what to backpropagate.
+    ``struct`` trains the student, τ₂ and λ; ``lambda_terms`` depends on λ alone (constant in λ under mae, a pull
+    towards λ = 0.5 under mse); ``total = relation_weight · struct + lambda_weight · lambda_terms`` is what to
+    backpropagate.
     """
 
     struct: Tensor
@@ -207,17 +208,23 @@ class StructureDistillation(nn.Module):
     weaker, so the batch's relation matrix in the student's cross-modal space is pulled towards the relation
     matrices that each modality's own (frozen) features induce::
 
-        R_student = student_scores / τ₂                                    [B, B]
-        R_img     = cos(teacher_img_i, teacher_img_j) / τ_t                [B, B]
-        R_txt     = cos(teacher_txt_i, teacher_txt_j) / τ_t                [B, B]
-        R_teacher = λ · R_txt + (1 − λ) · R_img
-        struct       = mean d(R_student − R_teacher.detach_λ)
-        lambda_terms = mean d(R_img − R_teacher) + mean d(R_txt − R_teacher)
-        total        = relation_weight · struct + lambda_weight · lambda_terms
+        R_student    = student_scores / τ₂                                       [B, B]
+        R_img        = cos(teacher_img_i, teacher_img_j) / τ_t                   [B, B]
+        R_txt        = cos(teacher_txt_i, teacher_txt_j) / τ_t                   [B, B]
+        R_teacher    = λ · R_txt + (1 − λ) · R_img                               [B, B]  (λ: a learnable scalar)
+        struct       = mean d(R_student − R_teacher)                             scalar
+        lambda_terms = mean d(R_img − R_teacher) + mean d(R_txt − R_teacher)     scalar
+        total        = relation_weight · struct + lambda_weight · lambda_terms   scalar
 
     with d = |·| ("mae", the paper's choice, default) or (·)² ("mse"), and every mean taken over the B(B − 1)
     off-diagonal entries only: the diagonal of a relation matrix is a self-relation (1/τ for the teachers) that
     carries no structure.
+
+    How λ learns (as in the paper's reference implementation): λ is *not* detached inside ``struct``, so ``struct``
+    is what trains it. Its gradient in λ is ``−mean d′(R_student − R_teacher) · (R_txt − R_img)`` (d′ = sign for
+    mae, 2·(·) for mse): it pulls the fused teacher towards the student's relations, i.e. λ moves towards the
+    teacher whose geometry the student already follows (λ → 1: the text teacher, λ → 0: the image teacher). The
+    student is pulled towards the fused teacher by the same term at the same time.
 
     Decisions that are ours, not the paper's (where its text could not be checked):
 
@@ -228,18 +235,20 @@ class StructureDistillation(nn.Module):
       teachers, every relation would shrink as τ₂ grows and the loss could be minimised by growing τ₂ alone; with
       fixed teachers, a learnable τ₂ (start 0.07, stored as a log, clamped to [0.01, 1]) lets the student match
       the teachers' scale.
-    * λ = sigmoid(logit), logit starting at 0 so λ starts at 0.5 and stays in [0, 1] without clipping (our choice
-      of parameterisation).
-    * λ is detached inside ``struct`` (our choice): the student is fitted to the fused teacher, but λ is not
-      moved to whichever teacher the student happens to resemble. ``lambda_terms`` involve only λ (the teachers
-      carry no gradient), so they train λ alone.
-    * Teacher features are detached, cast to the student's dtype and L2-normalised here, so any widths work.
+    * λ = sigmoid(logit), a scalar logit starting at logit(init_lambda) (0 for the default 0.5), so λ stays in
+      (0, 1) without clipping and keeps a gradient everywhere (our choice of parameterisation).
+    * Teacher features are detached, cast to the student's dtype and L2-normalised here, so any widths work; the
+      teachers receive no gradient.
     * B < 2 has no off-diagonal entry: every part is 0 (still connected to ``student_scores``' graph).
 
-    Caveat on ``lambda_terms`` as specified: ``R_img − R_teacher = λ (R_img − R_txt)`` and
-    ``R_txt − R_teacher = (1 − λ)(R_txt − R_img)``. With "mae" their sum is ``mean |R_img − R_txt|`` for every
-    λ ∈ [0, 1], so λ receives no gradient (up to rounding) and stays at its initial value; with "mse" the sum is
-    ``(λ² + (1 − λ)²) · mean (R_img − R_txt)²``, which only pulls λ towards 0.5.
+    The two λ terms are kept as the paper states them, but they cannot train λ on their own:
+    ``R_img − R_teacher = λ (R_img − R_txt)`` and ``R_txt − R_teacher = (1 − λ)(R_txt − R_img)``. With "mae" their
+    sum is ``mean |R_img − R_txt|`` for every λ ∈ [0, 1] — a constant in λ (zero gradient up to rounding), so under
+    mae λ is trained by ``struct`` alone. With "mse" the sum is ``(λ² + (1 − λ)²) · mean (R_img − R_txt)²``, a pull
+    towards λ = 0.5 that competes with ``struct``: for a fixed student and τ₂ the total is minimised at
+    ``λ = (relation_weight · λ* + lambda_weight) / (relation_weight + 2 · lambda_weight)``, where λ* is the
+    least-squares fit of ``struct`` alone (λ*/2 + 1/4 with the default weights 2 and 1), so mse moves λ less far
+    from 0.5 than mae does.
     """
 
     def __init__(
@@ -305,9 +314,8 @@ class StructureDistillation(nn.Module):
         r_txt = self._teacher_relation(teacher_txt, off_diagonal, dtype)
 
         lam = torch.sigmoid(self.lambda_logit).to(dtype)
-        lam_fixed = lam.detach()
-        struct = self._distance(r_student - (lam_fixed * r_txt + (1 - lam_fixed) * r_img))
-        r_teacher = lam * r_txt + (1 - lam) * r_img
+        r_teacher = lam * r_txt + (1 - lam) * r_img  # [B(B − 1)]; λ stays attached: struct trains it
+        struct = self._distance(r_student - r_teacher)
         lambda_terms = self._distance(r_img - r_teacher) + self._distance(r_txt - r_teacher)
         total = self.relation_weight * struct + self.lambda_weight * lambda_terms
         return DistillationOutput(struct=struct, lambda_terms=lambda_terms, total=total)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gssf_cli.seeds import spread
+
 if TYPE_CHECKING:
     from gssf_cli.tuning import TrialOutcome, TunePlan
 
@@ -86,7 +88,8 @@ def metric_heatmap(matrix: np.ndarray, name: str, max_channels: int = 256) -> An
 
 def block_size_figure(outcomes: list[TrialOutcome], plan: TunePlan) -> Any:
     """The metric against the block size (log2 axis; every trial a dot — hollow if the scheduler stopped it
-    before its budget — and the best per size a line) with the metric head's parameter count on a second
+    before its budget — and the best per size a line, or, when a size ran with several seeds, the mean over its
+    finished trials with ± one sample std as error bars) with the metric head's parameter count on a second
     axis: the accuracy/size trade-off of the GSSF paper's Fig. 3. ``--scheduler fifo`` gives every size the
     full budget, which is what that figure compares."""
     done = [o for o in outcomes if o.metric is not None]
@@ -100,6 +103,12 @@ def block_size_figure(outcomes: list[TrialOutcome], plan: TunePlan) -> Any:
     sizes = sorted({int(o.values["block_size"]) for o in done})
     best = [pick(float(o.metric or 0) for o in done if o.values["block_size"] == size) for size in sizes]
     params = [max((o.head_params or 0) for o in done if o.values["block_size"] == size) for size in sizes]
+    finished = {
+        size: spread(float(o.metric or 0.0) for o in done if o.values["block_size"] == size and o.status == "FINISHED")
+        for size in sizes
+        if any(o.values["block_size"] == size and o.status == "FINISHED" for o in done)
+    }
+    seeded = any(s.n > 1 for s in finished.values())
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for stopped in (False, True):
         group = [o for o in done if (o.status == "KILLED") == stopped]
@@ -113,7 +122,19 @@ def block_size_figure(outcomes: list[TrialOutcome], plan: TunePlan) -> Any:
                 edgecolors="tab:blue",
                 label="trial stopped early" if stopped else "trial",
             )
-    ax.plot(sizes, best, color="tab:blue", label=f"{plan.metric}, best per size")
+    if seeded:
+        shown = sorted(finished)
+        ax.errorbar(
+            shown,
+            [finished[size].mean for size in shown],
+            yerr=[finished[size].std for size in shown],
+            color="tab:blue",
+            capsize=4,
+            label=f"{plan.metric}, mean ± std over finished trials (n = {min(s.n for s in finished.values())}"
+            f"–{max(s.n for s in finished.values())})",
+        )
+    else:
+        ax.plot(sizes, best, color="tab:blue", label=f"{plan.metric}, best per size")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes)
     ax.set_xticklabels([str(s) for s in sizes])
@@ -133,5 +154,48 @@ def block_size_figure(outcomes: list[TrialOutcome], plan: TunePlan) -> Any:
     twin_handles, twin_labels = twin.get_legend_handles_labels()
     ax.legend(handles + twin_handles, labels + twin_labels, loc="best", fontsize="small")
     ax.set_title(f"block-size search, {'several metrics' if plan.tunes('metric') else plan.base.metric}")
+    fig.tight_layout()
+    return fig
+
+
+def forest_plot(rows: list[Any], title: str) -> Any:
+    """Differences (compared - baseline) with their confidence intervals, one panel per metric (each on its
+    own scale: recalls in %, rSum, ranks, fractions) and one row per compared run: a filled dot where the
+    difference is significant, hollow where not, and a line at zero. ``rows``:
+    :class:`gssf_cli.comparison.MetricComparison` objects."""
+    plt = _pyplot()
+    metrics = list(dict.fromkeys(row.metric for row in rows))
+    compared = list(dict.fromkeys(row.compared for row in rows))
+    height = max(2.5, 0.35 * len(compared) * len(metrics) + 0.45 * len(metrics) + 1.0)
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(7, height), squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics, strict=True):
+        mine = [row for row in rows if row.metric == metric]
+        ys = np.arange(len(mine))[::-1]
+        for y, row in zip(ys, mine, strict=True):
+            color = "tab:blue" if row.verdict == "n.s." else ("tab:green" if row.verdict == "better" else "tab:red")
+            ax.errorbar(
+                row.difference,
+                y,
+                xerr=[[row.difference - row.ci_low], [row.ci_high - row.difference]],
+                fmt="o",
+                color=color,
+                markerfacecolor=color if row.significant else "white",
+                capsize=3,
+            )
+            ax.annotate(
+                f"p={row.p_value:.3g}", (1.0, y), xycoords=("axes fraction", "data"), xytext=(4, 0),
+                textcoords="offset points", va="center", fontsize="x-small",
+            )  # fmt: skip
+        ax.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
+        reach = max(max(abs(row.ci_low), abs(row.ci_high), abs(row.difference)) for row in mine)
+        ax.set_xlim(-1.15 * reach, 1.15 * reach) if reach > 0 else ax.set_xlim(-1.0, 1.0)  # zero in the middle
+        ax.set_yticks(ys)
+        ax.set_yticklabels([row.compared for row in mine] if len(compared) > 1 else [""] * len(mine), fontsize="small")
+        ax.set_ylim(-0.7, len(mine) - 0.3)
+        direction = "higher" if mine[0].higher_is_better else "lower"
+        ax.set_ylabel(f"{metric}\n({direction} better)", rotation=0, ha="right", va="center", fontsize="small")
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0, 0].set_title(title, fontsize="medium")
+    axes[-1, 0].set_xlabel("difference (compared - baseline)")
     fig.tight_layout()
     return fig

@@ -67,15 +67,19 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "ArrayLike",
     "CrossModalRanks",
+    "LabelQueryStats",
     "LabelsLike",
     "RetrievalInputError",
     "ScoreFn",
+    "cross_modal_fold_ranks",
     "cross_modal_metrics",
     "cross_modal_ranks",
     "evaluate_cross_modal",
     "evaluate_labels",
     "inner_product",
     "iter_score_chunks",
+    "label_query_stats",
+    "protocol_folds",
     "rows_per_chunk",
 ]
 
@@ -739,15 +743,8 @@ def evaluate_cross_modal(
     else:
         n, m = _num_rows(images, "images"), _num_rows(texts, "texts")
         _check_caption_count(n, m, k, f"{n} images and {m} captions")
-    expected = _PROTOCOL_IMAGES.get(protocol)
-    if expected is not None and n != expected:
-        raise RetrievalInputError(
-            f"protocol {protocol} needs {expected:,} images, got {n:,}; use --protocol all to evaluate the whole split"
-        )
-    fold_images = _COCO_1K_FOLD_IMAGES if protocol == "coco-1k" else n
     folds = []
-    for start in range(0, n, fold_images):
-        stop = start + fold_images
+    for start, stop in protocol_folds(n, protocol):
         ranks = cross_modal_ranks(
             images[start:stop] if images is not None else None,
             texts[k * start : k * stop] if texts is not None else None,
@@ -762,6 +759,60 @@ def evaluate_cross_modal(
     summary["protocol"] = protocol
     summary["folds"] = folds
     return summary
+
+
+def protocol_folds(num_images: int, protocol: str) -> list[tuple[int, int]]:
+    """The image ranges ``[(start, stop), ...]`` a protocol evaluates separately: five folds of 1,000 for
+    ``coco-1k``, the whole split otherwise. A protocol that names a test set size refuses any other
+    (:class:`RetrievalInputError`); ``all`` takes any."""
+    if protocol not in CROSS_MODAL_PROTOCOLS:
+        raise RetrievalInputError(f"unknown protocol {protocol!r}; choose one of {', '.join(CROSS_MODAL_PROTOCOLS)}")
+    expected = _PROTOCOL_IMAGES.get(protocol)
+    if expected is not None and num_images != expected:
+        raise RetrievalInputError(
+            f"protocol {protocol} needs {expected:,} images, got {num_images:,}; use --protocol all to evaluate the "
+            "whole split"
+        )
+    fold_images = _COCO_1K_FOLD_IMAGES if protocol == "coco-1k" else num_images
+    return [(start, start + fold_images) for start in range(0, num_images, fold_images)]
+
+
+def cross_modal_fold_ranks(
+    images: ArrayLike,
+    texts: ArrayLike,
+    *,
+    captions_per_image: int,
+    protocol: str = "all",
+    score_fn: ScoreFn | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    dtype: torch.dtype = torch.float32,
+) -> CrossModalRanks:
+    """Per-query ranks under a protocol: :func:`cross_modal_ranks` of each fold (:func:`protocol_folds`),
+    ranked within its fold, concatenated in image order (``i2t`` and ``i2t_ap`` ``[N]``, ``t2i`` ``[kN]``).
+
+    The per-query values behind :func:`evaluate_cross_modal`: for every protocol, each of its mean metrics
+    (R@K, meanr, mAP, rsum) is the mean over images of a per-image value computed from these ranks, since the
+    folds of ``coco-1k`` are equally large. Chunked like the rest: no ``[N, kN]`` matrix is ever held.
+    """
+    k = _check_captions_per_image(captions_per_image)
+    n, m = _num_rows(images, "images"), _num_rows(texts, "texts")
+    _check_caption_count(n, m, k, f"{n} images and {m} captions")
+    parts = [
+        cross_modal_ranks(
+            images[start:stop],
+            texts[k * start : k * stop],
+            captions_per_image=k,
+            score_fn=score_fn,
+            memory_budget_bytes=memory_budget_bytes,
+            dtype=dtype,
+        )
+        for start, stop in protocol_folds(n, protocol)
+    ]
+    return CrossModalRanks(
+        i2t=torch.cat([part.i2t for part in parts]),
+        t2i=torch.cat([part.t2i for part in parts]),
+        i2t_ap=torch.cat([part.i2t_ap for part in parts]),
+    )
 
 
 def _num_rows(x: ArrayLike | None, name: str) -> int:
@@ -858,6 +909,79 @@ def evaluate_labels(
     ``full_map=True`` sorts every score at or above each query's lowest relevant one — usually most of the
     row. Other devices always take that second path.
     """
+    stats, cutoffs = _label_position_stats(
+        queries, query_labels, gallery, gallery_labels, score_fn=score_fn, scores=scores, ks=ks,
+        memory_budget_bytes=memory_budget_bytes, dtype=dtype, full_map=full_map,
+    )  # fmt: skip
+    return _label_summary(stats, cutoffs, full_map)
+
+
+@dataclass(frozen=True)
+class LabelQueryStats:
+    """Per-query values of a label-based evaluation (numpy, ``[Q]`` each, in query order).
+
+    ``first_rank``: 0-based position of the first relevant item under the tie rule, -1 for a query without a
+    relevant gallery item (such queries count in no mean: see ``evaluated``). It is exact below the depth the
+    ranking was known to, max(R, max K) (R = the query's relevant items); past it, it is a lower bound at or
+    beyond that depth, so ``first_rank < K`` is exact for every K up to max K. ``map_at_r``, ``r_precision``:
+    fractions; ``average_precision``: AP over the full ranking, only with ``full_map`` (None otherwise).
+    """
+
+    first_rank: NDArray[np.int64]
+    map_at_r: NDArray[np.float64]
+    r_precision: NDArray[np.float64]
+    average_precision: NDArray[np.float64] | None = None
+
+    @property
+    def evaluated(self) -> NDArray[np.bool_]:
+        """Queries with at least one relevant gallery item: the ones every metric averages over."""
+        return self.first_rank >= 0
+
+
+def label_query_stats(
+    queries: ArrayLike | None,
+    query_labels: LabelsLike,
+    gallery: ArrayLike | None = None,
+    gallery_labels: LabelsLike | None = None,
+    *,
+    score_fn: ScoreFn | None = None,
+    scores: ArrayLike | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    dtype: torch.dtype = torch.float32,
+    full_map: bool = False,
+) -> LabelQueryStats:
+    """The per-query values :func:`evaluate_labels` averages, from the same chunked pass (same arguments,
+    same cost; ``ks`` sets how deep each ranking is known). Over the evaluated queries, the mean of
+    ``first_rank < K`` is ``r_at_K``, of ``first_rank == 0`` ``precision_at_1``, and of the others the metric
+    of their name."""
+    stats, _ = _label_position_stats(
+        queries, query_labels, gallery, gallery_labels, score_fn=score_fn, scores=scores, ks=ks,
+        memory_budget_bytes=memory_budget_bytes, dtype=dtype, full_map=full_map,
+    )  # fmt: skip
+    return LabelQueryStats(
+        first_rank=stats.first_rank.cpu().numpy().astype(np.int64),
+        map_at_r=stats.map_at_r.cpu().numpy().astype(np.float64),
+        r_precision=stats.r_precision.cpu().numpy().astype(np.float64),
+        average_precision=stats.average_precision.cpu().numpy().astype(np.float64) if full_map else None,
+    )
+
+
+def _label_position_stats(
+    queries: ArrayLike | None,
+    query_labels: LabelsLike,
+    gallery: ArrayLike | None,
+    gallery_labels: LabelsLike | None,
+    *,
+    score_fn: ScoreFn | None,
+    scores: ArrayLike | None,
+    ks: Sequence[int],
+    memory_budget_bytes: int,
+    dtype: torch.dtype,
+    full_map: bool,
+) -> tuple[_PositionStats, tuple[int, ...]]:
+    """The work of :func:`evaluate_labels` up to its summary: every query's position statistics, and the
+    checked cut-offs."""
     _check_dtype(dtype)
     _check_budget(memory_budget_bytes)
     cutoffs = _check_ks(ks)
@@ -898,7 +1022,7 @@ def evaluate_labels(
     else:
         depth = _TopDepth(max(cutoffs), num_gallery - int(excludes_self), excludes_self)
         stats = _label_stats_top(blocks, memory_budget_bytes, codes, gallery_codes, by_class, depth)
-    return _label_summary(stats, cutoffs, full_map)
+    return stats, cutoffs
 
 
 def _label_stats(

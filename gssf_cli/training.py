@@ -44,7 +44,15 @@ from gssf_cli.data.dataset import Dataset, Split
 from gssf_cli.data.rankable import split_problem
 from gssf_cli.errors import UserInputError
 from gssf_cli.evaluation import evaluate_model, load_embeddings
-from gssf_cli.model import RetrievalModel, build_model, build_objective
+from gssf_cli.model import (
+    EmbeddedDataset,
+    RetrievalModel,
+    build_model,
+    build_objective,
+    load_frozen_towers,
+    resolve_config,
+    resolve_values,
+)
 
 EpochCallback = Callable[[int, dict[str, float], Path], None]
 """``(epoch, metrics, last_checkpoint_folder)`` after each epoch's checkpoint is on disk; ``epoch`` counts from
@@ -109,10 +117,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lr_at(config: TrainConfig, epoch: int) -> float:
-    """The learning rate of ``epoch`` (counted from 1): ``lr`` for epochs 1 .. ``lr_decay_epoch``, then
-    ``lr * lr_decay`` (so ``lr_decay_epoch`` = 15 decays from epoch 16 on; 0 decays from the first epoch)."""
-    return config.lr * (config.lr_decay if epoch > config.lr_decay_epoch else 1.0)
+def lr_at(config: TrainConfig, epoch: int, done: float = 0.0) -> float:
+    """The learning rate at fraction ``done`` ∈ [0, 1) of epoch ``epoch`` (counted from 1), by ``lr_schedule``.
+
+    Every schedule is defined by the budget (``epochs``), so a longer run decays later instead of spending most of
+    its epochs at a rate fixed for a 30-epoch recipe: ``cosine`` (default) follows half a cosine from ``lr`` at the
+    first step to 0 at the end of the last epoch, updated every batch; ``step`` is VSE's recipe, ``lr`` for epochs
+    1 .. ``lr_decay_epoch`` (default half the epochs) and ``lr * lr_decay`` after; ``constant`` keeps ``lr``.
+    """
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1 + done) / config.epochs))
+    if config.lr_schedule == "step":
+        return config.lr * (config.lr_decay if epoch > step_decay_epoch(config) else 1.0)
+    return config.lr
+
+
+def step_decay_epoch(config: TrainConfig) -> int:
+    """The last epoch at the full rate under the ``step`` schedule: ``lr_decay_epoch``, else half the budget."""
+    return config.lr_decay_epoch if config.lr_decay_epoch is not None else config.epochs // 2
 
 
 def uses_hardest_negatives(config: TrainConfig, epoch: int) -> bool:
@@ -131,16 +153,25 @@ class Trainer:
         resume_from: Path | None = None,
         progress: Progress | None = None,
     ) -> None:
-        self.config, self.dataset, self.progress = config, dataset, progress
+        self.progress = progress
         self.device = resolve_device(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
         if not dataset.has_split("train"):
             raise UserInputError(f"{config.data}: no train split to train on")
+        # What the dataset (and a frozen run) implies, written into the config that the checkpoints hold: the tower
+        # shape, a head-only run's embedding size, a frozen run's tower settings (and checks of all of them).
+        config = resolve_config(config, dataset.manifest, dataset.digest)
+        self.config, self.dataset = config, dataset
         check_validation_split(config, dataset)
         self.teacher = load_teacher(config, dataset)
         torch.manual_seed(config.seed)
         self.model = build_model(dataset, config).to(self.device)
+        if config.encoder == "frozen":
+            # Only the head (and adapters) learn: the towers' parameters have requires_grad off, so they get no
+            # gradient and AdamW skips them. Each split is embedded by the frozen towers once, not every batch.
+            load_frozen_towers(self.model, config)
+            self.dataset = EmbeddedDataset(dataset, self.model, self.device)
         self.objective = build_objective(config).to(self.device)
         self.trainable = torch.nn.ModuleDict({"model": self.model, "objective": self.objective})
         self.optimizer = make_optimizer(self.model, self.objective, config)
@@ -153,6 +184,7 @@ class Trainer:
             # A run killed before its first checkpoint has only the config it started with: it starts again.
             started = None if ckpt.recover(resume_from) else ckpt.read_run_config(resume_from.parent)
             if started is not None:
+                started = {**started, "config": resolve_values(started.get("config", {}), dataset.manifest)}
                 check_resumable(started, config, dataset, str(resume_from.parent.name))
             else:
                 self._resume(resume_from)
@@ -162,7 +194,7 @@ class Trainer:
         ckpt.check_state(saved.state, folder / ckpt.STATE)
         check_resumable(saved.state, self.config, self.dataset, str(folder.parent.name))
         self.trainable.load_state_dict(saved.model)
-        if saved.optimizer is not None:
+        if saved.optimizer is not None and self.optimizer is not None:
             load_optimizer_state(self.optimizer, saved.optimizer)
         ckpt.restore_rng(saved.rng)
         self.epochs_done = saved.state["epochs_done"]
@@ -233,15 +265,14 @@ class Trainer:
         # Seeded by the 0-based index, as before epochs were numbered from 1: the same batches as older versions.
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch - 1)
         batches = split.pair_batches(config.batch_size, generator)
-        lr = lr_at(config, epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        first_lr = lr_at(config, epoch)
         hardest = uses_hardest_negatives(config, epoch)
         vocab_size = len(self.dataset.vocab) if self.dataset.vocab is not None else None
         model.train()
-        total_loss, seen, started = 0.0, 0, time.perf_counter()
+        total_loss, total_struct, seen, started = 0.0, 0.0, 0, time.perf_counter()
         with self._epoch_progress(f"epoch {epoch}/{config.epochs}", len(batches)) as advance:
-            for pairs in batches:
+            for index, pairs in enumerate(batches):
+                self._set_lr(lr_at(config, epoch, index / len(batches)))
                 batch = split.training_batch(pairs, generator)
                 images = model.encode_images(batch.images.to(device))
                 lengths = None if batch.lengths is None else batch.lengths.to(device)
@@ -253,15 +284,34 @@ class Trainer:
                     student = scores if config.distill_use_metric else images @ texts.T
                     distill = (student, t_img.to(device), t_txt.to(device))
                 parts = self.objective(scores, batch.ids.to(device), hardest=hardest, distill_inputs=distill)
-                self.optimizer.zero_grad(set_to_none=True)
-                parts["loss"].backward()
-                if config.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                self.optimizer.step()
+                if self.optimizer is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    parts["loss"].backward()
+                    if config.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    self.optimizer.step()
                 total_loss += float(parts["loss"].detach()) * len(pairs)
+                total_struct += float(parts["struct"]) * len(pairs)
                 seen += len(pairs)
                 advance(total_loss / seen, seen / max(time.perf_counter() - started, 1e-9))
-        return {"loss": total_loss / seen, "lr": lr, "samples_per_s": seen / max(time.perf_counter() - started, 1e-9)}
+        stats = {
+            "loss": total_loss / seen,
+            "lr": first_lr,
+            "samples_per_s": seen / max(time.perf_counter() - started, 1e-9),
+        }
+        distillation = getattr(self.objective, "distillation", None)
+        if distillation is not None:
+            stats |= {
+                "distill_struct": total_struct / seen,
+                "distill_lambda": distillation.lam,
+                "distill_tau": distillation.tau,
+            }
+        return stats
+
+    def _set_lr(self, lr: float) -> None:
+        """Every group at ``lr`` times its own scale (:data:`OBJECTIVE_LR_SCALE` for the objective's scalars)."""
+        for group in self.optimizer.param_groups if self.optimizer is not None else ():
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def _epoch_progress(self, label: str, batches: int) -> AbstractContextManager[Callable[[float, float], None]]:
         if self.progress is None:
@@ -341,19 +391,33 @@ def _same(a: float, b: float) -> bool:
 
 def make_optimizer(
     model: RetrievalModel, objective: torch.nn.Module, config: TrainConfig, *, fused: bool = True
-) -> torch.optim.Optimizer:
-    """AdamW; weight decay on the metric head only (keeps W from winning the fixed margin by growing).
+) -> torch.optim.Optimizer | None:
+    """AdamW; weight decay on the metric head only (keeps W from winning the fixed margin by growing). None when
+    nothing learns (a cosine head over identity towers: the baseline a head-only comparison needs as a run).
 
     ``fused`` picks torch's one-kernel AdamW over its per-tensor loop: the same update up to float rounding
     (~1e-8 after several steps), and at the default sizes (13 M parameters) the optimizer step drops from
     ~40 ms to ~9 ms on a 2-core CPU (``benchmarks/bench_train_profile.py``). ``fused=False`` is the reference.
     """
+    towers = config.head_rate() if config.head_only() else 1.0  # head-only: the towers are adapters
     groups = [
-        {"params": list(model.encoder.parameters()), "weight_decay": 0.0},
-        {"params": list(model.similarity.parameters()), "weight_decay": config.weight_decay},
-        {"params": list(objective.parameters()), "weight_decay": 0.0},
+        {"params": [p for p in model.encoder.parameters() if p.requires_grad], "weight_decay": 0.0, "lr_scale": towers},
+        {
+            "params": list(model.similarity.parameters()),
+            "weight_decay": config.weight_decay,
+            "lr_scale": config.head_rate(),
+        },
+        {"params": list(objective.parameters()), "weight_decay": 0.0, "lr_scale": OBJECTIVE_LR_SCALE},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, fused=fused)
+    learned = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(learned, lr=config.lr, fused=fused) if learned else None
+
+
+OBJECTIVE_LR_SCALE = 20.0
+"""The objective's own scalars (distillation's λ and τ₂, a learnable InfoNCE temperature) learn at this multiple of
+the schedule's rate. Why: Adam moves a parameter by about the learning rate per step whatever its gradient, so at
+5e-4 λ's logit would need ~3,400 steps to go from λ = 0.5 to 0.85 — more than a 20-epoch run of a 2,000-pair
+dataset has; at 20× it gets there in ~170."""
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

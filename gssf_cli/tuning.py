@@ -54,6 +54,7 @@ from gssf_cli.config import (
 )
 from gssf_cli.data.rankable import split_problem
 from gssf_cli.errors import UserInputError
+from gssf_cli.seeds import Spread, by_configuration, spread
 
 Kind = Literal["grid", "uniform", "loguniform", "randint", "lograndint"]
 
@@ -616,3 +617,37 @@ def saved_search(run_id: str, text: str | None) -> Search:
         ) from None
     config = from_dict(TuneConfig, values, "tune")
     return Search(config, make_plan(config, base_values=base), config.storage, root)
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """The trials of one configuration: equal tuned values but for the seed (several samples of a grid point, or
+    a ``seed`` axis). ``spread`` aggregates the finished trials' metric (a trial the scheduler stopped early
+    reported a shorter budget); ``trial_ids`` lists those trials."""
+
+    values: dict[str, Any]
+    spread: Spread | None
+    trial_ids: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "values": self.values,
+            "metric": None if self.spread is None else self.spread.to_json(),
+            "trial_ids": list(self.trial_ids),
+        }
+
+
+def configurations(outcomes: list[TrialOutcome], mode: str) -> list[Configuration]:
+    """The tune summary per configuration across seeds, best mean first (configurations with no finished
+    trial last): what picks the best configuration when any has more than one seed."""
+    found = []
+    for values, group in by_configuration(outcomes, lambda o: o.values):
+        finished = [o for o in group if o.status == "FINISHED" and o.metric is not None]
+        summary = spread(float(o.metric) for o in finished if o.metric is not None) if finished else None
+        found.append(Configuration(values, summary, tuple(o.trial_id for o in finished)))
+    return sorted(found, key=lambda c: rank_key(None if c.spread is None else c.spread.mean, mode))
+
+
+def repeated(found: list[Configuration]) -> bool:
+    """Whether any configuration ran with more than one seed (then configurations, not trials, are ranked)."""
+    return any(c.spread is not None and c.spread.n > 1 for c in found)

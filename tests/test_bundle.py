@@ -216,3 +216,33 @@ def test_verify_refuses_a_bundle_that_is_not_self_contained(made_bundle: Path, t
         verify_bundle(copy)
     message = str(caught.value)
     assert expected in message and len(message.splitlines()) == 1, message
+
+
+def test_onnx_export_of_head_only_towers_matches_torch(tmp_path: Path) -> None:
+    """A head-only tower without parameters (the L2 norm alone) exports with a dynamic batch axis and matches
+    PyTorch at two batch sizes; over a frozen caption tower, whose forward names its inputs differently, the
+    example keys the dynamic shapes by those names. (Adapters over features and over frozen MLP towers export
+    through the whole bundle gate in ``tests/test_head_only.py``; MLP feature towers in
+    ``tests/stages/test_export.py``, features and digits kinds.)"""
+    ort = pytest.importorskip("onnxruntime")
+    from gssf_cli.encoders import HeadOnlyTower
+
+    frozen_text = HeadOnlyTower(D, D, adapter=True, tower=TextEncoder(VOCAB, D, WORD, 1, "mean"))
+    ex = export_example(frozen_text)
+    assert ex.input_names == ["tokens", "lengths"] and list(ex.dynamic_shapes) == ["x", "lengths"]
+    assert set(ex.dynamic_shapes["x"]) == {0, 1}
+
+    tower = HeadOnlyTower(F_IN, F_IN, adapter=False).eval()
+    ex = export_example(tower)
+    path = tmp_path / "identity.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(tower, ex.args, verbose=False, **ex.export_kwargs())
+    assert prog is not None
+    prog.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (2, 6):
+        x = torch.randn(batch, F_IN)
+        with torch.no_grad():
+            expected = tower(x).numpy()
+        np.testing.assert_allclose(session.run(None, {"features": x.numpy()})[0], expected, atol=1e-6, rtol=1e-5)

@@ -327,3 +327,82 @@ def test_spec_round_trips_and_reads_manifests() -> None:
     assert (got.image_kind, got.image_dim, got.text_kind, got.text_dim) == ("features", 512, "features", 384)
     digits = {"task": "labels", "modalities": {"features": {"type": "features", "shape": [64]}}}
     assert isinstance(build_encoder(EncoderSpec.from_manifest(digits, embed_dim=D)), SingleTower)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feature towers with layers (--mlp-layers, --mlp-hidden) and their defaults by dataset kind
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_feature_tower_layers(layers: int) -> None:
+    torch.manual_seed(0)
+    tower = FeatureEncoder(F_IN, D, layers=layers, hidden=24)
+    linears = [m for m in tower.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == layers
+    assert [lin.out_features for lin in linears] == [24] * (layers - 1) + [D]
+    assert sum(isinstance(m, nn.ReLU) for m in tower.modules()) == layers - 1
+    assert all(torch.count_nonzero(lin.bias) == 0 for lin in linears)
+    unit_norms(tower(torch.randn(5, F_IN)))
+
+
+def test_feature_tower_of_one_layer_is_the_projection_it_was() -> None:
+    """One layer keeps the old module layout (``proj.proj``, ``proj.mlp``), so older checkpoints load into it."""
+    plain, residual = FeatureEncoder(F_IN, D), FeatureEncoder(F_IN, D, mlp=True, hidden=6)
+    assert set(plain.state_dict()) == {"proj.proj.weight", "proj.proj.bias"}
+    assert residual.proj.mlp is not None and residual.proj.mlp[0].out_features == 6  # type: ignore[index]
+    assert FeatureEncoder(F_IN, D, mlp=True).proj.mlp[0].out_features == D // 2  # type: ignore[index]
+    with pytest.raises(UserInputError, match="pass --mlp-layers 1 with --mlp"):
+        FeatureEncoder(F_IN, D, mlp=True, layers=2)
+
+
+FEATURES_MANIFEST = {
+    "kind": "features",
+    "task": "cross_modal",
+    "modalities": {"image": {"type": "features", "shape": [12]}, "text": {"type": "features", "shape": [9]}},
+}
+DIGITS_MANIFEST = {"kind": "digits", "task": "labels", "modalities": {"features": {"type": "features", "shape": [64]}}}
+PRECOMP_MANIFEST = {
+    "kind": "precomp",
+    "task": "cross_modal",
+    "modalities": {"image": {"type": "regions", "shape": [36, 20]}, "text": {"type": "captions", "vocab_size": 30}},
+}
+
+
+def test_feature_towers_take_their_defaults_by_dataset_kind() -> None:
+    from gssf_cli.encoders import FEATURE_TOWERS
+
+    for manifest in (FEATURES_MANIFEST, DIGITS_MANIFEST):
+        shape = FEATURE_TOWERS[manifest["kind"]]  # type: ignore[index]
+        spec = EncoderSpec.from_manifest(manifest, embed_dim=D)
+        assert (spec.mlp_layers, spec.mlp_hidden) == (shape.layers, shape.hidden)
+        built = build_encoder(spec)
+        assert sum(isinstance(m, nn.Linear) for m in built.modules()) == shape.layers * (
+            1 if manifest is DIGITS_MANIFEST else 2
+        )
+    given = EncoderSpec.from_manifest(FEATURES_MANIFEST, embed_dim=D, mlp_layers=3, mlp_hidden=7)
+    assert (given.mlp_layers, given.mlp_hidden) == (3, 7)
+    residual = EncoderSpec.from_manifest(FEATURES_MANIFEST, embed_dim=D, mlp=True)
+    assert (residual.mlp_layers, residual.mlp_hidden) == (1, D // 2)  # --mlp: the one-layer tower with a residual
+    regions = EncoderSpec.from_manifest(PRECOMP_MANIFEST, embed_dim=D)
+    assert (regions.mlp_layers, regions.mlp_hidden) == (1, None)
+    wide = build_encoder(EncoderSpec.from_manifest(PRECOMP_MANIFEST, embed_dim=D, mlp=True, mlp_hidden=5))
+    assert isinstance(wide, DualEncoder) and wide.image.proj.mlp[0].out_features == 5  # type: ignore[index,union-attr]
+
+
+def test_layers_are_refused_on_region_towers_and_with_the_residual() -> None:
+    with pytest.raises(UserInputError, match=r"--mlp-layers 2: layers apply to feature towers.*regions images"):
+        EncoderSpec.from_manifest(PRECOMP_MANIFEST, mlp_layers=2)
+    with pytest.raises(UserInputError, match="pass --mlp-layers 1 with --mlp"):
+        EncoderSpec.from_manifest(FEATURES_MANIFEST, mlp_layers=2, mlp=True)
+    with pytest.raises(UserInputError, match="mlp_hidden must be a positive"):
+        EncoderSpec(vocab_size=5, mlp_hidden=0)
+
+
+def test_a_spec_saved_before_layers_is_a_one_layer_tower() -> None:
+    old = EncoderSpec(image_kind="features", image_dim=F_IN, text_kind="features", text_dim=7).to_dict()
+    for key in ("mlp_layers", "mlp_hidden", "encoder", "adapter"):
+        old.pop(key)
+    spec = EncoderSpec.from_dict(old)
+    assert spec.mlp_layers == 1
+    built = build_encoder(spec)
+    assert isinstance(built, DualEncoder) and set(built.text.state_dict()) == {"proj.proj.weight", "proj.proj.bias"}

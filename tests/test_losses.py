@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,6 +20,16 @@ from gssf_cli.losses import (
     StructureDistillation,
     make_objective,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tensors here are tiny: intra-op threads only add overhead (far slower on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # slow, obviously-correct references
@@ -271,16 +282,119 @@ def test_distillation_gradient_routing() -> None:
         distill.lambda_logit.fill_(1.0)  # away from 0.5, where the mse λ terms are stationary
 
     out = distill(student, t_img, t_txt)
-    out.struct.backward(retain_graph=True)
-    assert distill.lambda_logit.grad is None or distill.lambda_logit.grad == 0
+    out.struct.backward(retain_graph=True)  # struct trains the student, τ₂ and λ
+    assert distill.lambda_logit.grad is not None and distill.lambda_logit.grad != 0
     assert distill.log_tau.grad is not None and distill.log_tau.grad != 0
     assert student.grad is not None and student.grad.abs().sum() > 0
 
-    distill.log_tau.grad = None
-    out.lambda_terms.backward()
+    distill.log_tau.grad = distill.lambda_logit.grad = student.grad = None
+    out.lambda_terms.backward()  # the λ terms reach λ only
     assert distill.lambda_logit.grad is not None and distill.lambda_logit.grad != 0
-    assert distill.log_tau.grad is None
+    assert distill.log_tau.grad is None and student.grad is None
     assert t_img.grad is None and t_txt.grad is None
+
+
+def _relations(student: torch.Tensor, t_img: torch.Tensor, t_txt: torch.Tensor, tau: float) -> tuple[torch.Tensor, ...]:
+    off = ~torch.eye(student.shape[0], dtype=torch.bool)
+    r_img = (_unit(t_img) @ _unit(t_img).T)[off] / 0.07
+    r_txt = (_unit(t_txt) @ _unit(t_txt).T)[off] / 0.07
+    return student[off] / tau, r_img, r_txt
+
+
+@pytest.mark.parametrize("kind", ["mae", "mse"])
+@pytest.mark.parametrize("logit", [0.0, 0.8, -1.3])
+def test_distillation_lambda_gradient_matches_formula(kind: str, logit: float) -> None:
+    """d total / d logit = σ′ · (2 · d struct/dλ + d lambda_terms/dλ), with struct's part not detached."""
+    t_img, t_txt = _teachers(b=7, fi=4, ft=9, seed=5)
+    student = torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    distill = StructureDistillation(kind=kind).double()  # type: ignore[arg-type]
+    with torch.no_grad():
+        distill.lambda_logit.fill_(logit)
+    lam = distill.lam
+    r_s, r_img, r_txt = _relations(student, t_img, t_txt, distill.tau)
+    residual, delta = r_s - (lam * r_txt + (1 - lam) * r_img), r_txt - r_img
+    if kind == "mae":
+        d_struct = -(residual.sign() * delta).mean().item()
+        d_terms = 0.0  # mean|R_img − R_txt| whatever λ
+    else:
+        d_struct = -(2 * residual * delta).mean().item()
+        d_terms = (4 * lam - 2) * delta.square().mean().item()
+    distill(student, t_img, t_txt).total.backward()
+    assert distill.lambda_logit.grad is not None
+    expected = lam * (1 - lam) * (2.0 * d_struct + 1.0 * d_terms)
+    assert distill.lambda_logit.grad.item() == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert distill.lambda_logit.grad.item() != 0
+
+
+@pytest.mark.parametrize("kind", ["mae", "mse"])
+def test_distillation_lambda_gradient_points_to_the_teacher_the_student_follows(kind: str) -> None:
+    t_img, t_txt = _teachers(b=8, fi=5, ft=5, seed=7)
+    noise = 0.05 * torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    for teacher, sign in ((t_txt, -1.0), (t_img, 1.0)):  # λ is the text teacher's weight
+        distill = StructureDistillation(kind=kind).double()  # type: ignore[arg-type]
+        student = _unit(teacher) @ _unit(teacher).T + noise  # the student's relations follow this teacher
+        distill(student, t_img, t_txt).total.backward()
+        grad = distill.lambda_logit.grad
+        assert grad is not None and grad.item() * sign > 0  # a descent step moves λ towards `teacher`
+
+
+def test_distillation_mse_lambda_equilibrium() -> None:
+    """With mse the λ terms pull towards 0.5: for a fixed student and τ₂, λ settles at (2 λ* + 1) / 4."""
+    t_img, t_txt = _teachers(b=9, fi=6, ft=6, seed=9)
+    student = 0.8 * (_unit(t_txt) @ _unit(t_txt).T) + 0.2 * (_unit(t_img) @ _unit(t_img).T)
+    student = student + 0.1 * torch.randn(9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    distill = StructureDistillation(kind="mse").double()
+    r_s, r_img, r_txt = _relations(student, t_img, t_txt, distill.tau)
+    delta = r_txt - r_img
+    lam_struct = ((r_s - r_img) * delta).mean() / delta.square().mean()  # least-squares λ of struct alone
+    lam_total = (2 * lam_struct + 1) / 4
+    assert 0.5 < lam_total.item() < lam_struct.item() < 1
+    with torch.no_grad():
+        distill.lambda_logit.fill_(torch.logit(lam_total).item())
+    distill(student, t_img, t_txt).total.backward()
+    assert distill.lambda_logit.grad is not None
+    assert distill.lambda_logit.grad.item() == pytest.approx(0.0, abs=1e-9)
+
+
+def _learn_lambda(kind: str, informative: str, steps: int = 100, n: int = 256, batch: int = 32, seed: int = 0) -> float:
+    """Train a small two-tower student (InfoNCE + distillation) where one teacher carries the pairs' structure.
+
+    A latent z [n, 16] underlies everything: the student's image and text inputs are noisy views of z, the
+    informative teacher is a noisy rotated view of z (its cosines follow z's), the other teacher is independent
+    Gaussian noise. The ranking loss makes the student's relations follow z, so λ must move to the informative
+    teacher. Returns the final λ (the text teacher's weight).
+    """
+    torch.manual_seed(seed)
+    z = torch.randn(n, 16)
+    x_img, x_txt = z + 0.2 * torch.randn(n, 16), z + 0.2 * torch.randn(n, 16)
+    rotation = torch.linalg.qr(torch.randn(16, 16))[0]
+    structured, noise = z @ rotation + 0.2 * torch.randn(n, 16), torch.randn(n, 16)
+    t_txt, t_img = (structured, noise) if informative == "txt" else (noise, structured)
+    f_img, f_txt = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+    objective = make_objective("infonce", distill_weight=1.0, distill_kind=kind)
+    distill = objective.distillation
+    assert distill is not None and distill.lam == pytest.approx(0.5)
+    params = [*f_img.parameters(), *f_txt.parameters(), *objective.parameters()]
+    optimizer = torch.optim.Adam(params, lr=0.05)
+    for _ in range(steps):
+        idx = torch.randperm(n)[:batch]
+        images, texts = _unit(f_img(x_img[idx])), _unit(f_txt(x_txt[idx]))
+        scores = images @ texts.T
+        loss = objective(scores, distill_inputs=DistillInputs(scores, t_img[idx], t_txt[idx]))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return distill.lam
+
+
+@pytest.mark.parametrize(
+    ("kind", "txt_above", "img_below"),
+    # reached (seed 0): mae 0.85 / 0.15; mse 0.62 / 0.38, as mse's λ terms hold λ nearer 0.5 (equilibrium test)
+    [("mae", 0.75, 0.25), ("mse", 0.58, 0.42)],
+)
+def test_distillation_lambda_learns_the_informative_teacher(kind: str, txt_above: float, img_below: float) -> None:
+    assert _learn_lambda(kind, informative="txt") > txt_above  # text teacher informative: λ (its weight) grows
+    assert _learn_lambda(kind, informative="img") < img_below  # image teacher informative: λ shrinks
 
 
 def test_distillation_mae_lambda_terms_do_not_depend_on_lambda() -> None:
@@ -294,6 +408,9 @@ def test_distillation_mae_lambda_terms_do_not_depend_on_lambda() -> None:
             distill.lambda_logit.fill_(logit)
         values.append(distill(student, t_img, t_txt).lambda_terms.item())
     assert values == pytest.approx([values[0]] * 3)
+    distill(student, t_img, t_txt).lambda_terms.backward()
+    assert distill.lambda_logit.grad is not None
+    assert distill.lambda_logit.grad.item() == pytest.approx(0.0, abs=1e-9)
 
 
 def test_distillation_mae_and_mse_differ() -> None:

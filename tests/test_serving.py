@@ -84,3 +84,34 @@ def test_a_packed_model_serves_what_the_trained_one_computes(tiny_syn: Path, tmp
     np.testing.assert_allclose(out["image_embeddings"], images.numpy(), atol=1e-6)
     np.testing.assert_allclose(out["text_embeddings"], texts.numpy(), atol=1e-6)
     np.testing.assert_allclose(out["scores"], model.scores(images, texts).detach().numpy(), atol=1e-5)
+
+
+def test_a_head_over_frozen_caption_towers_serves_from_its_own_checkpoint(tiny_syn: Path, tmp_path: Path) -> None:
+    """A head-only run over a trained run's frozen region and caption towers: it trains on embeddings computed
+    once per split, and its packed model (which holds the towers) serves raw regions and captions."""
+    from dataclasses import replace
+
+    from gssf_cli.model import build_model, load_weights
+
+    dataset = Dataset(tiny_syn)
+    fit(tiny_train_config(tiny_syn, epochs=1, batch_size=64, runs_dir=tmp_path), dataset, tmp_path / "towers")
+    config = tiny_train_config(
+        tiny_syn, epochs=1, runs_dir=tmp_path, encoder="frozen", encoder_run="towers", adapter=True
+    )
+    result = fit(config, dataset, tmp_path / "head")
+    served = TrainedModel.load(pack_model(tmp_path / "head" / ckpt.BEST, dataset, tmp_path / "served"))
+    split = dataset.split("test")
+    captions = (tiny_syn / "test_caps.txt").read_text().splitlines()
+    out = predict(served, {"images": split.image_batch(np.arange(split.num_images)).numpy(), "texts": captions})
+
+    resolved = replace(config, mlp_layers=1)  # what the run's checkpoint says (the towers of a region dataset)
+    model = build_model(dataset, resolved)
+    load_weights(model, ckpt.load(result.out_dir / ckpt.BEST).model)
+    images, texts = embed_split(model, split, torch.device("cpu"))
+    np.testing.assert_allclose(out["image_embeddings"], images.numpy(), atol=1e-6)
+    np.testing.assert_allclose(out["text_embeddings"], texts.numpy(), atol=1e-6)
+    np.testing.assert_allclose(out["scores"], model.scores(images, texts).detach().numpy(), atol=1e-5)
+    towers = ckpt.load(tmp_path / "towers" / ckpt.BEST).model
+    head = ckpt.load(result.out_dir / ckpt.BEST).model
+    assert all(torch.equal(head[k.replace(".image.", ".image.tower.").replace(".text.", ".text.tower.")], v)
+               for k, v in towers.items() if k.startswith("encoder."))  # fmt: skip

@@ -4,16 +4,19 @@ from 1), checks before work."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gssf_cli import checkpoint as ckpt
 from gssf_cli import metrics
-from gssf_cli.config import PrepareConfig
+from gssf_cli.config import PrepareConfig, TrainConfig
 from gssf_cli.data import writer
 from gssf_cli.data.dataset import Dataset
 from gssf_cli.data.manifest import write_manifest
@@ -195,7 +198,9 @@ def test_progress_hears_of_training_validation_and_each_finished_epoch(tiny_syn:
 def test_schedule_settings_count_epochs_from_one(tiny_syn: Path, tmp_path: Path) -> None:
     """``lr_decay_epoch`` N: epochs 1..N at ``lr``, decayed from N+1; ``warmup_epochs`` W: epochs 1..W sum over
     all negatives."""
-    config = tiny_train_config(tiny_syn, epochs=3, lr=0.004, lr_decay_epoch=2, lr_decay=0.5, warmup_epochs=1)
+    config = tiny_train_config(
+        tiny_syn, epochs=3, lr=0.004, lr_schedule="step", lr_decay_epoch=2, lr_decay=0.5, warmup_epochs=1
+    )
     lrs: dict[int, float] = {}
     fit(
         config,
@@ -206,7 +211,33 @@ def test_schedule_settings_count_epochs_from_one(tiny_syn: Path, tmp_path: Path)
     assert lrs == {1: 0.004, 2: 0.004, 3: 0.002}
     assert [lr_at(config, e) for e in (1, 2, 3)] == [0.004, 0.004, 0.002]
     assert [uses_hardest_negatives(config, e) for e in (1, 2, 3)] == [False, True, True]
-    assert lr_at(tiny_train_config(tiny_syn, lr_decay_epoch=0, lr_decay=0.5), 1) == pytest.approx(0.0015)
+    assert lr_at(tiny_train_config(tiny_syn, lr_schedule="step", lr_decay_epoch=0, lr_decay=0.5), 1) == pytest.approx(
+        0.0015
+    )
+
+
+@given(epochs=st.integers(1, 500), lr=st.floats(1e-6, 1.0))
+def test_the_cosine_schedule_spans_the_budget_whatever_its_length(epochs: int, lr: float) -> None:
+    """From ``lr`` at the first step down to 0 at the end of the last epoch, never rising, and halfway at half the
+    budget: a longer run decays later (a fixed decay epoch left 45 of 60 epochs at a tenth of the rate)."""
+    config = TrainConfig(data=Path("d"), epochs=epochs, lr=lr)
+    assert config.lr_schedule == "cosine"
+    steps = [lr_at(config, e, done) for e in range(1, epochs + 1) for done in (0.0, 0.5)]
+    assert steps[0] == lr and all(b <= a for a, b in itertools.pairwise(steps))
+    assert lr_at(config, epochs, 1.0) == pytest.approx(0.0, abs=1e-12 * lr)
+    middle = epochs / 2
+    assert lr_at(config, int(middle) + 1, middle - int(middle)) == pytest.approx(lr / 2)
+
+
+def test_the_step_schedule_decays_at_half_the_budget_unless_told(tiny_syn: Path) -> None:
+    config = tiny_train_config(tiny_syn, epochs=60, lr=1e-3, lr_schedule="step")
+    assert [lr_at(config, e) for e in (30, 31)] == [1e-3, pytest.approx(1e-4)]
+    assert lr_at(tiny_train_config(tiny_syn, lr_schedule="constant"), 3, 0.9) == 0.003
+
+
+def test_a_decay_epoch_without_the_step_schedule_is_refused(tiny_syn: Path) -> None:
+    with pytest.raises(UserInputError, match="--lr-schedule step"):
+        tiny_train_config(tiny_syn, lr_decay_epoch=3)
 
 
 def test_a_checkpoint_written_with_0_based_epochs_resumes_identically(tiny_syn: Path, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Stage ``evaluate``: retrieval metrics of embeddings or a trained run, tracked as an MLflow run with plots.
 
-The work is :mod:`gssf_cli.evaluation`'s; this wrapper logs the config, the metrics (on the evaluation run, and
+The work is :mod:`gssf_cli.evaluation`'s (``--embeddings FILE --head RUN``: the file scored by a trained run's
+metric head, with a head-only run's adapters); this wrapper logs the config, the metrics (on the evaluation run, and
 as ``{split}_{metric}`` on the train run they describe), ``evaluation.json`` and the figures, adds the train run
 to what the result says of the model (its id, name and best epoch, counted from 1), and with ``output`` writes
 the results file (:func:`gssf_cli.evaluation.results_document`) before the run closes. A bad ``output`` is
@@ -32,6 +33,10 @@ def run(config: EvaluateConfig, tracker: Tracker | None = None, parent_run_id: s
             raise UserInputError("--run needs a tracking store to find the run")
         return _run_trained(config, tracker, parent_run_id)
     assert config.embeddings is not None
+    if config.head is not None:
+        if tracker is None:
+            raise UserInputError("--head needs a tracking store to find the run")
+        return _run_head(config, tracker, parent_run_id)
     if tracker is not None:
         _ = tracker.experiment_id
     outcome = evaluation.evaluate_file(config)
@@ -44,19 +49,42 @@ def run(config: EvaluateConfig, tracker: Tracker | None = None, parent_run_id: s
         return _write_output(config, replace(outcome.result, run_id=run_.run_id))
 
 
-def _run_trained(config: EvaluateConfig, tracker: Tracker, parent_run_id: str | None) -> EvaluateResult:
-    """Embed the run's test split with its best checkpoint and score with its own metric head."""
+def _run_head(config: EvaluateConfig, tracker: Tracker, parent_run_id: str | None) -> EvaluateResult:
+    """Score an embeddings file with a trained run's metric head (and a head-only run's adapters). Everything —
+    the run, the file, the sizes — is checked before the evaluate run opens."""
     from gssf_cli.runs import load_trained
 
-    train_run, model, dataset = load_trained(tracker, config.run or "latest", config.data)
-    outcome = evaluation.evaluate_trained(model, dataset, config)
+    assert config.head is not None and config.embeddings is not None
+    train_run, model, _ = load_trained(tracker, config.head)
+    outcome = _trained_by(tracker, train_run, evaluation.evaluate_file(config, model))
+    label = model_label(model.similarity.name, model.similarity.block_size)
+    with tracker.start_run(
+        "evaluate",
+        run_name=f"evaluate-{config.embeddings.stem}-{label}",
+        parent_run_id=parent_run_id,
+        tags={"gssf.source_run": train_run.info.run_id},
+    ) as run_:
+        _log(run_, config, outcome)
+        return _write_output(config, replace(outcome.result, run_id=run_.run_id))
+
+
+def _trained_by(tracker: Tracker, train_run: Any, outcome: evaluation.Evaluation) -> evaluation.Evaluation:
+    """``outcome`` whose model says which train run it came from (id, name, best epoch counted from 1)."""
     trained_by = {
         "source": "train_run",
         "train_run_id": train_run.info.run_id,
         "train_run_name": train_run.info.run_name,
         "best_epoch": _best_epoch(tracker, train_run),
     }
-    outcome = replace(outcome, result=replace(outcome.result, model_info={**trained_by, **outcome.result.model_info}))
+    return replace(outcome, result=replace(outcome.result, model_info={**trained_by, **outcome.result.model_info}))
+
+
+def _run_trained(config: EvaluateConfig, tracker: Tracker, parent_run_id: str | None) -> EvaluateResult:
+    """Embed the run's test split with its best checkpoint and score with its own metric head."""
+    from gssf_cli.runs import load_trained
+
+    train_run, model, dataset = load_trained(tracker, config.run or "latest", config.data)
+    outcome = _trained_by(tracker, train_run, evaluation.evaluate_trained(model, dataset, config))
     split_name = config.split or "test"
     with tracker.start_run(
         "evaluate",

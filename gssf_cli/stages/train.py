@@ -15,7 +15,7 @@ reopened whatever its status (a killed process leaves it RUNNING) and ends FINIS
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +81,7 @@ def run(
         ckpt.write_run_config(config.runs_dir / run_id, to_dict(config), dataset.digest)
         if tracker is not None and tracked is not None:
             if resume is None or not _start_logged(tracker, resume):
-                _log_start(tracked, config, dataset, trainer.model)
+                _log_start(tracked, trainer.config, dataset, trainer.model)
             if resume is not None:
                 _log_lost_epoch(tracker, tracked, trainer)
 
@@ -104,6 +104,75 @@ def run(
         parameters=fitted.parameters,
         seconds=fitted.seconds,
         model_id=model_id,
+    )
+
+
+@dataclass(frozen=True)
+class SeedsResult:
+    """What ``gssf train --seeds`` prints (``--json``): one :class:`TrainResult` per seed (each its own train run,
+    a child of the ``seeds`` run), and per metric of the best epochs the mean, sample std and n over the seeds."""
+
+    run_id: str | None
+    seeds: tuple[int, ...]
+    runs: tuple[TrainResult, ...]
+    summary: dict[str, dict[str, float | int]]
+    validation_metric: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "seeds": list(self.seeds),
+            "validation_metric": self.validation_metric,
+            "summary": self.summary,
+            "runs": [r.to_json() for r in self.runs],
+        }
+
+
+def run_seeds(
+    config: TrainConfig,
+    seeds: tuple[int, ...],
+    tracker: Tracker | None = None,
+    parent_run_id: str | None = None,
+    progress: Progress | None = None,
+) -> SeedsResult:
+    """Train ``config`` once per seed, each a ``train`` run under one ``seeds`` run that gets, per metric of the
+    best epochs, ``mean_<metric>``, ``std_<metric>`` (sample) and ``n_seeds``.
+
+    Every seed's trainer is built (and every check run) before the ``seeds`` run opens, so bad input leaves no run.
+    """
+    from gssf_cli.data.dataset import Dataset
+    from gssf_cli.seeds import SEEDS_STAGE, SEEDS_TAG, check_seeds, summarize
+    from gssf_cli.training import Trainer
+
+    check_seeds(seeds)
+    configs = [replace(config, seed=seed) for seed in seeds]
+    Trainer(configs[0], Dataset(config.data))  # the checks of a run, before any run exists
+    with contextlib.ExitStack() as stack:
+        parent: StageRun | None = None
+        if tracker is not None:
+            parent = stack.enter_context(
+                tracker.start_run(
+                    SEEDS_STAGE,
+                    run_name=f"seeds-{config.model_label()}",
+                    parent_run_id=parent_run_id,
+                    tags={SEEDS_TAG: ",".join(map(str, seeds)), "gssf.metric": config.metric},
+                )
+            )
+            parent.log_config("train", {k: v for k, v in to_dict(config).items() if k != "seed"})
+            parent.log_params({"seeds": ",".join(map(str, seeds))})
+        results = tuple(
+            run(c, tracker, parent.run_id if parent is not None else None, progress=progress) for c in configs
+        )
+        summary = summarize([r.metrics for r in results])
+        if parent is not None:
+            parent.log_metrics({f"mean_{k}": v.mean for k, v in summary.items()})
+            parent.log_metrics({f"std_{k}": v.std for k, v in summary.items()} | {"n_seeds": len(seeds)})
+    return SeedsResult(
+        run_id=parent.run_id if parent is not None else None,
+        seeds=tuple(seeds),
+        runs=results,
+        summary={k: v.to_json() for k, v in summary.items()},
+        validation_metric=results[0].validation_metric,
     )
 
 

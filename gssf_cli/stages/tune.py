@@ -50,6 +50,8 @@ class TuneResult:
     tuned: list[str]
     trials: list[dict[str, Any]]
     best: dict[str, Any] | None
+    configurations: list[dict[str, Any]]
+    """Per configuration across seeds (mean ± std, n), best first; empty when every configuration ran once."""
     best_config: str | None
     out_dir: str
     storage: str
@@ -179,7 +181,8 @@ def _search(
         if trial_runs is not None:
             outcomes = [replace(o, run_id=trial_runs.settle(o, ray_run.interrupted)) for o in outcomes]
         ranked = sorted(outcomes, key=lambda o: tuning.rank_key(o.metric, plan.mode))
-        best = next((o for o in ranked if o.metric is not None), None)
+        found = tuning.configurations(ranked, plan.mode)
+        best = _best(ranked, found)
         out_dir = plan.base.runs_dir / run_id
         best_file = _write_outputs(out_dir, ranked, best, plan, tune_run)
         seconds = time.perf_counter() - started
@@ -200,6 +203,7 @@ def _search(
         tuned=list(plan.names),
         trials=[o.to_json() for o in ranked],
         best=best.to_json() if best is not None else None,
+        configurations=[c.to_json() for c in found] if tuning.repeated(found) else [],
         best_config=str(best_file) if best_file is not None else None,
         out_dir=str(out_dir),
         storage=search.storage,
@@ -207,6 +211,14 @@ def _search(
         trial_seconds=round(sum(o.seconds for o in outcomes), 2),
         ray_start_seconds=round(ray_run.ray_start_seconds, 2),
     )
+
+
+def _best(ranked: list[TrialOutcome], found: list[tuning.Configuration]) -> TrialOutcome | None:
+    """The best trial; when configurations ran with several seeds, the best seed of the configuration with the best
+    mean (one lucky seed must not pick the configuration)."""
+    if tuning.repeated(found) and found[0].spread is not None:
+        return next(o for o in ranked if o.trial_id in found[0].trial_ids)
+    return next((o for o in ranked if o.metric is not None), None)
 
 
 def _experiment_name(run_id: str) -> str:

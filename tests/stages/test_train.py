@@ -157,3 +157,45 @@ def test_bad_training_input(gssf: Gssf, syn: Path) -> None:
     caps = syn / "dev_caps.txt"
     caps.write_text(caps.read_text().replace("w", "x", 1))
     assert "checksum mismatch" in _snapshot_error(gssf(*base, "--metric", "cosine"))
+
+
+def test_seeds_train_one_run_each_under_a_seeds_run_with_mean_and_std(gssf: Gssf, syn: Path) -> None:
+    args = ["--data", str(syn), "--metric", "diag", "--epochs", "1", *SMALL]
+    out = _train(gssf, *args, "--seeds", "0,1,2")
+    assert out["seeds"] == [0, 1, 2] and len(out["runs"]) == 3
+    values = [run["metrics"]["val_rsum"] for run in out["runs"]]
+    assert len(set(values)) > 1, "different seeds, different runs"
+    summary = out["summary"]["val_rsum"]
+    assert summary["n"] == 3 and summary["mean"] == pytest.approx(sum(values) / 3)
+    client = Tracker().client
+    parent = client.get_run(out["run_id"])
+    assert parent.data.tags["gssf.stage"] == "seeds" and parent.data.tags["gssf.seeds"] == "0,1,2"
+    assert parent.data.metrics["mean_val_rsum"] == pytest.approx(summary["mean"])
+    assert parent.data.metrics["n_seeds"] == 3
+    for seed, run in zip((0, 1, 2), out["runs"], strict=True):
+        child = client.get_run(run["run_id"])
+        assert child.data.tags["mlflow.parentRunId"] == out["run_id"]
+        assert child.data.params["train.seed"] == str(seed)
+    table = gssf("train", *args, "--seeds", "3,4")
+    assert table.exit_code == 0 and "mean ± std" in table.stdout and "seed 4" in table.stdout
+    other = client.search_runs([parent.info.experiment_id], filter_string="tags.`gssf.seeds` = '3,4'")[0]
+    compared = gssf("compare", out["run_id"], other.info.run_id, "--bootstrap", "200", "--json")
+    assert compared.exit_code == 0, compared.stderr
+    payload = json.loads(compared.stdout)
+    groups = [system["runs"] for system in (payload["baseline"], *payload["compared"])]
+    assert [len(g) for g in groups] == [3, 2], "a seeds run compares as the group of its train runs"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seeds", "0,0"], "listed twice"),
+        (["--seeds", "0,x"], "comma-separated integers"),
+        (["--seeds", "0,1", "--seed", "2"], "not both"),
+        (["--seeds", "0,1", "--resume", "latest"], "--resume"),
+    ],
+)
+def test_bad_seeds_leave_no_run(gssf: Gssf, syn: Path, extra: list[str], message: str) -> None:
+    result = gssf("train", "--data", str(syn), "--metric", "diag", "--epochs", "1", *SMALL, *extra)
+    assert result.exit_code == 2 and message in result.stderr
+    assert Tracker().client.search_runs([Tracker().experiment_id], filter_string="tags.`gssf.stage` != 'prepare'") == []

@@ -86,7 +86,7 @@ def test_plan_checks_every_grid_combination(moduledir: Path) -> None:
 
 
 BAD_INVOCATIONS: list[tuple[list[str], str]] = [
-    (["--param", "blocksize=4"], "--param blocksize: unknown parameter; tunable: batch_size, block_size"),
+    (["--param", "blocksize=4"], "--param blocksize: unknown parameter; tunable: adapter, batch_size, block_size"),
     (["--param", "block_size", "--values", "4,5,8"], "--param block_size=5: block size 5 does not divide the "
      "embedding size 32; valid block sizes: 1, 2, 4, 8, 16, 32"),
     (["--param", "block_size=divisors:64:128"], "no divisor of the embedding size 32 in [64, 128]"),
@@ -185,6 +185,36 @@ def test_block_size_tune_output_and_artifacts(block_tune: dict[str, Any], module
     rows = list(csv.DictReader(io.StringIO(Path(block_tune["out_dir"], "trials.csv").read_text())))
     assert [int(r["block_size"]) for r in rows] == [t["values"]["block_size"] for t in trials]
     assert _tune_params_logged(client.get_run(run_id).data.params)
+
+
+def test_a_seed_axis_summarises_each_configuration_across_seeds(
+    moduledir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--param seed=0,1`` beside the block size: each block size is one configuration with n = 2, the summary
+    gives its mean ± std, the best trial comes from the configuration with the best mean, the table says so."""
+    from gssf_cli import console
+
+    result = _cli(
+        "tune", "--data", "data/syn", "--param", "block_size=4,8", "--param", "seed=0,1", *SMALL_BASE,
+        "--base", "metric=bdiag", "--epochs", "1", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    tuned = json.loads(result.stdout)
+    by_size: dict[int, list[float]] = {}
+    for trial in tuned["trials"]:
+        by_size.setdefault(trial["values"]["block_size"], []).append(trial["metric"])
+    assert sorted(by_size) == [4, 8] and all(len(v) == 2 for v in by_size.values())
+    found = tuned["configurations"]
+    assert [c["values"] for c in found] == sorted(
+        ({"block_size": size} for size in by_size), key=lambda v: -sum(by_size[v["block_size"]])
+    )
+    for configuration in found:
+        values = by_size[configuration["values"]["block_size"]]
+        assert configuration["metric"]["n"] == 2
+        assert configuration["metric"]["mean"] == pytest.approx(sum(values) / 2)
+    assert tuned["best"]["values"]["block_size"] == found[0]["values"]["block_size"]
+    console.print_tune(tuned, as_json=False)
+    assert "2 configurations across seeds" in capsys.readouterr().out
 
 
 def _progress_epochs(trial_path: Path) -> list[int]:

@@ -1,0 +1,292 @@
+"""Stage ``compare``: paired significance tests between trained runs, tracked as an MLflow run.
+
+The work is :mod:`gssf_cli.comparison`'s: every run is embedded on the same split of the same dataset and
+ranked under the same protocol (:func:`gssf_cli.comparison.trained_units`), a comma-separated group of runs
+(several seeds of one configuration) is averaged per query, and each later argument is tested against the
+first (the baseline) on every metric: difference, bootstrap interval, sign-flip p-value. Everything is checked
+and computed before the MLflow run opens — runs that are not train runs, runs on different datasets or tasks,
+a missing split, a protocol that does not fit — so bad input leaves no run and no file behind. The run then
+logs the config, the dataset, tags naming the compared runs, one metric per (statistic, metric, run), the
+table as ``comparison.json`` and ``comparison.md``, the per-query values as ``units.npz`` (plain float and
+integer arrays, readable with ``numpy.load(..., allow_pickle=False)``) and a forest plot.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gssf_cli import comparison, seeds
+from gssf_cli.comparison import Comparison, Units
+from gssf_cli.config import CompareConfig, to_dict
+from gssf_cli.errors import UserInputError
+
+if TYPE_CHECKING:
+    from gssf_cli.data.dataset import Dataset
+    from gssf_cli.tracking import StageRun, Tracker
+
+DATASET_TAG = "gssf.dataset.manifest_sha256"
+TASK_TAG = "gssf.task"
+
+
+@dataclass(frozen=True)
+class System:
+    """One argument of the command: a run or a group of runs (``runs``: ``{run_id, run_name}`` each), its label
+    in tables, and the short key its MLflow metrics end with."""
+
+    label: str
+    key: str
+    runs: list[dict[str, str]]
+    spread: dict[str, dict[str, float | int]] = field(default_factory=dict)
+    """Per metric, mean ± sample std and n over the group's runs (each run's own metrics on the split): the
+    spread from training (seeds), which the paired test over queries does not see."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "key": self.key, "runs": self.runs, "spread": self.spread}
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """What ``gssf compare`` prints (``--json``): what was compared on what, every (metric, run) row, and the
+    settings and method of the tests."""
+
+    task: str
+    split: str
+    protocol: str | None
+    dataset: dict[str, Any]
+    unit: str
+    units: int
+    baseline: System
+    compared: list[System]
+    rows: list[dict[str, Any]]
+    settings: dict[str, Any]
+    not_tested: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    run_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "split": self.split,
+            "protocol": self.protocol,
+            "dataset": self.dataset,
+            "unit": self.unit,
+            "units": self.units,
+            "baseline": self.baseline.to_json(),
+            "compared": [system.to_json() for system in self.compared],
+            "rows": self.rows,
+            "settings": self.settings,
+            "method": comparison.METHOD,
+            "not_tested": self.not_tested,
+            "seconds": self.seconds,
+            "run_id": self.run_id,
+        }
+
+
+def run(config: CompareConfig, tracker: Tracker, parent_run_id: str | None = None) -> CompareResult:
+    """Compare ``config.runs`` (the baseline first); the result goes to a ``compare`` run."""
+    from gssf_cli.runs import load_trained
+
+    started = time.perf_counter()
+    groups = _resolve(tracker, config)
+    per_run: dict[str, Units] = {}
+    dataset: Dataset | None = None
+    for group in groups:
+        for train_run in group:
+            run_id = train_run.info.run_id
+            if run_id in per_run:
+                continue
+            _, model, loaded = load_trained(tracker, run_id)
+            dataset = _same_dataset(dataset, loaded, run_id, config.split)
+            per_run[run_id] = comparison.trained_units(
+                model,
+                loaded,
+                config.split,
+                protocol=config.protocol,
+                ks=config.ks,
+                memory_budget_bytes=config.memory_budget_mb * 2**20,
+                full_map=config.full_map,
+            )
+            del model
+    assert dataset is not None
+    tracker.follow(groups[0][0])  # the compare run lands beside the baseline (unless --experiment says otherwise)
+    systems = [
+        replace(system, spread={k: v.to_json() for k, v in seeds.summarize(
+            [per_run[r.info.run_id].means() for r in group]).items()})
+        for system, group in zip(_systems(groups), groups, strict=True)
+    ]  # fmt: skip
+    averaged = [comparison.average_units([per_run[r.info.run_id] for r in group]) for group in groups]
+    outcome = comparison.compare_units(
+        averaged[0],
+        {system.label: units for system, units in zip(systems[1:], averaged[1:], strict=True)},
+        bootstrap=config.bootstrap,
+        permutations=config.permutations,
+        confidence=config.confidence,
+        seed=config.seed,
+    )
+    baseline_units = averaged[0]
+    result = CompareResult(
+        task=baseline_units.task,
+        split=config.split,
+        protocol=config.protocol if baseline_units.task == "cross_modal" else None,
+        dataset={
+            "name": dataset.name,
+            "folder": str(dataset.folder),
+            "manifest_sha256": dataset.digest,
+            "split": config.split,
+        },
+        unit=baseline_units.unit,
+        units=baseline_units.size,
+        baseline=systems[0],
+        compared=systems[1:],
+        rows=[row.to_json() for row in outcome.rows],
+        settings={
+            "bootstrap": config.bootstrap,
+            "permutations": config.permutations,
+            "confidence": config.confidence,
+            "alpha": round(1.0 - config.confidence, 12),
+            "seed": config.seed,
+            "ks": list(config.ks),
+        },
+        not_tested=dict(comparison.NOT_TESTED) if baseline_units.task == "cross_modal" else {},
+    )
+    all_ids = [r.info.run_id for group in groups for r in group]
+    tags = {
+        "gssf.source_run": systems[0].runs[0]["run_id"],
+        "gssf.compare.baseline": ",".join(r["run_id"] for r in systems[0].runs),
+        "gssf.compare.runs": ",".join(dict.fromkeys(all_ids)),
+    }
+    with tracker.start_run(
+        "compare", run_name=f"compare-{config.split}", parent_run_id=parent_run_id, tags=tags
+    ) as run_:
+        seconds = round(time.perf_counter() - started, 3)
+        result = replace(result, seconds=seconds, run_id=run_.run_id)
+        _log(run_, config, dataset, result, outcome, systems, groups, per_run, averaged)
+    return result
+
+
+def _resolve(tracker: Tracker, config: CompareConfig) -> list[list[Any]]:
+    """Every argument's train runs (``latest`` resolved), refused unless each is a train run and all were
+    trained on one dataset (the manifest digest they recorded) for one task."""
+    groups: list[list[Any]] = []
+    for refs in config.groups():
+        runs = []
+        for ref in refs:
+            found = tracker.get_run(ref, stage="train")
+            stage = found.data.tags.get("gssf.stage")
+            if stage == seeds.SEEDS_STAGE:  # a `gssf train --seeds` run: the group of its train runs, one per seed
+                runs += [child for child in tracker.child_runs(found.info.run_id) if _is_train(child)]
+                continue
+            if stage != "train":
+                raise UserInputError(
+                    f"run {found.info.run_id} is a {stage or 'non-gssf'} run, not a train run: compare trained runs"
+                )
+            runs.append(found)
+        groups.append(runs)
+    first = groups[0][0]
+    for members in groups:
+        for other in members:
+            for tag, what in ((DATASET_TAG, "datasets"), (TASK_TAG, "tasks")):
+                mine, theirs = first.data.tags.get(tag), other.data.tags.get(tag)
+                if mine is not None and theirs is not None and mine != theirs:
+                    raise UserInputError(
+                        f"runs {first.info.run_id} and {other.info.run_id} were trained on different {what} "
+                        f"({_describe(first, tag)} vs {_describe(other, tag)}): compare runs of one dataset"
+                    )
+    return groups
+
+
+def _is_train(found: Any) -> bool:
+    return found.data.tags.get("gssf.stage") == "train" and found.info.status == "FINISHED"
+
+
+def _describe(train_run: Any, tag: str) -> str:
+    value = train_run.data.tags.get(tag, "?")
+    if tag == DATASET_TAG:
+        return f"{train_run.data.tags.get('gssf.dataset.name', 'dataset')} sha256 {value[:12]}"
+    return value
+
+
+def _same_dataset(known: Dataset | None, loaded: Dataset, run_id: str, split: str) -> Dataset:
+    """The dataset every run was loaded with: one content (manifest digest), and it has ``split``."""
+    if known is None:
+        if not loaded.has_split(split):
+            raise UserInputError(
+                f"{loaded.folder}: no {split!r} split to compare on (has {', '.join(loaded.manifest['splits'])})"
+            )
+        return loaded
+    if loaded.digest != known.digest or loaded.task != known.task:
+        raise UserInputError(
+            f"run {run_id} was trained on {loaded.folder} (sha256 {loaded.digest[:12]}), the first run on "
+            f"{known.folder} (sha256 {known.digest[:12]}): compare runs of one dataset"
+        )
+    return known
+
+
+def _systems(groups: list[list[Any]]) -> list[System]:
+    """Labels (the run name; a group: its first run's name and how many more) and metric keys (a short run
+    id), made unique where the same run is given twice."""
+    systems: list[System] = []
+    labels: set[str] = set()
+    keys: set[str] = set()
+    for index, group in enumerate(groups):
+        runs = [{"run_id": r.info.run_id, "run_name": r.info.run_name or r.info.run_id} for r in group]
+        label = runs[0]["run_name"] + (f" +{len(runs) - 1}" if len(runs) > 1 else "")
+        key = runs[0]["run_id"][:8] + (f"_g{len(runs)}" if len(runs) > 1 else "")
+        if label in labels:
+            label = f"{label} #{index + 1}"
+        if key in keys:
+            key = f"{key}_{index + 1}"
+        labels.add(label)
+        keys.add(key)
+        systems.append(System(label, key, runs))
+    return systems
+
+
+def _log(
+    run_: StageRun,
+    config: CompareConfig,
+    dataset: Dataset,
+    result: CompareResult,
+    outcome: Comparison,
+    systems: list[System],
+    groups: list[list[Any]],
+    per_run: dict[str, Units],
+    averaged: list[Units],
+) -> None:
+    run_.log_dataset(dataset.name, dataset.folder, dataset.digest, context=config.split)
+    run_.log_config("compare", to_dict(config))
+    keys = {system.label: system.key for system in systems}
+    metrics: dict[str, float] = {"units": float(result.units), "seconds": result.seconds}
+    for row in outcome.rows:
+        suffix = f"{row.metric}_{keys[row.compared]}"
+        metrics |= {
+            f"diff_{suffix}": row.difference,
+            f"ci_low_{suffix}": row.ci_low,
+            f"ci_high_{suffix}": row.ci_high,
+            f"p_{suffix}": row.p_value,
+        }
+    run_.log_metrics(metrics)
+    payload = result.to_json()
+    run_.log_dict(payload, "comparison.json")
+    run_.log_text(comparison.markdown_table(payload), "comparison.md")
+    with tempfile.TemporaryDirectory(prefix="gssf-compare-") as tmp:
+        path = Path(tmp) / "units.npz"
+        np.savez_compressed(path, **comparison.units_arrays(averaged, per_run))  # type: ignore[arg-type]
+        run_.log_artifact(path)
+    labels = [(system.label, [run["run_id"] for run in system.runs]) for system in systems]
+    run_.log_text(comparison.units_readme(labels), "units.txt")
+    if config.plots:
+        from gssf_cli import plots
+
+        figure = plots.forest_plot(
+            outcome.rows,
+            f"{dataset.name}, {config.split} split: compared - baseline, {round(100 * config.confidence)}% CI",
+        )
+        run_.log_figure(figure, "plots/comparison_forest.png")
+        plots.close(figure)

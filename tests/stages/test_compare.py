@@ -1,0 +1,268 @@
+"""``gssf compare``: two tiny runs that differ only in seed, end to end through a real MLflow SQLite store —
+differences, intervals and p-values, agreement with ``gssf evaluate``, groups of seeds, what the run logs, the
+label-based path, and bad input refused with exit 2 and nothing left behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner, Result
+
+from gssf_cli.app import app
+from gssf_cli.cli import shown_default
+from gssf_cli.config import CompareConfig, PrepareConfig
+from gssf_cli.tracking import Tracker
+from tests.conftest import tiny_train_config
+from tests.test_cli import HEAVY, help_rows
+from tests.test_cli_conventions import TYPER_TYPES
+
+CROSS_MODAL_TESTED = (
+    "rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_map", "i2t_meanr", "t2i_meanr",
+)  # fmt: skip
+LABEL_TESTED = ("map_at_r", "precision_at_1", "r_precision", "r_at_1", "r_at_5", "r_at_10")
+FAST = ["--bootstrap", "2000", "--permutations", "2000", "--no-plots"]
+
+
+def _invoke(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "140", "NO_COLOR": "1"})
+
+
+def _ok(*args: str) -> dict[str, Any]:
+    result = _invoke(*args, "--json")
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return json.loads(result.stdout)
+
+
+class Runs:
+    """The shared store: ``root`` (the working directory), cross-modal runs ``a``, ``b``, ``c`` (seeds 0, 1, 2
+    of one configuration), label-based runs ``la``, ``lb``, and the prepare run ``prepare``."""
+
+    def __init__(self, root: Path, ids: dict[str, str]) -> None:
+        self.root = root
+        self.__dict__.update(ids)
+
+    a: str
+    b: str
+    c: str
+    la: str
+    lb: str
+    prepare: str
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
+    from gssf_cli.stages import prepare, train
+
+    root = tmp_path_factory.mktemp("compare")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+            mp.delenv(name, raising=False)
+        tracker = Tracker()
+        syn = PrepareConfig(
+            dataset="synthetic", out=Path("data/syn"), train_images=48, dev_images=8, test_images=40,
+            regions=3, region_dim=8, concepts=6, vocab_size=30,
+        )  # fmt: skip
+        prepared = prepare.run(syn, tracker)
+        rng = np.random.default_rng(0)
+        labels = np.arange(240) % 12
+        feats = np.eye(12, 10)[labels] + 0.8 * rng.normal(size=(240, 10))
+        np.savez(root / "feats.npz", features=feats.astype(np.float32), labels=labels)
+        prepare.run(PrepareConfig(dataset="features", out=Path("data/feat"), source=root / "feats.npz"))
+        ids = {"prepare": str(prepared.run_id)}
+        for name, data, seed in (
+            ("a", "syn", 0),
+            ("b", "syn", 1),
+            ("c", "syn", 2),
+            ("la", "feat", 0),
+            ("lb", "feat", 1),
+        ):
+            config = tiny_train_config(Path("data") / data, epochs=1, seed=seed, threads=1)
+            ids[name] = train.run(config, tracker).run_id  # type: ignore[arg-type]
+        yield Runs(root, ids)
+
+
+@pytest.fixture
+def inside(runs: Runs, monkeypatch: pytest.MonkeyPatch) -> Runs:
+    monkeypatch.chdir(runs.root)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    return runs
+
+
+def _rows(payload: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["metric"]: row for row in payload["rows"]}
+
+
+def test_two_seeds_differences_cis_and_p_values(inside: Runs) -> None:
+    """Two runs that differ only in seed: every metric has a difference, a 95% interval and a p-value, and most
+    differences are not significant at 5%. The baseline's values are exactly what `gssf evaluate` reports."""
+    out = _ok("compare", inside.a, inside.b, *FAST)
+    rows = _rows(out)
+    assert tuple(rows) == CROSS_MODAL_TESTED and set(out["not_tested"]) == {"i2t_medr", "t2i_medr"}
+    assert out["units"] == 40 and out["unit"] == "image with its 5 captions" and out["split"] == "test"
+    assert out["baseline"]["runs"][0]["run_id"] == inside.a and out["compared"][0]["runs"][0]["run_id"] == inside.b
+    for row in rows.values():
+        assert row["difference"] == pytest.approx(row["other"] - row["baseline"], abs=1e-9)
+        assert row["ci_low"] <= row["ci_high"] and 0.0 < row["p_value"] <= 1.0
+        assert row["verdict"] in ("n.s.", "better", "worse") and row["significant"] == (row["p_value"] < 0.05)
+    assert sum(not row["significant"] for row in rows.values()) >= 0.7 * len(rows)
+    assert out["settings"] == {
+        "bootstrap": 2000, "permutations": 2000, "confidence": 0.95, "alpha": 0.05, "seed": 0, "ks": [1, 5, 10],
+    }  # fmt: skip
+    evaluated = _ok("evaluate", "--run", inside.a, "--no-plots")
+    for metric, row in rows.items():
+        assert row["baseline"] == pytest.approx(evaluated[metric], rel=1e-9), metric
+    assert _ok("compare", inside.a, inside.b, *FAST)["rows"] == out["rows"]  # seeded: the same numbers again
+
+
+def test_the_compare_run_holds_the_table_the_units_and_a_plot(inside: Runs) -> None:
+    out = _ok("compare", inside.a, inside.b, "--bootstrap", "500", "--permutations", "500")
+    client = Tracker().client
+    run = client.get_run(out["run_id"])
+    tags = run.data.tags
+    assert tags["gssf.stage"] == "compare" and tags["gssf.compare.baseline"] == inside.a
+    assert tags["gssf.compare.runs"] == f"{inside.a},{inside.b}" and tags["gssf.source_run"] == inside.a
+    assert run.data.params["compare.bootstrap"] == "500" and run.data.params["compare.split"] == "test"
+    key = out["compared"][0]["key"]
+    assert key == inside.b[:8]
+    rsum = _rows(out)["rsum"]
+    assert run.data.metrics[f"diff_rsum_{key}"] == pytest.approx(rsum["difference"])
+    assert run.data.metrics[f"p_rsum_{key}"] == pytest.approx(rsum["p_value"])
+    assert run.data.metrics[f"ci_low_rsum_{key}"] == pytest.approx(rsum["ci_low"])
+    artifacts = {a.path for a in client.list_artifacts(out["run_id"])}
+    assert {"comparison.json", "comparison.md", "units.npz", "units.txt", "plots", "config"} <= artifacts
+    assert {a.path for a in client.list_artifacts(out["run_id"], "plots")} == {"plots/comparison_forest.png"}
+    folder = Path(client.download_artifacts(out["run_id"], "", str(inside.root / "downloaded")))
+    assert json.loads((folder / "comparison.json").read_text())["rows"] == out["rows"]
+    assert "| rsum |" in (folder / "comparison.md").read_text()
+    with np.load(folder / "units.npz", allow_pickle=False) as units:
+        assert tuple(units["metrics"]) == CROSS_MODAL_TESTED and units["unit_ids"].tolist() == list(range(40))
+        assert units["system_0"].mean(axis=0)[0] == pytest.approx(rsum["baseline"])
+        assert np.array_equal(units["system_1"], units[f"run_{inside.b}"])
+
+
+def test_groups_of_seeds_are_averaged_per_query(inside: Runs) -> None:
+    """A1,A2 is one configuration: its values are the mean of its runs'; a group against itself differs by 0."""
+    one = _rows(_ok("compare", inside.a, inside.b, *FAST))
+    other = _rows(_ok("compare", inside.c, inside.b, *FAST))
+    group = _ok("compare", f"{inside.a},{inside.c}", inside.b, *FAST)
+    assert group["baseline"]["label"].endswith(" +1") and len(group["baseline"]["runs"]) == 2
+    for metric, row in _rows(group).items():
+        assert row["baseline"] == pytest.approx((one[metric]["baseline"] + other[metric]["baseline"]) / 2)
+    same = _ok("compare", f"{inside.a},{inside.c}", f"{inside.c},{inside.a}", *FAST)
+    assert all(row["difference"] == 0.0 and row["p_value"] == 1.0 for row in same["rows"])
+
+
+def test_several_runs_each_against_the_baseline(inside: Runs) -> None:
+    out = _ok("compare", inside.a, inside.b, inside.c, *FAST)
+    assert [system["runs"][0]["run_id"] for system in out["compared"]] == [inside.b, inside.c]
+    assert len(out["rows"]) == 2 * len(CROSS_MODAL_TESTED)
+    two = _ok("compare", inside.a, inside.b, *FAST)  # common random numbers: b's rows do not depend on c
+    for mine, alone in zip(out["rows"][: len(CROSS_MODAL_TESTED)], two["rows"], strict=True):
+        assert mine["p_value"] == pytest.approx(alone["p_value"]) and mine["ci_low"] == pytest.approx(alone["ci_low"])
+
+
+def test_table_output(inside: Runs) -> None:
+    result = _invoke("compare", inside.a, inside.b, *FAST)
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout
+    for word in ("metric", "baseline", "difference", "95% CI", "p-value", "rsum", "t2i_meanr", "MLflow run"):
+        assert word in text, word
+    assert f"baseline: train-gssf-d4-{inside.a[:6]} ({inside.a})" in text
+
+
+def test_label_based_runs(inside: Runs) -> None:
+    out = _ok("compare", inside.la, inside.lb, *FAST, "--full-map")
+    rows = _rows(out)
+    assert tuple(rows) == (*LABEL_TESTED[:3], *LABEL_TESTED[3:], "map") and out["protocol"] is None
+    assert out["unit"] == "query" and out["not_tested"] == {}
+    evaluated = _ok("evaluate", "--run", inside.la, "--no-plots", "--full-map")
+    for metric, row in rows.items():
+        assert row["baseline"] == pytest.approx(evaluated[metric], rel=1e-9), metric
+
+
+def _store_state(root: Path) -> tuple[int, set[str]]:
+    """How many runs the store holds, and every file under the working directory but the store itself."""
+    client = Tracker().client
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    count = len(client.search_runs(experiments, max_results=10_000))
+    files = {str(p.relative_to(root)) for p in root.rglob("*") if not p.name.startswith("mlflow.db")}
+    return count, files
+
+
+BAD: dict[str, tuple[list[str], str]] = {
+    "one run": (["{a}"], "give at least two runs to compare, the baseline first (got 1)"),
+    "unknown run": (["{a}", "nope"], "unknown run 'nope'"),
+    "not a train run": (["{a}", "{prepare}"], "is a prepare run, not a train run"),
+    "different datasets": (["{a}", "{la}"], "were trained on different datasets"),
+    "missing split": (["{a}", "{b}", "--split", "nosuch"], "no 'nosuch' split to compare on (has train, dev, test)"),
+    "protocol": (["{a}", "{b}", "--protocol", "f30k-1k"], "protocol f30k-1k needs 1,000 images, got 40"),
+    "latest in a group": (["latest,{a}", "{b}"], "'latest' cannot be part of a group"),
+    "empty member": (["{a},", "{b}"], "an empty run id"),
+    "confidence": (["{a}", "{b}", "--confidence", "1.5"], "compare.confidence: must be between 0 and 1"),
+    "bootstrap": (["{a}", "{b}", "--bootstrap", "0"], "compare.bootstrap: must be at least 1"),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "as_json"), [(case, index % 2 == 1) for index, case in enumerate(sorted(BAD))]
+)  # each case once, half of them with --json
+def test_bad_input_exits_2_and_leaves_nothing(inside: Runs, case: str, as_json: bool) -> None:
+    template, expected = BAD[case]
+    args = [arg.format(**inside.__dict__) for arg in template]
+    before = _store_state(inside.root)
+    result = _invoke("compare", *args, *(["--json"] if as_json else []))
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("gssf: error: ") and expected in line and "Traceback" not in result.stderr, line
+    if as_json:
+        error = json.loads(result.stdout)
+        assert error["kind"] == "input" and error["exit_code"] == 2 and expected in error["error"]
+    else:
+        assert result.stdout == ""
+    assert _store_state(inside.root) == before
+
+
+def test_missing_runs_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = _invoke("compare")
+    assert result.exit_code == 2 and "missing argument 'RUN'" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_shows_arguments_defaults_and_imports_nothing_heavy() -> None:
+    result = _invoke("compare", "--help")
+    assert result.exit_code == 0
+    assert "Usage: gssf compare [OPTIONS] RUN..." in result.stdout
+    assert not TYPER_TYPES.search(result.stdout), TYPER_TYPES.findall(result.stdout)
+    rows = help_rows(result.stdout)
+    for field in dataclasses.fields(CompareConfig):  # every setting a flag, with its default (runs: the arguments)
+        if field.metadata.get("file_only"):
+            continue
+        name = field.name.replace("_", "-")
+        decls = field.metadata.get("flag") or (f"--{name}/--no-{name}" if field.type == "bool" else f"--{name}")
+        shown = shown_default(field.default, decls)
+        row = rows[decls.split("/")[0]]
+        assert (f"[default: {shown}]" in row) if shown is not None else ("[default" not in row), row
+    assert rows["--bootstrap"].startswith("--bootstrap INTEGER ") and "[default: 10000]" in rows["--bootstrap"]
+    assert "[default: 10000]" in rows["--permutations"] and "[default: 0.95]" in rows["--confidence"]
+    assert "[default: 0]" in rows["--seed"] and "[default: test]" in rows["--split"]
+    assert rows["--k"].startswith("--k INT,INT,... ") and "[default: all]" in rows["--protocol"]
+    code = (
+        "import sys\nfrom gssf_cli.app import app\n"
+        "try:\n    app(['compare', '--help'])\nexcept SystemExit:\n    pass\n"
+        f"print('HEAVY:' + ' '.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    env = {**os.environ, "COLUMNS": "120"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY:"

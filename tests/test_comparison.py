@@ -1,0 +1,315 @@
+"""gssf_cli.comparison: per-query units whose means are exactly evaluate's metrics, chunked per-query ranks against
+a slow reference, and the paired statistics (coverage, null calibration, exact sign-flip enumeration)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from gssf_cli import comparison, retrieval
+from gssf_cli.comparison import Units, bootstrap_means, compare_units, sign_flip_pvalues
+from gssf_cli.errors import UserInputError
+
+# ----------------------------------------------------------------------------------------------------------
+# Slow references: every row sorted in plain Python, ties broken with non-relevant items first
+
+
+def _order(scores: Sequence[float], relevant: Sequence[bool]) -> list[bool]:
+    return [relevant[j] for j in sorted(range(len(scores)), key=lambda j: (-scores[j], relevant[j]))]
+
+
+def reference_cross_modal_ranks(s: np.ndarray, k: int) -> tuple[list[int], list[int], list[float]]:
+    n, m = s.shape
+    i2t, aps, t2i = [], [], []
+    for i in range(n):
+        ranked = _order(list(s[i]), [j // k == i for j in range(m)])
+        positions = [p for p, r in enumerate(ranked) if r]
+        i2t.append(positions[0])
+        aps.append(sum((h + 1) / (p + 1) for h, p in enumerate(positions)) / len(positions))
+    for j in range(m):
+        t2i.append(_order(list(s[:, j]), [i == j // k for i in range(n)]).index(True))
+    return i2t, t2i, aps
+
+
+def reference_label_stats(s: np.ndarray, labels: Sequence[int]) -> list[tuple[int, float, float, float] | None]:
+    """Per query (self-retrieval): first rank, MAP@R, R-precision, AP; None without a relevant item."""
+    out: list[tuple[int, float, float, float] | None] = []
+    for q in range(s.shape[0]):
+        columns = [j for j in range(s.shape[1]) if j != q]
+        ranked = _order([s[q, j] for j in columns], [labels[j] == labels[q] for j in columns])
+        r = sum(ranked)
+        if r == 0:
+            out.append(None)
+            continue
+        hits, ap, ap_at_r = 0, 0.0, 0.0
+        for position, relevant in enumerate(ranked, start=1):
+            if relevant:
+                hits += 1
+                ap += hits / position
+                ap_at_r += hits / position if position <= r else 0.0
+        out.append((ranked.index(True), ap_at_r / r, sum(ranked[:r]) / r, ap / r))
+    return out
+
+
+def _pairs(n: int, k: int, d: int = 6, noise: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(n, d))
+    texts = np.repeat(images, k, axis=0) + noise * rng.normal(size=(n * k, d))
+    return images.astype(np.float32), texts.astype(np.float32)
+
+
+def _asymmetric(seed: int = 3, d: int = 6) -> retrieval.ScoreFn:
+    w = torch.from_numpy(np.random.default_rng(seed).normal(size=(d, d)).astype(np.float32))
+    return lambda q, g: (q @ w) @ g.T
+
+
+def _labelled(n: int = 50, classes: int = 6, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=n)
+    labels[-1] = classes + 5  # one query with no relevant item: counts in no metric
+    feats = np.eye(classes + 6, 8)[labels] + 0.9 * rng.normal(size=(n, 8))
+    return feats.astype(np.float32), labels
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-query ranks (chunked) against the slow reference
+
+
+@pytest.mark.parametrize("budget", [64, 2**20])
+def test_cross_modal_fold_ranks_equal_the_slow_reference(budget: int) -> None:
+    images, texts = _pairs(14, 3)
+    score_fn = _asymmetric()
+    ranks = retrieval.cross_modal_fold_ranks(
+        images, texts, captions_per_image=3, score_fn=score_fn, memory_budget_bytes=budget
+    )
+    s = score_fn(torch.from_numpy(images), torch.from_numpy(texts)).numpy()
+    i2t, t2i, aps = reference_cross_modal_ranks(s, 3)
+    assert ranks.i2t.tolist() == i2t and ranks.t2i.tolist() == t2i
+    np.testing.assert_allclose(ranks.i2t_ap.numpy(), aps, rtol=1e-12)
+
+
+@pytest.mark.parametrize("full_map", [False, True])
+@pytest.mark.parametrize("budget", [100, 2**20])
+def test_label_query_stats_equal_the_slow_reference(full_map: bool, budget: int) -> None:
+    feats, labels = _labelled()
+    ks = (1, 3)
+    stats = retrieval.label_query_stats(feats, labels, ks=ks, memory_budget_bytes=budget, full_map=full_map)
+    s = feats.astype(np.float32) @ feats.astype(np.float32).T
+    expected = reference_label_stats(s, labels.tolist())
+    depth_bound = 0
+    for q, reference in enumerate(expected):
+        if reference is None:
+            assert stats.first_rank[q] == -1 and not stats.evaluated[q]
+            continue
+        first, map_at_r, r_precision, ap = reference
+        relevant = int((labels == labels[q]).sum()) - 1
+        depth = max(relevant, max(ks))
+        if first < depth:  # exact inside the depth the ranking is known to, a lower bound past it
+            assert stats.first_rank[q] == first
+        else:
+            assert stats.first_rank[q] >= depth
+            depth_bound += 1
+        assert stats.map_at_r[q] == pytest.approx(map_at_r, rel=1e-12)
+        assert stats.r_precision[q] == pytest.approx(r_precision, rel=1e-12)
+        if full_map:
+            assert stats.average_precision is not None
+            assert stats.average_precision[q] == pytest.approx(ap, rel=1e-12)
+    assert stats.evaluated.sum() == len(labels) - 1
+    assert (stats.average_precision is None) is not full_map
+
+
+def test_protocol_folds() -> None:
+    assert retrieval.protocol_folds(7, "all") == [(0, 7)]
+    assert retrieval.protocol_folds(5000, "coco-1k") == [(i, i + 1000) for i in range(0, 5000, 1000)]
+    with pytest.raises(retrieval.RetrievalInputError, match="protocol f30k-1k needs 1,000 images, got 7"):
+        retrieval.protocol_folds(7, "f30k-1k")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Units: their means are what gssf evaluate reports
+
+
+def _assert_means_equal_evaluation(units: Units, evaluated: dict[str, object]) -> None:
+    means = units.means()
+    for name, value in means.items():
+        assert value == pytest.approx(evaluated[name], rel=1e-12, abs=1e-12), name
+    tested = set(means) | set(comparison.NOT_TESTED)
+    assert {key for key, value in evaluated.items() if isinstance(value, float)} <= tested
+
+
+@pytest.mark.parametrize("ks", [(1, 5, 10), (2, 3)])
+def test_cross_modal_unit_means_equal_evaluate(ks: tuple[int, ...]) -> None:
+    images, texts = _pairs(30, 5)
+    score_fn = _asymmetric()
+    units = comparison.embedding_units("cross_modal", images, texts, captions_per_image=5, score_fn=score_fn, ks=ks)
+    evaluated = retrieval.evaluate_cross_modal(images, texts, captions_per_image=5, score_fn=score_fn, ks=ks)
+    assert units.size == 30 and units.unit == "image with its 5 captions" and units.metrics[0] == "rsum"
+    _assert_means_equal_evaluation(units, evaluated)
+
+
+def test_coco_1k_unit_means_equal_the_mean_over_folds() -> None:
+    """Each image is ranked within its fold; the folds are equal, so the mean over units is the fold mean."""
+    images, texts = _pairs(5000, 2, d=4, noise=1.5, seed=5)
+    units = comparison.embedding_units("cross_modal", images, texts, captions_per_image=2, protocol="coco-1k")
+    evaluated = retrieval.evaluate_cross_modal(images, texts, captions_per_image=2, protocol="coco-1k")
+    _assert_means_equal_evaluation(units, evaluated)
+    whole = comparison.embedding_units("cross_modal", images, texts, captions_per_image=2, protocol="coco-5k")
+    assert whole.means()["rsum"] < units.means()["rsum"]  # 5,000 candidates are harder than 1,000
+
+
+@pytest.mark.parametrize("full_map", [False, True])
+def test_label_unit_means_equal_evaluate(full_map: bool) -> None:
+    feats, labels = _labelled()
+    units = comparison.embedding_units("labels", feats, labels=labels, ks=(1, 3), full_map=full_map)
+    evaluated = retrieval.evaluate_labels(feats, labels, ks=(1, 3), full_map=full_map)
+    assert units.size == len(labels) - 1 == evaluated["num_queries"] - evaluated["num_skipped"]
+    assert ("map" in units.metrics) is full_map
+    _assert_means_equal_evaluation(units, evaluated)
+
+
+def test_units_refuse_what_cannot_be_ranked() -> None:
+    images, texts = _pairs(20, 2)
+    with pytest.raises(UserInputError, match="protocol f30k-1k needs 1,000 images"):
+        comparison.embedding_units("cross_modal", images, texts, captions_per_image=2, protocol="f30k-1k")
+    with pytest.raises(UserInputError, match="no query has a relevant gallery item"):
+        comparison.embedding_units("labels", images, labels=np.arange(20))
+
+
+def test_groups_are_averaged_per_unit_and_must_pair() -> None:
+    a = Units("labels", ("map_at_r",), np.array([[0.0], [1.0]]), np.arange(2), "query")
+    b = Units("labels", ("map_at_r",), np.array([[1.0], [0.0]]), np.arange(2), "query")
+    assert comparison.average_units([a, b]).values.tolist() == [[0.5], [0.5]]
+    other_units = Units("labels", ("map_at_r",), np.array([[1.0], [0.0]]), np.array([0, 2]), "query")
+    with pytest.raises(UserInputError, match="not measured on the same units"):
+        comparison.average_units([a, other_units])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The statistics
+
+
+def _units(values: np.ndarray, metrics: tuple[str, ...] = ("map_at_r",)) -> Units:
+    values = values.reshape(len(values), -1)
+    return Units("labels", metrics, values.astype(np.float64), np.arange(len(values)), "query")
+
+
+def test_identical_systems_differ_by_zero_with_p_one() -> None:
+    values = np.random.default_rng(0).random((200, 2))
+    result = compare_units(
+        _units(values, ("map_at_r", "r_precision")), {"same": _units(values, ("map_at_r", "r_precision"))}
+    )
+    for row in result.rows:
+        assert row.difference == 0.0 and row.ci_low == 0.0 and row.ci_high == 0.0
+        assert row.p_value == 1.0 and row.p_exact and row.verdict == "n.s."
+
+
+def test_a_strongly_better_system_is_significant_in_its_direction() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.random((300, 2))
+    better = base + np.array([0.1, -5.0]) + 0.05 * rng.normal(size=(300, 2))
+    metrics = ("map_at_r", "i2t_meanr")  # i2t_meanr: lower is better
+    result = compare_units(_units(base, metrics), {"b": _units(better, metrics)}, bootstrap=2000, permutations=2000)
+    by_metric = {row.metric: row for row in result.rows}
+    assert all(row.p_value < 0.01 and row.significant for row in result.rows)
+    assert by_metric["map_at_r"].verdict == "better" and by_metric["map_at_r"].ci_low > 0
+    assert by_metric["i2t_meanr"].verdict == "better" and by_metric["i2t_meanr"].ci_high < 0
+    assert by_metric["map_at_r"].p_value == pytest.approx(1 / 2001)  # the smallest a sampled test reports
+    worse = compare_units(_units(better, metrics), {"a": _units(base, metrics)}, bootstrap=200, permutations=200)
+    assert {row.verdict for row in worse.rows} == {"worse"}
+
+
+def test_bootstrap_intervals_cover_the_true_difference_at_about_the_nominal_rate() -> None:
+    """300 test sets of 80 units drawn from a population whose mean difference is 0.3: the 95% interval
+    should hold it in about 95% of them (the percentile bootstrap runs a little narrow at small n)."""
+    rng = np.random.default_rng(7)
+    covered = 0
+    trials = 300
+    for trial in range(trials):
+        base = rng.normal(size=80)
+        other = base + 0.3 + rng.standard_t(df=5, size=80)  # heavy-ish tails, population mean difference 0.3
+        row = compare_units(_units(base), {"o": _units(other)}, bootstrap=1000, permutations=1, seed=trial).rows[0]
+        covered += row.ci_low <= 0.3 <= row.ci_high
+    assert 0.90 <= covered / trials <= 0.985, covered / trials
+
+
+def test_sign_flip_test_is_calibrated_under_the_null() -> None:
+    rng = np.random.default_rng(11)
+    p = np.array(
+        [sign_flip_pvalues(rng.normal(size=(40, 1)), 500, np.random.default_rng(seed))[0][0] for seed in range(300)]
+    )
+    assert 0.02 <= float(np.mean(p < 0.05)) <= 0.09
+    assert 0.4 <= float(np.mean(p)) <= 0.6
+
+
+def _enumerated_p(d: np.ndarray) -> float:
+    observed = abs(d.sum())
+    sums = [
+        abs(sum(s * x for s, x in zip(signs, d, strict=True))) for signs in itertools.product((1, -1), repeat=len(d))
+    ]
+    return sum(total >= observed - 1e-9 for total in sums) / len(sums)
+
+
+def test_sign_flip_p_is_exact_for_few_units() -> None:
+    rng = np.random.default_rng(3)
+    d = np.round(rng.normal(size=(9, 3)), 2)
+    d[:4, 2] = 0.0  # zeros do not change under a flip
+    p, exact = sign_flip_pvalues(d, 10_000, np.random.default_rng(0))
+    assert exact.all()
+    for column in range(3):
+        assert p[column] == pytest.approx(_enumerated_p(d[:, column]), abs=1e-15)
+
+
+def test_sampled_sign_flip_p_is_close_to_the_enumeration() -> None:
+    d = np.random.default_rng(4).normal(0.25, 1.0, size=(14, 1))
+    p, exact = sign_flip_pvalues(d, 20_000, np.random.default_rng(0))  # 2^14 > 10,000: sampled
+    sampled, sampled_exact = sign_flip_pvalues(d, 10_000, np.random.default_rng(0))
+    assert exact[0] and not sampled_exact[0]
+    assert p[0] == pytest.approx(_enumerated_p(d[:, 0]), abs=1e-15)
+    assert abs(sampled[0] - p[0]) < 4 * np.sqrt(p[0] * (1 - p[0]) / 10_000) + 1e-4
+
+
+def test_bootstrap_means_resample_whole_units() -> None:
+    rng = np.random.default_rng(5)
+    d = rng.normal(size=(50, 2))
+    d[:, 1] = 3.0  # a constant column resamples to itself
+    means = bootstrap_means(d, 3000, np.random.default_rng(0))
+    assert means.shape == (3000, 2)
+    np.testing.assert_allclose(means[:, 1], 3.0, rtol=1e-12)
+    assert means[:, 0].mean() == pytest.approx(d[:, 0].mean(), abs=0.02)
+    assert means[:, 0].std() == pytest.approx(d[:, 0].std() / np.sqrt(50), rel=0.08)
+
+
+def test_results_are_seeded_and_do_not_depend_on_the_other_systems() -> None:
+    rng = np.random.default_rng(6)
+    base, b, c = (_units(rng.random((120, 1))) for _ in range(3))
+    one = compare_units(base, {"b": b}, bootstrap=500, permutations=500, seed=1).rows[0]
+    again = compare_units(base, {"b": b}, bootstrap=500, permutations=500, seed=1).rows[0]
+    two = compare_units(base, {"b": b, "c": c}, bootstrap=500, permutations=500, seed=1).rows[0]
+    other_seed = compare_units(base, {"b": b}, bootstrap=500, permutations=500, seed=2).rows[0]
+    assert one == again
+    assert (two.ci_low, two.ci_high, two.p_value) == pytest.approx((one.ci_low, one.ci_high, one.p_value), rel=1e-12)
+    assert (other_seed.ci_low, other_seed.p_value) != (one.ci_low, one.p_value)
+
+
+def test_bad_settings_are_refused() -> None:
+    units = _units(np.zeros(3))
+    with pytest.raises(UserInputError, match="confidence"):
+        compare_units(units, {"b": units}, confidence=1.0)
+    with pytest.raises(UserInputError, match="nothing to compare"):
+        compare_units(units, {})
+
+
+def test_markdown_table() -> None:
+    row = compare_units(_units(np.zeros(4)), {"b": _units(np.ones(4))}, bootstrap=10, permutations=16).rows[0]
+    payload = {
+        "dataset": {"name": "syn"}, "split": "test", "protocol": None, "units": 4, "unit": "query",
+        "baseline": {"label": "a", "runs": [{"run_id": "r1"}]},
+        "settings": {"confidence": 0.95, "bootstrap": 10, "permutations": 16, "seed": 0},
+        "rows": [row.to_json()], "not_tested": {},
+    }  # fmt: skip
+    table = comparison.markdown_table(payload)
+    assert "| map_at_r | b | 0.0000 | 1.0000 | 1.0000 | [1.0000, 1.0000] | 0.1250 | n.s. |" in table

@@ -198,9 +198,9 @@ MetricNorm = ScoreNorm
 HEAD_LR_SCALES: dict[str, float] = {"trained": 1.0, "head_only": 100.0}
 """The metric head's default learning-rate multiple, by mode (measured on scikit-learn's digits as two views, 3
 seeds, 20 epochs, ``--lr`` 5e-4). With trained towers the head at 1×, 20× or 100× gave the same test rSum
-(bdiag d = 64: 343.4 ± 4.5, 346.3 ± 4.1, 346.6 ± 7.0) and never collapsed, so it keeps the towers' rate. Head-only,
+(bdiag d = 64: 343.4 ± 5.6, 346.3 ± 4.2, 346.6 ± 7.1; sample std) and never collapsed, so it keeps the towers' rate. Head-only,
 the head is all that learns and it must move far from the identity: at 1× it learned nothing in 20 epochs (best
-epoch 1, rSum 15.0 as cosine), at 40× 178.6, at 100× 193.9 ± 4.0 (stable over seeds), at 200× 204.4."""
+epoch 1, rSum 15.0 as cosine), at 40× 178.6, at 100× 193.9 ± 3.9 (stable over seeds), at 200× 204.4."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -651,3 +651,11 @@ def configurations(outcomes: list[TrialOutcome], mode: str) -> list[Configuratio
 def repeated(found: list[Configuration]) -> bool:
     """Whether any configuration ran with more than one seed (then configurations, not trials, are ranked)."""
     return any(c.spread is not None and c.spread.n > 1 for c in found)
+
+
+def best_trial(ranked: list[TrialOutcome], found: list[Configuration]) -> TrialOutcome | None:
+    """The best trial of ``ranked`` (best first); when configurations ran with several seeds, the best seed of the
+    configuration with the best mean (``found``, from :func:`configurations`): one lucky seed must not pick it."""
+    if repeated(found) and found[0].spread is not None:
+        return next(o for o in ranked if o.trial_id in found[0].trial_ids)
+    return next((o for o in ranked if o.metric is not None), None)

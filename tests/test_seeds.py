@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gssf_cli.errors import UserInputError
 from gssf_cli.seeds import by_configuration, check_seeds, spread, summarize
-from gssf_cli.tuning import TrialOutcome, configurations, repeated
+from gssf_cli.tuning import TrialOutcome, best_trial, configurations, rank_key, repeated
 
 finite = st.floats(-1e6, 1e6, allow_nan=False)
 
@@ -65,7 +65,13 @@ def test_the_tune_ranks_configurations_by_their_mean_not_their_luckiest_seed() -
     assert [c.values["block_size"] for c in found] == [8, 4, 16]
     assert found[0].spread is not None and found[0].spread.mean == 261.0 and found[0].spread.n == 2
     assert found[2].spread is None and found[2].trial_ids == ()
-    assert not repeated(configurations(trials[:1] + trials[2:3], "max"))
+    ranked = sorted(trials, key=lambda t: rank_key(t.metric, "max"))
+    best = best_trial(ranked, found)
+    assert best is not None and best.trial_id == "t3", "the best seed of the best configuration"
+    single = configurations(trials[:1] + trials[2:3], "max")
+    assert not repeated(single)
+    alone = best_trial(sorted(trials[:1] + trials[2:3], key=lambda t: rank_key(t.metric, "max")), single)
+    assert alone is not None and alone.trial_id == "t0", "without seeds, the best trial"
 
 
 def test_the_block_size_figure_draws_error_bars_over_seeds() -> None:

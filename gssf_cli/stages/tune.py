@@ -182,7 +182,7 @@ def _search(
             outcomes = [replace(o, run_id=trial_runs.settle(o, ray_run.interrupted)) for o in outcomes]
         ranked = sorted(outcomes, key=lambda o: tuning.rank_key(o.metric, plan.mode))
         found = tuning.configurations(ranked, plan.mode)
-        best = _best(ranked, found)
+        best = tuning.best_trial(ranked, found)
         out_dir = plan.base.runs_dir / run_id
         best_file = _write_outputs(out_dir, ranked, best, plan, tune_run)
         seconds = time.perf_counter() - started
@@ -211,14 +211,6 @@ def _search(
         trial_seconds=round(sum(o.seconds for o in outcomes), 2),
         ray_start_seconds=round(ray_run.ray_start_seconds, 2),
     )
-
-
-def _best(ranked: list[TrialOutcome], found: list[tuning.Configuration]) -> TrialOutcome | None:
-    """The best trial; when configurations ran with several seeds, the best seed of the configuration with the best
-    mean (one lucky seed must not pick the configuration)."""
-    if tuning.repeated(found) and found[0].spread is not None:
-        return next(o for o in ranked if o.trial_id in found[0].trial_ids)
-    return next((o for o in ranked if o.metric is not None), None)
 
 
 def _experiment_name(run_id: str) -> str:

@@ -54,7 +54,7 @@ from gssf_cli.config import (
 )
 from gssf_cli.data.rankable import split_problem
 from gssf_cli.errors import UserInputError
-from gssf_cli.seeds import Spread, by_configuration, spread
+from gssf_cli.seeds import SEED_KEY, Spread, by_configuration, spread
 
 Kind = Literal["grid", "uniform", "loguniform", "randint", "lograndint"]
 
@@ -659,3 +659,20 @@ def best_trial(ranked: list[TrialOutcome], found: list[Configuration]) -> TrialO
     if repeated(found) and found[0].spread is not None:
         return next(o for o in ranked if o.trial_id in found[0].trial_ids)
     return next((o for o in ranked if o.metric is not None), None)
+
+
+def result_tables(ranked: list[TrialOutcome], plan: TunePlan) -> dict[str, str]:
+    """The tune's CSV tables by file name: ``trials.csv`` (:func:`results_csv`) and, when a configuration ran with
+    several seeds, ``configurations.csv``: one row per configuration, best mean first (mean, sample std, n)."""
+    tables = {"trials.csv": results_csv(ranked, plan)}
+    found = configurations(ranked, plan.mode)
+    if repeated(found):
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        names = [n for n in plan.names if n != SEED_KEY]
+        writer.writerow(["rank", *names, f"{plan.metric}_mean", f"{plan.metric}_std", "n", "trial_ids"])
+        for rank, c in enumerate(found, start=1):
+            stats = [c.spread.mean, c.spread.std, c.spread.n] if c.spread is not None else ["", "", 0]
+            writer.writerow([rank, *(c.values.get(n, "") for n in names), *stats, " ".join(c.trial_ids)])
+        tables["configurations.csv"] = buffer.getvalue()
+    return tables

@@ -250,12 +250,13 @@ def _log_start(run_: StageRun, search: tuning.Search) -> None:
 def _write_outputs(
     out_dir: Path, ranked: list[TrialOutcome], best: TrialOutcome | None, plan: TunePlan, run_: StageRun | None
 ) -> Path | None:
-    """``trials.csv``, the best train config and the block-size plot, in ``out_dir`` and on the tune run."""
+    """``trials.csv`` (and ``configurations.csv`` across seeds), the best train config and the block-size plot, in
+    ``out_dir`` and on the tune run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = tuning.results_csv(ranked, plan)
-    (out_dir / "trials.csv").write_text(table, encoding="utf-8")
-    if run_ is not None:
-        run_.log_text(table, "trials.csv")
+    for name, table in tuning.result_tables(ranked, plan).items():
+        (out_dir / name).write_text(table, encoding="utf-8")
+        if run_ is not None:
+            run_.log_text(table, name)
     best_file = None
     if best is not None:
         best_file = out_dir / "best_train.toml"

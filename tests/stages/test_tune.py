@@ -215,6 +215,11 @@ def test_a_seed_axis_summarises_each_configuration_across_seeds(
     assert tuned["best"]["values"]["block_size"] == found[0]["values"]["block_size"]
     console.print_tune(tuned, as_json=False)
     assert "2 configurations across seeds" in capsys.readouterr().out
+    rows = list(csv.DictReader(io.StringIO(Path(tuned["out_dir"], "configurations.csv").read_text())))
+    assert [int(r["block_size"]) for r in rows] == [c["values"]["block_size"] for c in found]
+    assert [int(r["n"]) for r in rows] == [2, 2]
+    logged = {a.path for a in Tracker().client.list_artifacts(tuned["run_id"])}
+    assert {"trials.csv", "configurations.csv"} <= logged
 
 
 def _progress_epochs(trial_path: Path) -> list[int]:

@@ -1,10 +1,9 @@
 """Developer tasks. `nox` runs the default sessions (lint, typecheck, tests, e2e), as CI does.
 
-Every session but ``bench`` uses one shared environment (``.nox/shared``): the project with its ``dev`` extra is
+Every session but ``bench`` uses one shared environment (``.nox/shared``): the project with its ``all,dev`` extras is
 installed once (about 2 GB: torch, mlflow, ray, onnx) and reinstalled only when ``pyproject.toml`` changes,
-instead of one fresh venv per session. ``bench`` gets its own (``.nox/bench``, extras ``dev,bench``) so that
-the libraries it compares against (pytorch-metric-learning, faiss) never reach the environment the tests run
-in. Tests run on all cores with pytest-xdist, one test file per worker (files share module-scoped fixtures
+instead of one fresh venv per session. ``bench`` gets its own (``.nox/bench``, extras ``all,dev,bench``) so
+that the library it compares against (pytorch-metric-learning) never reaches the environment the tests run in. Tests run on all cores with pytest-xdist, one test file per worker (files share module-scoped fixtures
 such as a trained run or a finished tune).
 """
 
@@ -49,7 +48,7 @@ def _run(
     *args: str,
     env: dict[str, str] | None = None,
     folder: Path = SHARED,
-    extras: str = "dev",
+    extras: str = "all,dev",
 ) -> None:
     bin_dir = _environment(session, folder, extras)
     path = f"{bin_dir.resolve()}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -100,4 +99,4 @@ def bench(session: nox.Session) -> None:
     for script in sorted(os.listdir("benchmarks")):
         if script.startswith("bench_") and script.endswith(".py"):
             _run(session, "python", os.path.join("benchmarks", script), *session.posargs, env=env, folder=BENCH,
-                 extras="dev,bench")  # fmt: skip
+                 extras="all,dev,bench")  # fmt: skip

@@ -32,8 +32,8 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from gssf_cli.bundle import MetricHead, export_graph
     from gssf_cli.encoders import EncoderSpec, build_encoder
+    from gssf_cli.onnx_export import MetricHead, export_graph
     from gssf_cli.similarity import make_similarity
 
     dim, feat, regions, seq = (256, 512, 12, 12) if args.quick else (1024, 2048, 36, 12)

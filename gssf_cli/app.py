@@ -45,7 +45,9 @@ from gssf_cli.config import (
     CompareConfig,
     EvaluateConfig,
     ExportConfig,
+    IndexConfig,
     PrepareConfig,
+    SearchConfig,
     TrainConfig,
     TuneConfig,
     field_value,
@@ -56,6 +58,8 @@ from gssf_cli.errors import CheckFailedError, UserInputError
 
 T = TypeVar("T")
 C = TypeVar("C")
+FULL_INSTALL_ONLY = frozenset({"torch", "mlflow", "ray", "onnx", "onnxscript", "safetensors", "sklearn", "matplotlib"})
+"""What ``pip install "gssf[all]"`` adds to the lean ``gssf[search]`` install (see pyproject.toml)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,6 +150,14 @@ def guarded(ctx: typer.Context, work: Callable[[], T]) -> T:
         failure = Failure("check_failed", str(exc), 1)
     except KeyboardInterrupt:
         failure = Failure("interrupted", "interrupted", 130)
+    except ModuleNotFoundError as exc:
+        if debug:
+            raise
+        failure = (
+            Failure("input", f"{ctx.info_name} needs {exc.name}, which this install lacks: pip install 'gssf[all]'", 2)
+            if (exc.name or "").split(".")[0] in FULL_INSTALL_ONLY
+            else internal_failure(exc)
+        )
     except Exception as exc:
         if debug:
             raise
@@ -488,6 +500,60 @@ def compare(
     from gssf_cli import console
 
     console.print_comparison(result.to_json(), json_output)
+
+
+@_stage_command("index", IndexConfig)
+def index(
+    ctx: typer.Context,
+    *,
+    settings: Settings,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Build a faiss index of a gallery embedded by an exported bundle (ONNX Runtime, no torch), for gssf search.
+
+    Each gallery row goes through the bundle's image encoder and metric head, so a caption's inner product with
+    it is the learned GSSF score: flat is exact, hnsw and ivfpq approximate (--eval measures their recall@10
+    against exact search, and the latency). The folder holds the index, the ids and a manifest naming the bundle
+    by content; the build is an MLflow run.
+    """
+
+    def call(resolved: IndexConfig, tracker: Any) -> Any:
+        from gssf_cli import console
+        from gssf_cli.stages import index as stage
+
+        with console.rows_progress("embedding the gallery", resolved.gallery, json_output) as progress:
+            return stage.run(resolved, tracker, progress)
+
+    result = _run_stage(ctx, IndexConfig, "index", config, settings.values, call)
+    from gssf_cli import console
+
+    console.print_index(result.to_json(), json_output)
+
+
+@_stage_command("search", SearchConfig)
+def search(
+    ctx: typer.Context,
+    *,
+    settings: Settings,
+    json_output: JsonOption = False,
+) -> None:
+    """Search an index built by gssf index: the k best gallery rows for a caption (or many), by the learned score.
+
+    Captions are tokenised with the bundle's vocabulary and rule and encoded by its text encoder on ONNX
+    Runtime; the index and its bundle are checked (checksums, and that the bundle is the one the index was built
+    from) before anything is answered. Needs only onnxruntime, numpy and faiss: pip install 'gssf\\[search]'.
+    """
+
+    def work() -> Any:
+        from gssf_cli.index_folder import run_search
+
+        return run_search(resolve(SearchConfig, "search", {}, settings.values()))
+
+    result = guarded(ctx, work)
+    from gssf_cli import console
+
+    console.print_search(result.to_json(), json_output)
 
 
 @app.command("run", cls=Command)

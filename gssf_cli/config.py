@@ -29,6 +29,7 @@ from gssf_cli.limits import (
     Device,
     DistillKind,
     EncoderKind,
+    IndexKind,
     LossName,
     LrSchedule,
     Pooling,
@@ -699,3 +700,88 @@ class CompareConfig:
     def groups(self) -> list[tuple[str, ...]]:
         """The runs as groups of run references (a single run is a group of one)."""
         return [tuple(member.strip() for member in run.split(",")) for run in self.runs]
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """What ``gssf index`` builds: a faiss index over a gallery embedded by an exported bundle.
+
+    The gallery is a ``.npy`` array (read memory-mapped, never unpickled) of image-side inputs ``[N, ...]`` in the
+    layout of the bundle's image encoder (``[N, F]`` features or ``[N, R, F]`` regions), or with ``embedded`` the
+    encoder's outputs ``[N, D]``; each batch of ``batch_size`` rows goes through the image encoder (unless
+    ``embedded``) and the metric head on ONNX Runtime, so the index holds ``metric_head(images)`` and a query's
+    inner product with a row is the learned score. The index-kind parameters left unset take the defaults of
+    :func:`gssf_cli.search.index_spec`, which depend on the gallery's size.
+    """
+
+    bundle: Path | None = setting(None, help="The exported bundle (exports/NAME) whose graphs embed the gallery.")
+    gallery: Path | None = setting(None, help="Gallery .npy: image features [N, F] or [N, R, F] (or embeddings).")
+    kind: IndexKind = setting("flat", help="faiss index: flat (exact), hnsw, ivfpq (approximate):")
+    out: Path | None = setting(None, help="Index folder (default indexes/<bundle folder name>).")
+    ids: Path | None = setting(None, help="Text file with one id per gallery row (default: the row numbers).")
+    embedded: bool = setting(False, help="The gallery holds image embeddings [N, D]: skip the image encoder.")
+    batch_size: int = setting(1024, help="Gallery rows embedded at a time (bounds memory).", within=limits.AT_LEAST_ONE)
+    hnsw_m: int | None = setting(
+        None, help="hnsw: neighbours per node (default from the gallery size).", within=limits.AT_LEAST_TWO
+    )
+    ef_construction: int | None = setting(None, help="hnsw: search depth while building.", within=limits.AT_LEAST_ONE)
+    ef_search: int | None = setting(None, help="hnsw: default search depth of queries.", within=limits.AT_LEAST_ONE)
+    nlist: int | None = setting(
+        None, help="ivfpq: inverted lists (default from the gallery size).", within=limits.AT_LEAST_ONE
+    )
+    pq_m: int | None = setting(
+        None, help="ivfpq: sub-quantizers per vector (must divide D).", within=limits.AT_LEAST_ONE
+    )
+    pq_bits: int | None = setting(
+        None, help="ivfpq: bits per code (default 8; fewer for a small gallery).", within=limits.AT_LEAST_ONE
+    )
+    nprobe: int | None = setting(None, help="ivfpq: default lists visited per query.", within=limits.AT_LEAST_ONE)
+    eval: bool = setting(False, help="Measure recall@10 against exact search and the query latency.", flag="--eval")
+    eval_queries: Path | None = setting(
+        None, help="Queries for --eval: captions (.txt) or vectors (.npy); default: embeddings of gallery rows."
+    )
+    eval_count: int = setting(1000, help="Queries --eval measures (at most).", within=limits.AT_LEAST_ONE)
+    seed: int = setting(0, help="Seed of the training sample (ivfpq) and of the --eval queries.")
+    force: bool = setting(False, help="Replace an existing index folder.", flag="--force")
+
+    def validate(self) -> None:
+        if self.bundle is None:
+            raise UserInputError("give the bundle to embed with: --bundle exports/NAME")
+        if self.gallery is None:
+            raise UserInputError("give the gallery to index: --gallery FILE.npy")
+        if self.eval_queries is not None and not self.eval:
+            raise UserInputError("--eval-queries needs --eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """What ``gssf search`` asks an index: the ``k`` best gallery rows for each query, by the learned score.
+
+    Exactly one source of queries: ``text`` (one caption), ``texts`` (a file, one caption per line) — tokenised
+    with the bundle's vocabulary and rule and encoded by its text encoder — or ``vectors`` (a ``.npy`` ``[Q, F]``
+    of text-side features for the text encoder, or with ``embedded`` text embeddings ``[Q, D]``).
+    """
+
+    index: Path | None = setting(None, help="The index folder (built by gssf index).")
+    text: str | None = setting(None, help="One caption to search with.")
+    texts: Path | None = setting(None, help="A file of captions, one query per line.")
+    vectors: Path | None = setting(None, help="A .npy of query vectors [Q, F] (text-side features).")
+    embedded: bool = setting(False, help="--vectors are text embeddings [Q, D]: skip the text encoder.")
+    k: int = setting(10, help="Results per query.", within=limits.AT_LEAST_ONE)
+    bundle: Path | None = setting(None, help="The bundle, if it moved since the index was built (checked by content).")
+    ef_search: int | None = setting(None, help="hnsw: search depth (default: the index's).", within=limits.AT_LEAST_ONE)
+    nprobe: int | None = setting(None, help="ivfpq: lists visited (default: the index's).", within=limits.AT_LEAST_ONE)
+
+    def validate(self) -> None:
+        if self.index is None:
+            raise UserInputError("give the index to search: --index indexes/NAME")
+        given = [flag for flag, value in (("--text", self.text), ("--texts", self.texts), ("--vectors", self.vectors))
+                 if value is not None]  # fmt: skip
+        if len(given) != 1:
+            raise UserInputError(
+                "give exactly one of --text, --texts, --vectors" + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.text is not None and not self.text.strip():
+            raise UserInputError("--text: an empty query; give a caption such as --text 'a dog on a beach'")
+        if self.embedded and self.vectors is None:
+            raise UserInputError("--embedded applies to --vectors only")

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -406,6 +407,78 @@ def print_bundle_check(result: dict[str, Any], as_json: bool) -> None:
         f"bundle {result['path']} is valid: {graphs}; {len(result['files'])} files match their checksums "
         f"(from run {result['source_run_id']})"
     )
+
+
+@contextlib.contextmanager
+def rows_progress(label: str, source: Any, plain: bool) -> Iterator[Callable[[int], None]]:
+    """A bar of rows done on stderr while a gallery is embedded (its total read from the ``.npy`` header, without
+    loading it); nothing where it cannot be redrawn (``--json``, a log file)."""
+    console = Console(stderr=True)
+    total = _rows_in(source)
+    if plain or not console.is_terminal or total is None:
+        yield lambda done: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} rows/s"))
+    with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda done: bar.advance(task, done)
+
+
+def _rows_in(source: Any) -> int | None:
+    import numpy as np
+
+    try:
+        return int(np.load(source, mmap_mode="r", allow_pickle=False).shape[0])
+    except Exception:
+        return None
+
+
+def print_index(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+        return
+    from gssf_cli.data.files import format_bytes
+
+    build = result["build"]
+    table = Table(title=f"{result['kind']} index of {result['count']:,} vectors, D = {result['dim']}")
+    for column in (
+        "build s",
+        "embed s",
+        "vectors/s",
+        "index size",
+        *(("recall@10", "queries/s", "p50 ms") if result["eval"] else ()),
+    ):
+        table.add_column(column, justify="right")
+    row = [f"{build['build_seconds']:.2f}", f"{build['embed_seconds']:.2f}", f"{build['vectors_per_second']:,.0f}",
+           format_bytes(result["files"]["index.faiss"]["bytes"])]  # fmt: skip
+    if result["eval"]:
+        evaluation = result["eval"]
+        row += [f"{evaluation['recall_at_10']:.4f}", f"{evaluation['queries_per_second']:,.0f}",
+                f"{evaluation['latency_ms_p50']:.3f}"]  # fmt: skip
+    table.add_row(*row)
+    stdout.print(table)
+    params = {**result["spec"]["build"], **result["spec"]["search"]}
+    if params:
+        stdout.print("parameters: " + ", ".join(f"{key} {value}" for key, value in params.items()), highlight=False)
+    bundle = result["bundle"]
+    stdout.print(f"index in [bold]{result['path']}[/], from bundle {bundle['digest'][:12]} (train run "
+                 f"{bundle['source_run_id']}); MLflow run {result['run_id']}", highlight=False)  # fmt: skip
+
+
+def print_search(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+        return
+    for query in result["queries"]:
+        stdout.print(f"[bold]query:[/] {escape(query['query'])}", highlight=False)
+        table = Table()
+        for column in ("rank", "id", "score"):
+            table.add_column(column, justify="left" if column == "id" else "right")
+        for hit in query["results"]:
+            table.add_row(str(hit["rank"]), escape(hit["id"]), f"{hit['score']:.4f}")
+        stdout.print(table)
 
 
 def _yes(flag: bool) -> str:

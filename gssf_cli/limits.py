@@ -107,6 +107,9 @@ LrSchedule = Literal["cosine", "step", "constant"]
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 DatasetKind = Literal["synthetic", "digits", "precomp", "features"]
 DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
+IndexKind = Literal["flat", "hnsw", "ivfpq"]
+INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
+"""faiss index kinds of ``gssf index`` (built by :mod:`gssf_cli.search`, whose registry a test keeps equal)."""
 Protocol = Literal["all", "f30k-1k", "coco-1k", "coco-5k"]
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 """Cross-modal evaluation protocols (see :func:`gssf_cli.retrieval.evaluate_cross_modal`)."""

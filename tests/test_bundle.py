@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gssf_cli.bundle import export_example
 from gssf_cli.encoders import FeatureEncoder, ImageEncoder, TextEncoder
+from gssf_cli.onnx_export import export_example
 from tests.test_encoders import F_IN, VOCAB, WORD, D, random_tokens, randomise_attention
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gssf_cli.bundle import export_towers
 from gssf_cli.encoders import (
     DualEncoder,
     EncoderSpec,
@@ -21,6 +20,7 @@ from gssf_cli.encoders import (
     reverse_within_length,
 )
 from gssf_cli.errors import UserInputError
+from gssf_cli.onnx_export import export_towers
 
 VOCAB, WORD, D, F_IN = 40, 12, 16, 10
 

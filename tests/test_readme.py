@@ -68,3 +68,34 @@ def test_readme_commands_run_in_order_on_a_fresh_folder(tmp_path: Path) -> None:
     check = "\nassert scores.shape == (4, 2) and np.isfinite(scores).all()\n"
     out = subprocess.run([sys.executable, "-c", code.group(1) + check], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    _search_equals_the_graphs_by_hand(tmp_path)
+
+
+def _search_equals_the_graphs_by_hand(folder: Path) -> None:
+    """The README's ``gssf search --json`` (hits.json) against the bundle's graphs run by hand on ONNX Runtime:
+    the same top-10 rows (up to near-ties) and scores within 1e-5 — the issue's "done when"."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    hits = json.loads((folder / "hits.json").read_text())["queries"][0]
+    bundle, data = folder / "exports/quickstart", folder / "data/quickstart"
+    words = json.loads((bundle / "vocab.json").read_text())["words"]
+    index = {w: i for i, w in enumerate(words)}
+    caption = (data / "test_caps.txt").read_text().splitlines()[0]
+    ids = [1, *(index.get(t, 3) for t in re.findall(r"[^\W_]+(?:'[^\W_]+)?", caption.lower())), 2]
+
+    def run(name: str, feeds: dict) -> np.ndarray:
+        return ort.InferenceSession(str(bundle / f"{name}.onnx")).run(None, feeds)[0]
+
+    text = run("text_encoder", {"tokens": np.array([ids]), "lengths": np.array([len(ids)])})
+    images = run("image_encoder", {"features": np.load(data / "test_ims.npy")})
+    scores = (run("metric_head", {"embeddings": images}) @ text.T)[:, 0]
+    top = np.argsort(-scores, kind="stable")[:10]
+    assert hits["query"] == caption
+    found = np.array([hit["row"] for hit in hits["results"]])
+    assert len(found) == 10
+    assert np.allclose([hit["score"] for hit in hits["results"]], scores[top], atol=1e-5)
+    assert np.allclose(scores[found], scores[top], atol=1e-5)  # same rows, or rows tied within 1e-5
+    assert [hit["id"] for hit in hits["results"]] == [str(row) for row in found]

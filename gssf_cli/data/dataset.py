@@ -20,7 +20,7 @@ import torch
 
 from gssf_cli.data.files import open_array
 from gssf_cli.data.manifest import load_manifest, manifest_digest
-from gssf_cli.data.text import PAD, Vocabulary, read_captions
+from gssf_cli.data.text import Vocabulary, pad_ids, read_captions
 from gssf_cli.errors import UserInputError
 
 
@@ -53,10 +53,7 @@ class TokenizedCaptions:
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded ids ``[B, L]`` (L = longest in the batch) and lengths ``[B]``."""
-        lengths = self.lengths[rows]
-        padded = np.full((len(rows), int(lengths.max())), PAD, dtype=np.int64)
-        for i, row in enumerate(rows):
-            padded[i, : lengths[i]] = self.ids[self.offsets[row] : self.offsets[row + 1]]
+        padded, lengths = pad_ids([self.ids[self.offsets[row] : self.offsets[row + 1]] for row in rows])
         return torch.from_numpy(padded), torch.from_numpy(lengths)
 
 

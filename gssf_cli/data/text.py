@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from gssf_cli.errors import UserInputError
 
 TOKENIZER = "basic-v1"
@@ -63,6 +65,14 @@ class Vocabulary:
         index: dict[str, int] = self._index  # type: ignore[attr-defined]
         return [START, *(index.get(t, UNK) for t in tokenize(caption)), END]
 
+    def batch(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Captions as a padded batch of ids ``[B, L]`` and lengths ``[B]`` (int64, numpy: no torch needed)."""
+        return pad_ids([self.encode(c) for c in captions])
+
+    def known_words(self, caption: str) -> int:
+        """How many of a caption's words are in the vocabulary (not ``<unk>``)."""
+        return sum(token != UNK for token in self.encode(caption)[1:-1])
+
     def to_json(self) -> dict[str, object]:
         return {
             "format": "gssf-vocab-v1",
@@ -87,6 +97,15 @@ class Vocabulary:
         if len(set(words)) != len(words):
             raise UserInputError(f"{path}: the vocabulary lists a word twice")
         return cls(tuple(words), data.get("min_count") if isinstance(data, dict) else None)
+
+
+def pad_ids(sequences: Sequence[Sequence[int] | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Id sequences as ids ``[B, L]`` padded with ``<pad>`` to the longest (L) and their lengths ``[B]``, int64."""
+    lengths = np.array([len(ids) for ids in sequences], dtype=np.int64)
+    padded = np.full((len(sequences), int(lengths.max(initial=1))), PAD, dtype=np.int64)
+    for row, ids in enumerate(sequences):
+        padded[row, : lengths[row]] = ids
+    return padded, lengths
 
 
 def build_vocabulary(captions: Iterable[str], min_count: int) -> Vocabulary:

@@ -1,4 +1,4 @@
-"""Stage ``export``: a trained run as an ONNX bundle (:mod:`gssf_cli.bundle`), tracked as an MLflow run.
+"""Stage ``export``: a trained run as an ONNX bundle (:mod:`gssf_cli.onnx_export`), tracked as an MLflow run.
 
 The export run logs the config, the parity report as metrics, the bundle's manifest, and the bundle as one
 MLflow model (``mlflow.pyfunc.load_model`` serves it on ONNX Runtime, no torch: :class:`gssf_cli.bundle.
@@ -44,7 +44,7 @@ class ExportResult:
 
 def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None) -> ExportResult:
     """Export ``config.run`` and gate it on parity; the bundle lands in ``config.out`` (or exports/RUN)."""
-    from gssf_cli import bundle
+    from gssf_cli import bundle, onnx_export
     from gssf_cli.data.files import check_output_folder, check_writable
     from gssf_cli.runs import load_trained
 
@@ -56,7 +56,7 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
     run_id = train_run.info.run_id
     out = config.out or Path("exports") / run_id
     started = time.perf_counter()
-    written = bundle.write_bundle(model, dataset, out, config, run_id)
+    written = onnx_export.write_bundle(model, dataset, out, config, run_id)
     seconds = time.perf_counter() - started
     graphs, parity = written.manifest["graphs"], written.manifest["parity"]
     label = model_label(written.manifest["metric"]["name"], written.manifest["metric"]["block_size"])
@@ -65,7 +65,7 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
         "export", run_name=f"export-{label}", parent_run_id=parent_run_id, tags={"gssf.source_run": run_id}
     ) as run_:
         run_.log_config("export", to_dict(config))
-        run_.log_metrics(bundle.parity_metrics(parity) | {"seconds": seconds, "passed": float(written.passed)})
+        run_.log_metrics(onnx_export.parity_metrics(parity) | {"seconds": seconds, "passed": float(written.passed)})
         run_.log_artifact(written.path / bundle.MANIFEST, "bundle")
         if written.passed:
             model_id = run_.log_served_model(

@@ -1,0 +1,51 @@
+"""Stage ``index``: a bundle's gallery as a faiss index folder (:mod:`gssf_cli.index_folder`), tracked as a run.
+
+The index is built and written first — every input checked before anything exists, the folder written through
+a staging folder — and only then does the ``index`` MLflow run open, so bad input leaves neither a folder nor a
+run. The run logs the config, the build figures (and ``--eval``'s recall@10 and latency) as metrics, the
+manifest as an artifact (not the index: it may weigh gigabytes, and it lives in the folder), and tags naming the
+bundle's digest and the train run the bundle was exported from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gssf_cli import index_folder
+from gssf_cli.config import IndexConfig, to_dict
+
+if TYPE_CHECKING:
+    from gssf_cli.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    path: str
+    run_id: str
+    manifest: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "run_id": self.run_id, **self.manifest}
+
+
+def run(
+    config: IndexConfig,
+    tracker: Tracker,
+    progress: index_folder.Progress | None = None,
+    parent_run_id: str | None = None,
+) -> IndexResult:
+    """Build ``config``'s index, then record it as an ``index`` run."""
+    built = index_folder.build(config, progress)
+    manifest = built.manifest
+    tags = {"gssf.bundle.digest": manifest["bundle"]["digest"], "gssf.index.path": str(built.path)}
+    if manifest["bundle"]["source_run_id"]:
+        tags["gssf.source_run"] = str(manifest["bundle"]["source_run_id"])
+    with tracker.start_run(
+        "index", run_name=f"index-{manifest['kind']}", parent_run_id=parent_run_id, tags=tags
+    ) as run_:
+        run_.log_config("index", to_dict(config))
+        run_.log_params({f"index.{key}": value for key, value in manifest["spec"]["build"].items()})
+        run_.log_metrics(index_folder.manifest_metrics(manifest))
+        run_.log_artifact(built.path / index_folder.MANIFEST, "index")
+    return IndexResult(str(built.path), run_.run_id, manifest)

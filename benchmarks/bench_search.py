@@ -55,7 +55,7 @@ CAPTION_NOISE = 0.75
 LATENCY_QUERIES = 100
 SWEEPS: dict[str, list[dict[str, int]]] = {
     "flat": [{}],
-    "hnsw": [{"ef_search": ef} for ef in (16, 32, 64, 128, 160, 192, 256)],
+    "hnsw": [{"ef_search": ef} for ef in (16, 32, 64, 96, 112, 128, 144, 160, 192, 256)],
     "ivfpq": [{"nprobe": n} for n in (16, 32, 64, 128, 256)],
 }
 

@@ -416,7 +416,7 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
         if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise UserInputError(f"{path}: checksum mismatch with manifest.json (file changed or truncated); rebuild")
     recorded = manifest["bundle"]
-    where = bundle_path if bundle_path is not None else folder / recorded["path"]
+    where = bundle_path if bundle_path is not None else Path(os.path.normpath(folder / recorded["path"]))
     if not where.is_dir():
         raise UserInputError(f"{where}: the bundle index {folder} was built from is not there; pass it with --bundle")
     bundle = BundleModel.load(where)

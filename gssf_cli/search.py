@@ -105,19 +105,21 @@ def _flat_defaults(dim: int, count: int) -> dict[str, int]:
 
 
 def _hnsw_defaults(dim: int, count: int) -> dict[str, int]:
-    """hnsw_m = 32, ef_construction = 128, ef_search = 128.
+    """hnsw_m = 32, ef_construction = 128, ef_search = 112.
 
-    Chosen from ``benchmarks/bench_search.py`` data (recall@10 against exact search, 1,000 held-out queries,
-    k = 10). At 200,000 x 256 the frontier (QPS at recall 0.95) hardly moved with ef_construction (40, 80, 160
-    all ~0.95 at ef_search 64) and got worse with a wider graph (hnsw_m 48 and 64 need ef_search 32 but pay
-    ~1.6x and ~2.5x per step: 10-20% fewer QPS at equal recall), so hnsw_m stays 32. At 1,000,000 the graph's
-    quality starts to count: ef_construction 40 -> 80 lifted recall at ef_search 128 from 0.942 to 0.953 and at
-    160 from 0.956 to 0.966; 128 takes that further within a build of ~6.5 min on 2 cores (40: 164 s).
-    The search re-scores only ``RERANK_FACTOR * k`` candidates (:func:`_search_reduced`): 1.2-1.3x the QPS of
-    re-scoring all ``ef_search`` of them at the same recall. Full-scale figures (1,000,000 x 256): see the
-    closing measurement below.
+    Measured by ``benchmarks/bench_search.py`` at 1,000,000 x 256 on 2 cores (1,000 held-out queries, k = 10;
+    flat 259 QPS): build 537 s, index 1,240 MiB; recall@10 / QPS / x flat by ef_search: 64: 0.918 / 4,499 /
+    17.4; 96: 0.949 / 3,029 / 11.7; 112: 0.958 / 2,863 / 11.1; 128: 0.966 / 2,486 / 9.6; 160: 0.976 / 2,232 /
+    8.6; 256: 0.992 / 1,513 / 5.8. 112 is the smallest measured setting at recall >= 0.95.
+    The previous defaults (ef_construction 40, all ef_search candidates re-scored) built in 164 s but needed
+    ef_search 160 for 0.956 at 7.6x flat. How these were chosen: at 200,000 x 256 the frontier (QPS at recall
+    0.95) hardly moved with ef_construction 40 / 80 / 160, and hnsw_m 48 and 64 gave 10-20% fewer QPS at equal
+    recall, so hnsw_m stays 32; at 1,000,000 the graph's quality counts (ef_construction 80 lifted recall at
+    ef_search 128 from 0.942 to 0.953). Re-scoring only ``RERANK_FACTOR * k`` candidates
+    (:func:`_search_reduced`) gave 1.2-1.3x the QPS at the same recall. Smaller galleries need less: at 200,000,
+    ef_search 64 already reaches 0.95; 1,000 vectors build in well under a second.
     """
-    return {"hnsw_m": 32, "ef_construction": 128, "ef_search": 128}
+    return {"hnsw_m": 32, "ef_construction": 128, "ef_search": 112}
 
 
 def _ivfpq_defaults(dim: int, count: int) -> dict[str, int]:

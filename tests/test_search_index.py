@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def argsort_reference(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple
     return scores, rows
 
 
-def build(kind: str, gallery: np.ndarray, overrides: dict[str, int | None] | None = None) -> tuple[object, IndexSpec]:
+def build(kind: str, gallery: np.ndarray, overrides: dict[str, int | None] | None = None) -> tuple[Any, IndexSpec]:
     spec = index_spec(kind, gallery.shape[1], len(gallery), overrides)
     builder = IndexBuilder(spec)
     if builder.training_size:
@@ -138,10 +139,10 @@ def test_every_kind_builds_and_returns_true_inner_products(kind: str, n: int) ->
 
 @pytest.mark.parametrize(
     ("kind", "params", "least"),
-    [("flat", None, 1.0), ("hnsw", None, 0.75), ("hnsw", {"ef_search": 512}, 0.97), ("ivfpq", None, 0.45)],
+    [("flat", None, 1.0), ("hnsw", None, 0.9), ("hnsw", {"ef_search": 512}, 0.97), ("ivfpq", None, 0.45)],
 )
 def test_recall_against_exact_on_clustered_data(kind: str, params: dict[str, int] | None, least: float) -> None:
-    """Thresholds sit below what the defaults reach here (hnsw 0.84 / 0.99+, ivfpq ~0.55): a small, fairly
+    """Thresholds sit below what the defaults reach here (hnsw 0.99 / 1.0, ivfpq ~0.6): a small, fairly
     uniform 32-dim gallery is harder for a graph than the benchmark's data (0.98 at ef_search 64)."""
     gallery, queries = clustered(3_000, 100)
     _, exact = exact_search(gallery, queries, 10)

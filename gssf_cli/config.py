@@ -722,12 +722,16 @@ class IndexConfig:
     embedded: bool = setting(False, help="The gallery holds image embeddings [N, D]: skip the image encoder.")
     batch_size: int = setting(1024, help="Gallery rows embedded at a time (bounds memory).", within=limits.AT_LEAST_ONE)
     hnsw_m: int | None = setting(
-        None, help="hnsw: neighbours per node (default from the gallery size).", within=limits.AT_LEAST_TWO
+        None, help="hnsw: graph neighbours per node (unset: the measured default).", within=limits.AT_LEAST_TWO
     )
-    ef_construction: int | None = setting(None, help="hnsw: search depth while building.", within=limits.AT_LEAST_ONE)
-    ef_search: int | None = setting(None, help="hnsw: default search depth of queries.", within=limits.AT_LEAST_ONE)
+    ef_construction: int | None = setting(
+        None, help="hnsw: search depth while building (unset: the measured default).", within=limits.AT_LEAST_ONE
+    )
+    ef_search: int | None = setting(
+        None, help="hnsw: search depth of queries, stored as the index's default.", within=limits.AT_LEAST_ONE
+    )
     nlist: int | None = setting(
-        None, help="ivfpq: inverted lists (default from the gallery size).", within=limits.AT_LEAST_ONE
+        None, help="ivfpq: inverted lists (unset: from the gallery size).", within=limits.AT_LEAST_ONE
     )
     pq_m: int | None = setting(
         None, help="ivfpq: sub-quantizers per vector (must divide D).", within=limits.AT_LEAST_ONE
@@ -735,7 +739,9 @@ class IndexConfig:
     pq_bits: int | None = setting(
         None, help="ivfpq: bits per code (default 8; fewer for a small gallery).", within=limits.AT_LEAST_ONE
     )
-    nprobe: int | None = setting(None, help="ivfpq: default lists visited per query.", within=limits.AT_LEAST_ONE)
+    nprobe: int | None = setting(
+        None, help="ivfpq: lists visited per query, stored as the index's default.", within=limits.AT_LEAST_ONE
+    )
     eval: bool = setting(False, help="Measure recall@10 against exact search and the query latency.", flag="--eval")
     eval_queries: Path | None = setting(
         None, help="Queries for --eval: captions (.txt) or vectors (.npy); default: embeddings of gallery rows."

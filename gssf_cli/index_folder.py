@@ -114,7 +114,7 @@ def read_ids(path: Path, count: int) -> list[str]:
     if not path.is_file():
         raise UserInputError(f"{path}: file not found (--ids)")
     try:
-        ids = path.read_text(encoding="utf-8").splitlines()
+        ids = text_lines(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise UserInputError(f"{path}: not UTF-8 text (--ids)") from None
     if len(ids) != count:
@@ -127,6 +127,13 @@ def read_ids(path: Path, count: int) -> list[str]:
         twice = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
         raise UserInputError(f"{path}: the id {twice!r} appears twice; ids must be unique")
     return ids
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of an ids file: split at ``\n`` (or ``\r\n``) only — not at the other characters
+    ``str.splitlines`` breaks on, which an id may hold — with no empty last line for a final newline."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def embed(bundle: BundleModel, gallery: Gallery, rows: slice | np.ndarray) -> np.ndarray:
@@ -429,7 +436,7 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
     if spec.dim != bundle.dim:
         raise UserInputError(f"{folder}: an index of dimension {spec.dim} for a bundle of dimension {bundle.dim}")
     index = search.read_index(folder / INDEX_FILE, spec, manifest["count"])
-    ids = (folder / IDS_FILE).read_text(encoding="utf-8").splitlines()
+    ids = text_lines((folder / IDS_FILE).read_text(encoding="utf-8"))
     if len(ids) != manifest["count"]:
         raise UserInputError(f"{folder / IDS_FILE}: {len(ids):,} ids for an index of {manifest['count']:,} vectors")
     return OpenIndex(folder, manifest, spec, bundle, index, ids)

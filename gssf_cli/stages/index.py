@@ -2,7 +2,7 @@
 
 The index is built and written first — every input checked before anything exists, the folder written through
 a staging folder — and only then does the ``index`` MLflow run open, so bad input leaves neither a folder nor a
-run. The run logs the config, the build figures (and ``--eval``'s recall@10 and latency) as metrics, the
+run. The run logs the config, the resolved index parameters (``spec.*``, defaults included), the build figures (and ``--eval``'s recall@10 and latency) as metrics, the
 manifest as an artifact (not the index: it may weigh gigabytes, and it lives in the folder), and tags naming the
 bundle's digest and the train run the bundle was exported from.
 """
@@ -45,7 +45,7 @@ def run(
         "index", run_name=f"index-{manifest['kind']}", parent_run_id=parent_run_id, tags=tags
     ) as run_:
         run_.log_config("index", to_dict(config))
-        run_.log_params({f"index.{key}": value for key, value in manifest["spec"]["build"].items()})
+        run_.log_params({**manifest["spec"]["build"], **manifest["spec"]["search"]}, prefix="spec.")
         run_.log_metrics(index_folder.manifest_metrics(manifest))
         run_.log_artifact(built.path / index_folder.MANIFEST, "index")
     return IndexResult(str(built.path), run_.run_id, manifest)

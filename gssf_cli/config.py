@@ -747,7 +747,9 @@ class IndexConfig:
         None, help="Queries for --eval: captions (.txt) or vectors (.npy); default: embeddings of gallery rows."
     )
     eval_count: int = setting(1000, help="Queries --eval measures (at most).", within=limits.AT_LEAST_ONE)
-    seed: int = setting(0, help="Seed of the training sample (ivfpq) and of the --eval queries.")
+    seed: int = setting(
+        0, help="Seed of the training sample (ivfpq) and of the --eval queries.", within=limits.NON_NEGATIVE
+    )
     force: bool = setting(False, help="Replace an existing index folder.", flag="--force")
 
     def validate(self) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from gssf_cli import search
-from gssf_cli.bundle import BundleModel
+from gssf_cli.bundle import BundleModel, bundle_digest
 from gssf_cli.config import IndexConfig, SearchConfig
 from gssf_cli.data.files import (
     check_float_array,
@@ -65,9 +65,11 @@ def default_out(bundle: Path) -> Path:
     return Path("indexes") / bundle.expanduser().resolve().name
 
 
-def index_overrides(config: IndexConfig | SearchConfig, names: tuple[str, ...]) -> dict[str, int | None]:
-    """The index parameters a config sets, by their :mod:`gssf_cli.search` names (the config's field names)."""
-    return {name: getattr(config, name, None) for name in names}
+def index_overrides(config: IndexConfig | SearchConfig) -> dict[str, int | None]:
+    """Every index parameter a config sets, by its :mod:`gssf_cli.search` name (the config's field name), so that
+    :mod:`gssf_cli.search` refuses one that does not apply to the kind instead of it being silently ignored."""
+    names = dict.fromkeys(name for kind in search.INDEX_KINDS.values() for name in kind.params)
+    return {name: value for name in names if (value := getattr(config, name, None)) is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ def read_ids(path: Path, count: int) -> list[str]:
     if not path.is_file():
         raise UserInputError(f"{path}: file not found (--ids)")
     try:
-        ids = text_lines(path.read_text(encoding="utf-8"))
+        ids = text_lines(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         raise UserInputError(f"{path}: not UTF-8 text (--ids)") from None
     if len(ids) != count:
@@ -140,7 +142,15 @@ def embed(bundle: BundleModel, gallery: Gallery, rows: slice | np.ndarray) -> np
     """Gallery rows as index vectors: ``metric_head(image_encoder(rows))`` ``[B, D]`` float32."""
     block = np.asarray(gallery.rows[rows], dtype=np.float32)
     embeddings = block if gallery.embedded else bundle.encode_images(block)
-    return bundle.transform(embeddings)
+    vectors = bundle.transform(embeddings)
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if bad.size:
+        row = np.arange(gallery.count)[rows][bad[0]]
+        raise UserInputError(
+            f"{gallery.path}: row {row} becomes NaN or Inf through the bundle (values too large for float32); "
+            "scale the gallery"
+        )
+    return vectors
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,14 +236,13 @@ def build(config: IndexConfig, progress: Progress | None = None) -> BuiltIndex:
     gallery = open_gallery(config.gallery, bundle, config.embedded, config.ids)
     out = config.out if config.out is not None else default_out(config.bundle)
     check_output_folder(out, config.force)
-    spec = search.index_spec(
-        config.kind, bundle.dim, gallery.count, index_overrides(config, search.INDEX_KINDS[config.kind].params)
-    )
+    check_replaceable(out, {"the bundle": config.bundle, "the gallery": config.gallery, "the working folder": Path()})
+    spec = search.index_spec(config.kind, bundle.dim, gallery.count, index_overrides(config))
     rng = np.random.default_rng(config.seed)
     queries = _eval_queries(config, bundle, gallery, rng) if config.eval else None
     timings: dict[str, float] = {}
-    started = time.perf_counter()
     builder = search.IndexBuilder(spec)
+    started = time.perf_counter()
     if builder.training_size:
         sample = np.sort(rng.choice(gallery.count, min(gallery.count, builder.training_size), replace=False))
         builder.train(np.concatenate([embed(bundle, gallery, part) for part in _batches(sample, config.batch_size)]))
@@ -262,6 +271,24 @@ def build(config: IndexConfig, progress: Progress | None = None) -> BuiltIndex:
     return BuiltIndex(out.expanduser(), manifest)
 
 
+def check_replaceable(out: Path, inputs: Mapping[str, Path]) -> None:
+    """``--out`` must not be, or hold, an input (the bundle, the gallery, the working folder), and ``--force``
+    replaces only an index folder (or an empty one): never a folder that holds something else."""
+    target = out.expanduser().resolve()
+    for what, path in inputs.items():
+        if path.expanduser().resolve().is_relative_to(target):
+            raise UserInputError(f"--out {out} is or holds {what} ({path}); choose another --out")
+    if target.is_dir() and any(target.iterdir()) and not _is_index_folder(target):
+        raise UserInputError(f"--out {out} is a folder that is not a gssf index; --force replaces only an index")
+
+
+def _is_index_folder(folder: Path) -> bool:
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("index_format") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _batches(rows: np.ndarray, size: int) -> list[np.ndarray]:
     return [rows[start : start + size] for start in range(0, len(rows), size)]
 
@@ -276,13 +303,13 @@ def _eval_queries(config: IndexConfig, bundle: BundleModel, gallery: Gallery, rn
         block = np.asarray(gallery.rows[rows], dtype=np.float32)
         embeddings = block if gallery.embedded else bundle.encode_images(block)
         return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-    if path.suffix == ".npy":
+    if path.suffix.lower() == ".npy":
         queries = vector_queries(bundle, path, embedded=bundle.input_shape(bundle.text_tower) == "tokens")
     else:
-        captions = read_captions(path)
+        captions = read_captions(path)[: config.eval_count]
+        if not captions:
+            raise UserInputError(f"{path}: no queries (one caption per line)")
         queries = text_queries(bundle, captions, lambda i: f"{path}: line {i + 1}")
-    if len(queries) == 0:
-        raise UserInputError(f"{path}: no queries")
     return queries[: config.eval_count]
 
 
@@ -426,17 +453,23 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
     where = bundle_path if bundle_path is not None else Path(os.path.normpath(folder / recorded["path"]))
     if not where.is_dir():
         raise UserInputError(f"{where}: the bundle index {folder} was built from is not there; pass it with --bundle")
-    bundle = BundleModel.load(where)
-    if bundle.digest != recorded["digest"]:
+    digest = bundle_digest(where) if (where / "manifest.json").is_file() else None
+    if digest is not None and digest != recorded["digest"]:
         raise UserInputError(
-            f"{where}: not the bundle index {folder} was built from (bundle digest {bundle.digest[:12]}, the index "
+            f"{where}: not the bundle index {folder} was built from (bundle digest {digest[:12]}, the index "
             f"needs {recorded['digest'][:12]}); pass that bundle with --bundle, or rebuild the index"
         )
+    bundle = BundleModel.load(where)
     spec = search.IndexSpec.from_json(manifest["spec"])
+    if (spec.kind, spec.dim) != (manifest["kind"], manifest["dim"]):
+        raise UserInputError(f"{folder / MANIFEST}: kind and dim disagree with the index spec; rebuild it")
     if spec.dim != bundle.dim:
         raise UserInputError(f"{folder}: an index of dimension {spec.dim} for a bundle of dimension {bundle.dim}")
     index = search.read_index(folder / INDEX_FILE, spec, manifest["count"])
-    ids = text_lines((folder / IDS_FILE).read_text(encoding="utf-8"))
+    try:
+        ids = text_lines((folder / IDS_FILE).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserInputError(f"{folder / IDS_FILE}: not UTF-8 text; rebuild the index") from None
     if len(ids) != manifest["count"]:
         raise UserInputError(f"{folder / IDS_FILE}: {len(ids):,} ids for an index of {manifest['count']:,} vectors")
     return OpenIndex(folder, manifest, spec, bundle, index, ids)
@@ -476,10 +509,10 @@ def run_search(config: SearchConfig) -> SearchResult:
     score = the learned GSSF score), best first; fewer than ``k`` when the gallery is smaller."""
     assert config.index is not None
     opened = open_index(config.index, config.bundle)
-    params = search.search_overrides(opened.spec, index_overrides(config, search.INDEX_KINDS[opened.spec.kind].params))
+    params = search.search_overrides(opened.spec, index_overrides(config))
     labels, vectors = queries_of(opened, config)
     started = time.perf_counter()
-    scores, rows = search.search(opened.index, opened.spec, vectors, config.k, params)
+    scores, rows = search.search(opened.index, opened.spec, vectors, min(config.k, len(opened.ids)), params)
     seconds = time.perf_counter() - started
     results = [
         {

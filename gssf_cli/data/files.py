@@ -167,7 +167,8 @@ def open_array(path: Path, what: str) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise UserInputError(f"{path}: not a readable .npy array ({_first_line(exc)})") from None
+        reason = "Python objects or not a .npy file; gssf never unpickles" if "pickle" in str(exc) else _first_line(exc)
+        raise UserInputError(f"{path}: not a readable .npy array ({reason})") from None
     if not isinstance(array, np.ndarray):
         raise UserInputError(f"{path}: expected one .npy array, found {type(array).__name__}")
     return array

@@ -370,7 +370,7 @@ def _manifest(
         },
         "files": files,
         "build": {
-            **{key: round(value, 3) for key, value in timings.items()},
+            **{key: round(value, 6) for key, value in timings.items()},
             "vectors_per_second": gallery.count / max(timings["build_seconds"], 1e-9),
             "batch_size": config.batch_size,
             "seed": config.seed,

@@ -284,7 +284,21 @@ class TrainConfig:
     teacher: Path | None = setting(None, help="Teacher features .npz (images, texts) for the train split.")
     seed: int = setting(0, help="Random seed.")
     device: Device = setting("auto", help="Device:")
-    threads: int = setting(0, help="CPU threads for torch (0 = default).", within=limits.NON_NEGATIVE)
+    threads: int = setting(
+        0,
+        help="CPU threads for torch (0 = default; with --workers: per worker, default 1).",
+        within=limits.NON_NEGATIVE,
+    )
+    amp: bool = setting(False, help="Automatic mixed precision (bfloat16; float16 with loss scaling on older GPUs).")
+    workers: int = setting(
+        1,
+        help="Data-parallel workers on Ray Train (DDP): each encodes 1/N of every batch, hardest negatives are mined "
+        "over the whole batch.",
+        within=limits.AT_LEAST_ONE,
+    )
+    address: str | None = setting(
+        None, help="Run the workers on a running Ray cluster (HOST:6379 or ray://HOST:10001) instead of a local Ray."
+    )
     val_split: str = setting("dev", help="Split that picks the best epoch.")
     runs_dir: Path = setting(Path("runs"), help="Where run folders (checkpoints) are written.")
 
@@ -301,6 +315,14 @@ class TrainConfig:
             raise UserInputError(
                 f"--lr-decay-epoch applies to --lr-schedule step (the {self.lr_schedule} schedule follows --epochs)"
             )
+
+    def on_ray(self) -> bool:
+        """Whether training runs on Ray Train workers (several, or any on a cluster) instead of in this process."""
+        return self.workers > 1 or self.address is not None
+
+    def worker_threads(self) -> int:
+        """torch threads (and Ray CPUs) of each Ray Train worker."""
+        return self.threads or 1
 
     def head_rate(self) -> float:
         """The metric head's learning-rate multiple: ``head_lr_scale``, else :data:`HEAD_LR_SCALES` of the mode."""
@@ -576,7 +598,15 @@ class TuneConfig:
     )
     grace_period: int = setting(1, help="ASHA: epochs before a trial may be stopped.", within=limits.AT_LEAST_ONE)
     reduction_factor: int = setting(2, help="ASHA: keep the best 1/N at each rung.", within=limits.AT_LEAST_TWO)
-    cpus_per_trial: int = setting(1, help="CPUs (and torch threads) per trial.", within=limits.AT_LEAST_ONE)
+    cpus_per_trial: int = setting(
+        1, help="CPUs (and torch threads) per trial (with --workers-per-trial: per worker).", within=limits.AT_LEAST_ONE
+    )
+    workers_per_trial: int = setting(
+        1,
+        help="Data-parallel Ray Train workers per trial (as `gssf train --workers`; hardest negatives over the "
+        "whole batch).",
+        within=limits.AT_LEAST_ONE,
+    )
     max_concurrent: int = setting(
         0, help="Trials running at once (0 = as many as the CPUs allow).", within=limits.NON_NEGATIVE
     )

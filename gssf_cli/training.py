@@ -39,9 +39,10 @@ import torch
 
 from gssf_cli import checkpoint as ckpt
 from gssf_cli import metrics as registry
-from gssf_cli.config import TrainConfig, to_dict
+from gssf_cli.config import TrainConfig, default_of, to_dict
 from gssf_cli.data.dataset import Dataset, Split
 from gssf_cli.data.rankable import split_problem
+from gssf_cli.distributed import Shard
 from gssf_cli.errors import UserInputError
 from gssf_cli.evaluation import evaluate_model, load_embeddings
 from gssf_cli.model import (
@@ -142,8 +143,67 @@ def uses_hardest_negatives(config: TrainConfig, epoch: int) -> bool:
     return epoch > config.warmup_epochs
 
 
+def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast type of ``--amp`` on ``device`` (None: full precision): bfloat16 where the device has it (CPUs,
+    Ampere and later GPUs: float32's range, so no loss scaling), else float16 with a gradient scaler."""
+    if not config.amp:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+class BatchStep(torch.nn.Module):
+    """One training step's forward: encode this worker's rows of the batch, gather the embeddings of the global
+    batch (:meth:`~gssf_cli.distributed.Shard.gather`: one process has them all already), score them ``[B, B]``
+    and apply the objective, so hardest negatives are mined over the global batch.
+
+    A module so that DistributedDataParallel wraps the whole step: its gradient hooks then cover the encoders, the
+    head and the objective's own parameters (a learned temperature, distillation's λ). Under ``--amp`` the encoders
+    and the head run in ``amp`` precision; the embeddings are gathered, and the loss computed, in float32.
+    """
+
+    def __init__(
+        self, model: RetrievalModel, objective: torch.nn.Module, shard: Shard, amp: torch.dtype | None, metric: bool
+    ) -> None:
+        super().__init__()
+        self.model, self.objective, self.shard, self.amp, self.distill_on_metric = model, objective, shard, amp, metric
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        texts: torch.Tensor,
+        lengths: torch.Tensor | None,
+        ids: torch.Tensor,
+        hardest: bool,
+        teachers: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """This worker's rows (``images [b, ...]``, ``texts [b, ...]``, ``lengths [b]``) and the global batch's
+        ``ids [B]`` → the objective's parts over all ``B`` pairs (``loss`` and ``struct``). ``teachers``: this
+        worker's rows of the distillation teachers (``[b, Fi]``, ``[b, Ft]``)."""
+        batch, device = ids.shape[0], images.device
+        with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            local_images = self.model.encode_images(images).float()
+            local_texts = self.model.encode_texts(texts, lengths).float()
+        embedded_images = self.shard.gather(local_images, batch)
+        embedded_texts = self.shard.gather(local_texts, batch)
+        with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            scores = self.model.scores(embedded_images, embedded_texts).float()
+        distill = None
+        if teachers is not None:
+            t_img, t_txt = (self.shard.gather(t, batch) for t in teachers)
+            student = scores if self.distill_on_metric else embedded_images @ embedded_texts.T
+            distill = (student, t_img, t_txt)
+        return self.objective(scores, ids, hardest=hardest, distill_inputs=distill)
+
+
 class Trainer:
-    """A model, its objective and optimizer, ready to train (or resume) per ``config`` on ``dataset``."""
+    """A model, its objective and optimizer, ready to train (or resume) per ``config`` on ``dataset``.
+
+    As one worker of a data-parallel group (``shard``, in a process group set up by Ray Train or ``torchrun``) it
+    trains on its rows of every global batch (:class:`BatchStep` under DistributedDataParallel); only the primary
+    worker validates, writes checkpoints and calls back. ``device`` overrides ``config.device`` (a worker's own GPU).
+    """
 
     def __init__(
         self,
@@ -152,9 +212,12 @@ class Trainer:
         *,
         resume_from: Path | None = None,
         progress: Progress | None = None,
+        shard: Shard | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.progress = progress
-        self.device = resolve_device(config.device)
+        self.shard = shard or Shard()
+        self.device = device or resolve_device(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
         if not dataset.has_split("train"):
@@ -175,6 +238,9 @@ class Trainer:
         self.objective = build_objective(config).to(self.device)
         self.trainable = torch.nn.ModuleDict({"model": self.model, "objective": self.objective})
         self.optimizer = make_optimizer(self.model, self.objective, config)
+        self.amp = amp_dtype(config, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.step = self._batch_step()
         self.metric_name = registry.validation_metric(dataset.task)
         # Completed epochs (the next one is epochs_done + 1) and the best so far (best_epoch 0: none yet).
         self.epochs_done, self.best_value, self.best_epoch = 0, -math.inf, 0
@@ -187,9 +253,18 @@ class Trainer:
                 started = {**started, "config": resolve_values(started.get("config", {}), dataset.manifest)}
                 check_resumable(started, config, dataset, str(resume_from.parent.name))
             else:
-                self._resume(resume_from)
+                self.load_checkpoint(resume_from)
 
-    def _resume(self, folder: Path) -> None:
+    def _batch_step(self) -> torch.nn.Module:
+        step = BatchStep(self.model, self.objective, self.shard, self.amp, self.config.distill_use_metric)
+        if self.shard.world == 1 or self.optimizer is None:
+            return step
+        ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(step, device_ids=ids)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Continue from the checkpoint ``folder`` (a run's ``checkpoint/``): weights, optimizer, random state,
+        epochs done and the best so far."""
         saved = ckpt.load(folder)
         ckpt.check_state(saved.state, folder / ckpt.STATE)
         check_resumable(saved.state, self.config, self.dataset, str(folder.parent.name))
@@ -208,13 +283,18 @@ class Trainer:
         ``out_dir/config.json``: the config and dataset, so that a kill before the first checkpoint can resume)."""
         config = self.config
         started = time.perf_counter()
-        ckpt.write_run_config(out_dir, to_dict(config), self.dataset.digest)
-        for name in (ckpt.BEST, ckpt.LAST):
-            ckpt.recover(out_dir / name)  # and the leftovers of saves a kill interrupted go
+        primary = self.shard.primary
+        if primary:
+            ckpt.write_run_config(out_dir, to_dict(config), self.dataset.digest)
+            for name in (ckpt.BEST, ckpt.LAST):
+                ckpt.recover(out_dir / name)  # and the leftovers of saves a kill interrupted go
         first = self.epochs_done + 1
         for epoch in range(first, config.epochs + 1):
             epoch_started = time.perf_counter()
             stats = self._train_epoch(epoch)
+            if not primary:
+                self.epochs_done = epoch
+                continue
             val = self._validate()
             history = {**stats, **{f"val_{k}": v for k, v in val.items()}}
             value = val.get(self.metric_name, -stats["loss"])
@@ -246,21 +326,26 @@ class Trainer:
                 on_epoch_end(epoch, reported, out_dir / ckpt.LAST)
             if self.metric_name in val:
                 self._check_can_choose_best(val)
-        best_state = ckpt.saved_state(out_dir / ckpt.BEST)
+        return self.result(out_dir, config.epochs - first + 1, time.perf_counter() - started)
+
+    def result(self, out_dir: Path, epochs_run: int, seconds: float) -> FitResult:
+        """What a finished run in ``out_dir`` ends with (its best checkpoint's state); on a worker that is not the
+        primary, which writes nothing, an empty result."""
+        best_state = ckpt.saved_state(out_dir / ckpt.BEST) if self.shard.primary else {"last_metrics": {}}
         return FitResult(
             out_dir=out_dir,
             best_epoch=self.best_epoch,
-            epochs_run=config.epochs - first + 1,
+            epochs_run=epochs_run,
             metrics={k: float(v) for k, v in best_state["last_metrics"].items()},
             validation_metric=self.metric_name,
             parameters=self.model.parameter_counts(),
-            seconds=round(time.perf_counter() - started, 2),
+            seconds=round(seconds, 2),
             best_state=best_state,
         )
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         """Train epoch number ``epoch`` (counted from 1); its loss, lr and throughput."""
-        config, model, device = self.config, self.model, self.device
+        config, model, shard = self.config, self.model, self.shard
         split = self.dataset.split("train")
         # Seeded by the 0-based index, as before epochs were numbered from 1: the same batches as older versions.
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch - 1)
@@ -273,23 +358,23 @@ class Trainer:
         with self._epoch_progress(f"epoch {epoch}/{config.epochs}", len(batches)) as advance:
             for index, pairs in enumerate(batches):
                 self._set_lr(lr_at(config, epoch, index / len(batches)))
-                batch = split.training_batch(pairs, generator)
-                images = model.encode_images(batch.images.to(device))
-                lengths = None if batch.lengths is None else batch.lengths.to(device)
-                texts = model.encode_texts(batch.texts.to(device), lengths)
-                scores = model.scores(images, texts)
-                distill = None
+                rows = shard.rows(len(pairs))
+                batch = split.training_batch(pairs, generator, rows)
+                teachers = None
                 if config.distill_weight > 0:
-                    t_img, t_txt = teacher_features(pairs, batch, split, self.teacher, vocab_size)
-                    student = scores if config.distill_use_metric else images @ texts.T
-                    distill = (student, t_img.to(device), t_txt.to(device))
-                parts = self.objective(scores, batch.ids.to(device), hardest=hardest, distill_inputs=distill)
+                    local = teacher_features(pairs[rows], batch, split, self.teacher, vocab_size)
+                    teachers = (self._to_device(local[0]), self._to_device(local[1]))
+                lengths = None if batch.lengths is None else self._to_device(batch.lengths)
+                images, texts, ids = (self._to_device(t) for t in (batch.images, batch.texts, batch.ids))
+                parts = self.step(images, texts, lengths, ids, hardest, teachers)
                 if self.optimizer is not None:
                     self.optimizer.zero_grad(set_to_none=True)
-                    parts["loss"].backward()
+                    self.scaler.scale(parts["loss"]).backward()
                     if config.grad_clip > 0:
+                        self.scaler.unscale_(self.optimizer)
                         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                    self.optimizer.step()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
                 total_loss += float(parts["loss"].detach()) * len(pairs)
                 total_struct += float(parts["struct"]) * len(pairs)
                 seen += len(pairs)
@@ -307,6 +392,12 @@ class Trainer:
                 "distill_tau": distillation.tau,
             }
         return stats
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on the training device: through pinned memory, without waiting, to a GPU."""
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _set_lr(self, lr: float) -> None:
         """Every group at ``lr`` times its own scale (:data:`OBJECTIVE_LR_SCALE` for the objective's scalars)."""
@@ -434,11 +525,19 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
+PLACEMENT = ("workers", "address", "device", "threads")
+"""Settings that say where a run trains, not what it learns: a run may resume with other values (a run trained on a
+GPU resumes on a CPU; the data-parallel step is the single-process one), equal up to float rounding."""
+
+
 def check_resumable(state: dict[str, Any], config: TrainConfig, dataset: Dataset, run_id: str) -> None:
     """A checkpoint continues only with the config and dataset it was started with."""
-    saved = state.get("config", {})
     current = to_dict(config)
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    saved = dict(state.get("config", {}))
+    for key in set(current) - set(saved):
+        with contextlib.suppress(KeyError):  # a setting newer than the checkpoint: it trained at the default
+            saved[key] = default_of(TrainConfig, key)
+    changed = sorted(k for k in set(saved) | set(current) if k not in PLACEMENT and saved.get(k) != current.get(k))
     if changed:
         key = changed[0]
         raise UserInputError(

@@ -5,7 +5,7 @@ Why a separate module: a typo in ``--param`` should cost a second, not a Ray sta
 everything that can be checked without running a trial is checked here — parameter names, value syntax, block
 sizes against the embedding size (for every combination of grid values and range ends), files named by the
 base config or a tuned value, the optimisation metric against the dataset's task. It imports the standard
-library and :mod:`gssf_cli.config` only; Ray lives in :mod:`gssf_cli.ray_trials`. It also holds what the
+library and :mod:`gssf_cli.config` only; Ray lives in :mod:`gssf_cli.ray_cluster`. It also holds what the
 driver does with the trials' outcomes without Ray: ranking, statuses and the results table, and the
 :class:`TrialLog` protocol through which the driver reports each trial while it runs.
 
@@ -63,6 +63,8 @@ NOT_TUNABLE: dict[str, str] = {
     "epochs": "it is every trial's budget (--epochs); ASHA stops weak trials before it",
     "device": "every trial runs on the same kind of device (--base device=...)",
     "threads": "each trial uses --cpus-per-trial threads",
+    "workers": "each trial uses --workers-per-trial workers",
+    "address": "trials run where the tune runs (--address)",
     "runs_dir": "trials keep their checkpoints in Ray's storage (--storage)",
     "val_split": "trials are only comparable on one validation split (--base val_split=...)",
 }
@@ -235,6 +237,12 @@ def make_plan(
     if config.address is None and config.cpus_per_trial > available:
         raise UserInputError(
             f"--cpus-per-trial {config.cpus_per_trial}: this machine has {available} CPUs, so no trial could start"
+        )
+    if config.address is None and config.workers_per_trial * config.cpus_per_trial > available:
+        raise UserInputError(
+            f"--workers-per-trial {config.workers_per_trial}: needs {config.workers_per_trial * config.cpus_per_trial}"
+            f" CPUs ({config.cpus_per_trial} per worker, --cpus-per-trial), but this machine has {available}, so no "
+            "trial could start"
         )
     grid_size = math.prod(len(d.values) for d in dimensions if d.is_grid)
     scheduler = config.scheduler

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sqlite3
 from collections.abc import Callable
@@ -32,6 +33,9 @@ TRAIN = ["train", "--data", DATA, "--epochs", "1", "--embed-dim", "16", "--block
          "--batch-size", "16", "--device", "cpu"]  # fmt: skip
 TUNE = ["tune", "--data", DATA, "--epochs", "1", "--base", "embed_dim=16", "--base", "word_dim=8",
         "--base", "metric=bdiag"]  # fmt: skip
+CPUS = os.cpu_count() or 1
+CLOSED_PORT = 9
+"""The discard port: nothing listens there on a test machine, so a connection is refused at once."""
 NOT_UTF8 = 'lr = 0.001\nname = "caf\xe9"\n'.encode("latin-1")
 
 
@@ -598,6 +602,23 @@ CASES: dict[str, tuple[Setup, str]] = {
     "train: config not utf-8": (_train_config(NOT_UTF8), "t.toml: not valid TOML (line 2 is not UTF-8"),
     "train: unknown config key": (_train_config("learning_rate = 0.1\n"), "train.learning_rate: unknown key"),
     "train: config wrong type": (_train_config('seed = "ten"\n'), "train.seed: expected an integer"),
+    "train: more workers than CPUs": (
+        _train_with("--workers", str(CPUS + 1)),
+        f"--workers {CPUS + 1}: needs {CPUS + 1} CPUs (1 per worker, --threads), but this machine has {CPUS}",
+    ),
+    "train: workers times threads": (
+        _train_with("--workers", "2", "--threads", str(CPUS)),
+        f"--workers 2: needs {2 * CPUS} CPUs ({CPUS} per worker, --threads), but this machine has {CPUS}",
+    ),
+    "train: no cluster at the address": (
+        _train_with("--workers", "2", "--address", f"127.0.0.1:{CLOSED_PORT}"),
+        f"--address 127.0.0.1:{CLOSED_PORT}: no Ray cluster answers there",
+    ),
+    "train: address without a port": (_train_with("--address", "somewhere"), "--address somewhere: expected HOST:PORT"),
+    "tune: no cluster at the address": (
+        _tune_with("--param", "block_size=4,8", "--address", f"127.0.0.1:{CLOSED_PORT}"),
+        f"--address 127.0.0.1:{CLOSED_PORT}: no Ray cluster answers there",
+    ),
     "train: block size": (_train_with("--block-size", "5"), "block size 5 does not divide the embedding size 16"),
     "train: huge embedding": (
         _train_with("--embed-dim", "1000000000", "--block-size", "1"),

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from gssf_cli.config import TuneConfig
-from gssf_cli.ray_trials import run_trials, storage_path
+from gssf_cli.ray_cluster import run_trials, storage_path
 from gssf_cli.tuning import make_plan
 
 

@@ -30,7 +30,8 @@ class Batch:
 
     ``images`` ``[B, R, F]`` / ``[B, F]`` (or label-based anchors ``[B, F]``); ``texts`` either token ids
     ``[B, L]`` with ``lengths`` ``[B]`` or features ``[B, F']`` (label-based: the positives ``[B, F]``);
-    ``ids`` ``[B]`` image index or class label of each pair.
+    ``ids`` ``[B]`` image index or class label of each pair. A data-parallel worker's training batch holds the
+    inputs of its own rows only, and the ids of the whole global batch.
     """
 
     images: torch.Tensor
@@ -105,14 +106,18 @@ class Split:
             batches.pop()
         return batches
 
-    def training_batch(self, pairs: np.ndarray, generator: torch.Generator) -> Batch:
+    def training_batch(self, pairs: np.ndarray, generator: torch.Generator, rows: slice = slice(None)) -> Batch:
+        """The training batch of ``pairs`` ``[B]``, loading only the inputs of ``rows`` (a data-parallel worker's
+        share; ``ids`` always covers all ``B`` pairs, since every negative of the global batch counts). Random
+        draws are made for all ``B`` pairs whatever ``rows`` is, so every worker's generator stays in step with a
+        single process's."""
         if self.task == "cross_modal":
             image_rows = pairs // self.k
-            texts, lengths = self.text_batch(pairs)
-            return Batch(self.image_batch(image_rows), texts, lengths, torch.from_numpy(image_rows))
+            texts, lengths = self.text_batch(pairs[rows])
+            return Batch(self.image_batch(image_rows[rows]), texts, lengths, torch.from_numpy(image_rows))
         labels = self.labels[pairs]
         partners = self._same_class_partners(pairs, generator)
-        return Batch(self.image_batch(pairs), self.image_batch(partners), None, torch.from_numpy(labels))
+        return Batch(self.image_batch(pairs[rows]), self.image_batch(partners[rows]), None, torch.from_numpy(labels))
 
     def _same_class_partners(self, anchors: np.ndarray, generator: torch.Generator) -> np.ndarray:
         """A random other item of the same class for each anchor (itself if its class has one item)."""

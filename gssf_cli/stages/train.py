@@ -3,8 +3,10 @@
 The run logs its resolved config, the dataset, parameter counts, per-epoch metrics (loss, validation metrics,
 lr, samples/s, ``best_<metric>``) with the epoch as step (counted from 1: the first epoch is step 1), and at the
 end ``best_epoch`` (counted from 1, as everywhere), the best checkpoint, the resolved config as TOML and a
-heatmap of the learned W ⊙ U. Every check (dataset, teacher, block size, resume compatibility) runs before
-the MLflow run is opened, so bad input leaves no run behind.
+heatmap of the learned W ⊙ U. With ``--workers N`` (or ``--address``) the epochs run on Ray Train workers
+(:func:`gssf_cli.ray_cluster.data_parallel`) and this process, the driver, still writes the one MLflow run.
+Every check (dataset, teacher, block size, resume compatibility, the workers' CPUs and GPUs) runs before the
+MLflow run is opened, so bad input leaves no run behind.
 
 Resuming a run killed at any moment: a run killed before its first checkpoint starts again at epoch 1 from the
 ``config.json`` written as it opened (:func:`gssf_cli.checkpoint.write_run_config`); a checkpoint whose epoch
@@ -24,6 +26,7 @@ from gssf_cli.config import TrainConfig, dump_toml, to_dict
 if TYPE_CHECKING:
     from gssf_cli.data.dataset import Dataset
     from gssf_cli.model import RetrievalModel
+    from gssf_cli.ray_cluster import DataParallel
     from gssf_cli.tracking import StageRun, Tracker
     from gssf_cli.training import FitResult, Progress, Trainer
 
@@ -69,6 +72,11 @@ def run(
     resume_from = config.runs_dir / resume / ckpt.LAST if resume is not None else None
     trainer = Trainer(config, dataset, resume_from=resume_from, progress=progress)
     with contextlib.ExitStack() as stack:
+        workers: DataParallel | None = None
+        if config.on_ray():
+            from gssf_cli import ray_cluster
+
+            workers = stack.enter_context(ray_cluster.data_parallel(trainer.config))
         tracked: StageRun | None = None
         if tracker is not None:
             tracked = stack.enter_context(
@@ -89,7 +97,11 @@ def run(
             if tracked is not None:
                 tracked.log_metrics(metrics, step=epoch)
 
-        fitted = trainer.fit(config.runs_dir / run_id, on_epoch_end=log_epoch)
+        out_dir = config.runs_dir / run_id
+        if workers is not None:
+            fitted = workers.fit(trainer, out_dir, on_epoch_end=log_epoch, progress=progress)
+        else:
+            fitted = trainer.fit(out_dir, on_epoch_end=log_epoch)
         model_id = None
         if tracked is not None:
             _log_end(tracked, fitted, trainer.model)

@@ -3,7 +3,7 @@
 1. :func:`gssf_cli.tuning.make_plan` checks everything it can before Ray starts (names, value syntax, block
    sizes for every grid combination, files, the metric) and resolves ``--scheduler auto`` (FIFO for a pure
    grid, ASHA when a value is sampled).
-2. Ray (:mod:`gssf_cli.ray_trials`): local by default, results under ``--storage`` as experiment
+2. Ray (:mod:`gssf_cli.ray_cluster`): local by default, results under ``--storage`` as experiment
    ``tune-<tune run id>``; each trial is the library's own training, reporting every epoch.
 3. MLflow, written by this process only (many writers lock or corrupt a SQLite file; on a cluster it is not
    even there): the tune run ``tune-<names>`` and, live, one child run per trial from Tune's driver-side
@@ -78,14 +78,14 @@ def run(
     Raises :class:`CheckFailedError` (after logging) when every trial failed, and ``KeyboardInterrupt`` (after
     logging what ran; the tune run ends KILLED, and :func:`resume` continues it) when Ctrl-C stopped the search.
     """
-    from gssf_cli.ray_trials import check_reachable, storage_path
+    from gssf_cli.ray_cluster import check_reachable, storage_path
 
     plan = tuning.make_plan(config, base_values=base_values)
+    if config.address:
+        check_reachable(config.address)
     check_outputs(config, plan)
     if tracker is not None:
         _ = tracker.experiment_id
-    if config.address:
-        check_reachable(config.address)
     search = tuning.Search(config, plan, storage_path(config.storage), Path.cwd())
     return _search(search, tracker, progress, parent_run_id=parent_run_id)
 
@@ -98,7 +98,7 @@ def resume(run_ref: str, tracker: Tracker, progress: bool = True) -> TuneResult:
     finished, one without recorded settings, or one whose Ray results folder is gone is a one-line
     :class:`UserInputError`; so is anything :func:`tuning.make_plan` refuses (the dataset moved, say).
     """
-    from gssf_cli.ray_trials import check_reachable, check_restorable, experiment_path
+    from gssf_cli.ray_cluster import check_reachable, check_restorable, experiment_path
     from gssf_cli.tracking import PARENT_TAG, STAGE_TAG
 
     found = tracker.get_run(run_ref, stage=STAGE)
@@ -152,7 +152,7 @@ def _search(
 ) -> TuneResult:
     """Start (or, with ``resume_run_id``, continue) the search on Ray and log it: the part :func:`run` and
     :func:`resume` share once everything is checked."""
-    from gssf_cli.ray_trials import callbacks_run_here, run_trials
+    from gssf_cli.ray_cluster import callbacks_run_here, run_trials
 
     config, plan = search.config, search.plan
     started = time.perf_counter()
@@ -220,7 +220,7 @@ def _experiment_name(run_id: str) -> str:
 
 def _log_start(run_: StageRun, search: tuning.Search) -> None:
     from gssf_cli.data.manifest import load_manifest, manifest_digest
-    from gssf_cli.ray_trials import experiment_path
+    from gssf_cli.ray_cluster import experiment_path
 
     plan = search.plan
     run_.log_config(STAGE, to_dict(replace(search.config, scheduler=plan.scheduler)))

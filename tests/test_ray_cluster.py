@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gssf_cli.errors import UserInputError
-from gssf_cli.ray_trials import check_reachable, storage_path
+from gssf_cli.ray_cluster import check_reachable, storage_path
 
 
 def test_an_address_where_nothing_listens_fails_in_seconds() -> None:

@@ -1,20 +1,26 @@
-"""Tune trials on Ray: the session (local or a cluster), the trial function, and each trial's outcome.
+"""What gssf runs on Ray: tune trials, and the workers of data-parallel training. The only module that imports Ray.
 
-The only module that imports Ray. Each trial is :func:`_train_trial`: the library's own training
+**Tune trials.** Each trial is :func:`_train_trial`: the library's own training
 (:func:`gssf_cli.training.fit`, no tracker) reporting every epoch's metrics and checkpoint with
 ``ray.tune.report``, so ASHA can stop weak trials early and a crashed trial is retried (``--max-failures``)
 from its last checkpoint via ``tune.get_checkpoint()``. A trial uses ``--cpus-per-trial`` threads
-(``torch.set_num_threads`` and ``TrainConfig.threads``). Trials never open the tracking store: a driver-side
+(``torch.set_num_threads`` and ``TrainConfig.threads``); with ``--workers-per-trial N`` it drives N Ray Train
+workers instead. Trials never open the tracking store: a driver-side
 Tune callback passes each trial's start, epochs and end to a :class:`~gssf_cli.tuning.TrialLog` as they happen
 (the tune stage logs them to MLflow), and prints them as plain progress lines on stderr. An interrupted search
 continues with ``Tuner.restore`` (``run_trials(..., resume=True)``).
+
+**Data-parallel training** (``gssf train --workers N``): :func:`data_parallel` checks that Ray can place the
+workers, and :meth:`DataParallel.fit` runs the library's :class:`~gssf_cli.training.Trainer` on each of them
+under Ray Train's ``TorchTrainer`` (:mod:`gssf_cli.distributed` for the split and the gather). Workers never
+open the tracking store either: the primary one sends each epoch's summary to this process through a Ray queue.
 
 A local Ray uses all CPUs, no dashboard, no usage stats, and a session folder in a short temporary directory
 removed afterwards (Unix socket paths must stay under ~107 characters); results go under ``--storage``.
 
 Joining a cluster (``--address``): ``HOST:6379`` (the driver runs here, as a Ray node's peer) or
-``ray://HOST:10001`` (Ray Client: needs ``pip install "ray[client]"`` here and a head node started with
-``--ray-client-server-port``; gssf's own dependencies do not pull it in). An address where nothing listens fails
+``ray://HOST:10001`` (Ray Client, installed with gssf's ``all`` extra; the head node must be started with
+``--ray-client-server-port``). An address where nothing listens fails
 in seconds (exit 2) instead of ``ray.init``'s minutes of retries. What the user must set up:
 
 - Ray 2.60 clusters use token authentication: set ``RAY_AUTH_MODE=token`` here, with the cluster's token in
@@ -22,7 +28,8 @@ in seconds (exit 2) instead of ``ray.init``'s minutes of retries. What the user 
   ``RAY_AUTH_TOKEN_PATH``. Without it ``ray.init`` is refused ("InvalidAuthToken") and gssf exits 2. A cluster
   started with ``RAY_AUTH_MODE=disabled`` (trusted networks only) needs nothing.
 - The same Python, Ray and gssf (``pip install gssf``) on every node; ``--data`` (and any teacher file) at the
-  same absolute path on every node.
+  same absolute path on every node; for ``gssf train --workers``, also the working folder and ``--runs-dir``
+  (the primary worker writes the checkpoints there).
 - ``--storage`` that every node and this machine can reach: a shared folder (NFS) or a URI such as
   ``s3://bucket/gssf`` (with the cloud credentials in the nodes' environment); trial checkpoints go there.
 - MLflow needs no access from the cluster: only this process logs. Under Ray Client, Tune's callbacks would
@@ -46,13 +53,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gssf_cli import tuning
-from gssf_cli.config import TuneConfig, to_dict
+from gssf_cli.config import TrainConfig, TuneConfig, to_dict
 from gssf_cli.errors import UserInputError
 from gssf_cli.limits import head_parameters
 from gssf_cli.tuning import TrialLog, TrialOutcome, TunePlan, describe_values
+
+if TYPE_CHECKING:
+    from gssf_cli.training import EpochCallback, EpochSummary, FitResult, Progress, Trainer
 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0"}
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -177,14 +187,20 @@ def run_trials(
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     spec = _trial_spec(plan, config, root or Path.cwd())
-    trainable = tune.with_resources(tune.with_parameters(_train_trial, spec=spec), {"cpu": config.cpus_per_trial})
     callbacks = [_callback(name)] if callbacks_run_here(config.address) else []
     with (
         contextlib.redirect_stdout(sys.stderr),
         _quiet_ray_logs(),
         _driver(name, _Driver(plan, log, progress)),
-        _ray_session(config) as ray_seconds,
+        _ray_session(config.address) as ray_seconds,
     ):
+        # Only now: under Ray Client, ray.init never runs the hook that puts with_parameters' objects in the store.
+        # A trial with workers is only their driver: the workers ask Ray Train for their own CPUs, and the trial
+        # holds no CPU (a fraction would leave the workers short of whole ones); Ray wants some resource, so 1 byte.
+        resources: dict[str, float] = {"cpu": config.cpus_per_trial}
+        if config.workers_per_trial > 1:
+            resources = {"cpu": 0, "memory": 1}
+        trainable = tune.with_resources(tune.with_parameters(_train_trial, spec=spec), resources)
         if resume:
             tuner = tune.Tuner.restore(
                 experiment_path(storage, name), trainable, resume_unfinished=True, resume_errored=True
@@ -375,7 +391,7 @@ def _interrupt_watch() -> Iterator[list[bool]]:
 
 
 @contextlib.contextmanager
-def _ray_session(config: TuneConfig) -> Iterator[list[float]]:
+def _ray_session(address: str | None) -> Iterator[list[float]]:
     """Use a running Ray (this process's, or a cluster's with ``--address``) or start a local one and stop
     it afterwards, removing its session folder."""
     import ray
@@ -388,8 +404,8 @@ def _ray_session(config: TuneConfig) -> Iterator[list[float]]:
     started = time.perf_counter()
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        if config.address:
-            ray.init(address=config.address, log_to_driver=False, logging_level=logging.ERROR)
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
         else:
             temp_dir = tempfile.mkdtemp(prefix="gssf-ray-", dir=short_temp_root())
             ray.init(
@@ -399,11 +415,11 @@ def _ray_session(config: TuneConfig) -> Iterator[list[float]]:
                 log_to_driver=False,
                 logging_level=logging.ERROR,
             )
-    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-        where = f"the Ray cluster at {config.address}" if config.address else "a local Ray instance"
-        hint = " (is it running? does it need RAY_AUTH_MODE=token and its token?)" if config.address else ""
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        hint = " (is it running? does it need RAY_AUTH_MODE=token and its token?)" if address else ""
         raise UserInputError(f"cannot start or join {where}{hint}: {_first_line(str(exc))}") from None
     if threading.current_thread() is threading.main_thread() and callable(sigterm):
         signal.signal(signal.SIGTERM, sigterm)  # ray.init installs sys.exit(15); gssf ends its runs KILLED instead
@@ -417,9 +433,9 @@ def _ray_session(config: TuneConfig) -> Iterator[list[float]]:
 
 
 @contextlib.contextmanager
-def _quiet_ray_logs() -> Iterator[None]:
-    """Ray logs every trial error with a full traceback; the outcome table already names each error."""
-    logger = logging.getLogger("ray.tune")
+def _quiet_ray_logs(name: str = "ray.tune") -> Iterator[None]:
+    """Ray logs every trial (or worker) error with a full traceback; gssf reports each error in one line."""
+    logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
@@ -438,6 +454,7 @@ def _trial_spec(plan: TunePlan, config: TuneConfig, root: Path) -> dict[str, Any
         "base": base,
         "root": str(root),
         "cpus": config.cpus_per_trial,
+        "workers": config.workers_per_trial,
         "metric_key": plan.metric_key,
     }
 
@@ -472,14 +489,16 @@ def _train_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     from gssf_cli import checkpoint as ckpt
     from gssf_cli.config import TrainConfig, from_dict
     from gssf_cli.data.dataset import Dataset
-    from gssf_cli.training import fit
+    from gssf_cli.training import Trainer, fit
 
     cpus = int(spec["cpus"])
     torch.set_num_threads(cpus)
     tuned = {k: _plain(v) for k, v in values.items()}
     if "teacher" in tuned:
         tuned["teacher"] = str(Path(spec["root"]) / Path(str(tuned["teacher"])).expanduser())
-    config = from_dict(TrainConfig, {**spec["base"], **tuned, "threads": cpus, "runs_dir": "runs"}, "train")
+    workers = int(spec.get("workers", 1))
+    values = {**spec["base"], **tuned, "threads": cpus, "runs_dir": "runs", "workers": workers}
+    config = from_dict(TrainConfig, values, "train")
     out_dir = config.runs_dir / tune.get_context().get_trial_id()
     metric_key = str(spec["metric_key"])
     resume_from: Path | None = None
@@ -497,7 +516,11 @@ def _train_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
             checkpoint=tune.Checkpoint.from_directory(str(checkpoint_folder.parent)),
         )
 
-    fit(config, Dataset(config.data), out_dir, resume_from=resume_from, on_epoch_end=report)
+    if workers == 1:
+        fit(config, Dataset(config.data), out_dir, resume_from=resume_from, on_epoch_end=report)
+        return
+    trainer = Trainer(config, Dataset(config.data), resume_from=resume_from)
+    DataParallel(config, gpu=config.device == "cuda").fit(trainer, out_dir, on_epoch_end=report)
 
 
 def _result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
@@ -596,3 +619,203 @@ def _error_line(error: BaseException) -> str:
 def _first_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else ""
+
+
+# Data-parallel training on Ray Train ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def data_parallel(config: TrainConfig) -> Iterator[DataParallel]:
+    """Ray, ready to train ``config`` on ``config.workers`` workers: a local Ray (bound to loopback), or the
+    cluster at ``config.address``. Everything that can refuse — an address where nothing listens, more workers
+    than the CPUs (``workers × threads``) or GPUs there — is checked before this yields, so before the caller
+    opens a tracked run."""
+    gpu = _wants_gpu(config)
+    if config.address:
+        check_reachable(config.address)
+    else:
+        _check_placement(config, gpu, _local_resources(), "this machine")
+    _ray_environment(config.address)
+    import ray
+
+    with contextlib.redirect_stdout(sys.stderr), _ray_session(config.address):
+        where = f"the Ray cluster at {config.address}" if config.address else "this machine"
+        resources = {k: float(v) for k, v in ray.cluster_resources().items()}
+        if config.device == "auto":
+            gpu = resources.get("GPU", 0.0) >= config.workers
+        _check_placement(config, gpu, resources, where)
+        yield DataParallel(config, gpu)
+
+
+def _wants_gpu(config: TrainConfig) -> bool:
+    """Whether the workers train on GPUs: ``--device cuda``, or ``auto`` where every worker can have one."""
+    if config.device != "auto":
+        return config.device == "cuda"
+    import torch
+
+    return not config.address and torch.cuda.device_count() >= config.workers
+
+
+def _local_resources() -> dict[str, float]:
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def _check_placement(config: TrainConfig, gpu: bool, resources: Mapping[str, float], where: str) -> None:
+    """Refuse ``--workers`` that ``resources`` (a Ray cluster's totals) cannot all run at once."""
+    threads = config.worker_threads()
+    cpus, have_cpus = config.workers * threads, int(resources.get("CPU", 0.0))
+    if cpus > have_cpus:
+        raise UserInputError(
+            f"--workers {config.workers}: needs {cpus} CPUs ({threads} per worker, --threads), but {where} has "
+            f"{have_cpus}; use fewer workers or threads"
+        )
+    have_gpus = int(resources.get("GPU", 0.0))
+    if gpu and config.workers > have_gpus:
+        raise UserInputError(
+            f"--workers {config.workers} --device cuda: needs a GPU per worker, but {where} has {have_gpus}; "
+            "use fewer workers"
+        )
+
+
+class DataParallel:
+    """Training runs of ``config`` on Ray Train workers (see :func:`data_parallel`)."""
+
+    def __init__(self, config: TrainConfig, gpu: bool) -> None:
+        self.config, self.gpu = config, gpu
+
+    def fit(
+        self,
+        trainer: Trainer,
+        out_dir: Path,
+        on_epoch_end: EpochCallback | None = None,
+        progress: Progress | None = None,
+    ) -> FitResult:
+        """Train ``trainer``'s run (built here for its checks, and resumed if it was) on the workers into
+        ``out_dir``, which every worker must reach at the same path (a shared folder on a cluster).
+
+        ``TorchTrainer`` starts ``config.workers`` workers in one process group (gloo on CPUs, NCCL on GPUs); each
+        builds the same :class:`~gssf_cli.training.Trainer` as a :class:`~gssf_cli.distributed.Shard` of the group
+        and trains its rows of every batch under DistributedDataParallel. The primary worker validates, writes the
+        usual checkpoints into ``out_dir`` and sends each epoch's summary through a Ray queue; this process (the
+        driver, the only one that logs) passes it to ``progress`` and ``on_epoch_end`` as it arrives. At the end
+        ``trainer`` loads the last checkpoint, so it holds the trained weights, as after :meth:`Trainer.fit`.
+        """
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.util.queue import Empty, Queue
+
+        from gssf_cli import checkpoint as ckpt
+
+        config, started, first = self.config, time.perf_counter(), trainer.epochs_done + 1
+        storage = tempfile.mkdtemp(prefix="gssf-train-", dir=short_temp_root())
+        queue = Queue(actor_options={"num_cpus": 0})
+        resume = out_dir / ckpt.LAST if trainer.epochs_done > 0 else None
+        loop = {
+            "config": to_dict(trainer.config),
+            "cwd": os.getcwd(),
+            "out_dir": str(out_dir),
+            "resume": None if resume is None else str(resume),
+            "gpu": self.gpu,
+            "queue": queue,
+        }
+        torch_trainer = TorchTrainer(
+            _train_worker,
+            train_loop_config=loop,
+            torch_config=TorchConfig(backend="nccl" if self.gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=config.workers, use_gpu=self.gpu, resources_per_worker={"CPU": config.worker_threads()}
+            ),
+            run_config=RunConfig(
+                name=f"gssf-train-{out_dir.name}",
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with _quiet_ray_logs("ray.train"):
+                    torch_trainer.fit()
+            except BaseException as exc:  # raised again in the driver's thread below
+                failure.append(exc)
+
+        thread = threading.Thread(target=run, name="gssf-ray-train", daemon=True)
+        try:
+            thread.start()
+            while thread.is_alive() or not queue.empty():
+                try:
+                    summary = queue.get(timeout=0.5)
+                except Empty:
+                    continue
+                if progress is not None:
+                    progress.epoch_done(summary)
+                if on_epoch_end is not None:
+                    on_epoch_end(summary.epoch, summary.metrics, out_dir / ckpt.LAST)
+            thread.join()
+        finally:
+            shutil.rmtree(storage, ignore_errors=True)
+        if failure:
+            raise _worker_error(failure[0]) from None
+        trainer.load_checkpoint(out_dir / ckpt.LAST)
+        return trainer.result(out_dir, config.epochs - first + 1, time.perf_counter() - started)
+
+
+class _QueueProgress:
+    """The primary worker's :class:`~gssf_cli.training.Progress`: each epoch's summary goes to the driver."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    @contextlib.contextmanager
+    def epoch(self, label: str, batches: int) -> Iterator[Callable[[float, float], None]]:
+        yield lambda loss, rate: None
+
+    @contextlib.contextmanager
+    def validation(self, label: str, steps: int) -> Iterator[Callable[[str], None]]:
+        yield lambda what: None
+
+    def epoch_done(self, summary: EpochSummary) -> None:
+        self.queue.put(summary)
+
+
+def _train_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: the library's trainer as its shard of the process group Ray Train set up."""
+    import torch
+
+    from gssf_cli.config import TrainConfig, from_dict
+    from gssf_cli.data.dataset import Dataset
+    from gssf_cli.distributed import Shard
+    from gssf_cli.training import Trainer
+
+    cwd = Path(loop["cwd"])
+    if not cwd.is_dir():
+        raise UserInputError(
+            f"the working folder {cwd} does not exist on a worker's node: run from a folder shared by every node"
+        )
+    os.chdir(cwd)
+    config = from_dict(TrainConfig, loop["config"], "train")
+    torch.set_num_threads(config.worker_threads())
+    shard = Shard.current()
+    device = torch.device("cpu")
+    if loop["gpu"]:
+        from ray.train.torch import get_device
+
+        device = get_device()
+    progress = _QueueProgress(loop["queue"]) if shard.primary else None
+    resume = None if loop["resume"] is None else Path(loop["resume"])
+    trainer = Trainer(config, Dataset(config.data), resume_from=resume, progress=progress, shard=shard, device=device)
+    trainer.fit(Path(loop["out_dir"]))
+
+
+def _worker_error(error: BaseException) -> BaseException:
+    """A failed Ray Train run's first worker exception (a :class:`UserInputError` stays one), else ``error``."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for cause in failures.values():
+        cause = getattr(cause, "cause", None) or cause
+        if isinstance(cause, UserInputError):
+            return UserInputError(str(cause))
+        return RuntimeError(f"a training worker failed: {_error_line(cause)}")
+    return error

@@ -1,0 +1,130 @@
+"""Data-parallel training: the split of a global batch, the gather with gradients, and a 2-worker step that is
+the single-process step.
+
+The library tests run two real processes in a gloo process group (``torch.multiprocessing``, no Ray): each is a
+:class:`~gssf_cli.training.Trainer` as a :class:`~gssf_cli.distributed.Shard`, and after two epochs (the warm-up
+over all negatives, then hardest negatives mined over the global batch) its loss and weights must equal those of
+one process with the same global batch and seed. The same run through Ray Train and the CLI is in
+``tests/test_cluster_training.py`` (``nox -s cluster``).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gssf_cli.distributed import Shard
+from tests.conftest import tiny_train_config
+
+LOSS_RTOL = 1e-5
+"""Per-epoch mean loss, 2 workers vs 1 process (measured: at most 3e-8; floats summed in another order)."""
+WEIGHT_ATOL = 1e-5
+"""Every weight after two epochs (measured: at most 3e-7)."""
+
+
+@given(st.integers(1, 400), st.integers(1, 9))
+def test_shards_cover_the_batch_in_order_and_evenly(batch: int, world: int) -> None:
+    shards = [Shard(rank, world) for rank in range(world)]
+    rows = [list(range(batch))[s.rows(batch)] for s in shards]
+    assert [row for part in rows for row in part] == list(range(batch))
+    sizes = [len(r) for r in rows]
+    assert sizes == shards[0].sizes(batch)
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_one_process_is_the_primary_of_one() -> None:
+    shard = Shard.current()
+    assert (shard.rank, shard.world, shard.primary) == (0, 1, True)
+    local = torch.randn(5, 3)
+    assert shard.gather(local, 5) is local
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _in_group(rank: int, world: int, port: int, task: Any, args: tuple[Any, ...], out: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        torch.save(task(Shard.current(), *args), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_group(world: int, task: Any, args: tuple[Any, ...], out: Path) -> list[Any]:
+    """``task(shard, *args)`` in ``world`` processes of a gloo group on loopback; what each returned."""
+    mp.start_processes(_in_group, args=(world, _free_port(), task, args, out), nprocs=world, start_method="spawn")
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
+
+
+def _gather_task(shard: Shard, batch: int) -> dict[str, torch.Tensor]:
+    """Every worker's rows of a known ``[batch, 3]``, gathered, and the gradient of a loss of the whole."""
+    full = torch.arange(batch * 3, dtype=torch.float64).reshape(batch, 3)
+    local = full[shard.rows(batch)].clone().requires_grad_(True)
+    gathered = shard.gather(local, batch)
+    (gathered**2).sum().backward()
+    assert local.grad is not None
+    return {"gathered": gathered.detach(), "grad": local.grad}
+
+
+def test_gather_gives_every_worker_the_whole_batch_and_sums_the_gradients(tmp_path: Path) -> None:
+    batch, world = 7, 2  # uneven shards: 4 and 3 rows
+    results = _run_group(world, _gather_task, (batch,), tmp_path)
+    full = torch.arange(batch * 3, dtype=torch.float64).reshape(batch, 3)
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result["gathered"], full)
+        # Every worker computed the same loss, so its rows get that gradient once per worker (DDP then averages).
+        torch.testing.assert_close(result["grad"], world * 2 * full[Shard(rank, world).rows(batch)])
+
+
+def _train_task(shard: Shard, data: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    from gssf_cli.data.dataset import Dataset
+    from gssf_cli.training import Trainer
+
+    trainer = Trainer(tiny_train_config(data, **overrides), Dataset(data), shard=shard)  # type: ignore[arg-type]
+    losses = [trainer._train_epoch(epoch)["loss"] for epoch in (1, 2)]
+    return {"losses": losses, "weights": {k: v.detach().clone() for k, v in trainer.trainable.state_dict().items()}}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({}, id="triplet"),
+        pytest.param({"loss": "infonce", "batch_size": 13}, id="infonce-uneven-shards"),
+        pytest.param({"distill_weight": 0.5, "distill_use_metric": True}, id="distillation"),
+    ],
+)
+def test_two_workers_train_as_one_process(tiny_syn: Path, tmp_path: Path, overrides: dict[str, Any]) -> None:
+    """Same global batch and seed: the same losses and weights after a warm-up epoch and a hardest-negative one
+    (each worker encodes half of each batch; negatives are mined over the whole of it)."""
+    one = _train_task(Shard(), tiny_syn, overrides)
+    workers = _run_group(2, _train_task, (tiny_syn, overrides), tmp_path)
+    for result in workers:
+        assert result["losses"] == pytest.approx(one["losses"], rel=LOSS_RTOL)
+        assert result["weights"].keys() == one["weights"].keys()
+        for key, value in one["weights"].items():
+            torch.testing.assert_close(result["weights"][key], value, atol=WEIGHT_ATOL, rtol=0)
+
+
+def test_amp_trains_in_bfloat16_on_cpu_close_to_float32(tiny_syn: Path) -> None:
+    from gssf_cli.data.dataset import Dataset
+    from gssf_cli.training import Trainer
+
+    full = Trainer(tiny_train_config(tiny_syn), Dataset(tiny_syn))  # type: ignore[arg-type]
+    mixed = Trainer(tiny_train_config(tiny_syn, amp=True), Dataset(tiny_syn))  # type: ignore[arg-type]
+    assert (full.amp, mixed.amp) == (None, torch.bfloat16)
+    assert not mixed.scaler.is_enabled()  # bfloat16 has float32's range: no loss scaling
+    first, second = full._train_epoch(1)["loss"], mixed._train_epoch(1)["loss"]
+    assert second == pytest.approx(first, rel=0.05)
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())

@@ -1,4 +1,5 @@
-"""``gssf tune --address`` on a real two-node Ray cluster started on this machine (``nox -s cluster``).
+"""``gssf tune --address`` and ``gssf train --workers --address`` on a real two-node Ray cluster started on this
+machine (``nox -s cluster``).
 
 The cluster is two ``ray start --block`` processes (a head and a worker node, 1 CPU each) with token
 authentication, a HOME of their own (nothing reaches the real ``~/.ray`` or ``~/ray_results``) and one short
@@ -390,12 +391,74 @@ def test_tune_through_ray_client_logs_each_trial_from_its_results(
     data, _ = dataset
     store = f"sqlite:///{tmp_path}/mlflow.db"
     address = f"ray://127.0.0.1:{cluster.client_port}"
-    tuned = _gssf(_tune(data, address, tmp_path / "storage", store), tmp_path, cluster.env)
+    # The head starts a client server process per connection; on a loaded 2-core machine that took longer than
+    # Ray Client's default first wait of 5 s (then 10, 15: ~45 s in all, and one run failed there).
+    env = {**cluster.env, "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "30", "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "60"}
+    tuned = _gssf(_tune(data, address, tmp_path / "storage", store), tmp_path, env)
     assert tuned.returncode == 0, tuned.stderr
     result = json.loads(tuned.stdout)
     assert [t["status"] for t in result["trials"]] == ["FINISHED", "FINISHED"]
     _check_runs(store, result)
     assert sorted(map(tuple, _trial_nodes(cluster, result).values())) == [("head",), ("worker",)]
+
+
+def _train(data: Path, store: str, *extra: str) -> list[str]:
+    return ["--tracking-uri", store, "train", "--data", str(data), "--epochs", "2", "--embed-dim", "16",
+            "--block-size", "4", "--word-dim", "8", "--batch-size", "16", "--device", "cpu", "--json", *extra]  # fmt: skip
+
+
+def test_training_workers_run_one_per_node_and_train_as_one_process(
+    cluster: Cluster, dataset: tuple[Path, str], tmp_path: Path
+) -> None:
+    """``gssf train --workers 2 --address HOST:PORT``: two 1-CPU workers on two 1-CPU nodes can only run one per
+    node, so their gloo group spans both nodes; the run still ends where one process with the same global batch
+    and seed ends, and the driver alone wrote to the store (the two train runs, nothing else)."""
+    data, _ = dataset
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    spread = _gssf(_train(data, store, "--workers", "2", "--address", cluster.address), tmp_path, cluster.env)
+    assert spread.returncode == 0, spread.stderr
+    single = _gssf(_train(data, store), tmp_path, _environment(tmp_path / "home"))
+    assert single.returncode == 0, single.stderr
+    workers, one = json.loads(spread.stdout), json.loads(single.stdout)
+    for key, value in one["metrics"].items():
+        if key == "loss" or key.startswith("val_"):
+            assert workers["metrics"][key] == pytest.approx(value, rel=1e-4), key
+    runs = _runs(store)
+    assert sorted(r.info.run_id for r in runs) == sorted([workers["run_id"], one["run_id"]])
+    assert all(r.data.tags["mlflow.source.name"] == "gssf train" for r in runs)
+
+
+def test_tune_trials_drive_workers_of_their_own_across_the_nodes(
+    cluster: Cluster, dataset: tuple[Path, str], tmp_path: Path
+) -> None:
+    """``gssf tune --workers-per-trial 2``: the trial holds no CPU and drives a 2-worker Ray Train run, whose two
+    1-CPU workers take one node each; its checkpoint records the workers."""
+    data, _ = dataset
+    store, storage = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "storage"
+    args = _tune(data, cluster.address, storage, store)
+    args[args.index("block_size=4,8")] = "block_size=4"
+    tuned = _gssf([*args, "--workers-per-trial", "2"], tmp_path, cluster.env)
+    assert tuned.returncode == 0, tuned.stderr
+    result = json.loads(tuned.stdout)
+    assert [(t["status"], t["epochs"]) for t in result["trials"]] == [("FINISHED", 1)]
+    _check_runs(store, result)
+    (state,) = storage.rglob("checkpoint/state.json")
+    assert json.loads(state.read_text())["config"]["workers"] == 2
+
+
+def test_more_workers_than_the_cluster_has_cpus_are_refused_before_any_run(
+    cluster: Cluster, dataset: tuple[Path, str], tmp_path: Path
+) -> None:
+    data, _ = dataset
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    refused = _gssf(_train(data, store, "--workers", "3", "--address", cluster.address), tmp_path, cluster.env)
+    assert refused.returncode == 2, refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert line == (
+        f"gssf: error: --workers 3: needs 3 CPUs (1 per worker, --threads), but the Ray cluster at {cluster.address} "
+        "has 2; use fewer workers or threads"
+    )
+    assert _runs(store) == [] and not (tmp_path / "runs").exists()
 
 
 def test_stopping_the_cluster_by_its_pids_ends_every_process(cluster: Cluster) -> None:

@@ -97,13 +97,15 @@ def short_temp_root() -> str:
     )
 
 
-def check_reachable(address: str, timeout: float = 5.0) -> None:
+def check_reachable(address: str, timeout: float = 3.0) -> None:
     """Fail in seconds when nothing listens at ``--address``: ``ray.init`` would retry for minutes."""
     if address in ("auto", "local"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise UserInputError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:10001")
+    if not 0 < int(port) < 65536:
+        raise UserInputError(f"--address {address}: {port} is not a port number (1-65535)")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
@@ -112,6 +114,26 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
             f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
             "start one with `ray start --head` or fix the address"
         ) from None
+    if not _speaks_grpc(f"{host}:{port}", timeout):
+        raise UserInputError(
+            f"--address {address}: something listens there, but not Ray (no gRPC answer in {timeout:g} s); "
+            "give the head node's GCS port (6379 by default) or its Ray Client port (ray://HOST:10001)"
+        )
+
+
+def _speaks_grpc(target: str, timeout: float) -> bool:
+    """Whether ``target`` completes a gRPC (HTTP/2) handshake, as Ray's GCS and Ray Client servers do: ``ray.init``
+    against anything else (a web server, a proxy) retries for minutes instead of failing."""
+    import grpc
+
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
 
 
 def storage_path(storage: str) -> str:
@@ -222,7 +244,7 @@ def run_trials(
                     mode=plan.mode,
                     scheduler=scheduler,
                     num_samples=plan.num_samples,
-                    search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=config.max_concurrent),
+                    search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=_concurrency(config)),
                     reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
@@ -238,6 +260,17 @@ def run_trials(
             grid = tuner.fit()
         outcomes = [_outcome(grid[index], plan) for index in range(len(grid))]
     return RayRun(outcomes, ray_seconds[0], interrupted[0])
+
+
+def _concurrency(config: TuneConfig) -> int:
+    """Trials at once (0: as Tune's resources allow). A trial with workers holds no CPU itself, so Tune would start
+    them all and their Ray Train runs would wait on each other's CPUs: as many as the cluster's CPUs can train."""
+    if config.max_concurrent or config.workers_per_trial == 1:
+        return config.max_concurrent
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    return max(1, int(cpus // (config.workers_per_trial * config.cpus_per_trial)))
 
 
 def _ray_environment(address: str | None) -> None:
@@ -416,11 +449,19 @@ def _ray_session(address: str | None) -> Iterator[list[float]]:
                 logging_level=logging.ERROR,
             )
     except (ConnectionError, TimeoutError, RuntimeError, ValueError, ray.exceptions.AuthenticationError) as exc:
-        if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        _abandon(temp_dir)
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         hint = " (is it running? does it need RAY_AUTH_MODE=token and its token?)" if address else ""
         raise UserInputError(f"cannot start or join {where}{hint}: {_first_line(str(exc))}") from None
+    except SystemExit as exc:
+        # SIGTERM while ray.init runs reaches Ray's own handler (sys.exit(15)): gssf ends it as an interrupt.
+        _abandon(temp_dir)
+        if exc.code == 128 + signal.SIGTERM or exc.code == signal.SIGTERM:
+            raise KeyboardInterrupt from None
+        raise
+    except BaseException:
+        _abandon(temp_dir)
+        raise
     if threading.current_thread() is threading.main_thread() and callable(sigterm):
         signal.signal(signal.SIGTERM, sigterm)  # ray.init installs sys.exit(15); gssf ends its runs KILLED instead
     elapsed[0] = time.perf_counter() - started
@@ -430,6 +471,16 @@ def _ray_session(address: str | None) -> Iterator[list[float]]:
         ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _abandon(temp_dir: str | None) -> None:
+    """After a failed or interrupted ``ray.init``: stop what it started and remove the session folder."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+    if temp_dir:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -630,11 +681,7 @@ def data_parallel(config: TrainConfig) -> Iterator[DataParallel]:
     cluster at ``config.address``. Everything that can refuse — an address where nothing listens, more workers
     than the CPUs (``workers × threads``) or GPUs there — is checked before this yields, so before the caller
     opens a tracked run."""
-    gpu = _wants_gpu(config)
-    if config.address:
-        check_reachable(config.address)
-    else:
-        _check_placement(config, gpu, _local_resources(), "this machine")
+    gpu = precheck(config)
     _ray_environment(config.address)
     import ray
 
@@ -645,6 +692,17 @@ def data_parallel(config: TrainConfig) -> Iterator[DataParallel]:
             gpu = resources.get("GPU", 0.0) >= config.workers
         _check_placement(config, gpu, resources, where)
         yield DataParallel(config, gpu)
+
+
+def precheck(config: TrainConfig) -> bool:
+    """The checks of :func:`data_parallel` that need no Ray: an ``--address`` that answers as Ray does, or workers
+    that this machine's CPUs and GPUs can all run at once. Whether the workers train on GPUs."""
+    gpu = _wants_gpu(config)
+    if config.address:
+        check_reachable(config.address)
+    else:
+        _check_placement(config, gpu, _local_resources(), "this machine")
+    return gpu
 
 
 def _wants_gpu(config: TrainConfig) -> bool:

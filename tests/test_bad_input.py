@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ TUNE = ["tune", "--data", DATA, "--epochs", "1", "--base", "embed_dim=16", "--ba
 CPUS = os.cpu_count() or 1
 CLOSED_PORT = 9
 """The discard port: nothing listens there on a test machine, so a connection is refused at once."""
+_SILENT = socket.create_server(("127.0.0.1", 0))
+SILENT_PORT = _SILENT.getsockname()[1]
+"""A port that accepts connections and never answers (a web server or a proxy would answer, but not in gRPC)."""
 NOT_UTF8 = 'lr = 0.001\nname = "caf\xe9"\n'.encode("latin-1")
 
 
@@ -615,6 +619,14 @@ CASES: dict[str, tuple[Setup, str]] = {
         f"--address 127.0.0.1:{CLOSED_PORT}: no Ray cluster answers there",
     ),
     "train: address without a port": (_train_with("--address", "somewhere"), "--address somewhere: expected HOST:PORT"),
+    "train: not Ray at the address": (
+        _train_with("--workers", "2", "--address", f"127.0.0.1:{SILENT_PORT}"),
+        f"--address 127.0.0.1:{SILENT_PORT}: something listens there, but not Ray",
+    ),
+    "train: seeds with more workers than CPUs": (
+        _train_with("--workers", str(CPUS + 1), "--seeds", "0,1"),
+        f"--workers {CPUS + 1}: needs {CPUS + 1} CPUs",
+    ),
     "tune: no cluster at the address": (
         _tune_with("--param", "block_size=4,8", "--address", f"127.0.0.1:{CLOSED_PORT}"),
         f"--address 127.0.0.1:{CLOSED_PORT}: no Ray cluster answers there",

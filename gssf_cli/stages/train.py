@@ -158,7 +158,11 @@ def run_seeds(
 
     check_seeds(seeds)
     configs = [replace(config, seed=seed) for seed in seeds]
-    Trainer(configs[0], Dataset(config.data))  # the checks of a run, before any run exists
+    trainer = Trainer(configs[0], Dataset(config.data))  # the checks of a run, before any run exists
+    if config.on_ray():
+        from gssf_cli import ray_cluster
+
+        ray_cluster.precheck(trainer.config)
     with contextlib.ExitStack() as stack:
         parent: StageRun | None = None
         if tracker is not None:

@@ -816,7 +816,7 @@ class DataParallel:
         finally:
             shutil.rmtree(storage, ignore_errors=True)
         if failure:
-            raise _worker_error(failure[0]) from None
+            raise _worker_error(failure[0]) from failure[0]  # --debug shows the worker's own traceback
         trainer.load_checkpoint(out_dir / ckpt.LAST)
         return trainer.result(out_dir, config.epochs - first + 1, time.perf_counter() - started)
 

@@ -762,46 +762,44 @@ class DataParallel:
         """
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
-        from ray.util.queue import Empty, Queue
+        from ray.util.queue import Empty
 
         from gssf_cli import checkpoint as ckpt
 
         config, started, first = self.config, time.perf_counter(), trainer.epochs_done + 1
-        storage = tempfile.mkdtemp(prefix="gssf-train-", dir=short_temp_root())
-        queue = Queue(actor_options={"num_cpus": 0})
         resume = out_dir / ckpt.LAST if trainer.epochs_done > 0 else None
-        loop = {
-            "config": to_dict(trainer.config),
-            "cwd": os.getcwd(),
-            "out_dir": str(out_dir),
-            "resume": None if resume is None else str(resume),
-            "gpu": self.gpu,
-            "queue": queue,
-        }
-        torch_trainer = TorchTrainer(
-            _train_worker,
-            train_loop_config=loop,
-            torch_config=TorchConfig(backend="nccl" if self.gpu else "gloo"),
-            scaling_config=ScalingConfig(
-                num_workers=config.workers, use_gpu=self.gpu, resources_per_worker={"CPU": config.worker_threads()}
-            ),
-            run_config=RunConfig(
-                name=f"gssf-train-{out_dir.name}",
-                storage_path=storage,
-                failure_config=FailureConfig(max_failures=0),
-            ),
-        )
         failure: list[BaseException] = []
+        with _scratch() as (storage, queue):
+            loop = {
+                "config": to_dict(trainer.config),
+                "cwd": os.getcwd(),
+                "out_dir": str(out_dir),
+                "resume": None if resume is None else str(resume),
+                "gpu": self.gpu,
+                "queue": queue,
+            }
+            torch_trainer = TorchTrainer(
+                _train_worker,
+                train_loop_config=loop,
+                torch_config=TorchConfig(backend="nccl" if self.gpu else "gloo"),
+                scaling_config=ScalingConfig(
+                    num_workers=config.workers, use_gpu=self.gpu, resources_per_worker={"CPU": config.worker_threads()}
+                ),
+                run_config=RunConfig(
+                    name=f"gssf-train-{out_dir.name}",
+                    storage_path=storage,
+                    failure_config=FailureConfig(max_failures=0),
+                ),
+            )
 
-        def run() -> None:
-            try:
-                with _quiet_ray_logs("ray.train"):
-                    torch_trainer.fit()
-            except BaseException as exc:  # raised again in the driver's thread below
-                failure.append(exc)
+            def run() -> None:
+                try:
+                    with _quiet_ray_logs("ray.train"):
+                        torch_trainer.fit()
+                except BaseException as exc:  # raised again in the driver's thread below
+                    failure.append(exc)
 
-        thread = threading.Thread(target=run, name="gssf-ray-train", daemon=True)
-        try:
+            thread = threading.Thread(target=run, name="gssf-ray-train", daemon=True)
             thread.start()
             while thread.is_alive() or not queue.empty():
                 try:
@@ -813,12 +811,29 @@ class DataParallel:
                 if on_epoch_end is not None:
                     on_epoch_end(summary.epoch, summary.metrics, out_dir / ckpt.LAST)
             thread.join()
-        finally:
-            shutil.rmtree(storage, ignore_errors=True)
         if failure:
             raise _worker_error(failure[0]) from failure[0]  # --debug shows the worker's own traceback
         trainer.load_checkpoint(out_dir / ckpt.LAST)
         return trainer.result(out_dir, config.epochs - first + 1, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _scratch() -> Iterator[tuple[str, Any]]:
+    """What one Ray Train run needs besides its workers: a storage folder for Ray Train's own bookkeeping (gssf's
+    checkpoints go to the run folder) and the queue the primary worker sends epoch summaries through. Both are
+    gone afterwards, whatever happened."""
+    from ray.util.queue import Queue
+
+    storage = tempfile.mkdtemp(prefix="gssf-train-", dir=short_temp_root())
+    try:
+        queue = Queue(actor_options={"num_cpus": 0})
+        try:
+            yield storage, queue
+        finally:
+            with contextlib.suppress(Exception):
+                queue.shutdown(force=True)
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
 
 
 class _QueueProgress:

@@ -32,9 +32,9 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from gssf_cli.encoders import EncoderSpec, build_encoder
-    from gssf_cli.onnx_export import MetricHead, export_graph
-    from gssf_cli.similarity import make_similarity
+    from gssf_cli.deploy.onnx_export import MetricHead, export_graph
+    from gssf_cli.modeling.encoders import EncoderSpec, build_encoder
+    from gssf_cli.modeling.similarity import make_similarity
 
     dim, feat, regions, seq = (256, 512, 12, 12) if args.quick else (1024, 2048, 36, 12)
     repeats = 3 if args.quick else 10

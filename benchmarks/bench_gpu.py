@@ -43,9 +43,9 @@ def _peak_gpu_mib(cwd: Path, run_id: str) -> float:
     is gone by now)."""
     import torch
 
-    from gssf_cli.config import TrainConfig, from_dict
+    from gssf_cli.core.config import TrainConfig, from_dict
     from gssf_cli.data.dataset import Dataset
-    from gssf_cli.training import Trainer
+    from gssf_cli.training.loop import Trainer
 
     saved = json.loads((cwd / "runs" / run_id / "config.json").read_text())["config"]
     os.chdir(cwd)

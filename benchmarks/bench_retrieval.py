@@ -1,4 +1,4 @@
-"""Speed and memory of gssf_cli.retrieval's cross-modal evaluation (a measurement script, not a test).
+"""Speed and memory of gssf_cli.evaluation.ranking's cross-modal evaluation (a measurement script, not a test).
 
 COCO-5K shaped (5,000 images x 25,000 captions, D = 1024, random L2-normalised float32), measured side by
 side in one process:
@@ -37,7 +37,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from common import competing_load, peak_rss_mib, report
 
-from gssf_cli.retrieval import (
+from gssf_cli.evaluation.ranking import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     cross_modal_ranks,
     evaluate_cross_modal,

@@ -8,7 +8,7 @@ worker per core with one thread each (``gssf train --workers N``). The ratio of 
 data parallelism buys over torch's own threads on the same cores (on a cluster each worker brings its own
 cores or GPU); against one thread it is the scaling per worker.
 
-(b) The gather: forward + backward of :meth:`gssf_cli.distributed.Shard.gather` for one batch's image and text
+(b) The gather: forward + backward of :meth:`gssf_cli.modeling.distributed.Shard.gather` for one batch's image and text
 embeddings ``[B/2, D]`` per worker in a 2-process gloo group, against one whole data-parallel training step.
 """
 
@@ -29,7 +29,7 @@ from common import report
 
 
 def _dataset(root: Path, args: argparse.Namespace) -> Path:
-    from gssf_cli.config import PrepareConfig
+    from gssf_cli.core.config import PrepareConfig
     from gssf_cli.stages import prepare
 
     out = root / "syn"
@@ -43,7 +43,7 @@ def _dataset(root: Path, args: argparse.Namespace) -> Path:
 
 
 def _config(data: Path, root: Path, args: argparse.Namespace, **values: Any) -> Any:
-    from gssf_cli.config import TrainConfig, from_dict
+    from gssf_cli.core.config import TrainConfig, from_dict
 
     base = {"data": data, "metric": "gssf", "block_size": 64, "embed_dim": args.dim, "batch_size": args.batch,
             "epochs": args.epochs, "device": "cpu", "runs_dir": root / "runs", "warmup_epochs": 0}  # fmt: skip
@@ -54,9 +54,9 @@ def _throughput(config: Any) -> float:
     """Pairs/s of the best of ``epochs`` epochs (the first one pays for warming caches and threads)."""
     import uuid
 
-    from gssf_cli import ray_cluster
+    from gssf_cli.cluster import session as ray_cluster
     from gssf_cli.data.dataset import Dataset
-    from gssf_cli.training import Trainer
+    from gssf_cli.training.loop import Trainer
 
     out = config.runs_dir / uuid.uuid4().hex
     rates: list[float] = []
@@ -83,7 +83,7 @@ def _gather_worker(rank: int, port: int, args: argparse.Namespace, out: str) -> 
     import torch
     import torch.distributed as dist
 
-    from gssf_cli.distributed import Shard
+    from gssf_cli.modeling.distributed import Shard
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)

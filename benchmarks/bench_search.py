@@ -1,4 +1,4 @@
-"""Speed, memory and recall of ``gssf_cli.search`` at gallery scale (a measurement script, not a test).
+"""Speed, memory and recall of ``gssf_cli.deploy.search`` at gallery scale (a measurement script, not a test).
 
 Data (``synthetic_model``, ``gallery_chunk``, ``make_queries``): shaped like retrieval embeddings after a GSSF
 metric head. Image embeddings are unit vectors around 4,096 cluster centres that live in a D/4-dimensional
@@ -39,7 +39,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from common import peak_rss_mib, report
 
-from gssf_cli import search
+from gssf_cli.deploy import search
 
 FULL_COUNT = 1_000_000
 QUICK_COUNT = 100_000

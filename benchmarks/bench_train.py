@@ -25,9 +25,9 @@ METRICS = [("cosine", None), ("diag", None), ("bdiag", 64), ("gssf", 64), ("dens
 def _setup(metric: str, block: int | None, dim: int, batch: int, regions: int, feat: int, seq: int):  # type: ignore[no-untyped-def]
     import torch
 
-    from gssf_cli.encoders import EncoderSpec, build_encoder
-    from gssf_cli.losses import make_objective
-    from gssf_cli.similarity import make_similarity
+    from gssf_cli.modeling.encoders import EncoderSpec, build_encoder
+    from gssf_cli.modeling.losses import make_objective
+    from gssf_cli.modeling.similarity import make_similarity
 
     torch.manual_seed(0)
     spec = EncoderSpec(image_dim=feat, vocab_size=10_000, embed_dim=dim)

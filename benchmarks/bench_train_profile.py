@@ -59,11 +59,11 @@ class Variant:
     def __init__(self, metric: str, block: int | None, path: str, sizes: dict[str, int]) -> None:
         import torch
 
-        from gssf_cli.config import TrainConfig
-        from gssf_cli.encoders import EncoderSpec, build_encoder
-        from gssf_cli.model import RetrievalModel
-        from gssf_cli.similarity import make_similarity
-        from gssf_cli.training import make_optimizer
+        from gssf_cli.core.config import TrainConfig
+        from gssf_cli.modeling.encoders import EncoderSpec, build_encoder
+        from gssf_cli.modeling.model import RetrievalModel
+        from gssf_cli.modeling.similarity import make_similarity
+        from gssf_cli.training.loop import make_optimizer
 
         torch.manual_seed(0)
         dim, batch, seq = sizes["dim"], sizes["batch"], sizes["seq"]
@@ -85,7 +85,7 @@ class Variant:
         self.grad = torch.randn(batch, dim, generator=generator)
 
     def step(self, times: Times) -> None:
-        """One training step as :class:`gssf_cli.training.Trainer` takes it, timed phase by phase."""
+        """One training step as :class:`gssf_cli.training.loop.Trainer` takes it, timed phase by phase."""
         import torch
 
         model, clock = self.model, _Clock(times)
@@ -133,7 +133,7 @@ class _Clock:
 
 
 def _objective() -> Any:
-    from gssf_cli.losses import make_objective
+    from gssf_cli.modeling.losses import make_objective
 
     return make_objective("triplet")
 

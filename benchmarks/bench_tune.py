@@ -67,9 +67,9 @@ def train_one(data: str, epochs: int, block_size: int) -> float:
     """One trial's training, as a tune trial runs it (1 thread, no tracker); returns its seconds."""
     import torch
 
-    from gssf_cli.config import TrainConfig, resolve
+    from gssf_cli.core.config import TrainConfig, resolve
     from gssf_cli.stages import train
-    from gssf_cli.tuning import parse_overrides
+    from gssf_cli.training.tune_plan import parse_overrides
 
     torch.set_num_threads(1)
     values = {**parse_overrides(BASE), "data": data, "epochs": epochs, "threads": 1, "block_size": block_size}
@@ -91,10 +91,10 @@ def tune_overhead(quick: bool, parallel: int) -> dict[str, Any]:
 
 
 def _measure(quick: bool, parallel: int, work: Path) -> dict[str, Any]:
-    from gssf_cli.config import PrepareConfig, TuneConfig
+    from gssf_cli.core.config import PrepareConfig, TuneConfig
     from gssf_cli.stages import prepare
     from gssf_cli.stages import tune as tune_stage
-    from gssf_cli.tracking import Tracker
+    from gssf_cli.tracking.adapter import Tracker
 
     sizes = [1, 2, 4, 8] if quick else [1, 2, 4, 8, 16, 32, 64, 128]
     train_images, epochs = (400, 2) if quick else (2000, 4)

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from gssf_cli.config import CompareConfig, PrepareConfig, TrainConfig, resolve
+from gssf_cli.core.config import CompareConfig, PrepareConfig, TrainConfig, resolve
 from gssf_cli.stages import compare, prepare, train
-from gssf_cli.tracking import Tracker
+from gssf_cli.tracking.adapter import Tracker
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- experiments:begin -->", "<!-- experiments:end -->"

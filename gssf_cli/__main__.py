@@ -1,3 +1,3 @@
-from gssf_cli.app import main
+from gssf_cli.cli.app import main
 
 main()

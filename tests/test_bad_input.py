@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
-from gssf_cli.app import app
+from gssf_cli.cli.app import app
 from tests.conftest import tiny_synthetic_args
 from tests.factories import write_feature_folder, write_feature_npz, write_precomp
 
@@ -406,7 +406,7 @@ def _dataset_changed(w: Path) -> list[str]:
 
 
 def _labelled_dataset_with_float_labels(w: Path) -> list[str]:
-    from gssf_cli.config import PrepareConfig
+    from gssf_cli.core.config import PrepareConfig
     from gssf_cli.stages import prepare
 
     write_feature_npz(w / "f.npz", paired=False)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gssf_cli.encoders import FeatureEncoder, ImageEncoder, TextEncoder
-from gssf_cli.onnx_export import export_example
+from gssf_cli.deploy.onnx_export import export_example
+from gssf_cli.modeling.encoders import FeatureEncoder, ImageEncoder, TextEncoder
 from tests.test_encoders import F_IN, VOCAB, WORD, D, random_tokens, randomise_attention
 
 
@@ -92,7 +92,7 @@ def _identity_graph(path: Path, inputs: list[tuple[str, int]]) -> None:
 
 
 def _make_bundle(folder: Path, task: str = "cross_modal") -> Path:
-    from gssf_cli import bundle
+    from gssf_cli.deploy import bundle
 
     folder.mkdir(parents=True)
     graphs: dict = {}
@@ -131,7 +131,7 @@ def _edited(made: Path, tmp_path: Path, edit: Callable[[Path, dict], Any]) -> Pa
 
 
 def test_a_made_bundle_verifies(made_bundle: Path, tmp_path: Path) -> None:
-    from gssf_cli.bundle import verify_bundle
+    from gssf_cli.deploy.bundle import verify_bundle
 
     checked = verify_bundle(made_bundle)
     assert checked["valid"] and checked["graphs"] == ["image_encoder", "metric_head", "text_encoder"]
@@ -141,7 +141,7 @@ def test_a_made_bundle_verifies(made_bundle: Path, tmp_path: Path) -> None:
 
 
 def test_gate_verdict_and_failed_path_come_from_one_place() -> None:
-    from gssf_cli.bundle import failed_path, gate_passed
+    from gssf_cli.deploy.bundle import failed_path, gate_passed
 
     report = {"graphs": {"a": {"passed": True}, "b": {"passed": True}}, "retrieval": {"passed": True}}
     assert gate_passed(report)
@@ -207,8 +207,8 @@ EDITS: dict[str, tuple[Callable[[Path, dict], Any], str]] = {
 
 @pytest.mark.parametrize("edit", list(EDITS))
 def test_verify_refuses_a_bundle_that_is_not_self_contained(made_bundle: Path, tmp_path: Path, edit: str) -> None:
-    from gssf_cli.bundle import verify_bundle
-    from gssf_cli.errors import UserInputError
+    from gssf_cli.core.errors import UserInputError
+    from gssf_cli.deploy.bundle import verify_bundle
 
     change, expected = EDITS[edit]
     copy = _edited(made_bundle, tmp_path, change)
@@ -225,7 +225,7 @@ def test_onnx_export_of_head_only_towers_matches_torch(tmp_path: Path) -> None:
     through the whole bundle gate in ``tests/test_head_only.py``; MLP feature towers in
     ``tests/stages/test_export.py``, features and digits kinds.)"""
     ort = pytest.importorskip("onnxruntime")
-    from gssf_cli.encoders import HeadOnlyTower
+    from gssf_cli.modeling.encoders import HeadOnlyTower
 
     frozen_text = HeadOnlyTower(D, D, adapter=True, tower=TextEncoder(VOCAB, D, WORD, 1, "mean"))
     ex = export_example(frozen_text)

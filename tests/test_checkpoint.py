@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gssf_cli import checkpoint as ckpt
-from gssf_cli.errors import UserInputError
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.modeling import checkpoint as ckpt
 
 
 def test_round_trip_with_optimizer_and_rng(tmp_path: Path) -> None:

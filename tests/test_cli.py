@@ -15,9 +15,9 @@ import typer.main
 from typer.testing import Result
 
 from gssf_cli import __version__
-from gssf_cli.app import app
-from gssf_cli.config import EvaluateConfig, ExportConfig, PrepareConfig, TrainConfig, TuneConfig
-from gssf_cli.errors import UserInputError
+from gssf_cli.cli.app import app
+from gssf_cli.core.config import EvaluateConfig, ExportConfig, PrepareConfig, TrainConfig, TuneConfig
+from gssf_cli.core.errors import UserInputError
 
 HEAVY = ("torch", "mlflow", "ray", "onnx", "onnxruntime", "sklearn", "matplotlib", "numpy")
 
@@ -39,7 +39,7 @@ def test_help_imports_no_heavy_module() -> None:
     """``gssf --help`` and each command's help stay fast: no torch, mlflow, ray, onnx, numpy."""
     code = (
         "import sys\n"
-        "from gssf_cli.app import app\n"
+        "from gssf_cli.cli.app import app\n"
         "for args in (['--help'], ['prepare', '--help'], ['train', '--help'], ['evaluate', '--help'], ['tune', '--help']):\n"
         "    try:\n"
         "        app(args)\n"
@@ -126,7 +126,7 @@ def resolved(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen.update(section=section, file=file_values, cli=cli_values)
         raise UserInputError("stopped before the stage")
 
-    monkeypatch.setattr("gssf_cli.app.resolve", fake_resolve)
+    monkeypatch.setattr("gssf_cli.cli.app.resolve", fake_resolve)
     return seen
 
 
@@ -157,14 +157,14 @@ def test_resume_reads_the_saved_config_from_the_runs_dir_in_effect(
 ) -> None:
     run = types.SimpleNamespace(info=types.SimpleNamespace(run_id="r1"))
     tracker = types.SimpleNamespace(get_run=lambda ref, stage: run)
-    monkeypatch.setattr("gssf_cli.app.GlobalOptions.tracker", lambda self: tracker)
+    monkeypatch.setattr("gssf_cli.cli.app.GlobalOptions.tracker", lambda self: tracker)
     calls = []
 
     def saved_config(run_id: str, folder: Path) -> dict[str, Any]:
         calls.append((run_id, folder))
         raise UserInputError("stopped before training")
 
-    monkeypatch.setitem(sys.modules, "gssf_cli.checkpoint", types.SimpleNamespace(saved_config=saved_config))
+    monkeypatch.setitem(sys.modules, "gssf_cli.modeling.checkpoint", types.SimpleNamespace(saved_config=saved_config))
     Path("t.toml").write_text(toml)
     result = gssf("train", "--resume", "latest", "--config", "t.toml", *args)
     assert result.exit_code == 2 and "stopped before training" in result.stderr

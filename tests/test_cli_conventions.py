@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 from typer.testing import Result
 
-from gssf_cli import console
-from gssf_cli.cli import shown_default
-from gssf_cli.errors import CheckFailedError, UserInputError
-from gssf_cli.steps import CONFIGS
+from gssf_cli.cli import console
+from gssf_cli.cli.options import shown_default
+from gssf_cli.core.errors import CheckFailedError, UserInputError
+from gssf_cli.stages.steps import CONFIGS
 from tests.test_cli import help_rows
 
 Gssf = Callable[..., Result]
@@ -156,7 +156,7 @@ def fails_with(monkeypatch: pytest.MonkeyPatch) -> Callable[[BaseException], Non
         def resolve(*args: Any) -> None:
             raise exc
 
-        monkeypatch.setattr("gssf_cli.app.resolve", resolve)
+        monkeypatch.setattr("gssf_cli.cli.app.resolve", resolve)
 
     return arrange
 
@@ -231,7 +231,7 @@ class _Result:
 @pytest.fixture
 def stub(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[tuple[Any, ...]]]:
     """Replace stage ``name`` by a module whose functions record their calls and return a result; no tracker."""
-    monkeypatch.setattr("gssf_cli.app.GlobalOptions.tracker", lambda self: "TRACKER")
+    monkeypatch.setattr("gssf_cli.cli.app.GlobalOptions.tracker", lambda self: "TRACKER")
 
     def install(name: str, result: _Result | None = None, **extra: Any) -> list[tuple[Any, ...]]:
         calls: list[tuple[Any, ...]] = []

@@ -1,4 +1,4 @@
-"""gssf_cli.comparison: per-query units whose means are exactly evaluate's metrics, chunked per-query ranks against
+"""gssf_cli.evaluation.comparison: per-query units whose means are exactly evaluate's metrics, chunked per-query ranks against
 a slow reference, and the paired statistics (coverage, null calibration, exact sign-flip enumeration)."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from gssf_cli import comparison, retrieval
-from gssf_cli.comparison import Units, bootstrap_means, compare_units, sign_flip_pvalues
-from gssf_cli.errors import UserInputError
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.evaluation import comparison
+from gssf_cli.evaluation import ranking as retrieval
+from gssf_cli.evaluation.comparison import Units, bootstrap_means, compare_units, sign_flip_pvalues
 
 # ----------------------------------------------------------------------------------------------------------
 # Slow references: every row sorted in plain Python, ties broken with non-relevant items first

@@ -2,7 +2,7 @@
 the single-process step.
 
 The library tests run two real processes in a gloo process group (``torch.multiprocessing``, no Ray): each is a
-:class:`~gssf_cli.training.Trainer` as a :class:`~gssf_cli.distributed.Shard`, and after two epochs (the warm-up
+:class:`~gssf_cli.training.loop.Trainer` as a :class:`~gssf_cli.modeling.distributed.Shard`, and after two epochs (the warm-up
 over all negatives, then hardest negatives mined over the global batch) its loss and weights must equal those of
 one process with the same global batch and seed. The same run through Ray Train and the CLI is in
 ``tests/test_cluster_training.py`` (``nox -s cluster``).
@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gssf_cli.distributed import Shard
+from gssf_cli.modeling.distributed import Shard
 from tests.conftest import tiny_train_config
 
 LOSS_RTOL = 1e-5
@@ -90,7 +90,7 @@ def test_gather_gives_every_worker_the_whole_batch_and_sums_the_gradients(tmp_pa
 
 def _train_task(shard: Shard, data: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     from gssf_cli.data.dataset import Dataset
-    from gssf_cli.training import Trainer
+    from gssf_cli.training.loop import Trainer
 
     trainer = Trainer(tiny_train_config(data, **overrides), Dataset(data), shard=shard)  # type: ignore[arg-type]
     losses = [trainer._train_epoch(epoch)["loss"] for epoch in (1, 2)]
@@ -119,7 +119,7 @@ def test_two_workers_train_as_one_process(tiny_syn: Path, tmp_path: Path, overri
 
 def test_amp_trains_in_bfloat16_on_cpu_close_to_float32(tiny_syn: Path) -> None:
     from gssf_cli.data.dataset import Dataset
-    from gssf_cli.training import Trainer
+    from gssf_cli.training.loop import Trainer
 
     full = Trainer(tiny_train_config(tiny_syn), Dataset(tiny_syn))  # type: ignore[arg-type]
     mixed = Trainer(tiny_train_config(tiny_syn, amp=True), Dataset(tiny_syn))  # type: ignore[arg-type]

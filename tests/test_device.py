@@ -4,7 +4,7 @@ No GPU here: the run is trained on the CPU and then made to look as a CUDA run's
 "cuda"`` in every config it records, and CUDA random states next to the CPU one in its checkpoint (safetensors
 stores every tensor on the CPU whatever device it came from, so the weights themselves are the same). Nothing
 downstream may read the recorded device: evaluation and export run where they are started, and resuming takes
-``--device cpu`` (where a run trains is not what it learns; see ``gssf_cli.training.PLACEMENT``).
+``--device cpu`` (where a run trains is not what it learns; see ``gssf_cli.training.loop.PLACEMENT``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import Result
 
-from gssf_cli import checkpoint as ckpt
+from gssf_cli.modeling import checkpoint as ckpt
 from tests.conftest import tiny_synthetic_args
 
 Gssf = Callable[..., Result]

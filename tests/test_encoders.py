@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gssf_cli.encoders import (
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.deploy.onnx_export import export_towers
+from gssf_cli.modeling.encoders import (
     DualEncoder,
     EncoderSpec,
     FeatureEncoder,
@@ -19,8 +21,6 @@ from gssf_cli.encoders import (
     parameter_counts,
     reverse_within_length,
 )
-from gssf_cli.errors import UserInputError
-from gssf_cli.onnx_export import export_towers
 
 VOCAB, WORD, D, F_IN = 40, 12, 16, 10
 
@@ -369,7 +369,7 @@ PRECOMP_MANIFEST = {
 
 
 def test_feature_towers_take_their_defaults_by_dataset_kind() -> None:
-    from gssf_cli.encoders import FEATURE_TOWERS
+    from gssf_cli.modeling.encoders import FEATURE_TOWERS
 
     for manifest in (FEATURES_MANIFEST, DIGITS_MANIFEST):
         shape = FEATURE_TOWERS[manifest["kind"]]  # type: ignore[index]

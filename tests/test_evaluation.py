@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from gssf_cli import evaluation, plots
-from gssf_cli.config import EvaluateConfig
+from gssf_cli.core.config import EvaluateConfig
 from gssf_cli.data.dataset import Dataset
-from gssf_cli.model import build_model
-from gssf_cli.retrieval import evaluate_cross_modal
+from gssf_cli.evaluation import evaluate as evaluation
+from gssf_cli.evaluation import plots
+from gssf_cli.evaluation.ranking import evaluate_cross_modal
+from gssf_cli.modeling.model import build_model
 from tests.conftest import tiny_train_config
 
 

@@ -19,14 +19,14 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
-from gssf_cli import checkpoint as ckpt
-from gssf_cli.app import app
-from gssf_cli.config import TrainConfig, from_dict
+from gssf_cli.cli.app import app
+from gssf_cli.core.config import TrainConfig, from_dict
+from gssf_cli.core.errors import UserInputError
 from gssf_cli.data.dataset import Dataset
-from gssf_cli.errors import UserInputError
-from gssf_cli.model import build_model, embed_split
-from gssf_cli.tracking import Tracker
-from gssf_cli.training import Trainer, fit
+from gssf_cli.modeling import checkpoint as ckpt
+from gssf_cli.modeling.model import build_model, embed_split
+from gssf_cli.tracking.adapter import Tracker
+from gssf_cli.training.loop import Trainer, fit
 
 ENV = {"COLUMNS": "120", "NO_COLOR": "1"}
 F = 16
@@ -106,7 +106,7 @@ def test_identity_without_adapter_reads_the_feature_size(headdir: Path) -> None:
 def test_adapters_start_at_the_identity_so_first_scores_are_cosine(headdir: Path, feature_dim: int) -> None:
     """With F = D the adapter is the identity; with F < D it is [I; 0]: either way the untrained model's scores
     are the cosine of the raw features."""
-    from gssf_cli.model import build_model_for
+    from gssf_cli.modeling.model import build_model_for
 
     manifest = {
         "kind": "features",
@@ -191,7 +191,7 @@ def test_frozen_towers_do_not_learn_and_the_checkpoint_stands_alone(headdir: Pat
     trained_run.rename(moved)
     try:
         model = build_model(Dataset(Path("data/f")), config)
-        from gssf_cli.model import load_weights
+        from gssf_cli.modeling.model import load_weights
 
         load_weights(model, saved)
         images, texts = embed_split(model, Dataset(Path("data/f")).split("dev"), torch.device("cpu"))

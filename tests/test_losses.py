@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gssf_cli.errors import UserInputError
-from gssf_cli.losses import (
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.modeling.losses import (
     CrossModalObjective,
     DistillInputs,
     HingeTripletLoss,

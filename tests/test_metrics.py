@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gssf_cli import metrics, retrieval
-from gssf_cli.errors import UserInputError
+from gssf_cli.core import metrics
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.evaluation import ranking as retrieval
 
 
 def test_every_reported_metric_is_registered() -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from gssf_cli.core.errors import UserInputError
 from gssf_cli.data.dataset import Dataset
-from gssf_cli.errors import UserInputError
-from gssf_cli.model import build_model, build_objective, embed_split, load_weights
+from gssf_cli.modeling.model import build_model, build_objective, embed_split, load_weights
 from tests.conftest import tiny_train_config
 
 
@@ -40,10 +40,10 @@ def test_weights_that_do_not_fit_are_one_line_errors(tiny_syn: Path) -> None:
 
 
 def _count_case(spec: object, metric: str = "gssf", dim: int = 8) -> None:
-    from gssf_cli.config import TrainConfig
-    from gssf_cli.encoders import EncoderSpec, build_encoder
-    from gssf_cli.model import count_parameters
-    from gssf_cli.similarity import make_similarity
+    from gssf_cli.core.config import TrainConfig
+    from gssf_cli.modeling.encoders import EncoderSpec, build_encoder
+    from gssf_cli.modeling.model import count_parameters
+    from gssf_cli.modeling.similarity import make_similarity
 
     assert isinstance(spec, EncoderSpec)
     config = TrainConfig(data=Path("d"), metric=metric, embed_dim=dim, block_size=4)
@@ -57,7 +57,7 @@ def _count_case(spec: object, metric: str = "gssf", dim: int = 8) -> None:
 def test_the_parameter_count_of_feature_towers_is_the_built_ones(
     task: str, layers: int, hidden: int | None, mlp: bool
 ) -> None:
-    from gssf_cli.encoders import EncoderSpec
+    from gssf_cli.modeling.encoders import EncoderSpec
 
     spec = EncoderSpec(
         task=task, image_kind="features", image_dim=5, text_kind="features", text_dim=6, embed_dim=8,
@@ -70,7 +70,7 @@ def test_the_parameter_count_of_feature_towers_is_the_built_ones(
 @pytest.mark.parametrize("adapter", [False, True])
 @pytest.mark.parametrize("kind", ["features", "labels", "regions", "captions"])
 def test_the_parameter_count_of_head_only_models_is_the_built_ones(encoder: str, adapter: bool, kind: str) -> None:
-    from gssf_cli.encoders import EncoderSpec
+    from gssf_cli.modeling.encoders import EncoderSpec
 
     if encoder == "identity" and kind in ("regions", "captions"):
         return
@@ -92,8 +92,8 @@ def test_the_parameter_count_of_head_only_models_is_the_built_ones(encoder: str,
 
 
 def test_the_resolved_config_holds_the_tower_shape(tmp_path: Path) -> None:
-    from gssf_cli.encoders import FEATURE_TOWERS
-    from gssf_cli.model import resolve_config
+    from gssf_cli.modeling.encoders import FEATURE_TOWERS
+    from gssf_cli.modeling.model import resolve_config
 
     manifest = {
         "kind": "features",
@@ -112,9 +112,9 @@ def test_the_resolved_config_holds_the_tower_shape(tmp_path: Path) -> None:
 def test_a_checkpoint_from_before_layers_rebuilds_its_one_layer_towers(tmp_path: Path) -> None:
     """A state whose config has neither ``mlp_layers`` nor ``encoder`` was written with one-layer feature towers:
     reading it says so, and the model it describes takes its weights."""
-    from gssf_cli import checkpoint as ckpt
-    from gssf_cli.config import TrainConfig, from_dict, to_dict
-    from gssf_cli.model import build_model_for
+    from gssf_cli.core.config import TrainConfig, from_dict, to_dict
+    from gssf_cli.modeling import checkpoint as ckpt
+    from gssf_cli.modeling.model import build_model_for
 
     manifest = {"kind": "digits", "task": "labels", "modalities": {"features": {"type": "features", "shape": [6]}}}
     old = build_model_for(manifest, tiny_train_config(tmp_path, mlp_layers=1))  # type: ignore[arg-type]

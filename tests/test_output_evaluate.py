@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from typer.testing import Result
 
-from gssf_cli import __version__, evaluation
-from gssf_cli.errors import UserInputError
+from gssf_cli import __version__
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.evaluation import evaluate as evaluation
 from tests.conftest import tiny_synthetic_args
 
 Gssf = Callable[..., Result]

@@ -13,9 +13,9 @@ import pytest
 from rich.console import Console
 from typer.testing import Result
 
-from gssf_cli.config import from_dict
-from gssf_cli.console import TrainingProgress, epoch_line
-from gssf_cli.training import EpochSummary
+from gssf_cli.cli.console import TrainingProgress, epoch_line
+from gssf_cli.core.config import from_dict
+from gssf_cli.training.loop import EpochSummary
 from tests.conftest import tiny_synthetic_args
 
 Gssf = Callable[..., Result]
@@ -74,7 +74,7 @@ def test_the_epoch_line_reads_as_documented() -> None:
 
 def test_a_terminal_gets_bars_and_keeps_one_line_per_epoch(gssf: Gssf, data: Path) -> None:
     """In a terminal the bars come and go; the epoch lines are plain lines printed after them, so they stay."""
-    from gssf_cli.config import TrainConfig
+    from gssf_cli.core.config import TrainConfig
     from gssf_cli.stages import train
 
     screen = io.StringIO()
@@ -94,9 +94,9 @@ def test_a_terminal_gets_bars_and_keeps_one_line_per_epoch(gssf: Gssf, data: Pat
 def test_plain_progress_writes_the_lines_alone_on_stderr(
     data: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gssf_cli.config import TrainConfig
+    from gssf_cli.core.config import TrainConfig
     from gssf_cli.stages import train
-    from gssf_cli.tracking import Tracker
+    from gssf_cli.tracking.adapter import Tracker
 
     config = from_dict(TrainConfig, {"data": str(data), "epochs": 3, "embed_dim": 16, "word_dim": 8, "block_size": 4,
                                      "batch_size": 16, "metric": "bdiag"}, "train")  # fmt: skip
@@ -113,7 +113,7 @@ def test_plain_progress_writes_the_lines_alone_on_stderr(
 
 
 def test_best_epoch_is_one_number_in_lines_table_json_and_mlflow(gssf: Gssf, data: Path) -> None:
-    from gssf_cli.tracking import Tracker
+    from gssf_cli.tracking.adapter import Tracker
 
     shown = gssf("train", "--data", str(data), *SMALL, "--epochs", "3")
     assert shown.exit_code == 0, shown.stderr

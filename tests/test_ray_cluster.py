@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gssf_cli.errors import UserInputError
-from gssf_cli.ray_cluster import check_reachable, storage_path
+from gssf_cli.cluster.session import check_reachable, storage_path
+from gssf_cli.core.errors import UserInputError
 
 
 def test_an_address_where_nothing_listens_fails_in_seconds() -> None:
@@ -34,7 +34,7 @@ def test_a_failed_training_worker_is_reported_by_its_own_error() -> None:
     from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError
 
-    from gssf_cli.ray_cluster import _worker_error
+    from gssf_cli.cluster.session import _worker_error
 
     refused = UserInputError("data/syn: the dev split cannot rank")
     error = _worker_error(WorkerGroupError("failed", {0: refused}))

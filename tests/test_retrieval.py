@@ -1,4 +1,4 @@
-"""gssf_cli.retrieval against slow, obviously-correct references (a full stable sort per query with the tie
+"""gssf_cli.evaluation.ranking against slow, obviously-correct references (a full stable sort per query with the tie
 rule, in plain Python), hand-computed fixtures, chunking invariance, protocols and input errors."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gssf_cli import retrieval
-from gssf_cli.retrieval import (
+from gssf_cli.evaluation import ranking as retrieval
+from gssf_cli.evaluation.ranking import (
     RetrievalInputError,
     cross_modal_ranks,
     evaluate_cross_modal,

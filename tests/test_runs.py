@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from gssf_cli.core.errors import UserInputError
 from gssf_cli.data.manifest import manifest_digest
-from gssf_cli.errors import UserInputError
-from gssf_cli.runs import load_trained
 from gssf_cli.stages import train
-from gssf_cli.tracking import Tracker
+from gssf_cli.stages.runs import load_trained
+from gssf_cli.tracking.adapter import Tracker
 from tests.conftest import tiny_train_config
 
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner, Result
 
-from gssf_cli.app import app
+from gssf_cli.cli.app import app
 from tests.test_bad_input import _runs_in_store, _snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,8 +95,8 @@ def test_flat_search_equals_the_graphs_scored_by_hand(here: Path) -> None:
 
 
 def test_the_manifest_names_the_bundle_by_content_and_checksums_its_files(here: Path) -> None:
-    from gssf_cli.bundle import bundle_digest
-    from gssf_cli.data.files import sha256_file
+    from gssf_cli.core.files import sha256_file
+    from gssf_cli.deploy.bundle import bundle_digest
 
     manifest = json.loads((here / "indexes/quickstart/manifest.json").read_text())
     assert manifest["bundle"]["digest"] == bundle_digest(here / BUNDLE)
@@ -108,7 +108,7 @@ def test_the_manifest_names_the_bundle_by_content_and_checksums_its_files(here: 
 
 
 def test_the_build_is_an_mlflow_run_with_its_figures(here: Path) -> None:
-    from gssf_cli.tracking import Tracker
+    from gssf_cli.tracking.adapter import Tracker
 
     tracker = Tracker()
     runs = tracker.client.search_runs([tracker.experiment_id], "tags.`gssf.stage` = 'index'")
@@ -143,7 +143,7 @@ def test_flat_eval_has_recall_one_and_k_beyond_the_gallery_returns_the_whole_gal
 
 
 def test_embedded_gallery_and_vector_queries_match_the_encoded_ones(here: Path) -> None:
-    from gssf_cli.bundle import BundleModel
+    from gssf_cli.deploy.bundle import BundleModel
 
     bundle = BundleModel.load(here / BUNDLE)
     np.save(here / "emb.npy", bundle.encode_images(np.load(here / DATA / "test_ims.npy")))
@@ -162,8 +162,8 @@ def test_embedded_gallery_and_vector_queries_match_the_encoded_ones(here: Path) 
 
 
 def test_an_interrupted_build_leaves_nothing(here: Path) -> None:
-    from gssf_cli.config import IndexConfig
-    from gssf_cli.index_folder import build
+    from gssf_cli.core.config import IndexConfig
+    from gssf_cli.deploy.index_folder import build
 
     def interrupt(done: int) -> None:
         raise KeyboardInterrupt
@@ -444,7 +444,7 @@ class Lean(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in {BLOCKED!r}:
             raise ModuleNotFoundError(f"No module named {{name!r}} (lean install)", name=name)
 sys.meta_path.insert(0, Lean())
-from gssf_cli.app import app
+from gssf_cli.cli.app import app
 try:
     app(sys.argv[1:])
 except SystemExit as done:
@@ -482,8 +482,9 @@ def test_the_config_offers_exactly_the_index_kinds_and_parameters_search_builds(
     import dataclasses
     import typing
 
-    from gssf_cli import limits, search
-    from gssf_cli.config import IndexConfig, SearchConfig
+    from gssf_cli.core import limits
+    from gssf_cli.core.config import IndexConfig, SearchConfig
+    from gssf_cli.deploy import search
 
     assert set(limits.INDEX_KINDS) == set(search.INDEX_KINDS)
     assert set(typing.get_args(typing.get_type_hints(IndexConfig)["kind"])) == set(search.INDEX_KINDS)

@@ -1,4 +1,4 @@
-"""gssf_cli.search: faiss indexes for inner-product search over head-transformed (non-unit-norm) galleries."""
+"""gssf_cli.deploy.search: faiss indexes for inner-product search over head-transformed (non-unit-norm) galleries."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gssf_cli.errors import UserInputError
-from gssf_cli.search import (
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.deploy.search import (
     INDEX_KINDS,
     IndexBuilder,
     IndexSpec,
@@ -284,6 +284,6 @@ def test_recall_at_k_on_a_hand_made_example() -> None:
 
 
 def test_importing_the_module_loads_neither_faiss_nor_torch() -> None:
-    code = "import sys, gssf_cli.search; print(sorted({'faiss', 'torch', 'mlflow'} & set(sys.modules)))"
+    code = "import sys, gssf_cli.deploy.search; print(sorted({'faiss', 'torch', 'mlflow'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

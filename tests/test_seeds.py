@@ -8,9 +8,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gssf_cli.errors import UserInputError
-from gssf_cli.seeds import by_configuration, check_seeds, spread, summarize
-from gssf_cli.tuning import TrialOutcome, best_trial, configurations, rank_key, repeated
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.evaluation.seeds import by_configuration, check_seeds, spread, summarize
+from gssf_cli.training.tune_plan import (
+    TrialOutcome,
+    best_trial,
+    block_size_axes,
+    block_size_trials,
+    configurations,
+    rank_key,
+    repeated,
+)
 
 finite = st.floats(-1e6, 1e6, allow_nan=False)
 
@@ -77,14 +85,14 @@ def test_the_tune_ranks_configurations_by_their_mean_not_their_luckiest_seed() -
 def test_the_block_size_figure_draws_error_bars_over_seeds() -> None:
     from types import SimpleNamespace
 
-    from gssf_cli import plots
+    from gssf_cli.evaluation import plots
 
     trials = [_trial(i, block, seed, 250.0 + block + seed) for i, (block, seed) in enumerate(
         [(4, 0), (4, 1), (4, 2), (8, 0), (8, 1), (8, 2)]
     )]  # fmt: skip
     plan = SimpleNamespace(mode="max", metric="rsum", base=SimpleNamespace(embed_dim=64, metric="bdiag"))
     plan.tunes = lambda name: False
-    figure = plots.block_size_figure(trials, plan)  # type: ignore[arg-type]
+    figure = plots.block_size_figure(block_size_trials(trials), block_size_axes(plan))  # type: ignore[arg-type]
     try:
         ax = figure.axes[0]
         assert any("mean ± std" in text.get_text() for text in ax.get_legend().get_texts())

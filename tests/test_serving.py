@@ -1,4 +1,4 @@
-"""The served-model contract (:mod:`gssf_cli.serving`) and the PyTorch model behind it (:class:`TrainedModel`)."""
+"""The served-model contract (:mod:`gssf_cli.deploy.serving`) and the PyTorch model behind it (:class:`TrainedModel`)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from gssf_cli import checkpoint as ckpt
+from gssf_cli.core.errors import UserInputError
 from gssf_cli.data.dataset import Dataset
-from gssf_cli.errors import UserInputError
-from gssf_cli.model import embed_split
-from gssf_cli.runs import TrainedModel, pack_model
-from gssf_cli.serving import predict
-from gssf_cli.training import fit
+from gssf_cli.deploy.serving import predict
+from gssf_cli.modeling import checkpoint as ckpt
+from gssf_cli.modeling.model import embed_split
+from gssf_cli.stages.runs import TrainedModel, pack_model
+from gssf_cli.training.loop import fit
 from tests.conftest import tiny_train_config
 
 
@@ -76,7 +76,7 @@ def test_a_packed_model_serves_what_the_trained_one_computes(tiny_syn: Path, tmp
     captions = (tiny_syn / "test_caps.txt").read_text().splitlines()
     out = predict(served, {"images": split.image_batch(np.arange(split.num_images)).numpy(), "texts": captions})
 
-    from gssf_cli.model import build_model, load_weights
+    from gssf_cli.modeling.model import build_model, load_weights
 
     model = build_model(dataset, config)
     load_weights(model, ckpt.load(result.out_dir / ckpt.BEST).model)
@@ -91,7 +91,7 @@ def test_a_head_over_frozen_caption_towers_serves_from_its_own_checkpoint(tiny_s
     once per split, and its packed model (which holds the towers) serves raw regions and captions."""
     from dataclasses import replace
 
-    from gssf_cli.model import build_model, load_weights
+    from gssf_cli.modeling.model import build_model, load_weights
 
     dataset = Dataset(tiny_syn)
     fit(tiny_train_config(tiny_syn, epochs=1, batch_size=64, runs_dir=tmp_path), dataset, tmp_path / "towers")

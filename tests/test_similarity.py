@@ -1,4 +1,4 @@
-"""gssf_cli.similarity against references built here: masks U written out entry by entry, full random W
+"""gssf_cli.modeling.similarity against references built here: masks U written out entry by entry, full random W
 matrices whose in-mask entries are copied into each member, per-pair scores in Python loops, norms of the
 dense matrix. Plus the family's identities (d = 1 is diag, d = D is dense, gssf = diag + bdiag, every member is
 cosine at init), gradients that respect the mask, scale invariance of the norms and the user errors."""
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from gssf_cli.errors import UserInputError
-from gssf_cli.similarity import (
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.modeling.similarity import (
     NORM_NAMES,
     SIMILARITY_NAMES,
     BlockDiagonalSimilarity,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import Result
 
-from gssf_cli import tracking
-from gssf_cli.errors import UserInputError
-from gssf_cli.tracking import PARENT_TAG, Tracker, default_tracking_uri, flatten_params, resolve_tracking_uri
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.tracking import adapter as tracking
+from gssf_cli.tracking.adapter import PARENT_TAG, Tracker, default_tracking_uri, flatten_params, resolve_tracking_uri
 from tests.conftest import tiny_synthetic_args
 from tests.mlflow_ui import mlflow_ui
 
@@ -128,7 +128,7 @@ def test_an_interrupt_inside_a_store_write_still_ends_the_run_killed(
 
 
 def test_unknown_run_is_a_user_error(workdir: Path) -> None:
-    from gssf_cli.errors import UserInputError
+    from gssf_cli.core.errors import UserInputError
 
     tracker = Tracker()
     with pytest.raises(UserInputError, match="unknown run 'abc'"):

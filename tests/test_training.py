@@ -14,14 +14,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gssf_cli import checkpoint as ckpt
-from gssf_cli import metrics
-from gssf_cli.config import PrepareConfig, TrainConfig
+from gssf_cli.core import metrics
+from gssf_cli.core.config import PrepareConfig, TrainConfig
+from gssf_cli.core.errors import UserInputError
 from gssf_cli.data import writer
 from gssf_cli.data.dataset import Dataset
 from gssf_cli.data.manifest import write_manifest
-from gssf_cli.errors import UserInputError
-from gssf_cli.training import (
+from gssf_cli.modeling import checkpoint as ckpt
+from gssf_cli.training.loop import (
     VALIDATION_STEPS,
     EpochSummary,
     Trainer,
@@ -148,7 +148,7 @@ def test_fit_stops_when_validation_sits_at_its_best_possible_value(
 
 
 class RecordingProgress:
-    """A :class:`gssf_cli.training.Progress` that writes down what the trainer tells it, in order."""
+    """A :class:`gssf_cli.training.loop.Progress` that writes down what the trainer tells it, in order."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, object]] = []

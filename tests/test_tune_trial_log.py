@@ -1,4 +1,4 @@
-"""The driver's live trial events on real Ray: what a :class:`~gssf_cli.tuning.TrialLog` receives, in what order,
+"""The driver's live trial events on real Ray: what a :class:`~gssf_cli.training.tune_plan.TrialLog` receives, in what order,
 and that a log that keeps failing (a tracking store gone away) neither stops the search nor floods stderr (the
 MLflow side of the same events: tests/stages/test_tune.py)."""
 
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from gssf_cli.config import TuneConfig
-from gssf_cli.ray_cluster import run_trials, storage_path
-from gssf_cli.tuning import make_plan
+from gssf_cli.cluster.session import run_trials, storage_path
+from gssf_cli.core.config import TuneConfig
+from gssf_cli.training.tune_plan import make_plan
 
 
 class FailingLog:

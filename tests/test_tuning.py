@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gssf_cli.errors import UserInputError
-from gssf_cli.limits import head_parameters as metric_head_parameters
-from gssf_cli.tuning import (
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.limits import head_parameters as metric_head_parameters
+from gssf_cli.training.tune_plan import (
     Dimension,
     combine_param_options,
     parse_overrides,
@@ -78,7 +78,7 @@ def test_statuses_and_ranking() -> None:
 
 @pytest.mark.parametrize(("metric", "block"), [("cosine", 1), ("diag", 1), ("bdiag", 4), ("gssf", 8), ("dense", 1)])
 def test_head_parameter_count_matches_the_model(metric: str, block: int) -> None:
-    from gssf_cli.similarity import make_similarity
+    from gssf_cli.modeling.similarity import make_similarity
 
     similarity = make_similarity(metric, 32, block if metric in ("bdiag", "gssf") else None)
     assert metric_head_parameters(metric, 32, block) == similarity.num_parameters()

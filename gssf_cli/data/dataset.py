@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from gssf_cli.data.files import open_array
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.files import open_array
 from gssf_cli.data.manifest import load_manifest, manifest_digest
 from gssf_cli.data.text import Vocabulary, pad_ids, read_captions
-from gssf_cli.errors import UserInputError
 
 
 @dataclass

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from gssf_cli.config import PrepareConfig
-from gssf_cli.data.files import check_float_array, link_or_copy, open_array
-from gssf_cli.errors import UserInputError
-from gssf_cli.limits import MIN_SPLIT_CLASSES, MIN_SPLIT_IMAGES
+from gssf_cli.core.config import PrepareConfig
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.files import check_float_array, link_or_copy, open_array
+from gssf_cli.core.limits import MIN_SPLIT_CLASSES, MIN_SPLIT_IMAGES
 
 SPLITS = ("train", "dev", "test")
 PAIRED = ("images", "texts")

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from gssf_cli import __version__
-from gssf_cli.data.files import sha256_file
-from gssf_cli.errors import UserInputError
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.files import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -3,7 +3,7 @@
 Why: a label-based dev split with one class makes every item relevant to every query, so MAP@R and the
 other metrics are 1.0 whatever the model does; training then keeps epoch 1 as "best", and that is the
 checkpoint evaluate and export use. A cross-modal split with one image has nothing to rank. The minimums
-live in :mod:`gssf_cli.limits`; this module applies them to a dataset folder (or a staging folder that
+live in :mod:`gssf_cli.core.limits`; this module applies them to a dataset folder (or a staging folder that
 ``prepare`` is still writing) and its manifest fields.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from gssf_cli.errors import UserInputError
-from gssf_cli.limits import MIN_CLASS_ITEMS, MIN_SPLIT_CLASSES, MIN_SPLIT_IMAGES
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.limits import MIN_CLASS_ITEMS, MIN_SPLIT_CLASSES, MIN_SPLIT_IMAGES
 
 LABELS_RULE = (
     f"label-based retrieval needs at least {MIN_SPLIT_CLASSES} classes and a class with at least "

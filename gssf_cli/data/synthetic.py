@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from gssf_cli.config import PrepareConfig
+from gssf_cli.core.config import PrepareConfig
+from gssf_cli.core.errors import UserInputError
 from gssf_cli.data.text import build_vocabulary
-from gssf_cli.errors import UserInputError
 
 CONCEPTS_PER_IMAGE = 3
 SYNONYMS = 3
@@ -50,7 +50,7 @@ def needed_bytes(config: PrepareConfig) -> tuple[int, int]:
 def check_size(config: PrepareConfig, out: Path) -> None:
     """Refuse sizes whose generation would not fit in the memory available now or on the disk of ``out``, with
     the numbers, instead of running for minutes and failing (or swapping) half-way."""
-    from gssf_cli.data.files import available_memory, format_bytes, free_disk
+    from gssf_cli.core.files import available_memory, format_bytes, free_disk
 
     memory, disk = needed_bytes(config)
     sizes = (

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gssf_cli.errors import UserInputError
+from gssf_cli.core.errors import UserInputError
 
 TOKENIZER = "basic-v1"
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")

@@ -1,7 +1,7 @@
 """Stage ``compare``: paired significance tests between trained runs, tracked as an MLflow run.
 
-The work is :mod:`gssf_cli.comparison`'s: every run is embedded on the same split of the same dataset and
-ranked under the same protocol (:func:`gssf_cli.comparison.trained_units`), a comma-separated group of runs
+The work is :mod:`gssf_cli.evaluation.comparison`'s: every run is embedded on the same split of the same dataset and
+ranked under the same protocol (:func:`gssf_cli.evaluation.comparison.trained_units`), a comma-separated group of runs
 (several seeds of one configuration) is averaged per query, and each later argument is tested against the
 first (the baseline) on every metric: difference, bootstrap interval, sign-flip p-value. Everything is checked
 and computed before the MLflow run opens — runs that are not train runs, runs on different datasets or tasks,
@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gssf_cli import comparison, seeds
-from gssf_cli.comparison import Comparison, Units
-from gssf_cli.config import CompareConfig, to_dict
-from gssf_cli.errors import UserInputError
+from gssf_cli.core.config import CompareConfig, to_dict
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.evaluation import comparison, seeds
+from gssf_cli.evaluation.comparison import Comparison, Units
 
 if TYPE_CHECKING:
     from gssf_cli.data.dataset import Dataset
-    from gssf_cli.tracking import StageRun, Tracker
+    from gssf_cli.tracking.adapter import StageRun, Tracker
 
 DATASET_TAG = "gssf.dataset.manifest_sha256"
 TASK_TAG = "gssf.task"
@@ -90,7 +90,7 @@ class CompareResult:
 
 def run(config: CompareConfig, tracker: Tracker, parent_run_id: str | None = None) -> CompareResult:
     """Compare ``config.runs`` (the baseline first); the result goes to a ``compare`` run."""
-    from gssf_cli.runs import load_trained
+    from gssf_cli.stages.runs import load_trained
 
     started = time.perf_counter()
     groups = _resolve(tracker, config)
@@ -282,7 +282,7 @@ def _log(
     labels = [(system.label, [run["run_id"] for run in system.runs]) for system in systems]
     run_.log_text(comparison.units_readme(labels), "units.txt")
     if config.plots:
-        from gssf_cli import plots
+        from gssf_cli.evaluation import plots
 
         figure = plots.forest_plot(
             outcome.rows,

@@ -1,10 +1,10 @@
 """Stage ``evaluate``: retrieval metrics of embeddings or a trained run, tracked as an MLflow run with plots.
 
-The work is :mod:`gssf_cli.evaluation`'s (``--embeddings FILE --head RUN``: the file scored by a trained run's
+The work is :mod:`gssf_cli.evaluation.evaluate`'s (``--embeddings FILE --head RUN``: the file scored by a trained run's
 metric head, with a head-only run's adapters); this wrapper logs the config, the metrics (on the evaluation run, and
 as ``{split}_{metric}`` on the train run they describe), ``evaluation.json`` and the figures, adds the train run
 to what the result says of the model (its id, name and best epoch, counted from 1), and with ``output`` writes
-the results file (:func:`gssf_cli.evaluation.results_document`) before the run closes. A bad ``output`` is
+the results file (:func:`gssf_cli.evaluation.evaluate.results_document`) before the run closes. A bad ``output`` is
 refused before anything runs: no run, no file.
 """
 
@@ -13,14 +13,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli import evaluation
-from gssf_cli.config import EvaluateConfig, to_dict
-from gssf_cli.errors import UserInputError
-from gssf_cli.evaluation import EvaluateResult, load_embeddings
-from gssf_cli.limits import model_label
+from gssf_cli.core.config import EvaluateConfig, to_dict
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.limits import model_label
+from gssf_cli.evaluation import evaluate as evaluation
+from gssf_cli.evaluation.evaluate import EvaluateResult, load_embeddings
 
 if TYPE_CHECKING:
-    from gssf_cli.tracking import StageRun, Tracker
+    from gssf_cli.tracking.adapter import StageRun, Tracker
 
 __all__ = ["EvaluateResult", "load_embeddings", "run"]
 
@@ -52,7 +52,7 @@ def run(config: EvaluateConfig, tracker: Tracker | None = None, parent_run_id: s
 def _run_head(config: EvaluateConfig, tracker: Tracker, parent_run_id: str | None) -> EvaluateResult:
     """Score an embeddings file with a trained run's metric head (and a head-only run's adapters). Everything —
     the run, the file, the sizes — is checked before the evaluate run opens."""
-    from gssf_cli.runs import load_trained
+    from gssf_cli.stages.runs import load_trained
 
     assert config.head is not None and config.embeddings is not None
     train_run, model, _ = load_trained(tracker, config.head)
@@ -81,7 +81,7 @@ def _trained_by(tracker: Tracker, train_run: Any, outcome: evaluation.Evaluation
 
 def _run_trained(config: EvaluateConfig, tracker: Tracker, parent_run_id: str | None) -> EvaluateResult:
     """Embed the run's test split with its best checkpoint and score with its own metric head."""
-    from gssf_cli.runs import load_trained
+    from gssf_cli.stages.runs import load_trained
 
     train_run, model, dataset = load_trained(tracker, config.run or "latest", config.data)
     outcome = _trained_by(tracker, train_run, evaluation.evaluate_trained(model, dataset, config))
@@ -125,7 +125,7 @@ def _log(run_: StageRun, config: EvaluateConfig, outcome: evaluation.Evaluation)
         run_.log_metrics({f"fold_{key}": value for key, value in fold.items()}, step=index)
     run_.log_dict(result.to_json(), "evaluation.json")
     if config.plots:
-        from gssf_cli import plots
+        from gssf_cli.evaluation import plots
 
         for artifact, figure in evaluation.figures(outcome, config.memory_budget_mb).items():
             run_.log_figure(figure, artifact)

@@ -1,7 +1,7 @@
-"""Stage ``export``: a trained run as an ONNX bundle (:mod:`gssf_cli.onnx_export`), tracked as an MLflow run.
+"""Stage ``export``: a trained run as an ONNX bundle (:mod:`gssf_cli.deploy.onnx_export`), tracked as an MLflow run.
 
 The export run logs the config, the parity report as metrics, the bundle's manifest, and the bundle as one
-MLflow model (``mlflow.pyfunc.load_model`` serves it on ONNX Runtime, no torch: :class:`gssf_cli.bundle.
+MLflow model (``mlflow.pyfunc.load_model`` serves it on ONNX Runtime, no torch: :class:`gssf_cli.deploy.bundle.
 BundleModel`), named ``<model>-onnx-<export run short id>``. With ``--register NAME`` that model becomes a new
 version of the registered model NAME, linked to the export run (whose ``gssf.source_run`` tag names the train
 run). A failed parity gate deploys nothing: the bundle is kept as ``<out>.failed`` (the result's ``path``), the
@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gssf_cli import __version__
-from gssf_cli.bundle import verify_bundle
-from gssf_cli.config import ExportConfig, to_dict
-from gssf_cli.limits import model_label
+from gssf_cli.core.config import ExportConfig, to_dict
+from gssf_cli.core.limits import model_label
+from gssf_cli.deploy.bundle import verify_bundle
 
 if TYPE_CHECKING:
-    from gssf_cli.tracking import Tracker
+    from gssf_cli.tracking.adapter import Tracker
 
 __all__ = ["ExportResult", "run", "verify_bundle"]
 
@@ -44,9 +44,9 @@ class ExportResult:
 
 def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None) -> ExportResult:
     """Export ``config.run`` and gate it on parity; the bundle lands in ``config.out`` (or exports/RUN)."""
-    from gssf_cli import bundle, onnx_export
-    from gssf_cli.data.files import check_output_folder, check_writable
-    from gssf_cli.runs import load_trained
+    from gssf_cli.core.files import check_output_folder, check_writable
+    from gssf_cli.deploy import bundle, onnx_export
+    from gssf_cli.stages.runs import load_trained
 
     if config.out is not None:
         check_output_folder(config.out, config.force)
@@ -71,7 +71,7 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
             model_id = run_.log_served_model(
                 f"{label}-onnx-{run_.run_id[:6]}",
                 written.path,
-                loader="gssf_cli.bundle:BundleModel",
+                loader="gssf_cli.deploy.bundle:BundleModel",
                 requirements=[f"gssf=={__version__}", "onnxruntime", "numpy"],
                 tags={"gssf.stage": "export", "gssf.source_run": run_id},
             )

@@ -1,4 +1,4 @@
-"""Stage ``index``: a bundle's gallery as a faiss index folder (:mod:`gssf_cli.index_folder`), tracked as a run.
+"""Stage ``index``: a bundle's gallery as a faiss index folder (:mod:`gssf_cli.deploy.index_folder`), tracked as a run.
 
 The index is built and written first — every input checked before anything exists, the folder written through
 a staging folder — and only then does the ``index`` MLflow run open, so bad input leaves neither a folder nor a
@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli import index_folder
-from gssf_cli.config import IndexConfig, to_dict
+from gssf_cli.core.config import IndexConfig, to_dict
+from gssf_cli.deploy import index_folder
 
 if TYPE_CHECKING:
-    from gssf_cli.tracking import Tracker
+    from gssf_cli.tracking.adapter import Tracker
 
 
 @dataclass(frozen=True)

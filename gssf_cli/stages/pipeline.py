@@ -1,6 +1,6 @@
 """Stage ``run``: a pipeline file chains prepare → train → evaluate → tune → export under one parent run.
 
-A pipeline file holds one table per stage (see :class:`gssf_cli.config.PipelineConfig`); :func:`stage_config`
+A pipeline file holds one table per stage (see :class:`gssf_cli.core.config.PipelineConfig`); :func:`stage_config`
 builds each stage's config from its table and the links to the stages before it — the same function for the
 up-front check and for the run. Train and tune read the prepared dataset; tune's base config is ``[train]``.
 
@@ -10,7 +10,7 @@ visible as ``evaluate_baseline``. Without retraining the trained model is the fi
 the final model's test metrics (``final_*``), the bundle's ONNX Runtime metrics (``onnx_*``) and the
 baseline's (``baseline_*``).
 
-Caching (:mod:`gssf_cli.cache`): a step is skipped only when its key (config + content of its inputs + the
+Caching (:mod:`gssf_cli.stages.cache`): a step is skipped only when its key (config + content of its inputs + the
 runs it builds on) is unchanged and every file it wrote still has the checksum recorded when it was written;
 otherwise it runs, and so does everything after it that uses it, with the reason reported. ``dry_run`` says
 what would run and why without running anything.
@@ -24,15 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli import cache, steps
-from gssf_cli import metrics as registry
-from gssf_cli.config import PipelineConfig, from_dict, load_pipeline, load_toml, to_dict
-from gssf_cli.errors import CheckFailedError, UserInputError
-from gssf_cli.steps import Links, check, stage_config
+from gssf_cli.core import metrics as registry
+from gssf_cli.core.config import PipelineConfig, from_dict, load_pipeline, load_toml, to_dict
+from gssf_cli.core.errors import CheckFailedError, UserInputError
+from gssf_cli.stages import cache, steps
+from gssf_cli.stages.steps import Links, check, stage_config
 
 if TYPE_CHECKING:
-    from gssf_cli.tracking import Tracker
-    from gssf_cli.training import Progress
+    from gssf_cli.tracking.adapter import Tracker
+    from gssf_cli.training.loop import Progress
 
 __all__ = ["PipelineResult", "StageOutcome", "check", "load_pipeline", "run", "stage_config"]
 

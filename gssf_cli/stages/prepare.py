@@ -6,14 +6,14 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli.config import PrepareConfig, to_dict
+from gssf_cli.core.config import PrepareConfig, to_dict
+from gssf_cli.core.files import check_output_folder, staged_folder
 from gssf_cli.data import synthetic, writer
-from gssf_cli.data.files import check_output_folder, staged_folder
 from gssf_cli.data.manifest import MANIFEST, manifest_digest, write_manifest
 from gssf_cli.data.rankable import check_prepared_splits
 
 if TYPE_CHECKING:
-    from gssf_cli.tracking import Tracker
+    from gssf_cli.tracking.adapter import Tracker
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,15 @@
-"""Stage ``train``: :mod:`gssf_cli.training` as a tracked MLflow run, resumable by run id.
+"""Stage ``train``: :mod:`gssf_cli.training.loop` as a tracked MLflow run, resumable by run id.
 
 The run logs its resolved config, the dataset, parameter counts, per-epoch metrics (loss, validation metrics,
 lr, samples/s, ``best_<metric>``) with the epoch as step (counted from 1: the first epoch is step 1), and at the
 end ``best_epoch`` (counted from 1, as everywhere), the best checkpoint, the resolved config as TOML and a
 heatmap of the learned W ⊙ U. With ``--workers N`` (or ``--address``) the epochs run on Ray Train workers
-(:func:`gssf_cli.ray_cluster.data_parallel`) and this process, the driver, still writes the one MLflow run.
+(:func:`gssf_cli.cluster.session.data_parallel`) and this process, the driver, still writes the one MLflow run.
 Every check (dataset, teacher, block size, resume compatibility, the workers' CPUs and GPUs) runs before the
 MLflow run is opened, so bad input leaves no run behind.
 
 Resuming a run killed at any moment: a run killed before its first checkpoint starts again at epoch 1 from the
-``config.json`` written as it opened (:func:`gssf_cli.checkpoint.write_run_config`); a checkpoint whose epoch
+``config.json`` written as it opened (:func:`gssf_cli.modeling.checkpoint.write_run_config`); a checkpoint whose epoch
 metrics never reached MLflow (a kill between the two) has them logged from the checkpoint; the MLflow run is
 reopened whatever its status (a killed process leaves it RUNNING) and ends FINISHED, FAILED or KILLED.
 """
@@ -21,14 +21,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli.config import TrainConfig, dump_toml, to_dict
+from gssf_cli.core.config import TrainConfig, dump_toml, to_dict
 
 if TYPE_CHECKING:
+    from gssf_cli.cluster.session import DataParallel
     from gssf_cli.data.dataset import Dataset
-    from gssf_cli.model import RetrievalModel
-    from gssf_cli.ray_cluster import DataParallel
-    from gssf_cli.tracking import StageRun, Tracker
-    from gssf_cli.training import FitResult, Progress, Trainer
+    from gssf_cli.modeling.model import RetrievalModel
+    from gssf_cli.tracking.adapter import StageRun, Tracker
+    from gssf_cli.training.loop import FitResult, Progress, Trainer
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,10 @@ def run(
     """
     import uuid
 
-    from gssf_cli import checkpoint as ckpt
+    from gssf_cli.core.files import check_writable
     from gssf_cli.data.dataset import Dataset
-    from gssf_cli.data.files import check_writable
-    from gssf_cli.training import Trainer
+    from gssf_cli.modeling import checkpoint as ckpt
+    from gssf_cli.training.loop import Trainer
 
     check_writable(config.runs_dir, f"the runs folder {config.runs_dir}", "--runs-dir")
     dataset = Dataset(config.data)
@@ -74,7 +74,7 @@ def run(
     with contextlib.ExitStack() as stack:
         workers: DataParallel | None = None
         if config.on_ray():
-            from gssf_cli import ray_cluster
+            from gssf_cli.cluster import session as ray_cluster
 
             workers = stack.enter_context(ray_cluster.data_parallel(trainer.config))
         tracked: StageRun | None = None
@@ -153,14 +153,14 @@ def run_seeds(
     Every seed's trainer is built (and every check run) before the ``seeds`` run opens, so bad input leaves no run.
     """
     from gssf_cli.data.dataset import Dataset
-    from gssf_cli.seeds import SEEDS_STAGE, SEEDS_TAG, check_seeds, summarize
-    from gssf_cli.training import Trainer
+    from gssf_cli.evaluation.seeds import SEEDS_STAGE, SEEDS_TAG, check_seeds, summarize
+    from gssf_cli.training.loop import Trainer
 
     check_seeds(seeds)
     configs = [replace(config, seed=seed) for seed in seeds]
     trainer = Trainer(configs[0], Dataset(config.data))  # the checks of a run, before any run exists
     if config.on_ray():
-        from gssf_cli import ray_cluster
+        from gssf_cli.cluster import session as ray_cluster
 
         ray_cluster.precheck(trainer.config)
     with contextlib.ExitStack() as stack:
@@ -219,7 +219,7 @@ def _log_lost_epoch(tracker: Tracker, run_: StageRun, trainer: Trainer) -> None:
 
 def _log_end(run_: StageRun, fitted: FitResult, model: RetrievalModel) -> None:
     """Best checkpoint and config as artifacts; a heatmap of the learned W ⊙ U for learned metrics."""
-    from gssf_cli import checkpoint as ckpt
+    from gssf_cli.modeling import checkpoint as ckpt
 
     best_state = fitted.best_state
     run_.log_artifacts(fitted.out_dir / ckpt.BEST, "checkpoint")
@@ -228,7 +228,7 @@ def _log_end(run_: StageRun, fitted: FitResult, model: RetrievalModel) -> None:
         {f"final_{k}": v for k, v in best_state["last_metrics"].items()} | {"best_epoch": best_state["best_epoch"]}
     )
     if model.similarity.num_parameters() > 0:
-        from gssf_cli import plots
+        from gssf_cli.evaluation import plots
 
         fig = plots.metric_heatmap(model.similarity.effective_matrix().detach().cpu().numpy(), model.similarity.name)
         run_.log_figure(fig, "plots/metric_heatmap.png")
@@ -242,14 +242,14 @@ def log_served_model(run_: StageRun, config: TrainConfig, best_folder: Path, dat
     import torch
 
     from gssf_cli import __version__
-    from gssf_cli.runs import pack_model
+    from gssf_cli.stages.runs import pack_model
 
     with tempfile.TemporaryDirectory(prefix="gssf-model-") as tmp:
         folder = pack_model(best_folder, dataset, Path(tmp) / "model")
         return run_.log_served_model(
             f"{config.model_label()}-{run_.run_id[:6]}",
             folder,
-            loader="gssf_cli.runs:TrainedModel",
+            loader="gssf_cli.stages.runs:TrainedModel",
             requirements=[f"gssf=={__version__}", f"torch=={torch.__version__.split('+')[0]}", "safetensors", "numpy"],
             tags={"gssf.stage": "train", "gssf.metric": config.metric},
         )

@@ -1,19 +1,19 @@
 """Stage ``tune``: search train settings (the block size above all) with Ray Tune; one MLflow writer, live.
 
-1. :func:`gssf_cli.tuning.make_plan` checks everything it can before Ray starts (names, value syntax, block
+1. :func:`gssf_cli.training.tune_plan.make_plan` checks everything it can before Ray starts (names, value syntax, block
    sizes for every grid combination, files, the metric) and resolves ``--scheduler auto`` (FIFO for a pure
    grid, ASHA when a value is sampled).
-2. Ray (:mod:`gssf_cli.ray_cluster`): local by default, results under ``--storage`` as experiment
+2. Ray (:mod:`gssf_cli.cluster.session`): local by default, results under ``--storage`` as experiment
    ``tune-<tune run id>``; each trial is the library's own training, reporting every epoch.
 3. MLflow, written by this process only (many writers lock or corrupt a SQLite file; on a cluster it is not
    even there): the tune run ``tune-<names>`` and, live, one child run per trial from Tune's driver-side
-   callback (:class:`gssf_cli.trial_runs.TrialRuns`), completed from the ResultGrid after ``fit()`` — wholly
+   callback (:class:`gssf_cli.stages.trial_runs.TrialRuns`), completed from the ResultGrid after ``fit()`` — wholly
    under Ray Client, whose callbacks run on the head node.
 4. Outputs on the tune run and in ``<runs_dir>/<tune run>/``: ``trials.csv``, ``best_train.toml`` (``gssf
    train --config`` loads it) and, when the block size is tuned, ``block_size.png`` (the paper's Fig. 3).
 5. Ctrl-C or SIGTERM: Tune stops and saves its state, what ran is logged, the tune run ends KILLED (exit 130);
    :func:`resume` continues it (or a RUNNING one whose driver was killed) with ``Tuner.restore``, from the
-   settings recorded at its start (:func:`gssf_cli.tuning.resume_tags`), on the same runs. Every trial
+   settings recorded at its start (:func:`gssf_cli.training.tune_plan.resume_tags`), on the same runs. Every trial
    failing is exit 1.
 """
 
@@ -27,14 +27,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli import tuning
-from gssf_cli.config import TuneConfig, dump_toml, to_dict
-from gssf_cli.errors import CheckFailedError, UserInputError
-from gssf_cli.trial_runs import TRIAL_STAGE, TrialRuns
+from gssf_cli.core.config import TuneConfig, dump_toml, to_dict
+from gssf_cli.core.errors import CheckFailedError, UserInputError
+from gssf_cli.stages.trial_runs import TRIAL_STAGE, TrialRuns
+from gssf_cli.training import tune_plan as tuning
 
 if TYPE_CHECKING:
-    from gssf_cli.tracking import StageRun, Tracker
-    from gssf_cli.tuning import TrialOutcome, TunePlan
+    from gssf_cli.tracking.adapter import StageRun, Tracker
+    from gssf_cli.training.tune_plan import TrialOutcome, TunePlan
 
 STAGE = "tune"
 EXPERIMENT_TAG = "gssf.tune.experiment_path"
@@ -78,7 +78,7 @@ def run(
     Raises :class:`CheckFailedError` (after logging) when every trial failed, and ``KeyboardInterrupt`` (after
     logging what ran; the tune run ends KILLED, and :func:`resume` continues it) when Ctrl-C stopped the search.
     """
-    from gssf_cli.ray_cluster import check_reachable, storage_path
+    from gssf_cli.cluster.session import check_reachable, storage_path
 
     plan = tuning.make_plan(config, base_values=base_values)
     if config.address:
@@ -98,8 +98,8 @@ def resume(run_ref: str, tracker: Tracker, progress: bool = True) -> TuneResult:
     finished, one without recorded settings, or one whose Ray results folder is gone is a one-line
     :class:`UserInputError`; so is anything :func:`tuning.make_plan` refuses (the dataset moved, say).
     """
-    from gssf_cli.ray_cluster import check_reachable, check_restorable, experiment_path
-    from gssf_cli.tracking import PARENT_TAG, STAGE_TAG
+    from gssf_cli.cluster.session import check_reachable, check_restorable, experiment_path
+    from gssf_cli.tracking.adapter import PARENT_TAG, STAGE_TAG
 
     found = tracker.get_run(run_ref, stage=STAGE)
     run_id, tags = found.info.run_id, found.data.tags
@@ -130,9 +130,9 @@ def resume(run_ref: str, tracker: Tracker, progress: bool = True) -> TuneResult:
 def check_outputs(config: TuneConfig, plan: TunePlan) -> None:
     """Before Ray starts or a run opens: the folders a tune writes (``--storage`` unless it is a URI, the runs
     folder that gets ``trials.csv`` and the best config) can be written, and every trial's model fits in memory."""
-    from gssf_cli.data.files import check_writable
+    from gssf_cli.core.files import check_writable
     from gssf_cli.data.manifest import load_manifest
-    from gssf_cli.model import check_fits_memory, manifest_spec
+    from gssf_cli.modeling.model import check_fits_memory, manifest_spec
 
     if "://" not in config.storage:
         check_writable(Path(config.storage), f"--storage {config.storage}", "--storage")
@@ -152,7 +152,7 @@ def _search(
 ) -> TuneResult:
     """Start (or, with ``resume_run_id``, continue) the search on Ray and log it: the part :func:`run` and
     :func:`resume` share once everything is checked."""
-    from gssf_cli.ray_cluster import callbacks_run_here, run_trials
+    from gssf_cli.cluster.session import callbacks_run_here, run_trials
 
     config, plan = search.config, search.plan
     started = time.perf_counter()
@@ -219,8 +219,8 @@ def _experiment_name(run_id: str) -> str:
 
 
 def _log_start(run_: StageRun, search: tuning.Search) -> None:
+    from gssf_cli.cluster.session import experiment_path
     from gssf_cli.data.manifest import load_manifest, manifest_digest
-    from gssf_cli.ray_cluster import experiment_path
 
     plan = search.plan
     run_.log_config(STAGE, to_dict(replace(search.config, scheduler=plan.scheduler)))
@@ -265,9 +265,9 @@ def _write_outputs(
         if run_ is not None:
             run_.log_text(text, "config/best_train.toml")
     if plan.tunes("block_size"):
-        from gssf_cli import plots
+        from gssf_cli.evaluation import plots
 
-        figure = plots.block_size_figure(ranked, plan)
+        figure = plots.block_size_figure(tuning.block_size_trials(ranked), tuning.block_size_axes(plan))
         if figure is not None:
             figure.savefig(out_dir / "block_size.png", dpi=120)
             if run_ is not None:

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from typer.testing import Result
 
-from gssf_cli import limits
-from gssf_cli.config import PrepareConfig
+from gssf_cli.core import limits
+from gssf_cli.core.config import PrepareConfig
+from gssf_cli.core.errors import UserInputError
 from gssf_cli.data import WRITERS, writer
 from gssf_cli.data import manifest as manifest_module
 from gssf_cli.data.manifest import load_manifest
 from gssf_cli.data.rankable import images_problem, labels_problem
-from gssf_cli.errors import UserInputError
 from gssf_cli.stages import prepare
 from tests.factories import write_feature_npz, write_precomp, write_split_features
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gssf_cli.tracking import STAGE_TAG, Tracker
+from gssf_cli.tracking.adapter import STAGE_TAG, Tracker
 
 WRITERS = 4
 PREPARE_REPEATS = 3
@@ -85,7 +85,7 @@ def test_concurrent_prepares_on_a_fresh_store_all_finish(tmp_path: Path, repeat:
 
 
 def test_concurrent_trainings_on_a_fresh_store_all_finish(tmp_path: Path) -> None:
-    from gssf_cli.config import PrepareConfig
+    from gssf_cli.core.config import PrepareConfig
     from gssf_cli.stages import prepare
 
     data = tmp_path / "syn"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from gssf_cli.config import PrepareConfig, TrainConfig, from_dict
-from gssf_cli.encoders import EncoderSpec, build_encoder
-from gssf_cli.errors import UserInputError
-from gssf_cli.limits import BLOCK_SIMILARITIES, SIMILARITY_NAMES
-from gssf_cli.model import FLOAT32_BYTES, check_fits_memory, count_parameters
-from gssf_cli.similarity import make_similarity
+from gssf_cli.core.config import PrepareConfig, TrainConfig, from_dict
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.limits import BLOCK_SIMILARITIES, SIMILARITY_NAMES
+from gssf_cli.modeling.encoders import EncoderSpec, build_encoder
+from gssf_cli.modeling.model import FLOAT32_BYTES, check_fits_memory, count_parameters
+from gssf_cli.modeling.similarity import make_similarity
 
 SPECS = [
     (task, image_kind, text_kind, pooling, mlp, layers)

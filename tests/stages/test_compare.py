@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
-from gssf_cli.app import app
-from gssf_cli.cli import shown_default
-from gssf_cli.config import CompareConfig, PrepareConfig
-from gssf_cli.tracking import Tracker
+from gssf_cli.cli.app import app
+from gssf_cli.cli.options import shown_default
+from gssf_cli.core.config import CompareConfig, PrepareConfig
+from gssf_cli.tracking.adapter import Tracker
 from tests.conftest import tiny_train_config
 from tests.test_cli import HEAVY, help_rows
 from tests.test_cli_conventions import TYPER_TYPES
@@ -259,7 +259,7 @@ def test_help_shows_arguments_defaults_and_imports_nothing_heavy() -> None:
     assert "[default: 0]" in rows["--seed"] and "[default: test]" in rows["--split"]
     assert rows["--k"].startswith("--k INT,INT,... ") and "[default: all]" in rows["--protocol"]
     code = (
-        "import sys\nfrom gssf_cli.app import app\n"
+        "import sys\nfrom gssf_cli.cli.app import app\n"
         "try:\n    app(['compare', '--help'])\nexcept SystemExit:\n    pass\n"
         f"print('HEAVY:' + ' '.join(m for m in {HEAVY!r} if m in sys.modules))\n"
     )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import Result
 
-from gssf_cli.tracking import Tracker
+from gssf_cli.tracking.adapter import Tracker
 
 Gssf = Callable[..., Result]
 CROSS_MODAL_KEYS = {

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
-from gssf_cli.app import app
-from gssf_cli.tracking import Tracker
+from gssf_cli.cli.app import app
+from gssf_cli.tracking.adapter import Tracker
 from tests.factories import write_feature_folder, write_precomp
 
 Gssf = Callable[..., Result]
@@ -91,7 +91,7 @@ def test_export_run_is_logged_with_one_served_bundle_model(exported: tuple[Path,
         images = np.load(root / "data/syn/test_ims.npy")[:4]
         captions = (root / "data/syn/test_caps.txt").read_text().splitlines()[:3]
         out = served.predict({"images": images, "texts": captions})
-        from gssf_cli.runs import TrainedModel, load_trained
+        from gssf_cli.stages.runs import TrainedModel, load_trained
 
         _, model, dataset = load_trained(Tracker(), trained["run_id"])
         reference = TrainedModel(model, dataset.vocab)
@@ -155,7 +155,7 @@ def test_readme_snippet_scores_like_pytorch(exported: tuple[Path, dict, dict]) -
     import torch
 
     from gssf_cli.data.text import Vocabulary
-    from gssf_cli.runs import load_trained
+    from gssf_cli.stages.runs import load_trained
 
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)

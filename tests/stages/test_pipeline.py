@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import Result
 
-from gssf_cli.tracking import PARENT_TAG, Tracker
+from gssf_cli.tracking.adapter import PARENT_TAG, Tracker
 
 Gssf = Callable[..., Result]
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,7 +151,7 @@ def _statuses(gssf: Gssf, *extra: str) -> dict[str, str]:
 
 
 def _run_names() -> list[str]:
-    from gssf_cli.tracking import Tracker
+    from gssf_cli.tracking.adapter import Tracker
 
     client = Tracker().client
     return sorted(r.info.run_name for r in client.search_runs([e.experiment_id for e in client.search_experiments()]))

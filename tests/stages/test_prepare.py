@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import Result
 
+from gssf_cli.core.errors import UserInputError
 from gssf_cli.data.manifest import load_manifest
 from gssf_cli.data.text import SPECIALS, Vocabulary, build_vocabulary, tokenize
-from gssf_cli.errors import UserInputError
 from tests.conftest import tiny_synthetic_args
 from tests.factories import write_feature_folder, write_feature_npz, write_precomp
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import Result
 
-from gssf_cli.tracking import Tracker
+from gssf_cli.tracking.adapter import Tracker
 
 Gssf = Callable[..., Result]
 SMALL = ["--embed-dim", "32", "--word-dim", "16", "--batch-size", "32", "--lr", "0.002"]

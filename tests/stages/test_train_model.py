@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from typer.testing import Result
 
-from gssf_cli.tracking import Tracker
+from gssf_cli.tracking.adapter import Tracker
 from tests.conftest import tiny_synthetic_args
 
 Gssf = Callable[..., Result]

@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner, Result
 
-from gssf_cli.app import app
-from gssf_cli.config import TrainConfig, TuneConfig, resolve
-from gssf_cli.errors import UserInputError
-from gssf_cli.tracking import Tracker
-from gssf_cli.trial_runs import TrialRuns
-from gssf_cli.tuning import (
+from gssf_cli.cli.app import app
+from gssf_cli.core.config import TrainConfig, TuneConfig, resolve
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.stages.trial_runs import TrialRuns
+from gssf_cli.tracking.adapter import Tracker
+from gssf_cli.training.tune_plan import (
     make_plan,
 )
 
@@ -112,7 +112,7 @@ def test_bad_parameters_exit_2_before_ray_starts(moduledir: Path) -> None:
     code = (
         "import json, sys\n"
         "from typer.testing import CliRunner\n"
-        "from gssf_cli.app import app\n"
+        "from gssf_cli.cli.app import app\n"
         f"results = [CliRunner().invoke(app, args) for args in {cases!r}]\n"
         "print(json.dumps({'results': [[r.exit_code, r.stderr] for r in results], 'ray': 'ray' in sys.modules}))\n"
     )
@@ -192,7 +192,7 @@ def test_a_seed_axis_summarises_each_configuration_across_seeds(
 ) -> None:
     """``--param seed=0,1`` beside the block size: each block size is one configuration with n = 2, the summary
     gives its mean ± std, the best trial comes from the configuration with the best mean, the table says so."""
-    from gssf_cli import console
+    from gssf_cli.cli import console
 
     result = _cli(
         "tune", "--data", "data/syn", "--param", "block_size=4,8", "--param", "seed=0,1", *SMALL_BASE,
@@ -318,7 +318,7 @@ def test_asha_stops_weak_trials_and_failed_trials_do_not_stop_the_tune(asha_tune
 
 
 def test_table_output(asha_tune: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
-    from gssf_cli import console
+    from gssf_cli.cli import console
 
     console.print_tune(asha_tune, as_json=False)
     out = capsys.readouterr().out
@@ -508,7 +508,7 @@ def test_trial_runs_are_reattached_and_completed_from_the_outcomes(moduledir: Pa
     Tune's callback passes on): a trial that starts again continues its own run, an epoch already there is not
     logged twice, and after ``fit()`` what the live log missed comes from the outcome — the epochs of a run,
     the whole run of a trial never seen live; a trial that never started gets no run."""
-    from gssf_cli.tuning import TrialOutcome
+    from gssf_cli.training.tune_plan import TrialOutcome
 
     config = TuneConfig(
         params=("block_size=4,8,16",), data=Path("data/syn"), base=("embed_dim=32", "metric=bdiag"), epochs=3

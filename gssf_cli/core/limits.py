@@ -1,0 +1,250 @@
+"""Allowed names and ranges, written once: the configs and the library both check values against these.
+
+Why a module of its own: ``gssf_cli.core.config`` validates what a user typed, and the library (losses, encoders,
+similarity) validates what a Python caller passes. When each wrote its own rule they drifted (a temperature
+``> 0`` in one place and ``[0.01, 1]`` in another), so a value passed the up-front check and crashed later.
+Both now read the :class:`Range` objects and name tuples below. Standard library only: ``gssf --help``
+imports it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from gssf_cli.core.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open interval of finite numbers: NaN and ±Inf are never inside, whatever the bounds (a
+    setting of ``inf`` is always a typo or an overflow, and it turns a run's numbers into NaN)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+    def contains(self, value: float) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = self.low is None or (value >= self.low if self.low_inclusive else value > self.low)
+        below = self.high is None or (value <= self.high if self.high_inclusive else value < self.high)
+        return above and below
+
+    def describe(self) -> str:
+        """The rule in words, as error messages print it."""
+        if self.high is None and self.low is not None:
+            if self.low == 0:
+                return "must not be negative" if self.low_inclusive else "must be positive"
+            return f"must be at least {_number(self.low)}" if self.low_inclusive else f"must exceed {_number(self.low)}"
+        if self.low is not None and self.high is not None:
+            if not self.low_inclusive and not self.high_inclusive:
+                return f"must be between {_number(self.low)} and {_number(self.high)}"
+            left = "[" if self.low_inclusive else "("
+            right = "]" if self.high_inclusive else ")"
+            return f"must be in {left}{_number(self.low)}, {_number(self.high)}{right}"
+        return "must be a number"
+
+    def check(self, key: str, value: float) -> float:
+        """``value`` if inside; else a one-line :class:`UserInputError` naming ``key``."""
+        check_finite(key, value)
+        if not self.contains(value):
+            raise UserInputError(f"{key}: {self.describe()}, got {value}")
+        return value
+
+
+def check_finite(key: str, value: object) -> None:
+    """A float setting must be a finite number: a one-line :class:`UserInputError` naming ``key`` for NaN or ±Inf
+    (other values pass; their type and range are checked elsewhere)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserInputError(f"{key}: must be a finite number, got {value}")
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+AT_LEAST_ONE = Range(1)
+AT_LEAST_TWO = Range(2)
+POSITIVE = Range(0, low_inclusive=False)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, low_inclusive=False, high_inclusive=False)
+TEMPERATURE = Range(0.01, 1.0)
+"""InfoNCE's τ and the distillation's learnable τ₂ live here; a learnable one is clamped to it."""
+MARGIN = NON_NEGATIVE
+"""A hinge margin of 0 is a valid (if unusual) ranking loss."""
+OPSET = Range(18, 23)
+"""Opsets the dynamo ONNX exporter supports."""
+
+MIN_SPLIT_CLASSES = 2
+"""A label-based dev/test split needs at least this many classes: with one, every item is relevant to every
+query, so every metric is perfect whatever the model does (and the first epoch is always "best")."""
+MIN_CLASS_ITEMS = 2
+"""... and at least one class with this many items: a query needs a positive among the other items."""
+MIN_SPLIT_IMAGES = 2
+"""A cross-modal dev/test split needs at least this many images: with one there is nothing to rank."""
+
+SimilarityName = Literal["cosine", "diag", "bdiag", "dense", "gssf"]
+SIMILARITY_NAMES: tuple[str, ...] = get_args(SimilarityName)
+BLOCK_SIMILARITIES: tuple[str, ...] = ("bdiag", "gssf")
+"""Members of the family with a block size (it must divide the embedding size)."""
+ScoreNorm = Literal["none", "frobenius", "spectral"]
+NORM_NAMES: tuple[str, ...] = get_args(ScoreNorm)
+LossName = Literal["triplet", "infonce"]
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
+DistillKind = Literal["mae", "mse"]
+DISTILL_KINDS: tuple[str, ...] = get_args(DistillKind)
+Pooling = Literal["mean", "max", "attention"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+Device = Literal["auto", "cpu", "cuda"]
+EncoderKind = Literal["trained", "identity", "frozen"]
+ENCODER_KINDS: tuple[str, ...] = get_args(EncoderKind)
+"""``trained``: towers learned with the head; ``identity`` and ``frozen``: the head alone (plus optional adapters)
+over the dataset's features or over a trained run's frozen encoders."""
+LrSchedule = Literal["cosine", "step", "constant"]
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+DatasetKind = Literal["synthetic", "digits", "precomp", "features"]
+DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
+IndexKind = Literal["flat", "hnsw", "ivfpq"]
+INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
+"""faiss index kinds of ``gssf index`` (built by :mod:`gssf_cli.deploy.search`, whose registry a test keeps equal)."""
+Protocol = Literal["all", "f30k-1k", "coco-1k", "coco-5k"]
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+"""Cross-modal evaluation protocols (see :func:`gssf_cli.evaluation.ranking.evaluate_cross_modal`)."""
+Task = Literal["cross_modal", "labels"]
+TASKS: tuple[str, ...] = get_args(Task)
+
+
+def valid_block_sizes(dim: int) -> list[int]:
+    """The divisors of ``dim`` in increasing order: the block sizes ``bdiag``/``gssf`` accept.
+
+    From the prime factorisation (:func:`_prime_factors`), so even an absurd ``dim`` (10^30) answers at once.
+    """
+    divisors = [1]
+    for prime, power in _prime_factors(dim).items():
+        divisors = [d * prime**k for d in divisors for k in range(power + 1)]
+    return sorted(divisors)
+
+
+MAX_LISTED_SIZES = 32
+"""An error message lists at most this many valid block sizes (10^30 has 961)."""
+
+
+def check_block_size(name: str, dim: int, block_size: int | None) -> int:
+    def sizes() -> str:  # listed only in an error message: valid sizes need a factorisation
+        found = valid_block_sizes(dim)
+        if len(found) <= MAX_LISTED_SIZES:
+            return ", ".join(map(str, found))
+        return ", ".join(map(str, found[: MAX_LISTED_SIZES - 1])) + f", …, {dim} ({len(found)} in all)"
+
+    if block_size is None:
+        raise UserInputError(f"similarity {name!r} needs a block size; valid block sizes: {sizes()}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise UserInputError(f"block size must be a positive integer, got {block_size!r}; valid block sizes: {sizes()}")
+    if dim % block_size:
+        raise UserInputError(
+            f"block size {block_size} does not divide the embedding size {dim}; valid block sizes: {sizes()}"
+        )
+    return block_size
+
+
+_SMALL_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+
+
+def _prime_factors(n: int) -> dict[int, int]:
+    """``{factor: power}`` of ``n >= 1``: trial division by small primes, then Miller-Rabin and Pollard's rho.
+
+    A cofactor that resists :data:`_RHO_STEPS` steps of rho is kept whole (as if prime), so any ``n`` answers
+    in about a second at worst; that takes a product of two primes above ~10^10, a ``dim`` no model could hold.
+    """
+    factors: dict[int, int] = {}
+    for p in _SMALL_PRIMES:
+        while n % p == 0:
+            factors[p] = factors.get(p, 0) + 1
+            n //= p
+    stack = [n] if n > 1 else []
+    while stack:
+        m = stack.pop()
+        d = None if _is_probable_prime(m) else _pollard_rho(m)
+        if d is None:
+            factors[m] = factors.get(m, 0) + 1
+        else:
+            stack += [d, m // d]
+    return factors
+
+
+def _is_probable_prime(n: int) -> bool:
+    """Miller-Rabin with the first 13 prime bases: exact below 3.3 * 10^24, and wrong beyond with
+    negligible probability."""
+    if n < 2:
+        return False
+    for p in _SMALL_PRIMES:
+        if n % p == 0:
+            return n == p
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in _SMALL_PRIMES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+_RHO_STEPS = 50_000
+
+
+def _pollard_rho(n: int) -> int | None:
+    """A non-trivial factor of the composite ``n`` without small prime factors (Pollard's rho with Floyd's
+    cycle finding), or None when none turns up within :data:`_RHO_STEPS` steps."""
+    for c in (1, 3, 5, 7):
+        x = y = 2
+        for _ in range(_RHO_STEPS):
+            x = (x * x + c) % n
+            y = (y * y + c) % n
+            y = (y * y + c) % n
+            d = math.gcd(abs(x - y), n)
+            if d == n:
+                break
+            if d != 1:
+                return d
+    return None
+
+
+def head_parameters(name: str, dim: int, block_size: int) -> int:
+    """Learned entries of a metric head's ``W ⊙ U`` (REFERENCE.md §1), without building the module; a test
+    proves it equals :meth:`gssf_cli.modeling.similarity.Similarity.num_parameters`."""
+    return {
+        "cosine": 0,
+        "diag": dim,
+        "bdiag": dim * block_size,
+        "dense": dim * dim,
+        "gssf": dim + dim * block_size,
+    }[name]
+
+
+REGISTERED_NAME_FORBIDDEN = ("/", ":")
+MAX_REGISTERED_NAME = 256
+
+
+def check_registered_name(key: str, name: str) -> None:
+    """A Model Registry name MLflow accepts (not blank, no ``/`` or ``:``, not path-like), checked before any run."""
+    if not name.strip():
+        raise UserInputError(f"{key}: a registered model name cannot be blank")
+    if any(c in name for c in REGISTERED_NAME_FORBIDDEN) or name != name.strip() or ".." in name:
+        raise UserInputError(f"{key}: {name!r} is not a valid registered model name (no '/', ':', '..' or edge spaces)")
+    if len(name) > MAX_REGISTERED_NAME:
+        raise UserInputError(f"{key}: a registered model name has at most {MAX_REGISTERED_NAME} characters")
+
+
+def model_label(metric: str, block_size: int | None) -> str:
+    """What a run or model name says of a model: the metric head and its block size (``gssf-d64``, ``cosine``)."""
+    return f"{metric}-d{block_size}" if block_size else metric

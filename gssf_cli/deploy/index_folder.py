@@ -1,0 +1,538 @@
+"""Index folders: a gallery embedded by an exported bundle, as a faiss index that ``gssf search`` queries.
+
+Why: an export turns GSSF into inner-product search (``scores = metric_head(images) @ texts.T``), so a gallery
+stored as ``metric_head(image embeddings)`` answers a caption with faiss at vector-database speed, under the
+learned structured metric rather than the cosine. Everything here runs on ONNX Runtime, numpy and faiss — never
+torch (an import contract and a test hold this), so ``pip install "gssf[search]"`` is enough to search.
+
+An index folder (``indexes/NAME/``)::
+
+    index.faiss     the faiss index (:mod:`gssf_cli.deploy.search`) over metric_head(image embeddings) [N, D]
+    ids.txt         one id per gallery row, in row order (the row numbers unless ``--ids`` named others)
+    manifest.json   format, kind and parameters, count, D; the bundle it was built from (its digest, the sha256
+                    of the bundle's manifest, which checksums every graph; its path relative to this folder);
+                    the gallery (path, shape, sha256); sha256 and size of index.faiss and ids.txt; build figures
+                    and, with ``--eval``, recall@10 against exact search and the query latency
+
+It is written through a staging folder (:func:`gssf_cli.core.files.staged_folder`): a build that fails or is
+interrupted leaves nothing at the path, and ``--force`` replaces an existing index only with a complete one.
+Every input is checked before anything is written. :func:`open_index` re-checks it all before a search answers:
+the manifest, the checksums, the bundle (its gate, its checksums, its graphs load) and that the bundle is the
+one the index was built from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gssf_cli.core.config import IndexConfig, SearchConfig
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.files import (
+    check_float_array,
+    check_output_folder,
+    open_array,
+    sha256_file,
+    staged_folder,
+)
+from gssf_cli.data.text import read_captions
+from gssf_cli.deploy import search
+from gssf_cli.deploy.bundle import BundleModel, bundle_digest
+
+INDEX_FORMAT = 1
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.txt"
+EVAL_K = 10
+"""``--eval`` measures recall@10: the cut-off retrieval papers and vector-search benchmarks report."""
+LATENCY_QUERIES = 100
+"""Single queries timed one by one for ``--eval``'s latency percentiles."""
+REQUIRED_KEYS = ("index_format", "kind", "spec", "count", "dim", "bundle", "files")
+
+Progress = Callable[[int], None]
+"""Called with the number of gallery rows just embedded and added."""
+
+
+def default_out(bundle: Path) -> Path:
+    """``indexes/<bundle folder name>``."""
+    return Path("indexes") / bundle.expanduser().resolve().name
+
+
+def index_overrides(config: IndexConfig | SearchConfig) -> dict[str, int | None]:
+    """Every index parameter a config sets, by its :mod:`gssf_cli.deploy.search` name (the config's field name), so that
+    :mod:`gssf_cli.deploy.search` refuses one that does not apply to the kind instead of it being silently ignored."""
+    names = dict.fromkeys(name for kind in search.INDEX_KINDS.values() for name in kind.params)
+    return {name: value for name in names if (value := getattr(config, name, None)) is not None}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gallery
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """A gallery ``.npy`` opened memory-mapped: ``rows`` ``[N, ...]`` (never loaded whole), its ids."""
+
+    path: Path
+    rows: np.ndarray
+    embedded: bool
+    ids: list[str] | None
+
+    @property
+    def count(self) -> int:
+        return int(self.rows.shape[0])
+
+
+def open_gallery(path: Path, bundle: BundleModel, embedded: bool, ids: Path | None) -> Gallery:
+    """The gallery, refused in one line unless its rows fit the bundle: the image encoder's input (``[F]`` or
+    ``[R, F]``), or with ``embedded`` the embedding ``[D]``; floating point and finite (scanned in chunks)."""
+    rows = open_array(path, "gallery")
+    expected: list[Any] = [bundle.dim] if embedded else list(bundle.input_shape(bundle.image_tower))
+    what = f"embeddings [N, {bundle.dim}]" if embedded else f"image-encoder inputs [N, {_shape(expected)}]"
+    if rows.ndim != 1 + len(expected) or any(
+        isinstance(want, int) and got != want for got, want in zip(rows.shape[1:], expected, strict=False)
+    ):
+        hint = "" if embedded or rows.ndim != 2 or rows.shape[1] != bundle.dim else " (pass --embedded if they are)"
+        raise UserInputError(
+            f"{path}: gallery of shape {list(rows.shape)}, but the bundle takes {what}; dimension mismatch{hint}"
+        )
+    check_float_array(rows, str(path), (rows.ndim,))
+    return Gallery(path, rows, embedded, read_ids(ids, rows.shape[0]) if ids is not None else None)
+
+
+def _shape(dims: list[Any]) -> str:
+    return ", ".join(str(d) if isinstance(d, int) else "R" for d in dims)
+
+
+def read_ids(path: Path, count: int) -> list[str]:
+    """One id per gallery row: UTF-8, ``count`` non-empty lines, no id twice."""
+    if not path.is_file():
+        raise UserInputError(f"{path}: file not found (--ids)")
+    try:
+        ids = text_lines(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: not UTF-8 text (--ids)") from None
+    if len(ids) != count:
+        raise UserInputError(f"{path}: {len(ids):,} ids for a gallery of {count:,} rows; give one id per row")
+    for line, value in enumerate(ids, start=1):
+        if not value.strip():
+            raise UserInputError(f"{path}: line {line} is an empty id")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        twice = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+        raise UserInputError(f"{path}: the id {twice!r} appears twice; ids must be unique")
+    return ids
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of an ids file: split at ``\n`` (or ``\r\n``) only — not at the other characters
+    ``str.splitlines`` breaks on, which an id may hold — with no empty last line for a final newline."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def embed(bundle: BundleModel, gallery: Gallery, rows: slice | np.ndarray) -> np.ndarray:
+    """Gallery rows as index vectors: ``metric_head(image_encoder(rows))`` ``[B, D]`` float32."""
+    block = np.asarray(gallery.rows[rows], dtype=np.float32)
+    embeddings = block if gallery.embedded else bundle.encode_images(block)
+    vectors = bundle.transform(embeddings)
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if bad.size:
+        row = np.arange(gallery.count)[rows][bad[0]]
+        raise UserInputError(
+            f"{gallery.path}: row {row} becomes NaN or Inf through the bundle (values too large for float32); "
+            "scale the gallery"
+        )
+    return vectors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Queries
+
+
+def text_queries(bundle: BundleModel, captions: list[str], where: Callable[[int], str]) -> np.ndarray:
+    """Captions → text embeddings ``[Q, D]`` with the bundle's vocabulary and rule; a caption none of whose words
+    the vocabulary knows is refused (it would search with ``<unk>`` alone). ``where(i)`` names caption i."""
+    if bundle.vocab is None:
+        raise UserInputError(f"{bundle.folder}: this bundle's text side takes vectors, not captions; use --vectors")
+    for i, caption in enumerate(captions):
+        if not caption.strip():
+            raise UserInputError(f"{where(i)}: an empty query")
+        if bundle.vocab.known_words(caption) == 0:
+            raise UserInputError(
+                f"{where(i)}: none of the words of {caption!r} is in the bundle's vocabulary "
+                f"({len(bundle.vocab) - 4:,} words); nothing to search with"
+            )
+    return bundle.encode_texts(captions)
+
+
+def vector_queries(bundle: BundleModel, path: Path, embedded: bool) -> np.ndarray:
+    """A ``.npy`` of query vectors → text embeddings ``[Q, D]``: through the text encoder (text-side features
+    ``[Q, F]``), or as they are with ``embedded`` (``[Q, D]``)."""
+    vectors = open_array(path, "--vectors")
+    text_input = bundle.input_shape(bundle.text_tower)
+    if not embedded and text_input == "tokens":
+        raise UserInputError(
+            f"{path}: this bundle's text encoder takes captions (--text, --texts); vectors must be text embeddings "
+            f"[Q, {bundle.dim}] given with --embedded"
+        )
+    width = bundle.dim if embedded else text_input[0]
+    if vectors.ndim != 2 or (isinstance(width, int) and vectors.shape[1] != width):
+        what = f"text embeddings [Q, {bundle.dim}]" if embedded else f"text-encoder inputs [Q, {width}]"
+        raise UserInputError(f"{path}: query vectors of shape {list(vectors.shape)}, but the bundle takes {what}")
+    check_float_array(vectors, str(path), (2,))
+    block = np.asarray(vectors, dtype=np.float32)
+    return block if embedded else bundle.encode_texts(block)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    """What :func:`build` left: the index folder and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+
+class ExactTopK:
+    """Exact top-k of fixed queries ``[Q, D]`` over a gallery seen batch by batch: the ``--eval`` reference,
+    computed while the gallery streams past, so the gallery is embedded once and never held whole."""
+
+    def __init__(self, queries: np.ndarray, k: int) -> None:
+        self.queries, self.k = queries, k
+        self.scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        self.rows = np.full((len(queries), k), -1, dtype=np.int64)
+
+    def update(self, vectors: np.ndarray, offset: int) -> None:
+        scores, rows = search.exact_search(vectors, self.queries, self.k)
+        rows = np.where(rows >= 0, rows + offset, -1)
+        merged_scores = np.concatenate([self.scores, scores], axis=1)
+        merged_rows = np.concatenate([self.rows, rows], axis=1)
+        order = np.argsort(-merged_scores, axis=1, kind="stable")[:, : self.k]
+        self.scores = np.take_along_axis(merged_scores, order, axis=1)
+        self.rows = np.take_along_axis(merged_rows, order, axis=1)
+
+
+def build(config: IndexConfig, progress: Progress | None = None) -> BuiltIndex:
+    """Embed ``config.gallery`` with ``config.bundle`` in batches and build the faiss index folder.
+
+    Checks everything first (the bundle, the gallery's shape and values, the ids, the output folder, the index
+    parameters, ``--eval-queries``) so that bad input writes nothing; then trains the index on a seeded random
+    sample when the kind needs it (one extra pass over those rows), streams every row through the bundle into the
+    index (and, with ``--eval``, into the exact reference), and writes the folder through a staging folder.
+    """
+    assert config.bundle is not None and config.gallery is not None
+    bundle = BundleModel.load(config.bundle)
+    gallery = open_gallery(config.gallery, bundle, config.embedded, config.ids)
+    out = config.out if config.out is not None else default_out(config.bundle)
+    check_output_folder(out, config.force)
+    check_replaceable(out, {"the bundle": config.bundle, "the gallery": config.gallery, "the working folder": Path()})
+    spec = search.index_spec(config.kind, bundle.dim, gallery.count, index_overrides(config))
+    rng = np.random.default_rng(config.seed)
+    queries = _eval_queries(config, bundle, gallery, rng) if config.eval else None
+    timings: dict[str, float] = {}
+    builder = search.IndexBuilder(spec)
+    started = time.perf_counter()
+    if builder.training_size:
+        sample = np.sort(rng.choice(gallery.count, min(gallery.count, builder.training_size), replace=False))
+        builder.train(np.concatenate([embed(bundle, gallery, part) for part in _batches(sample, config.batch_size)]))
+    timings["train_seconds"] = time.perf_counter() - started
+    exact = ExactTopK(queries, EVAL_K) if queries is not None else None
+    embed_seconds = 0.0
+    for start in range(0, gallery.count, config.batch_size):
+        tick = time.perf_counter()
+        vectors = embed(bundle, gallery, slice(start, start + config.batch_size))
+        embed_seconds += time.perf_counter() - tick
+        builder.add(vectors)
+        if exact is not None:
+            exact.update(vectors, start)
+        if progress is not None:
+            progress(len(vectors))
+    index = builder.finish()
+    timings["build_seconds"] = time.perf_counter() - started
+    timings["embed_seconds"] = embed_seconds
+    evaluation = measure(index, spec, queries, exact) if queries is not None and exact is not None else None
+    ids = gallery.ids if gallery.ids is not None else [str(row) for row in range(gallery.count)]
+    with staged_folder(out, config.force) as staging:
+        search.write_index(index, staging / INDEX_FILE)
+        (staging / IDS_FILE).write_text("".join(f"{value}\n" for value in ids), encoding="utf-8")
+        manifest = _manifest(config, bundle, gallery, spec, staging, out, timings, evaluation)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return BuiltIndex(out.expanduser(), manifest)
+
+
+def check_replaceable(out: Path, inputs: Mapping[str, Path]) -> None:
+    """``--out`` must not be, or hold, an input (the bundle, the gallery, the working folder), and ``--force``
+    replaces only an index folder (or an empty one): never a folder that holds something else."""
+    target = out.expanduser().resolve()
+    for what, path in inputs.items():
+        if path.expanduser().resolve().is_relative_to(target):
+            raise UserInputError(f"--out {out} is or holds {what} ({path}); choose another --out")
+    if target.is_dir() and any(target.iterdir()) and not _is_index_folder(target):
+        raise UserInputError(f"--out {out} is a folder that is not a gssf index; --force replaces only an index")
+
+
+def _is_index_folder(folder: Path) -> bool:
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("index_format") is not None
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _batches(rows: np.ndarray, size: int) -> list[np.ndarray]:
+    return [rows[start : start + size] for start in range(0, len(rows), size)]
+
+
+def _eval_queries(config: IndexConfig, bundle: BundleModel, gallery: Gallery, rng: np.random.Generator) -> np.ndarray:
+    """``--eval``'s queries ``[Q, D]``: ``--eval-queries`` (captions in a ``.txt``, or a ``.npy`` of vectors: text
+    features when the text encoder takes features, text embeddings when it takes captions), else the embeddings
+    of up to ``eval_count`` random gallery rows (before the metric head: where text embeddings live)."""
+    path = config.eval_queries
+    if path is None:
+        rows = np.sort(rng.choice(gallery.count, min(gallery.count, config.eval_count), replace=False))
+        block = np.asarray(gallery.rows[rows], dtype=np.float32)
+        embeddings = block if gallery.embedded else bundle.encode_images(block)
+        return embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    if path.suffix.lower() == ".npy":
+        queries = vector_queries(bundle, path, embedded=bundle.input_shape(bundle.text_tower) == "tokens")
+    else:
+        captions = read_captions(path)[: config.eval_count]
+        if not captions:
+            raise UserInputError(f"{path}: no queries (one caption per line)")
+        queries = text_queries(bundle, captions, lambda i: f"{path}: line {i + 1}")
+    return queries[: config.eval_count]
+
+
+def measure(index: Any, spec: search.IndexSpec, queries: np.ndarray, exact: ExactTopK) -> dict[str, Any]:
+    """``--eval``: recall@10 of the index against exact search, batch throughput and single-query latency."""
+    started = time.perf_counter()
+    _, found = search.search(index, spec, queries, EVAL_K)
+    batch_seconds = time.perf_counter() - started
+    latencies = []
+    for query in queries[:LATENCY_QUERIES]:
+        tick = time.perf_counter()
+        search.search(index, spec, query[None, :], EVAL_K)
+        latencies.append(time.perf_counter() - tick)
+    milliseconds = 1000 * np.asarray(latencies)
+    return {
+        "queries": len(queries),
+        "k": EVAL_K,
+        "recall_at_10": search.recall_at_k(found, exact.rows),
+        "queries_per_second": len(queries) / max(batch_seconds, 1e-9),
+        "latency_ms_p50": float(np.percentile(milliseconds, 50)),
+        "latency_ms_p95": float(np.percentile(milliseconds, 95)),
+        "search_params": dict(spec.search),
+    }
+
+
+def _manifest(
+    config: IndexConfig,
+    bundle: BundleModel,
+    gallery: Gallery,
+    spec: search.IndexSpec,
+    staging: Path,
+    out: Path,
+    timings: dict[str, float],
+    evaluation: dict[str, Any] | None,
+) -> dict[str, Any]:
+    from gssf_cli import __version__
+
+    files = {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
+             for name in (INDEX_FILE, IDS_FILE)}  # fmt: skip
+    return {
+        "index_format": INDEX_FORMAT,
+        "kind": spec.kind,
+        "spec": spec.to_json(),
+        "count": gallery.count,
+        "dim": bundle.dim,
+        "bundle": {
+            "path": _relative(bundle.folder, out),
+            "digest": bundle.digest,
+            "source_run_id": bundle.manifest.get("source_run_id"),
+            "task": bundle.task,
+        },
+        "gallery": {
+            "path": str(gallery.path),
+            "shape": list(gallery.rows.shape),
+            "sha256": sha256_file(gallery.path),
+            "embedded": gallery.embedded,
+            "ids": str(config.ids) if config.ids is not None else None,
+        },
+        "files": files,
+        "build": {
+            **{key: round(value, 6) for key, value in timings.items()},
+            "vectors_per_second": gallery.count / max(timings["build_seconds"], 1e-9),
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+        },
+        "eval": evaluation,
+        "versions": {"gssf": __version__, "faiss": search.faiss_version()},
+        "usage": "gssf search --index THIS --text 'a caption' (scores = metric_head(image) · text embedding)",
+    }
+
+
+def _relative(bundle: Path, out: Path) -> str:
+    """The bundle's path as seen from the index folder (so moving both together keeps the link)."""
+    target, base = bundle.expanduser().resolve(), out.expanduser().resolve()
+    try:
+        return os.path.relpath(target, base)
+    except ValueError:
+        return str(target)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Searching
+
+
+@dataclass
+class OpenIndex:
+    """A verified index folder with its bundle, ready to answer queries."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    spec: search.IndexSpec
+    bundle: BundleModel
+    index: Any
+    ids: list[str]
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """An index folder's manifest, checked for shape; one line naming the folder if it is not an index."""
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise UserInputError(f"{folder}: no such index folder (build one with gssf index)")
+    if not path.is_file() or path.is_symlink():
+        raise UserInputError(f"{folder}: no manifest.json, not a gssf index folder (build one with gssf index)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise UserInputError(f"{path}: unreadable index manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("index_format") != INDEX_FORMAT:
+        found = manifest.get("index_format") if isinstance(manifest, dict) else None
+        raise UserInputError(f"{path}: index format {found!r}, this gssf reads format {INDEX_FORMAT}; rebuild it")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise UserInputError(f"{path}: incomplete index manifest (no {', '.join(missing)}); rebuild it")
+    files, bundle = manifest["files"], manifest["bundle"]
+    if not (
+        isinstance(files, dict)
+        and set(files) == {INDEX_FILE, IDS_FILE}
+        and all(isinstance(f, dict) and isinstance(f.get("sha256"), str) and type(f.get("bytes")) is int
+                for f in files.values())
+        and isinstance(bundle, dict)
+        and isinstance(bundle.get("digest"), str)
+        and isinstance(bundle.get("path"), str)
+        and type(manifest["count"]) is int
+    ):  # fmt: skip
+        raise UserInputError(f"{path}: malformed index manifest (files, bundle or count); rebuild it")
+    return manifest
+
+
+def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
+    """Open an index folder for search after checking it: the manifest, the checksums of the index and the ids,
+    the bundle (``bundle_path``, else the one the manifest names; verified as ``gssf export --check`` does, but
+    with ONNX Runtime alone) and that it is the very bundle the index was built from (same digest)."""
+    manifest = read_manifest(folder)
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if path.is_symlink() or not path.is_file():
+            raise UserInputError(f"{path}: missing from the index folder; rebuild it")
+        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise UserInputError(f"{path}: checksum mismatch with manifest.json (file changed or truncated); rebuild")
+    recorded = manifest["bundle"]
+    where = bundle_path if bundle_path is not None else Path(os.path.normpath(folder / recorded["path"]))
+    if not where.is_dir():
+        raise UserInputError(f"{where}: the bundle index {folder} was built from is not there; pass it with --bundle")
+    digest = bundle_digest(where) if (where / "manifest.json").is_file() else None
+    if digest is not None and digest != recorded["digest"]:
+        raise UserInputError(
+            f"{where}: not the bundle index {folder} was built from (bundle digest {digest[:12]}, the index "
+            f"needs {recorded['digest'][:12]}); pass that bundle with --bundle, or rebuild the index"
+        )
+    bundle = BundleModel.load(where)
+    spec = search.IndexSpec.from_json(manifest["spec"])
+    if (spec.kind, spec.dim) != (manifest["kind"], manifest["dim"]):
+        raise UserInputError(f"{folder / MANIFEST}: kind and dim disagree with the index spec; rebuild it")
+    if spec.dim != bundle.dim:
+        raise UserInputError(f"{folder}: an index of dimension {spec.dim} for a bundle of dimension {bundle.dim}")
+    index = search.read_index(folder / INDEX_FILE, spec, manifest["count"])
+    try:
+        ids = text_lines((folder / IDS_FILE).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserInputError(f"{folder / IDS_FILE}: not UTF-8 text; rebuild the index") from None
+    if len(ids) != manifest["count"]:
+        raise UserInputError(f"{folder / IDS_FILE}: {len(ids):,} ids for an index of {manifest['count']:,} vectors")
+    return OpenIndex(folder, manifest, spec, bundle, index, ids)
+
+
+def queries_of(opened: OpenIndex, config: SearchConfig) -> tuple[list[str], np.ndarray]:
+    """The config's queries as (labels shown in the results, text embeddings ``[Q, D]``)."""
+    bundle = opened.bundle
+    if config.text is not None:
+        return [config.text], text_queries(bundle, [config.text], lambda i: "--text")
+    if config.texts is not None:
+        captions = read_captions(config.texts)
+        if not captions:
+            raise UserInputError(f"{config.texts}: no captions (one query per line)")
+        return captions, text_queries(bundle, captions, lambda i: f"{config.texts}: line {i + 1}")
+    assert config.vectors is not None
+    vectors = vector_queries(bundle, config.vectors, config.embedded)
+    return [f"{config.vectors.name}[{row}]" for row in range(len(vectors))], vectors
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    index: str
+    kind: str
+    k: int
+    params: dict[str, int]
+    seconds: float
+    queries: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "kind": self.kind, "k": self.k, "params": self.params,
+                "seconds": self.seconds, "queries": self.queries}  # fmt: skip
+
+
+def run_search(config: SearchConfig) -> SearchResult:
+    """Answer ``config``'s queries from its index: per query, the ``k`` best gallery rows (rank, id, row,
+    score = the learned GSSF score), best first; fewer than ``k`` when the gallery is smaller."""
+    assert config.index is not None
+    opened = open_index(config.index, config.bundle)
+    params = search.search_overrides(opened.spec, index_overrides(config))
+    labels, vectors = queries_of(opened, config)
+    started = time.perf_counter()
+    scores, rows = search.search(opened.index, opened.spec, vectors, min(config.k, len(opened.ids)), params)
+    seconds = time.perf_counter() - started
+    results = [
+        {
+            "query": label,
+            "results": [
+                {"rank": rank, "id": opened.ids[row], "row": int(row), "score": float(score)}
+                for rank, (row, score) in enumerate(zip(row_list, score_list, strict=True), start=1)
+                if row >= 0
+            ],
+        }
+        for label, row_list, score_list in zip(labels, rows, scores, strict=True)
+    ]
+    return SearchResult(str(config.index), opened.spec.kind, config.k, params, round(seconds, 6), results)
+
+
+def manifest_metrics(manifest: Mapping[str, Any]) -> dict[str, float]:
+    """The build (and ``--eval``) figures of a manifest as flat metrics for MLflow."""
+    metrics = {key: float(value) for key, value in manifest["build"].items() if key != "seed"}
+    metrics |= {"count": float(manifest["count"]), "index_bytes": float(manifest["files"][INDEX_FILE]["bytes"])}
+    for key, value in (manifest.get("eval") or {}).items():
+        if isinstance(value, (int, float)):
+            metrics[f"eval_{key}"] = float(value)
+    return metrics

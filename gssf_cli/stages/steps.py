@@ -1,0 +1,177 @@
+"""The steps of a pipeline and the links between them: which step runs when, and each stage's config.
+
+Why a module of its own: the pipeline stage orchestrates tracked runs; *what* runs in which order, which
+model is final, and how one stage's output becomes the next stage's config are plain decisions on a
+:class:`~gssf_cli.core.config.PipelineConfig`, made the same way for the up-front check, a dry run and a run.
+
+Steps, in order: ``prepare``, ``train``, then with ``[tune] retrain = true`` ``evaluate_baseline`` (the first
+model, for comparison), ``tune``, ``train_best`` (the best trial's config with the ``[train]`` budget) and
+``evaluate`` of that final model; ``export`` always acts on the final model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gssf_cli.core.config import (
+    EvaluateConfig,
+    ExportConfig,
+    PipelineConfig,
+    PrepareConfig,
+    TrainConfig,
+    TuneConfig,
+    default_of,
+    from_dict,
+)
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.data.manifest import MANIFEST, manifest_digest
+
+__all__ = ["Links", "TrainConfig", "check", "plan", "stage_config"]
+
+CONFIGS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "tune": TuneConfig,
+    "export": ExportConfig,
+}
+BUDGET: tuple[str, ...] = ("epochs", "lr_decay_epoch", "warmup_epochs")
+"""Train settings that are a run's budget and schedule: a retrained final model takes them from ``[train]``,
+not from the tune's per-trial budget."""
+
+
+@dataclass(frozen=True)
+class Links:
+    """What a step takes from the steps before it: the dataset folder, the prepare run, the current model (its
+    train run and a digest of its best checkpoint) and the best trial's config file."""
+
+    data: Path | None
+    train_run: str = "latest"
+    prepare_run: str | None = None
+    model: str | None = None
+    best_config: str | None = None
+
+
+def retrains(pipeline: PipelineConfig) -> bool:
+    return pipeline.retrain and "tune" in pipeline.stages
+
+
+def plan(pipeline: PipelineConfig) -> tuple[str, ...]:
+    """The steps to run, in order (see the module docstring)."""
+    retrain = retrains(pipeline)
+    out: list[str] = []
+    for stage in pipeline.stages:
+        if stage == "evaluate" and retrain:
+            out += ["evaluate_baseline"] if "train" in pipeline.stages else []
+        elif stage == "tune":
+            out += ["tune", "train_best"] if retrain else ["tune"]
+            out += ["evaluate"] if retrain and "evaluate" in pipeline.stages else []
+        else:
+            out.append(stage)
+    return tuple(out)
+
+
+def model_step(pipeline: PipelineConfig) -> str:
+    """The step whose model is final: what ``evaluate`` and ``export`` act on."""
+    return "train_best" if retrains(pipeline) else "train"
+
+
+def stage_config(pipeline: PipelineConfig, stage: str, links: Links) -> Any:
+    """A stage's config: its table plus the links (a stage's own table may name its dataset; the run it acts on
+    is always the pipeline's). Pipeline stages replace their outputs, so prepare and export get ``force``."""
+    table = pipeline.table(stage)
+    data = {"data": links.data} if links.data is not None else {}
+    values: dict[str, Any] = {
+        "prepare": {**table, "force": True},
+        "train": {**data, **table},
+        "evaluate": {**table, "run": links.train_run},
+        "tune": {**data, **table},
+        "export": {**table, "run": links.train_run, "force": True},
+    }[stage]
+    return from_dict(CONFIGS[stage], values, stage)
+
+
+def prepared(pipeline: PipelineConfig) -> Path | None:
+    """The dataset folder the pipeline prepares (None without a ``[prepare]`` table)."""
+    out = pipeline.tables.get("prepare", {}).get("out")
+    return Path(out) if isinstance(out, (str, Path)) else None
+
+
+def base_train(pipeline: PipelineConfig) -> dict[str, Any]:
+    """Tune's base train config: the ``[train]`` table (its dataset comes from the link)."""
+    return {k: v for k, v in pipeline.table("train").items() if k != "data"}
+
+
+def final_values(pipeline: PipelineConfig, tune: TuneConfig, best: Mapping[str, Any], links: Links) -> dict[str, Any]:
+    """The final model's train config: the best trial's values, with the budget (:data:`BUDGET`) of
+    ``[train]`` (or its defaults) for every budget setting that was not itself tuned, ``[tune]
+    retrain_epochs`` over that, and the pipeline's dataset."""
+    tuned = {item.partition("=")[0].strip().replace("-", "_") for item in tune.params}
+    table = pipeline.table("train")
+    budget = {k: table.get(k, default_of(TrainConfig, k)) for k in BUDGET if k not in tuned}
+    if pipeline.retrain_epochs is not None:
+        budget["epochs"] = pipeline.retrain_epochs
+    data = {"data": links.data} if links.data is not None else {}
+    return {**best, **budget, **data}
+
+
+def dataset_digest(folder: Path | None) -> str | None:
+    """The dataset's identity by content: its manifest's sha256 (which lists every file's), if it exists."""
+    if folder is None or not (folder / MANIFEST).is_file():
+        return None
+    return manifest_digest(folder)
+
+
+def after_prepare(links: Links, out: Path, entry: Mapping[str, Any] | None) -> Links:
+    return replace(links, data=out, prepare_run=_run_of(entry))
+
+
+def after_train(links: Links, run_id: str | None, entry: Mapping[str, Any] | None) -> Links:
+    """The trained model becomes the current one: its run, and a digest of its best checkpoint's files."""
+    outputs = entry.get("outputs", {}) if entry is not None else {}
+    model = hashlib.sha256(json.dumps(sorted(outputs.values())).encode()).hexdigest() if outputs else None
+    return replace(links, train_run=run_id or "latest", model=model)
+
+
+def after_tune(links: Links, best_config: str | None) -> Links:
+    return replace(links, best_config=best_config)
+
+
+def _run_of(entry: Mapping[str, Any] | None) -> str | None:
+    return None if entry is None else entry.get("run_id")
+
+
+def check(pipeline: PipelineConfig) -> None:
+    """Resolve every stage's config before anything runs, so a typo fails in a second, not after training: each
+    stage's table, tune's search space against its base train config (:func:`gssf_cli.training.tune_plan.check_search`,
+    which needs no dataset), and that every folder a stage will write can be written."""
+    from gssf_cli.core.files import check_output_folder, check_writable
+    from gssf_cli.training import tune_plan as tuning
+
+    links = Links(prepared(pipeline))
+    configs = {stage: stage_config(pipeline, stage, links) for stage in pipeline.stages}
+    runs_dirs = [configs["train"].runs_dir] if "train" in configs else []
+    if "tune" in configs:
+        tune = configs["tune"]
+        try:
+            base, _ = tuning.check_search(tune, base_train(pipeline) or None)
+        except UserInputError as exc:
+            raise UserInputError(f"[tune] {exc}") from None
+        runs_dirs.append(base.runs_dir)
+        if "://" not in tune.storage:
+            check_writable(Path(tune.storage), f"tune.storage {tune.storage}", "[tune] storage")
+    if "prepare" in configs:
+        check_output_folder(configs["prepare"].out, force=True, option="[prepare] out")
+    for runs_dir in runs_dirs:
+        check_writable(runs_dir, f"the runs folder {runs_dir}", "[train] runs_dir")
+    if "export" in configs:
+        out = configs["export"].out
+        if out is not None:
+            check_output_folder(out, force=True, option="[export] out")
+        else:
+            check_writable(Path("exports"), "output folder exports", "[export] out")

@@ -1,0 +1,707 @@
+"""The tracking adapter: the only module that imports mlflow.
+
+Why a thin adapter: stages log through :class:`StageRun` and never see mlflow, so the tracking model
+(DESIGN.md) lives in one place — where runs go, how they nest, what every run carries (resolved config,
+dataset, git commit, gssf version) — and the tune driver can log many child runs from one process.
+
+Store resolution: ``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db`` (artifacts then
+go to ``<cwd>/mlruns``). Runs are addressed by id or by ``latest``.
+
+First use of a store is checked (:func:`check_store`) and serialised (:func:`store_lock`): an http(s) server
+is probed (TCP connect, then ``/health``: seconds, not minutes) before any work; a SQLite file's folder must
+exist and be writable, and a file that a crashed schema migration left half-done (``_alembic_tmp_*`` tables)
+is refused. Client creation (mlflow creates or migrates the schema there) and the get-or-create of the
+experiment run under an OS file lock (``<db>.lock`` beside the file), so several commands started at once on
+a fresh folder do not race to create the same tables. Logging is not serialised: mlflow sets
+``PRAGMA busy_timeout = 20000`` on every SQLite session, so concurrent writers wait instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import getpass
+import http.client
+import io
+import json
+import logging
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # gssf shows its own progress; with tqdm
+# installed, MLflow's bars would land on stderr around gssf's one-line errors and JSON output
+
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+import mlflow  # noqa: E402
+from mlflow.entities import Run  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from gssf_cli import __version__  # noqa: E402
+from gssf_cli.core.config import dump_toml  # noqa: E402
+from gssf_cli.core.errors import UserInputError  # noqa: E402
+
+DEFAULT_EXPERIMENT = "gssf"
+PARENT_TAG = "mlflow.parentRunId"
+STAGE_TAG = "gssf.stage"
+MAX_PARAM_LENGTH = 6000
+PROBE_CONNECT_TIMEOUT_S = 5.0
+PROBE_HTTP_TIMEOUT_S = 5.0
+STORE_LOCK_TIMEOUT_S = 300.0
+_END_ATTEMPTS = 3
+FIX_URI = "--tracking-uri / MLFLOW_TRACKING_URI"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+CLASSIC_ML = "custom_model_development"  # the UI's "classic ML" mode; without it MLflow 3 opens in GenAI mode
+SHORT_ID_LENGTH = 6
+
+
+def default_tracking_uri(cwd: Path | None = None) -> str:
+    """The local SQLite store in the working directory."""
+    return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(flag: str | None = None) -> str:
+    """``--tracking-uri`` wins over ``MLFLOW_TRACKING_URI``, which wins over the local SQLite default."""
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The HEAD commit of the repository containing ``cwd``, or None outside a repository."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd or Path.cwd(),
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config values as flat ``a.b`` string params, as MLflow stores them."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple, bool)) else str(value)
+            flat[name] = text[:MAX_PARAM_LENGTH]
+    return flat
+
+
+def run_tags(stage: str, parent_run_id: str | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What every gssf run carries: its stage, the gssf version, the git commit, and its parent if any."""
+    tags = {
+        STAGE_TAG: stage,
+        "mlflow.user": current_user(),
+        "gssf.version": __version__,
+        "mlflow.source.name": f"gssf {stage}",
+        "mlflow.source.type": "LOCAL",
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    tags.update(extra or {})
+    return tags
+
+
+def current_user() -> str:
+    """Who ran it, as MLflow's fluent API records it ("Created by" in the UI)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def unique_run_name(base: str, run_id: str) -> str:
+    """``base`` plus the run id's first characters: two runs never share a name, and a name leads to its id."""
+    return f"{base}-{run_id[:SHORT_ID_LENGTH]}"
+
+
+class Tracker:
+    """A connection to one tracking store and one experiment."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str | None = None) -> None:
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.experiment_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        self.experiment_chosen = experiment is not None or "MLFLOW_EXPERIMENT_NAME" in os.environ
+        check_store(self.tracking_uri)
+        try:
+            with store_lock(self.tracking_uri):
+                # mlflow builds the store eagerly here: engine, schema creation or migration, experiment 0.
+                self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        except MlflowException as exc:
+            raise UserInputError(
+                f"cannot use tracking store {self.tracking_uri}: {_first_line(exc)}; check {FIX_URI}"
+            ) from None
+        self._experiment_id: str | None = None
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self._get_or_create_experiment()
+        return self._experiment_id
+
+    def _get_or_create_experiment(self) -> str:
+        try:
+            with store_lock(self.tracking_uri):
+                found = self._existing_experiment()
+                if found is not None:
+                    return found
+                try:
+                    return str(
+                        self.client.create_experiment(self.experiment_name, tags={EXPERIMENT_KIND_TAG: CLASSIC_ML})
+                    )
+                except MlflowException:
+                    # Another process (on a server, where the lock does not reach) created it first.
+                    found = self._existing_experiment()
+                    if found is None:
+                        raise
+                    return found
+        except MlflowException as exc:
+            raise UserInputError(
+                f"cannot use tracking store {self.tracking_uri}: {_first_line(exc)}; check {FIX_URI}"
+            ) from None
+
+    def _existing_experiment(self) -> str | None:
+        found = self.client.get_experiment_by_name(self.experiment_name)
+        if found is None:
+            return None
+        if found.lifecycle_stage == "deleted":
+            raise UserInputError(
+                f"experiment {self.experiment_name!r} is deleted in {self.tracking_uri}: "
+                "restore it or pass another --experiment"
+            )
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, CLASSIC_ML)
+        return str(found.experiment_id)
+
+    @contextlib.contextmanager
+    def start_run(
+        self,
+        stage: str,
+        *,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        resume_run_id: str | None = None,
+    ) -> Iterator[StageRun]:
+        """Open a run for ``stage`` (or reopen ``resume_run_id``); it ends FINISHED, FAILED on an
+        exception or when the stage called :meth:`StageRun.mark_failed`, or KILLED on Ctrl-C."""
+        if resume_run_id is not None:
+            self.get_run(resume_run_id)
+            self.client.update_run(resume_run_id, status="RUNNING")
+            yield from self._close_on_exit(StageRun(self.client, resume_run_id))
+            return
+        handle = self.open_run(stage, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
+        yield from self._close_on_exit(handle)
+
+    def open_run(
+        self,
+        stage: str,
+        *,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        start_time_ms: int | None = None,
+    ) -> StageRun:
+        """Create a RUNNING run named ``<run_name or stage>-<short id>``; the caller ends it with :meth:`end_run`
+        (a tune's trial runs live across callbacks, so no context manager can hold them)."""
+        all_tags = run_tags(stage, parent_run_id, tags)
+        base = run_name or stage
+        run = self.client.create_run(self.experiment_id, start_time=start_time_ms, tags=all_tags, run_name=base)
+        run_id = run.info.run_id
+        self.client.update_run(run_id, name=unique_run_name(base, run_id))
+        return StageRun(self.client, run_id)
+
+    def end_run(self, run_id: str, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
+        """End a run opened by :meth:`open_run` as FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status=status, end_time=end_time_ms)
+
+    def reopen_run(self, run_id: str) -> StageRun:
+        """Mark an ended run RUNNING again (a resumed tune's unfinished trials) and return a handle to it."""
+        self.client.update_run(run_id, status="RUNNING")
+        return StageRun(self.client, run_id)
+
+    def _close_on_exit(self, handle: StageRun) -> Iterator[StageRun]:
+        try:
+            yield handle
+        except KeyboardInterrupt as interrupt:
+            self._end(handle.run_id, "KILLED", interrupt)
+            raise
+        except BaseException as error:
+            self._end(handle.run_id, "FAILED", error)
+            raise
+        self.client.set_terminated(handle.run_id, status="FAILED" if handle.failed else "FINISHED")
+
+    def _end(self, run_id: str, status: str, cause: BaseException) -> None:
+        """End a run after an interruption or error without masking it. Ctrl-C or SIGTERM may have landed inside
+        one of the store's own transactions and left its session unusable — or holding SQLite's write lock, so
+        that the first try fails with "database is locked" (seen under load). Then the frames of the
+        interrupted call are cleared (``cause``'s traceback kept its session, and so the lock, alive), the
+        store's connections are released (:meth:`_release_store`) and the status is written through a fresh
+        client, a few times; if that still fails, the run stays RUNNING (``--resume`` ends it)."""
+        try:
+            self.client.set_terminated(run_id, status=status)
+            return
+        except Exception:
+            traceback.clear_frames(cause.__traceback__)
+            self._release_store()
+        for attempt in range(_END_ATTEMPTS):
+            try:
+                MlflowClient(tracking_uri=self.tracking_uri).set_terminated(run_id, status=status)
+                return
+            except Exception:
+                time.sleep(0.2 * (attempt + 1))
+
+    def _release_store(self) -> None:
+        """Let go of what an interrupted transaction holds: a SQLite write lock stays with its connection (every
+        other connection then gets "database is locked"), so finalise the sessions the interrupt abandoned and
+        close the engine's connections — an open transaction rolls back as its connection closes."""
+        engine = getattr(self.client._tracking_client.store, "engine", None)
+        if engine is None:
+            return
+        gc.collect()
+        with contextlib.suppress(Exception):
+            engine.dispose()
+
+    def get_run(self, run_ref: str, stage: str | None = None) -> Run:
+        """A run by id, or the newest run (of ``stage`` if given) for ``latest``.
+
+        ``latest`` looks in the chosen experiment (``--experiment`` / ``MLFLOW_EXPERIMENT_NAME``); with none
+        chosen, in every experiment of the store — ``gssf run`` logs to the pipeline's own experiment, and the
+        commands a user types next should find its runs.
+        """
+        if run_ref != "latest":
+            try:
+                return self.client.get_run(run_ref)
+            except MlflowException:
+                raise UserInputError(
+                    f"unknown run {run_ref!r} at {self.tracking_uri}: pass a run id or 'latest'"
+                ) from None
+        found = self._newest(stage, [self.experiment_id] if self.experiment_chosen else self._experiment_ids())
+        if found is not None:
+            return found
+        what = f"{stage} run" if stage else "run"
+        elsewhere = self._newest(stage, self._experiment_ids()) if self.experiment_chosen else None
+        if elsewhere is not None:
+            name = self.client.get_experiment(elsewhere.info.experiment_id).name
+            raise UserInputError(
+                f"no {what} in experiment {self.experiment_name!r}; the newest is in experiment {name!r}: "
+                f"pass --experiment {name} (or the run id {elsewhere.info.run_id})"
+            )
+        where = f"experiment {self.experiment_name!r}" if self.experiment_chosen else "any experiment"
+        raise UserInputError(f"no {what} in {where} at {self.tracking_uri}: run one first or pass a run id")
+
+    def _experiment_ids(self) -> list[str]:
+        return [e.experiment_id for e in self.client.search_experiments()]
+
+    def _newest(self, stage: str | None, experiment_ids: list[str]) -> Run | None:
+        if not experiment_ids:
+            return None
+        runs = self.client.search_runs(
+            experiment_ids,
+            filter_string=f"tags.`{STAGE_TAG}` = '{stage}'" if stage else "",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def follow(self, run: Run) -> None:
+        """Log the next runs into ``run``'s experiment unless the user chose one: an evaluation or export of a
+        pipeline's model lands beside it."""
+        if not self.experiment_chosen:
+            self._experiment_id = str(run.info.experiment_id)
+            self.experiment_name = self.client.get_experiment(self._experiment_id).name
+
+    def run_status(self, run_id: str) -> str | None:
+        """A run's status (FINISHED, FAILED, ...), or None when the store has no such run (or it is deleted)."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return None if run.info.lifecycle_stage == "deleted" else str(run.info.status)
+
+    def metric_steps(self, run_id: str, key: str) -> list[int]:
+        """The steps at which ``key`` was logged on a run, in order (e.g. the epochs a resumed run already has)."""
+        return sorted(int(m.step) for m in self.client.get_metric_history(run_id, key))
+
+    def run_handle(self, run_id: str) -> StageRun:
+        """Log to an existing run (e.g. test metrics onto the train run they describe)."""
+        return StageRun(self.client, run_id)
+
+    def child_runs(self, parent_run_id: str) -> list[Run]:
+        return list(
+            self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                order_by=["attributes.start_time ASC"],
+            )
+        )
+
+    def record_run(
+        self,
+        stage: str,
+        *,
+        run_name: str,
+        status: str,
+        parent_run_id: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        history: Sequence[tuple[int, int, Mapping[str, float]]] = (),
+        tags: Mapping[str, str] | None = None,
+        start_time_ms: int | None = None,
+        end_time_ms: int | None = None,
+    ) -> str:
+        """Log a run that happened elsewhere — a Ray trial — as one finished run, and return its id.
+
+        Why: trial processes never write to the store (many writers corrupt or lock a SQLite file); the tune
+        driver replays each trial's results here. ``history`` holds ``(step, timestamp_ms, metrics)`` rows so
+        the run's metric charts show the trial's own epochs and times; ``status`` is FINISHED, FAILED or
+        KILLED; the start and end times are the trial's.
+        """
+        handle = self.open_run(
+            stage, run_name=run_name, parent_run_id=parent_run_id, tags=tags, start_time_ms=start_time_ms
+        )
+        try:
+            if params:
+                handle.log_params(params)
+            metrics = [
+                mlflow.entities.Metric(key, float(value), timestamp, step)
+                for step, timestamp, values in history
+                for key, value in values.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)
+            ]
+            for start in range(0, len(metrics), 500):
+                self.client.log_batch(handle.run_id, metrics=metrics[start : start + 500])
+        except BaseException:
+            self.client.set_terminated(handle.run_id, status="FAILED")
+            raise
+        self.client.set_terminated(handle.run_id, status=status, end_time=end_time_ms)
+        return handle.run_id
+
+
+class StageRun:
+    """An open run: what a stage may log. Thin wrappers so stages never touch mlflow directly."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.failed = False
+
+    def mark_failed(self) -> None:
+        """End this run FAILED when its block exits normally: the stage ran but failed its own check (what it
+        logged stays on the run, so people can see why)."""
+        self.failed = True
+
+    def log_params(self, params: Mapping[str, Any], prefix: str = "") -> None:
+        flat = flatten_params(params, prefix)
+        items = list(flat.items())
+        for start in range(0, len(items), 100):
+            batch = [mlflow.entities.Param(k, v) for k, v in items[start : start + 100]]
+            self.client.log_batch(self.run_id, params=batch)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [
+            mlflow.entities.Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        for start in range(0, len(batch), 500):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 500])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_config(self, section: str, values: Mapping[str, Any]) -> None:
+        """The resolved config: as params (``section.key``) and as a TOML artifact."""
+        self.log_params(values, prefix=f"{section}.")
+        self.log_text(dump_toml({section: values}), f"config/{section}.toml")
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_dataset(
+        self, name: str, folder: Path, digest: str, context: str, tags: Mapping[str, str] | None = None
+    ) -> None:
+        """Record the dataset folder as a run input (visible in the UI's Datasets column)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(folder.resolve()))
+        dataset = MetaDataset(source, name=name, digest=digest[:36])  # type: ignore[abstract]
+        input_tags = [InputTag("mlflow.data.context", context)]
+        input_tags += [InputTag(k, v) for k, v in (tags or {}).items()]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)])
+        self.set_tags({"gssf.dataset.name": name, "gssf.dataset.manifest_sha256": digest})
+
+    def log_served_model(
+        self, name: str, folder: Path, loader: str, requirements: Sequence[str], tags: Mapping[str, str] | None = None
+    ) -> str:
+        """Log ``folder`` as an MLflow model loadable with ``mlflow.pyfunc.load_model``; return its model id.
+
+        Models-from-code: the model is :mod:`gssf_cli.tracking.pyfunc_model`, which builds ``loader``
+        (``module:Class``, whose ``load(folder)`` reads safetensors/ONNX and JSON) from the artifact folder —
+        no pickle is written and none is read back. ``requirements`` are pinned (MLflow would otherwise spend
+        seconds inferring them).
+        """
+        from gssf_cli.tracking import pyfunc_model
+
+        mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
+        # Created here, in the run's own experiment: mlflow would put it in the active (default) one.
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        logged = self.client.create_logged_model(experiment_id, name, source_run_id=self.run_id, tags=dict(tags or {}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mlflow.models.Model.log(
+                artifact_path=None,
+                name=name,
+                flavor=mlflow.pyfunc,
+                run_id=self.run_id,
+                model_id=logged.model_id,
+                python_model=pyfunc_model.__file__,
+                model_config={pyfunc_model.LOADER_KEY: loader},
+                artifacts={pyfunc_model.ARTIFACT: str(folder)},
+                pip_requirements=list(requirements),
+            )
+        return str(logged.model_id)
+
+    def register_model(
+        self, registered_name: str, model_id: str, description: str, tags: Mapping[str, str] | None = None
+    ) -> int:
+        """A new version of ``registered_name`` in the Model Registry for logged model ``model_id`` (linked to
+        this run), described and tagged (who made it: the registry records no user on a local store); returns
+        the version number."""
+        mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
+        all_tags = {"mlflow.user": current_user(), **(tags or {})}
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # mlflow prints its own lines
+            warnings.simplefilter("ignore")
+            version = mlflow.register_model(
+                f"models:/{model_id}", registered_name, await_registration_for=0, tags=all_tags
+            )
+        self.client.update_model_version(registered_name, version.version, description=description)
+        self.set_tags({"gssf.registered_model": f"{registered_name}/{version.version}"})
+        return int(version.version)
+
+    def log_onnx_model(self, graph: Any, name: str) -> None:
+        """An ONNX graph (an ``onnx.ModelProto``) as an MLflow model under ``name``, served with the CPU provider."""
+        import mlflow.onnx
+
+        mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
+        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+            mlflow.onnx.log_model(
+                graph,
+                name=name,
+                onnx_execution_providers=["CPUExecutionProvider"],
+                pip_requirements=["onnxruntime", "numpy"],
+                save_as_external_data=False,
+            )
+
+    def download_artifacts(self, path: str, dst: Path) -> Path:
+        return Path(self.client.download_artifacts(self.run_id, path, str(dst)))
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative paths from the working directory), or None for
+    another scheme or an in-memory database."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    raw = urllib.parse.unquote(uri[len("sqlite:///") :].split("?", 1)[0])
+    if not raw or raw == ":memory:" or raw.startswith("file:"):
+        return None
+    return Path(raw).absolute()
+
+
+def check_store(uri: str) -> None:
+    """Fail in seconds, in one line, on a store that cannot work: an http(s) server that does not answer, or
+    a SQLite file whose folder is missing or unwritable."""
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        probe_server(uri)
+        return
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    where = f"tracking store {uri}"
+    if not path.parent.is_dir():
+        problem = "is not a folder" if path.parent.exists() else "does not exist"
+        raise UserInputError(f"{where}: folder {path.parent} {problem}: create it or fix {FIX_URI}")
+    if path.exists() and not path.is_file():
+        raise UserInputError(f"{where}: {path} is not a file: fix {FIX_URI}")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.R_OK | os.W_OK)):
+        raise UserInputError(
+            f"{where}: {path if path.exists() else path.parent} is not writable: "
+            f"fix its permissions or point {FIX_URI} elsewhere"
+        )
+
+
+def probe_server(uri: str) -> None:
+    """A tracking server must accept a TCP connection within ``PROBE_CONNECT_TIMEOUT_S`` and answer an HTTP
+    request within ``PROBE_HTTP_TIMEOUT_S``; mlflow itself would retry for minutes before giving up."""
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        raise UserInputError(f"tracking URI {uri} has an invalid port: fix {FIX_URI}") from None
+    fix = f"start the tracking server, or fix {FIX_URI}"
+    if not host:
+        raise UserInputError(f"tracking URI {uri} names no host: fix {FIX_URI}")
+    proxied = urllib.request.getproxies().get(parts.scheme.lower()) and not urllib.request.proxy_bypass(host)
+    if not proxied:
+        try:
+            socket.create_connection((host, port), timeout=PROBE_CONNECT_TIMEOUT_S).close()
+        except TimeoutError:
+            raise UserInputError(
+                f"tracking server {uri} is not reachable (no answer to a connection in "
+                f"{PROBE_CONNECT_TIMEOUT_S:g} s): {fix}"
+            ) from None
+        except OSError as exc:
+            raise UserInputError(f"tracking server {uri} is not reachable ({_os_reason(exc)}): {fix}") from None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_HTTP_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError as exc:
+        # Any HTTP answer below 500 is a live server (a 401 or 404 may be auth or a proxy; mlflow will say).
+        if exc.code >= 500:
+            raise UserInputError(f"tracking server {uri} answers HTTP {exc.code} on /health: {fix}") from None
+    except http.client.HTTPException as exc:
+        raise UserInputError(f"tracking server {uri} does not speak HTTP ({_first_line(exc)}): {fix}") from None
+    except OSError as exc:  # URLError, timeouts, resets, TLS errors
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, (TimeoutError, ConnectionError)):
+            raise UserInputError(
+                f"tracking server {uri} does not answer HTTP within {PROBE_HTTP_TIMEOUT_S:g} s "
+                f"({_os_reason(reason)}): {fix}"
+            ) from None
+        # Anything else (a TLS setting mlflow is configured for, a proxy quirk): let mlflow judge.
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host: {exc.strerror or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return _first_line(exc)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``<db>.lock`` beside a SQLite store (nothing for other stores), and refuse
+    a store that a crashed schema migration left half-done.
+
+    Why: mlflow creates and migrates the schema of a fresh SQLite file from every process that opens it, with
+    no lock between processes; four commands started at once collide (duplicate tables or columns, and at
+    worst a half-migrated file). The lock file stays; it is empty.
+    """
+    path = sqlite_path(uri)
+    if path is None or sys.platform == "win32":
+        yield
+        return
+    import fcntl
+
+    lock_path = path.with_name(f"{path.name}.lock")
+    try:
+        handle = open(lock_path, "a")  # noqa: SIM115 - closed below, after the lock is released
+    except OSError as exc:
+        raise UserInputError(
+            f"tracking store {uri}: cannot create lock file {lock_path} ({_os_reason(exc)}): "
+            f"fix the folder's permissions or point {FIX_URI} elsewhere"
+        ) from None
+    with handle:
+        deadline = time.monotonic() + STORE_LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UserInputError(
+                        f"tracking store {uri}: another process has held {lock_path} for over "
+                        f"{STORE_LOCK_TIMEOUT_S:g} s (upgrading a large store's schema, or stuck): retry when it ends"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            _refuse_half_migrated(path)
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _refuse_half_migrated(path: Path) -> None:
+    """A schema migration that died midway leaves ``_alembic_tmp_<table>`` behind; every later migration
+    fails on it, and running one more could lose the table's rows. Say so instead of touching the file."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        # Read-write, not ``mode=ro``: a read-only connection cannot roll back a crashed writer's hot journal.
+        with contextlib.closing(sqlite3.connect(path, timeout=20)) as db:
+            tables = [str(row[0]) for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    except sqlite3.DatabaseError as exc:
+        raise UserInputError(
+            f"tracking store {path} cannot be read as a SQLite database ({exc}): restore a backup, or point "
+            f"{FIX_URI} elsewhere"
+        ) from None
+    prefix = "_alembic_tmp_"
+    leftovers = sorted(name for name in tables if name.startswith(prefix))
+    if leftovers:
+        # The copy is partial while the original still exists; once the original is dropped, it holds the rows.
+        repairs = "; ".join(
+            f"DROP TABLE {name}"
+            if name[len(prefix) :] in tables
+            else f"ALTER TABLE {name} RENAME TO {name[len(prefix) :]}"
+            for name in leftovers
+        )
+        raise UserInputError(
+            f"tracking store {path} was left half-migrated by an interrupted schema upgrade (leftover "
+            f"table{'s' if len(leftovers) > 1 else ''} {', '.join(leftovers)}): copy the file aside, then restore "
+            "a backup or repair it with "
+            f"sqlite3 {path} '{repairs}' and `mlflow db upgrade sqlite:///{path}`"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -33,7 +33,7 @@ def main() -> None:
     import torch
 
     from gssf_cli.deploy.onnx_export import MetricHead, export_graph
-    from gssf_cli.modeling.encoders import EncoderSpec, build_encoder
+    from gssf_cli.modeling.encoder_spec import EncoderSpec, build_encoder
     from gssf_cli.modeling.similarity import make_similarity
 
     dim, feat, regions, seq = (256, 512, 12, 12) if args.quick else (1024, 2048, 36, 12)

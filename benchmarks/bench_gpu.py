@@ -43,7 +43,8 @@ def _peak_gpu_mib(cwd: Path, run_id: str) -> float:
     is gone by now)."""
     import torch
 
-    from gssf_cli.core.config import TrainConfig, from_dict
+    from gssf_cli.core.config import from_dict
+    from gssf_cli.core.stage_configs import TrainConfig
     from gssf_cli.data.dataset import Dataset
     from gssf_cli.training.loop import Trainer
 

@@ -100,7 +100,7 @@ def runs(fn: Callable[[], Any], repeats: int) -> tuple[float, Any, float]:
 def measure_gssf(data: Data, repeats: int, full_map: bool) -> dict[str, Any]:
     """In this fresh process: gssf's time, peak RSS and metrics; then, in the same process, the full-ranking mAP
     (if ``full_map``) and the bare chunked GEMM."""
-    from gssf_cli.evaluation.ranking import evaluate_labels
+    from gssf_cli.evaluation.labels import evaluate_labels
 
     queries, query_labels, gallery, gallery_labels = data
     keys = queries if gallery is None else gallery

@@ -37,12 +37,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from common import competing_load, peak_rss_mib, report
 
-from gssf_cli.evaluation.ranking import (
-    DEFAULT_MEMORY_BUDGET_BYTES,
-    cross_modal_ranks,
-    evaluate_cross_modal,
-    rows_per_chunk,
-)
+from gssf_cli.evaluation.crossmodal import cross_modal_ranks, evaluate_cross_modal
+from gssf_cli.evaluation.ranking import DEFAULT_MEMORY_BUDGET_BYTES, rows_per_chunk
 
 FULL = {"images": 5_000, "dim": 1024, "ref_images": 500}
 QUICK = {"images": 1_000, "dim": 256, "ref_images": 200}

@@ -29,7 +29,7 @@ from common import report
 
 
 def _dataset(root: Path, args: argparse.Namespace) -> Path:
-    from gssf_cli.core.config import PrepareConfig
+    from gssf_cli.core.stage_configs import PrepareConfig
     from gssf_cli.stages import prepare
 
     out = root / "syn"
@@ -43,7 +43,8 @@ def _dataset(root: Path, args: argparse.Namespace) -> Path:
 
 
 def _config(data: Path, root: Path, args: argparse.Namespace, **values: Any) -> Any:
-    from gssf_cli.core.config import TrainConfig, from_dict
+    from gssf_cli.core.config import from_dict
+    from gssf_cli.core.stage_configs import TrainConfig
 
     base = {"data": data, "metric": "gssf", "block_size": 64, "embed_dim": args.dim, "batch_size": args.batch,
             "epochs": args.epochs, "device": "cpu", "runs_dir": root / "runs", "warmup_epochs": 0}  # fmt: skip
@@ -54,7 +55,7 @@ def _throughput(config: Any) -> float:
     """Pairs/s of the best of ``epochs`` epochs (the first one pays for warming caches and threads)."""
     import uuid
 
-    from gssf_cli.cluster import session as ray_cluster
+    from gssf_cli.cluster import train_workers
     from gssf_cli.data.dataset import Dataset
     from gssf_cli.training.loop import Trainer
 
@@ -66,7 +67,7 @@ def _throughput(config: Any) -> float:
         rates.append(metrics["samples_per_s"])
 
     if config.on_ray():
-        with ray_cluster.data_parallel(config) as workers:
+        with train_workers.data_parallel(config) as workers:
             workers.fit(trainer, out, on_epoch_end=keep)
     else:
         trainer.fit(out, on_epoch_end=keep)

@@ -54,7 +54,7 @@ def measure(kind: str, threads: str, quick: bool) -> dict[str, float]:
             step()
             times.append(time.perf_counter() - start)
         return {"seconds": statistics.median(times), "samples_per_s": sizes[1] / statistics.median(times)}
-    from gssf_cli.evaluation.ranking import evaluate_cross_modal
+    from gssf_cli.evaluation.crossmodal import evaluate_cross_modal
 
     n, d = (1_000, 256) if quick else (5_000, 1024)
     gen = torch.Generator().manual_seed(0)

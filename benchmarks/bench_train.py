@@ -25,7 +25,7 @@ METRICS = [("cosine", None), ("diag", None), ("bdiag", 64), ("gssf", 64), ("dens
 def _setup(metric: str, block: int | None, dim: int, batch: int, regions: int, feat: int, seq: int):  # type: ignore[no-untyped-def]
     import torch
 
-    from gssf_cli.modeling.encoders import EncoderSpec, build_encoder
+    from gssf_cli.modeling.encoder_spec import EncoderSpec, build_encoder
     from gssf_cli.modeling.losses import make_objective
     from gssf_cli.modeling.similarity import make_similarity
 

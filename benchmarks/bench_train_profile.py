@@ -59,8 +59,8 @@ class Variant:
     def __init__(self, metric: str, block: int | None, path: str, sizes: dict[str, int]) -> None:
         import torch
 
-        from gssf_cli.core.config import TrainConfig
-        from gssf_cli.modeling.encoders import EncoderSpec, build_encoder
+        from gssf_cli.core.stage_configs import TrainConfig
+        from gssf_cli.modeling.encoder_spec import EncoderSpec, build_encoder
         from gssf_cli.modeling.model import RetrievalModel
         from gssf_cli.modeling.similarity import make_similarity
         from gssf_cli.training.loop import make_optimizer

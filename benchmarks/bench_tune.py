@@ -67,7 +67,8 @@ def train_one(data: str, epochs: int, block_size: int) -> float:
     """One trial's training, as a tune trial runs it (1 thread, no tracker); returns its seconds."""
     import torch
 
-    from gssf_cli.core.config import TrainConfig, resolve
+    from gssf_cli.core.config import resolve
+    from gssf_cli.core.stage_configs import TrainConfig
     from gssf_cli.stages import train
     from gssf_cli.training.tune_plan import parse_overrides
 
@@ -91,7 +92,7 @@ def tune_overhead(quick: bool, parallel: int) -> dict[str, Any]:
 
 
 def _measure(quick: bool, parallel: int, work: Path) -> dict[str, Any]:
-    from gssf_cli.core.config import PrepareConfig, TuneConfig
+    from gssf_cli.core.stage_configs import PrepareConfig, TuneConfig
     from gssf_cli.stages import prepare
     from gssf_cli.stages import tune as tune_stage
     from gssf_cli.tracking.adapter import Tracker

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from gssf_cli.core.config import CompareConfig, PrepareConfig, TrainConfig, resolve
+from gssf_cli.core.config import resolve
+from gssf_cli.core.stage_configs import CompareConfig, PrepareConfig, TrainConfig
 from gssf_cli.stages import compare, prepare, train
 from gssf_cli.tracking.adapter import Tracker
 

@@ -47,7 +47,7 @@ def tiny_synthetic_args(out: str = "data/syn") -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_syn(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic dataset made with the library (no CLI, no tracking store), shared by library tests."""
-    from gssf_cli.core.config import PrepareConfig
+    from gssf_cli.core.stage_configs import PrepareConfig
     from gssf_cli.stages import prepare
 
     out = tmp_path_factory.mktemp("datasets") / "syn"
@@ -61,7 +61,8 @@ def tiny_syn(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_train_config(data: Path, **overrides: object) -> object:
     """A train config small enough for a few epochs in about a second."""
-    from gssf_cli.core.config import TrainConfig, from_dict
+    from gssf_cli.core.config import from_dict
+    from gssf_cli.core.stage_configs import TrainConfig
 
     values = {"data": data, "metric": "gssf", "block_size": 4, "embed_dim": 16, "word_dim": 8, "batch_size": 16,
               "epochs": 3, "lr": 0.003, "device": "cpu", **overrides}  # fmt: skip

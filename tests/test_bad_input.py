@@ -406,7 +406,7 @@ def _dataset_changed(w: Path) -> list[str]:
 
 
 def _labelled_dataset_with_float_labels(w: Path) -> list[str]:
-    from gssf_cli.core.config import PrepareConfig
+    from gssf_cli.core.stage_configs import PrepareConfig
     from gssf_cli.stages import prepare
 
     write_feature_npz(w / "f.npz", paired=False)

@@ -16,8 +16,8 @@ from typer.testing import Result
 
 from gssf_cli import __version__
 from gssf_cli.cli.app import app
-from gssf_cli.core.config import EvaluateConfig, ExportConfig, PrepareConfig, TrainConfig, TuneConfig
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import EvaluateConfig, ExportConfig, PrepareConfig, TrainConfig, TuneConfig
 
 HEAVY = ("torch", "mlflow", "ray", "onnx", "onnxruntime", "sklearn", "matplotlib", "numpy")
 

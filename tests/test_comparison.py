@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gssf_cli.core.errors import UserInputError
-from gssf_cli.evaluation import comparison
+from gssf_cli.evaluation import comparison, crossmodal
 from gssf_cli.evaluation import ranking as retrieval
 from gssf_cli.evaluation.comparison import Units, bootstrap_means, compare_units, sign_flip_pvalues
 
@@ -84,7 +84,7 @@ def _labelled(n: int = 50, classes: int = 6, seed: int = 1) -> tuple[np.ndarray,
 def test_cross_modal_fold_ranks_equal_the_slow_reference(budget: int) -> None:
     images, texts = _pairs(14, 3)
     score_fn = _asymmetric()
-    ranks = retrieval.cross_modal_fold_ranks(
+    ranks = crossmodal.cross_modal_fold_ranks(
         images, texts, captions_per_image=3, score_fn=score_fn, memory_budget_bytes=budget
     )
     s = score_fn(torch.from_numpy(images), torch.from_numpy(texts)).numpy()
@@ -98,7 +98,7 @@ def test_cross_modal_fold_ranks_equal_the_slow_reference(budget: int) -> None:
 def test_label_query_stats_equal_the_slow_reference(full_map: bool, budget: int) -> None:
     feats, labels = _labelled()
     ks = (1, 3)
-    stats = retrieval.label_query_stats(feats, labels, ks=ks, memory_budget_bytes=budget, full_map=full_map)
+    stats = labels.label_query_stats(feats, labels, ks=ks, memory_budget_bytes=budget, full_map=full_map)
     s = feats.astype(np.float32) @ feats.astype(np.float32).T
     expected = reference_label_stats(s, labels.tolist())
     depth_bound = 0
@@ -124,10 +124,10 @@ def test_label_query_stats_equal_the_slow_reference(full_map: bool, budget: int)
 
 
 def test_protocol_folds() -> None:
-    assert retrieval.protocol_folds(7, "all") == [(0, 7)]
-    assert retrieval.protocol_folds(5000, "coco-1k") == [(i, i + 1000) for i in range(0, 5000, 1000)]
+    assert crossmodal.protocol_folds(7, "all") == [(0, 7)]
+    assert crossmodal.protocol_folds(5000, "coco-1k") == [(i, i + 1000) for i in range(0, 5000, 1000)]
     with pytest.raises(retrieval.RetrievalInputError, match="protocol f30k-1k needs 1,000 images, got 7"):
-        retrieval.protocol_folds(7, "f30k-1k")
+        crossmodal.protocol_folds(7, "f30k-1k")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_cross_modal_unit_means_equal_evaluate(ks: tuple[int, ...]) -> None:
     images, texts = _pairs(30, 5)
     score_fn = _asymmetric()
     units = comparison.embedding_units("cross_modal", images, texts, captions_per_image=5, score_fn=score_fn, ks=ks)
-    evaluated = retrieval.evaluate_cross_modal(images, texts, captions_per_image=5, score_fn=score_fn, ks=ks)
+    evaluated = crossmodal.evaluate_cross_modal(images, texts, captions_per_image=5, score_fn=score_fn, ks=ks)
     assert units.size == 30 and units.unit == "image with its 5 captions" and units.metrics[0] == "rsum"
     _assert_means_equal_evaluation(units, evaluated)
 
@@ -156,7 +156,7 @@ def test_coco_1k_unit_means_equal_the_mean_over_folds() -> None:
     """Each image is ranked within its fold; the folds are equal, so the mean over units is the fold mean."""
     images, texts = _pairs(5000, 2, d=4, noise=1.5, seed=5)
     units = comparison.embedding_units("cross_modal", images, texts, captions_per_image=2, protocol="coco-1k")
-    evaluated = retrieval.evaluate_cross_modal(images, texts, captions_per_image=2, protocol="coco-1k")
+    evaluated = crossmodal.evaluate_cross_modal(images, texts, captions_per_image=2, protocol="coco-1k")
     _assert_means_equal_evaluation(units, evaluated)
     whole = comparison.embedding_units("cross_modal", images, texts, captions_per_image=2, protocol="coco-5k")
     assert whole.means()["rsum"] < units.means()["rsum"]  # 5,000 candidates are harder than 1,000
@@ -166,7 +166,7 @@ def test_coco_1k_unit_means_equal_the_mean_over_folds() -> None:
 def test_label_unit_means_equal_evaluate(full_map: bool) -> None:
     feats, labels = _labelled()
     units = comparison.embedding_units("labels", feats, labels=labels, ks=(1, 3), full_map=full_map)
-    evaluated = retrieval.evaluate_labels(feats, labels, ks=(1, 3), full_map=full_map)
+    evaluated = labels.evaluate_labels(feats, labels, ks=(1, 3), full_map=full_map)
     assert units.size == len(labels) - 1 == evaluated["num_queries"] - evaluated["num_skipped"]
     assert ("map" in units.metrics) is full_map
     _assert_means_equal_evaluation(units, evaluated)

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from gssf_cli.core.config import PrepareConfig, dump_toml, from_dict, load_toml, resolve, to_dict
+from gssf_cli.core.config import dump_toml, from_dict, load_toml, resolve, to_dict
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import PrepareConfig
 
 
 def test_defaults_come_from_the_dataclass() -> None:
@@ -84,7 +85,7 @@ def test_a_folder_is_not_a_toml_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text", ["lr = inf", "lr = nan", "margin = -inf", "weight_decay = +inf"])
 def test_non_finite_numbers_in_a_file_are_refused(tmp_path: Path, text: str) -> None:
-    from gssf_cli.core.config import TrainConfig
+    from gssf_cli.core.stage_configs import TrainConfig
 
     path = tmp_path / "t.toml"
     path.write_text(text + "\n")

@@ -24,7 +24,7 @@ import pytest
 import torch
 from typer.testing import Result
 
-from gssf_cli.evaluation.ranking import evaluate_cross_modal
+from gssf_cli.evaluation.crossmodal import evaluate_cross_modal
 
 Gssf = Callable[..., Result]
 WITHIN = 0.95

@@ -9,14 +9,13 @@ from torch import Tensor, nn
 
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.deploy.onnx_export import export_towers
+from gssf_cli.modeling.encoder_spec import EncoderSpec, build_encoder
 from gssf_cli.modeling.encoders import (
     DualEncoder,
-    EncoderSpec,
     FeatureEncoder,
     ImageEncoder,
     SingleTower,
     TextEncoder,
-    build_encoder,
     l2_normalize,
     parameter_counts,
     reverse_within_length,

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from gssf_cli.core.config import EvaluateConfig
+from gssf_cli.core.stage_configs import EvaluateConfig
 from gssf_cli.data.dataset import Dataset
 from gssf_cli.evaluation import evaluate as evaluation
 from gssf_cli.evaluation import plots
-from gssf_cli.evaluation.ranking import evaluate_cross_modal
+from gssf_cli.evaluation.crossmodal import evaluate_cross_modal
 from gssf_cli.modeling.model import build_model
 from tests.conftest import tiny_train_config
 

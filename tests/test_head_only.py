@@ -20,8 +20,9 @@ import torch
 from typer.testing import CliRunner, Result
 
 from gssf_cli.cli.app import app
-from gssf_cli.core.config import TrainConfig, from_dict
+from gssf_cli.core.config import from_dict
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import TrainConfig
 from gssf_cli.data.dataset import Dataset
 from gssf_cli.modeling import checkpoint as ckpt
 from gssf_cli.modeling.model import build_model, embed_split

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gssf_cli.core import limits
-from gssf_cli.core.config import TrainConfig, default_of, from_dict
+from gssf_cli.core.config import default_of, from_dict
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import TrainConfig
 from gssf_cli.modeling.losses import HingeTripletLoss, InfoNCELoss, make_objective
 from gssf_cli.modeling.similarity import make_similarity
 
@@ -66,7 +67,7 @@ def test_block_size_same_rule_in_config_and_similarity(dim: int, block: int, nam
 def test_library_defaults_are_the_config_defaults() -> None:
     assert HingeTripletLoss().margin == default_of(TrainConfig, "margin")
     assert InfoNCELoss().temperature == pytest.approx(default_of(TrainConfig, "temperature"))
-    from gssf_cli.modeling.encoders import EncoderSpec
+    from gssf_cli.modeling.encoder_spec import EncoderSpec
 
     spec = EncoderSpec(vocab_size=5)
     for name in ("embed_dim", "word_dim", "pooling", "mlp", "gru_layers"):
@@ -118,7 +119,7 @@ def test_every_float_setting_must_be_finite() -> None:
     import dataclasses
     import typing
 
-    from gssf_cli.core.config import EvaluateConfig, ExportConfig, PrepareConfig, TuneConfig
+    from gssf_cli.core.stage_configs import EvaluateConfig, ExportConfig, PrepareConfig, TuneConfig
 
     required: dict[type, dict[str, Any]] = {
         TrainConfig: {"data": "d"},

@@ -7,13 +7,14 @@ import pytest
 
 from gssf_cli.core import metrics
 from gssf_cli.core.errors import UserInputError
-from gssf_cli.evaluation import ranking as retrieval
+from gssf_cli.evaluation import crossmodal
+from gssf_cli.evaluation import labels as label_metrics
 
 
 def test_every_reported_metric_is_registered() -> None:
     rng = np.random.default_rng(0)
-    cross = retrieval.evaluate_cross_modal(scores=rng.normal(size=(4, 8)), captions_per_image=2)
-    labels = retrieval.evaluate_labels(None, [0, 0, 1, 1], scores=rng.normal(size=(4, 4)))
+    cross = crossmodal.evaluate_cross_modal(scores=rng.normal(size=(4, 8)), captions_per_image=2)
+    labels = label_metrics.evaluate_labels(None, [0, 0, 1, 1], scores=rng.normal(size=(4, 4)))
     for name, value in {**cross, **labels}.items():
         if isinstance(value, float):
             assert metrics.get(name).task in ("cross_modal", "labels"), name
@@ -41,8 +42,8 @@ def test_resolve_checks_the_task() -> None:
 def test_a_perfect_ranking_reaches_every_best_possible_value() -> None:
     k = 2
     perfect = np.repeat(np.eye(4), k, axis=1) + np.random.default_rng(1).uniform(0, 0.1, size=(4, 4 * k))
-    cross = retrieval.evaluate_cross_modal(scores=perfect, captions_per_image=k, ks=(1, 2))
-    labels = retrieval.evaluate_labels(None, [0, 0, 1, 1], scores=np.kron(np.eye(2), np.ones((2, 2))))
+    cross = crossmodal.evaluate_cross_modal(scores=perfect, captions_per_image=k, ks=(1, 2))
+    labels = label_metrics.evaluate_labels(None, [0, 0, 1, 1], scores=np.kron(np.eye(2), np.ones((2, 2))))
     for reported in (cross, labels):
         for name, value in reported.items():
             if isinstance(value, float):

@@ -40,8 +40,8 @@ def test_weights_that_do_not_fit_are_one_line_errors(tiny_syn: Path) -> None:
 
 
 def _count_case(spec: object, metric: str = "gssf", dim: int = 8) -> None:
-    from gssf_cli.core.config import TrainConfig
-    from gssf_cli.modeling.encoders import EncoderSpec, build_encoder
+    from gssf_cli.core.stage_configs import TrainConfig
+    from gssf_cli.modeling.encoder_spec import EncoderSpec, build_encoder
     from gssf_cli.modeling.model import count_parameters
     from gssf_cli.modeling.similarity import make_similarity
 
@@ -57,7 +57,7 @@ def _count_case(spec: object, metric: str = "gssf", dim: int = 8) -> None:
 def test_the_parameter_count_of_feature_towers_is_the_built_ones(
     task: str, layers: int, hidden: int | None, mlp: bool
 ) -> None:
-    from gssf_cli.modeling.encoders import EncoderSpec
+    from gssf_cli.modeling.encoder_spec import EncoderSpec
 
     spec = EncoderSpec(
         task=task, image_kind="features", image_dim=5, text_kind="features", text_dim=6, embed_dim=8,
@@ -70,7 +70,7 @@ def test_the_parameter_count_of_feature_towers_is_the_built_ones(
 @pytest.mark.parametrize("adapter", [False, True])
 @pytest.mark.parametrize("kind", ["features", "labels", "regions", "captions"])
 def test_the_parameter_count_of_head_only_models_is_the_built_ones(encoder: str, adapter: bool, kind: str) -> None:
-    from gssf_cli.modeling.encoders import EncoderSpec
+    from gssf_cli.modeling.encoder_spec import EncoderSpec
 
     if encoder == "identity" and kind in ("regions", "captions"):
         return
@@ -112,7 +112,8 @@ def test_the_resolved_config_holds_the_tower_shape(tmp_path: Path) -> None:
 def test_a_checkpoint_from_before_layers_rebuilds_its_one_layer_towers(tmp_path: Path) -> None:
     """A state whose config has neither ``mlp_layers`` nor ``encoder`` was written with one-layer feature towers:
     reading it says so, and the model it describes takes its weights."""
-    from gssf_cli.core.config import TrainConfig, from_dict, to_dict
+    from gssf_cli.core.config import from_dict, to_dict
+    from gssf_cli.core.stage_configs import TrainConfig
     from gssf_cli.modeling import checkpoint as ckpt
     from gssf_cli.modeling.model import build_model_for
 

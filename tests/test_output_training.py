@@ -74,7 +74,7 @@ def test_the_epoch_line_reads_as_documented() -> None:
 
 def test_a_terminal_gets_bars_and_keeps_one_line_per_epoch(gssf: Gssf, data: Path) -> None:
     """In a terminal the bars come and go; the epoch lines are plain lines printed after them, so they stay."""
-    from gssf_cli.core.config import TrainConfig
+    from gssf_cli.core.stage_configs import TrainConfig
     from gssf_cli.stages import train
 
     screen = io.StringIO()
@@ -94,7 +94,7 @@ def test_a_terminal_gets_bars_and_keeps_one_line_per_epoch(gssf: Gssf, data: Pat
 def test_plain_progress_writes_the_lines_alone_on_stderr(
     data: Path, workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from gssf_cli.core.config import TrainConfig
+    from gssf_cli.core.stage_configs import TrainConfig
     from gssf_cli.stages import train
     from gssf_cli.tracking.adapter import Tracker
 

@@ -34,7 +34,7 @@ def test_a_failed_training_worker_is_reported_by_its_own_error() -> None:
     from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError
 
-    from gssf_cli.cluster.session import _worker_error
+    from gssf_cli.cluster.train_workers import _worker_error
 
     refused = UserInputError("data/syn: the dev split cannot rank")
     error = _worker_error(WorkerGroupError("failed", {0: refused}))

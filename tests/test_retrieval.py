@@ -15,13 +15,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gssf_cli.evaluation import crossmodal, labels
 from gssf_cli.evaluation import ranking as retrieval
-from gssf_cli.evaluation.ranking import (
-    RetrievalInputError,
-    cross_modal_ranks,
-    evaluate_cross_modal,
-    iter_score_chunks,
-)
+from gssf_cli.evaluation.crossmodal import cross_modal_ranks, evaluate_cross_modal
+from gssf_cli.evaluation.ranking import RetrievalInputError, iter_score_chunks
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -104,8 +101,8 @@ def evaluate_labels(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Both ways of evaluating labels: from the top of each ranking (the default) and from the full ranking
     (``full_map=True``). They must agree on every metric but ``map``, which only the full ranking has; the
     full result is returned, for the tests to compare with their references."""
-    full = retrieval.evaluate_labels(*args, full_map=True, **kwargs)
-    top = retrieval.evaluate_labels(*args, **kwargs)
+    full = labels.evaluate_labels(*args, full_map=True, **kwargs)
+    top = labels.evaluate_labels(*args, **kwargs)
     assert "map" not in top
     assert top == pytest.approx({key: value for key, value in full.items() if key != "map"}, abs=1e-12)
     return full
@@ -293,10 +290,10 @@ def test_tiles_chunks_and_sorting_strategies_do_not_change_results(
     expected_gallery = reference_labels(s, list(query_labels), list(gallery_labels), exclude_self=False)
     assert expected_self is not None
     assert expected_gallery is not None
-    monkeypatch.setattr(retrieval, "_TILE_ELEMENTS", tile_elements)
+    monkeypatch.setattr(retrieval, "TILE_ELEMENTS", tile_elements)
     monkeypatch.setattr(retrieval, "_PARALLEL_SORT_ELEMENTS", 1)
     if not numpy_passes:
-        monkeypatch.setattr(retrieval, "_numpy_ok", lambda _: False)
+        monkeypatch.setattr(retrieval, "numpy_ok", lambda _: False)
     monkeypatch.setattr(retrieval, "_PARTIAL_SORT_MAX_FRACTION", partial_sort_max_fraction)
     got = evaluate_cross_modal(scores=s, captions_per_image=3, memory_budget_bytes=budget)
     assert_metrics_equal(metrics_only(got), expected)
@@ -335,18 +332,18 @@ def test_one_score_block_alive_at_a_time(ranking: str, monkeypatch: pytest.Monke
     held: list[weakref.ref[torch.Tensor]] = []
     chunks = released_chunks(s, 5, held)
     codes, gallery_codes = torch.from_numpy(np.arange(12) % 3), torch.from_numpy(np.arange(36) % 3)
-    by_class = retrieval._group_by_class(gallery_codes.numpy(), 3, torch.device("cpu"))
+    by_class = labels._group_by_class(gallery_codes.numpy(), 3, torch.device("cpu"))
     if ranking == "cross-modal":
         positives = torch.from_numpy(s[np.arange(36) // 3, np.arange(36)])
-        retrieval._rank_cross_modal_chunks(chunks, positives, 12, 3)
+        crossmodal._rank_cross_modal_chunks(chunks, positives, 12, 3)
     elif ranking == "labels full":
-        retrieval._label_stats(chunks, codes, by_class, False)
+        labels._label_stats(chunks, codes, by_class, False)
     else:
-        blocks = retrieval._RowBlocks(12, 36, 4, lambda start, stop: released_block(s, start, stop, held))
-        monkeypatch.setattr(retrieval, "_SCORE_TILE_ELEMENTS", 5 * 36)
-        monkeypatch.setattr(retrieval, "_MIN_SCORE_ROWS", 1)
-        depth = retrieval._TopDepth(10, 36, False)
-        retrieval._label_stats_top(blocks, 2**20, codes, gallery_codes.numpy(), by_class, depth)
+        blocks = retrieval.RowBlocks(12, 36, 4, lambda start, stop: released_block(s, start, stop, held))
+        monkeypatch.setattr(retrieval, "SCORE_TILE_ELEMENTS", 5 * 36)
+        monkeypatch.setattr(retrieval, "MIN_SCORE_ROWS", 1)
+        depth = labels._TopDepth(10, 36, False)
+        labels._label_stats_top(blocks, 2**20, codes, gallery_codes.numpy(), by_class, depth)
     assert len(held) == 3
 
 
@@ -399,7 +396,7 @@ def test_coco_1k_is_the_mean_of_five_folds_each_equal_to_all_on_its_slice() -> N
 @pytest.mark.parametrize("protocol", ["f30k-1k", "coco-5k"])
 def test_whole_split_protocols_equal_all(monkeypatch: pytest.MonkeyPatch, protocol: str) -> None:
     """Run at a small stand-in size: a 5,000-image evaluation would dominate the test time."""
-    monkeypatch.setitem(retrieval._PROTOCOL_IMAGES, protocol, 40)
+    monkeypatch.setitem(crossmodal.PROTOCOL_IMAGES, protocol, 40)
     rng = np.random.default_rng(6)
     s = rng.integers(-3, 4, size=(40, 200)).astype(np.float32)
     got = evaluate_cross_modal(scores=s, captions_per_image=5, protocol=protocol)
@@ -493,9 +490,9 @@ def test_top_candidates_from_column_maxima_keep_the_top_exact(
     if expected is None:
         return
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(retrieval, "_stripe_height", lambda width, deepest: min(width, height))
-        patch.setattr(retrieval, "_TILE_ELEMENTS", tile)
-        got = retrieval.evaluate_labels(None, query_labels, scores=s, gallery_labels=gallery_labels, ks=ks)
+        patch.setattr(retrieval, "stripe_height", lambda width, deepest: min(width, height))
+        patch.setattr(retrieval, "TILE_ELEMENTS", tile)
+        got = labels.evaluate_labels(None, query_labels, scores=s, gallery_labels=gallery_labels, ks=ks)
     expected.pop("map")
     assert_metrics_equal(got, expected)
     assert "map" not in got
@@ -507,10 +504,10 @@ def test_top_candidates_are_exactly_the_scores_at_or_above_a_bound_below_the_nee
     need: int, height: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if height is not None:
-        monkeypatch.setattr(retrieval, "_stripe_height", lambda width, deepest: height)
+        monkeypatch.setattr(retrieval, "stripe_height", lambda width, deepest: height)
     rng = np.random.default_rng(need)
     scores = rng.integers(-20, 20, size=(6, 203)).astype(np.float32)
-    flat = retrieval._top_candidates(scores, np.full(6, need))
+    flat = labels._top_candidates(scores, np.full(6, need))
     chosen = np.zeros(scores.size, dtype=bool)
     chosen[flat] = True
     chosen = chosen.reshape(scores.shape)
@@ -544,9 +541,9 @@ def test_labels_with_embeddings_and_score_fn_match_reference(
         queries, query_labels, gallery, gallery_labels, score_fn=score_fn, memory_budget_bytes=budget
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(retrieval, "_STRIPE_COLUMNS", stripe)
-        patch.setattr(retrieval, "_STRIPE_COLUMNS_PER_NEEDED", 0)
-        patch.setattr(retrieval, "_STREAM_QUERY_ROWS", data.draw(st.sampled_from([1, 3, 256])))
+        patch.setattr(retrieval, "STRIPE_COLUMNS", stripe)
+        patch.setattr(retrieval, "STRIPE_COLUMNS_PER_NEEDED", 0)
+        patch.setattr(retrieval, "STREAM_QUERY_ROWS", data.draw(st.sampled_from([1, 3, 256])))
         if expected is None:
             with pytest.raises(RetrievalInputError):
                 run()
@@ -568,9 +565,9 @@ def test_streamed_gallery_stripes_keep_the_top_exact(
     queries = torch.eye(s.shape[0])
     gallery = torch.from_numpy(s.T.copy())
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(retrieval, "_STRIPE_COLUMNS", stripe)
-        patch.setattr(retrieval, "_STRIPE_COLUMNS_PER_NEEDED", 0)
-        got = retrieval.evaluate_labels(queries, query_labels, gallery, gallery_labels, ks=ks)
+        patch.setattr(retrieval, "STRIPE_COLUMNS", stripe)
+        patch.setattr(retrieval, "STRIPE_COLUMNS_PER_NEEDED", 0)
+        got = labels.evaluate_labels(queries, query_labels, gallery, gallery_labels, ks=ks)
     expected.pop("map")
     assert_metrics_equal(got, expected)
 

@@ -162,7 +162,7 @@ def test_embedded_gallery_and_vector_queries_match_the_encoded_ones(here: Path) 
 
 
 def test_an_interrupted_build_leaves_nothing(here: Path) -> None:
-    from gssf_cli.core.config import IndexConfig
+    from gssf_cli.core.stage_configs import IndexConfig
     from gssf_cli.deploy.index_folder import build
 
     def interrupt(done: int) -> None:
@@ -483,7 +483,7 @@ def test_the_config_offers_exactly_the_index_kinds_and_parameters_search_builds(
     import typing
 
     from gssf_cli.core import limits
-    from gssf_cli.core.config import IndexConfig, SearchConfig
+    from gssf_cli.core.stage_configs import IndexConfig, SearchConfig
     from gssf_cli.deploy import search
 
     assert set(limits.INDEX_KINDS) == set(search.INDEX_KINDS)

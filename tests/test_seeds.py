@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.evaluation.seeds import by_configuration, check_seeds, spread, summarize
-from gssf_cli.training.tune_plan import (
+from gssf_cli.training.tune_plan import rank_key
+from gssf_cli.training.tune_results import (
     TrialOutcome,
     best_trial,
     block_size_axes,
     block_size_trials,
     configurations,
-    rank_key,
     repeated,
 )
 

@@ -16,7 +16,9 @@ from typer.testing import Result
 
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.tracking import adapter as tracking
-from gssf_cli.tracking.adapter import PARENT_TAG, Tracker, default_tracking_uri, flatten_params, resolve_tracking_uri
+from gssf_cli.tracking import store
+from gssf_cli.tracking.adapter import PARENT_TAG, Tracker, flatten_params
+from gssf_cli.tracking.store import default_tracking_uri, resolve_tracking_uri
 from tests.conftest import tiny_synthetic_args
 from tests.mlflow_ui import mlflow_ui
 
@@ -179,7 +181,7 @@ def test_unreachable_server_fails_fast_in_one_line(gssf: Callable[..., Result], 
 def test_server_that_accepts_but_never_answers_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     """TCP connects (the kernel completes the handshake) but no HTTP answer comes: bounded by the probe's
     HTTP timeout, not mlflow's two minutes per request times seven retries."""
-    monkeypatch.setattr(tracking, "PROBE_HTTP_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(store, "PROBE_HTTP_TIMEOUT_S", 0.5)
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)

@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gssf_cli.core import metrics
-from gssf_cli.core.config import PrepareConfig, TrainConfig
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import PrepareConfig, TrainConfig
 from gssf_cli.data import writer
 from gssf_cli.data.dataset import Dataset
 from gssf_cli.data.manifest import write_manifest

@@ -1,4 +1,4 @@
-"""The driver's live trial events on real Ray: what a :class:`~gssf_cli.training.tune_plan.TrialLog` receives, in what order,
+"""The driver's live trial events on real Ray: what a :class:`~gssf_cli.training.tune_results.TrialLog` receives, in what order,
 and that a log that keeps failing (a tracking store gone away) neither stops the search nor floods stderr (the
 MLflow side of the same events: tests/stages/test_tune.py)."""
 
@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from gssf_cli.cluster.session import run_trials, storage_path
-from gssf_cli.core.config import TuneConfig
+from gssf_cli.cluster.session import storage_path
+from gssf_cli.cluster.tune_trials import run_trials
+from gssf_cli.core.stage_configs import TuneConfig
 from gssf_cli.training.tune_plan import make_plan
 
 

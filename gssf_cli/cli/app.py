@@ -41,7 +41,9 @@ from gssf_cli.cli.options import (
     report,
     with_default,
 )
-from gssf_cli.core.config import (
+from gssf_cli.core.config import field_value, load_toml, resolve
+from gssf_cli.core.errors import CheckFailedError, UserInputError
+from gssf_cli.core.stage_configs import (
     CompareConfig,
     EvaluateConfig,
     ExportConfig,
@@ -50,11 +52,7 @@ from gssf_cli.core.config import (
     SearchConfig,
     TrainConfig,
     TuneConfig,
-    field_value,
-    load_toml,
-    resolve,
 )
-from gssf_cli.core.errors import CheckFailedError, UserInputError
 
 T = TypeVar("T")
 C = TypeVar("C")

@@ -14,3 +14,12 @@ class UserInputError(ValueError):
 
 class CheckFailedError(RuntimeError):
     """The work ran but failed its own check (e.g. a parity gate): exit code 1."""
+
+
+def first_line(error: BaseException | str) -> str:
+    """The first non-blank line of an error (or of a text), for one-line messages; an exception whose message is
+    empty is named by its type, so a message is never blank."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines:
+        return lines[0]
+    return "" if isinstance(error, str) else type(error).__name__

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.errors import UserInputError, first_line
 
 CHUNK_BYTES = 64 * 2**20
 STALE_AFTER_S = 3600.0
@@ -167,7 +167,7 @@ def open_array(path: Path, what: str) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        reason = "Python objects or not a .npy file; gssf never unpickles" if "pickle" in str(exc) else _first_line(exc)
+        reason = "Python objects or not a .npy file; gssf never unpickles" if "pickle" in str(exc) else first_line(exc)
         raise UserInputError(f"{path}: not a readable .npy array ({reason})") from None
     if not isinstance(array, np.ndarray):
         raise UserInputError(f"{path}: expected one .npy array, found {type(array).__name__}")
@@ -202,11 +202,6 @@ def iter_rows(array: np.ndarray, rows_per_chunk: int | None = None) -> Iterator[
         rows_per_chunk = max(1, CHUNK_BYTES // row_bytes)
     for start in range(0, array.shape[0], rows_per_chunk):
         yield np.asarray(array[start : start + rows_per_chunk])
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def check_output_folder(out: Path, force: bool = False, option: str = "--out") -> None:

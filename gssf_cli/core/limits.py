@@ -112,9 +112,14 @@ INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
 """faiss index kinds of ``gssf index`` (built by :mod:`gssf_cli.deploy.search`, whose registry a test keeps equal)."""
 Protocol = Literal["all", "f30k-1k", "coco-1k", "coco-5k"]
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
-"""Cross-modal evaluation protocols (see :func:`gssf_cli.evaluation.ranking.evaluate_cross_modal`)."""
+"""Cross-modal evaluation protocols (see :func:`gssf_cli.evaluation.crossmodal.evaluate_cross_modal`)."""
 Task = Literal["cross_modal", "labels"]
 TASKS: tuple[str, ...] = get_args(Task)
+ImageKind = Literal["regions", "global", "features"]
+"""An image tower's input: regions ``[B, R, F]``, one global feature ``[B, F]``, or a feature tower's ``[B, F]``."""
+IMAGE_KINDS: tuple[str, ...] = get_args(ImageKind)
+TextKind = Literal["captions", "features"]
+TEXT_KINDS: tuple[str, ...] = get_args(TextKind)
 
 
 def valid_block_sizes(dim: int) -> list[int]:

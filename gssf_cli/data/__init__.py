@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gssf_cli.core.config import PrepareConfig
+    from gssf_cli.core.stage_configs import PrepareConfig
 
 Writer = Callable[["PrepareConfig", Path], dict[str, Any]]
 """Writes one kind's split arrays into a staging folder; returns the manifest fields it knows."""

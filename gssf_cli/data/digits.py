@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gssf_cli.core.config import PrepareConfig
+from gssf_cli.core.stage_configs import PrepareConfig
 
 TRAIN_CLASSES = (0, 1, 2, 3, 4, 5)
 TEST_CLASSES = (6, 7, 8, 9)

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from gssf_cli.core.config import PrepareConfig
-from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.errors import UserInputError, first_line
 from gssf_cli.core.files import check_float_array, link_or_copy, open_array
 from gssf_cli.core.limits import MIN_SPLIT_CLASSES, MIN_SPLIT_IMAGES
+from gssf_cli.core.stage_configs import PrepareConfig
 
 SPLITS = ("train", "dev", "test")
 PAIRED = ("images", "texts")
@@ -79,7 +79,7 @@ def _read_source(source: Path) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
         with np.load(source, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}, {}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserInputError(f"{source}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+        raise UserInputError(f"{source}: not a readable .npz file ({first_line(exc)})") from None
 
 
 def _paired(

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from gssf_cli.core.config import PrepareConfig
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.files import check_float_array, iter_rows, link_or_copy, open_array
+from gssf_cli.core.stage_configs import PrepareConfig
 from gssf_cli.data.text import TOKENIZER, Vocabulary, build_vocabulary, read_captions
 
 SPLITS = ("train", "dev", "test", "testall")

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from gssf_cli.core.config import PrepareConfig
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import PrepareConfig
 from gssf_cli.data.text import build_vocabulary
 
 CONCEPTS_PER_IMAGE = 3

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.errors import UserInputError, first_line
 from gssf_cli.deploy.serving import Served
 
 BUNDLE_FORMAT = 2
@@ -184,7 +184,7 @@ def verify_bundle(folder: Path, *, full_check: bool = True) -> dict[str, Any]:
                 check_graph(path)
             open_session(path)
         except Exception as exc:
-            raise UserInputError(f"{path}: not a valid ONNX graph ({str(exc).splitlines()[0][:200]})") from None
+            raise UserInputError(f"{path}: not a valid ONNX graph ({first_line(exc)[:200]})") from None
     return {
         "path": str(folder),
         "task": task,

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-from gssf_cli.core.config import IndexConfig, SearchConfig
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.files import (
     check_float_array,
@@ -42,6 +41,7 @@ from gssf_cli.core.files import (
     sha256_file,
     staged_folder,
 )
+from gssf_cli.core.stage_configs import IndexConfig, SearchConfig
 from gssf_cli.data.text import read_captions
 from gssf_cli.deploy import search
 from gssf_cli.deploy.bundle import BundleModel, bundle_digest

@@ -63,8 +63,8 @@ import torch
 from torch import Tensor, nn
 
 from gssf_cli.core import metrics as registry
-from gssf_cli.core.config import ExportConfig
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import ExportConfig
 from gssf_cli.deploy.bundle import (
     BUNDLE_FORMAT,
     GRAPHS,
@@ -398,7 +398,8 @@ def _retrieval_parity(
     model: RetrievalModel, towers: dict[str, nn.Module], sessions: dict[str, Any], split: Split, config: ExportConfig
 ) -> dict[str, Any]:
     """Whole-split retrieval through ONNX Runtime (head(images) @ texts.T) against PyTorch's own scores."""
-    from gssf_cli.evaluation import ranking as retrieval
+    from gssf_cli.evaluation import crossmodal
+    from gssf_cli.evaluation import labels as label_metrics
     from gssf_cli.modeling.model import embed_split
 
     torch_images, torch_texts = embed_split(model, split, torch.device("cpu"))
@@ -411,11 +412,11 @@ def _retrieval_parity(
     ort_head = sessions["metric_head"].run(None, {"embeddings": ort_images})[0]
     ort_scores = ort_head @ ort_texts.T
     if split.task == "cross_modal":
-        torch_metrics = retrieval.evaluate_cross_modal(scores=torch_scores, captions_per_image=split.k)
-        ort_metrics = retrieval.evaluate_cross_modal(scores=ort_scores, captions_per_image=split.k)
+        torch_metrics = crossmodal.evaluate_cross_modal(scores=torch_scores, captions_per_image=split.k)
+        ort_metrics = crossmodal.evaluate_cross_modal(scores=ort_scores, captions_per_image=split.k)
     else:
-        torch_metrics = retrieval.evaluate_labels(None, split.labels, scores=torch_scores)
-        ort_metrics = retrieval.evaluate_labels(None, split.labels, scores=ort_scores)
+        torch_metrics = label_metrics.evaluate_labels(None, split.labels, scores=torch_scores)
+        ort_metrics = label_metrics.evaluate_labels(None, split.labels, scores=ort_scores)
         np.fill_diagonal(torch_scores, -np.inf)
         np.fill_diagonal(ort_scores, -np.inf)
     keys = list(registry.RECALL_CUTOFFS[split.task])

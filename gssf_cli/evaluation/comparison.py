@@ -143,11 +143,11 @@ class Units:
 def cross_modal_units(
     i2t: ArrayLike, t2i: ArrayLike, i2t_ap: ArrayLike, captions_per_image: int, ks: Sequence[int] = (1, 5, 10)
 ) -> Units:
-    """Units of cross-modal ranks (0-based, as :class:`gssf_cli.evaluation.ranking.CrossModalRanks` holds them: ``i2t``
+    """Units of cross-modal ranks (0-based, as :class:`gssf_cli.evaluation.crossmodal.CrossModalRanks` holds them: ``i2t``
     ``[N]``, ``t2i`` ``[kN]`` in image order, ``i2t_ap`` ``[N]`` in 0..1): one unit per image with its k captions.
 
     Columns: ``rsum``, ``i2t_r{K}``, ``t2i_r{K}``, ``i2t_map``, ``i2t_meanr``, ``t2i_meanr`` (see the module
-    docstring); their means are :func:`gssf_cli.evaluation.ranking.cross_modal_metrics`' values."""
+    docstring); their means are :func:`gssf_cli.evaluation.crossmodal.cross_modal_metrics`' values."""
     cutoffs = sorted({int(k) for k in ks})
     i2t_rank = _numpy(i2t).astype(np.float64)
     n, k = len(i2t_rank), int(captions_per_image)
@@ -177,11 +177,11 @@ def label_units(
     ks: Sequence[int] = (1, 5, 10),
     average_precision: ArrayLike | None = None,
 ) -> Units:
-    """Units of label-based per-query values (:class:`gssf_cli.evaluation.ranking.LabelQueryStats`): one per query with
+    """Units of label-based per-query values (:class:`gssf_cli.evaluation.labels.LabelQueryStats`): one per query with
     a relevant gallery item (``first_rank >= 0``); the others count in no metric and are left out.
 
     Columns: ``map_at_r``, ``precision_at_1``, ``r_precision``, ``r_at_{K}``, and ``map`` when
-    ``average_precision`` is given; their means are :func:`gssf_cli.evaluation.ranking.evaluate_labels`' values."""
+    ``average_precision`` is given; their means are :func:`gssf_cli.evaluation.labels.evaluate_labels`' values."""
     first = _numpy(first_rank).astype(np.int64)
     ids = np.flatnonzero(first >= 0).astype(np.int64)
     if ids.size == 0:
@@ -224,28 +224,26 @@ def embedding_units(
     label-based ``images`` (the items, searched against themselves) with ``labels``; scored by ``score_fn``
     (default inner product). Ranks come from :mod:`gssf_cli.evaluation.ranking`'s chunked passes: no score matrix is
     held whole, however large the split."""
-    from gssf_cli.evaluation import ranking as retrieval
+    from gssf_cli.evaluation import crossmodal
+    from gssf_cli.evaluation import labels as label_metrics
 
-    try:
-        if task == "cross_modal":
-            if texts is None:
-                raise UserInputError("cross-modal units need texts beside the images")
-            ranks = retrieval.cross_modal_fold_ranks(
-                images,
-                texts,
-                captions_per_image=captions_per_image,
-                protocol=protocol,
-                score_fn=score_fn,
-                memory_budget_bytes=memory_budget_bytes,
-            )
-            return cross_modal_units(ranks.i2t, ranks.t2i, ranks.i2t_ap, captions_per_image, ks)
-        if labels is None:
-            raise UserInputError("label-based units need labels")
-        stats = retrieval.label_query_stats(
-            images, labels, score_fn=score_fn, ks=ks, memory_budget_bytes=memory_budget_bytes, full_map=full_map
+    if task == "cross_modal":
+        if texts is None:
+            raise UserInputError("cross-modal units need texts beside the images")
+        ranks = crossmodal.cross_modal_fold_ranks(
+            images,
+            texts,
+            captions_per_image=captions_per_image,
+            protocol=protocol,
+            score_fn=score_fn,
+            memory_budget_bytes=memory_budget_bytes,
         )
-    except retrieval.RetrievalInputError as exc:
-        raise UserInputError(str(exc)) from None
+        return cross_modal_units(ranks.i2t, ranks.t2i, ranks.i2t_ap, captions_per_image, ks)
+    if labels is None:
+        raise UserInputError("label-based units need labels")
+    stats = label_metrics.label_query_stats(
+        images, labels, score_fn=score_fn, ks=ks, memory_budget_bytes=memory_budget_bytes, full_map=full_map
+    )
     return label_units(stats.first_rank, stats.map_at_r, stats.r_precision, ks, stats.average_precision)
 
 

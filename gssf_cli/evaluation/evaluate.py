@@ -31,8 +31,8 @@ import numpy as np
 
 from gssf_cli import __version__
 from gssf_cli.core import metrics as registry
-from gssf_cli.core.config import EvaluateConfig
-from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.errors import UserInputError, first_line
+from gssf_cli.core.stage_configs import EvaluateConfig
 
 if TYPE_CHECKING:
     import torch
@@ -92,7 +92,7 @@ def _read_embeddings(path: Path, split: str | None) -> tuple[str, dict[str, np.n
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserInputError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0]})") from None
+        raise UserInputError(f"{path}: not a readable .npz file ({first_line(exc)})") from None
     prefix = f"{split}_" if split else ""
     if not split and not any(k in arrays for k in (*CROSS_MODAL, *SELF_LABELS, *TWO_SETS)):
         splits = sorted({k.split("_", 1)[0] for k in arrays if "_" in k})
@@ -161,12 +161,14 @@ def _score_split(
     full_map: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a split's embeddings (images ``[N, D]``, texts ``[kN, D]``) under the model's metric head."""
+    from gssf_cli.evaluation import crossmodal
+    from gssf_cli.evaluation import labels as label_metrics
     from gssf_cli.evaluation import ranking as retrieval
 
     split = dataset.split(split_name)
     try:
         if split.task == "cross_modal":
-            return retrieval.evaluate_cross_modal(
+            return crossmodal.evaluate_cross_modal(
                 images,
                 texts,
                 captions_per_image=split.k,
@@ -175,7 +177,7 @@ def _score_split(
                 ks=ks,
                 memory_budget_bytes=memory_budget_bytes,
             )
-        return retrieval.evaluate_labels(
+        return label_metrics.evaluate_labels(
             images,
             split.labels,
             score_fn=model.similarity.scores,
@@ -203,6 +205,8 @@ def evaluate_file(config: EvaluateConfig, head: RetrievalModel | None = None) ->
     """Metrics of the embeddings file ``config.embeddings``: cosine or dot, per ``config.metric``; or, with
     ``head`` (a trained model: ``--head RUN``), scored by its metric head, the arrays read as that head reads
     them (:func:`gssf_cli.modeling.model.embed_for_head`: a head-only run's adapters apply)."""
+    from gssf_cli.evaluation import crossmodal
+    from gssf_cli.evaluation import labels as label_metrics
     from gssf_cli.evaluation import ranking as retrieval
 
     assert config.embeddings is not None
@@ -220,7 +224,7 @@ def evaluate_file(config: EvaluateConfig, head: RetrievalModel | None = None) ->
             arrays = {"images": prepare(arrays["images"], "images"), "texts": prepare(arrays["texts"], "texts")}
             images, texts = arrays["images"], arrays["texts"]
             k = _captions_per_image(len(images), len(texts))
-            outcome = retrieval.evaluate_cross_modal(
+            outcome = crossmodal.evaluate_cross_modal(
                 images,
                 texts,
                 captions_per_image=k,
@@ -247,7 +251,7 @@ def evaluate_file(config: EvaluateConfig, head: RetrievalModel | None = None) ->
                 }
                 queries, gallery = arrays["queries"], arrays["gallery"]
                 query_labels, gallery_labels = arrays["query_labels"], arrays["gallery_labels"]
-            metrics = retrieval.evaluate_labels(
+            metrics = label_metrics.evaluate_labels(
                 queries,
                 query_labels,
                 gallery,
@@ -517,7 +521,7 @@ def _scorer(score_fn: Callable[..., Any] | None) -> Callable[[np.ndarray, np.nda
 
 
 def _cross_modal_samples(evaluation: Evaluation, rng: np.random.Generator, budget: int) -> Samples:
-    from gssf_cli.evaluation import ranking as retrieval
+    from gssf_cli.evaluation import crossmodal
 
     images, texts = evaluation.arrays["images"], evaluation.arrays["texts"]
     k = len(texts) // len(images)
@@ -527,7 +531,7 @@ def _cross_modal_samples(evaluation: Evaluation, rng: np.random.Generator, budge
     columns = np.union1d(own, others)
     block = _scorer(evaluation.score_fn)(images[pick], texts[columns])
     same = (columns[None, :] // k) == pick[:, None]
-    ranks = retrieval.cross_modal_ranks(
+    ranks = crossmodal.cross_modal_ranks(
         images, texts, captions_per_image=k, score_fn=evaluation.score_fn, memory_budget_bytes=budget
     )
     i2t, t2i = ranks.i2t.numpy(), ranks.t2i.numpy()
@@ -539,7 +543,7 @@ def _cross_modal_samples(evaluation: Evaluation, rng: np.random.Generator, budge
 
 
 def _label_samples(evaluation: Evaluation, rng: np.random.Generator, budget: int) -> Samples:
-    from gssf_cli.evaluation import ranking as retrieval
+    from gssf_cli.evaluation import labels as label_metrics
 
     arrays, one_set = evaluation.arrays, evaluation.layout == "labels"
     feats = arrays["features" if one_set else "queries"]
@@ -552,7 +556,7 @@ def _label_samples(evaluation: Evaluation, rng: np.random.Generator, budget: int
     same = labels[rows][:, None] == gallery_labels[cols][None, :]
     valid = rows[:, None] != cols[None, :] if one_set else np.ones_like(same)
     same &= valid
-    curve = retrieval.evaluate_labels(
+    curve = label_metrics.evaluate_labels(
         feats,
         labels,
         None if one_set else gallery,

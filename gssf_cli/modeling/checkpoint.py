@@ -39,9 +39,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gssf_cli.core.config import TrainConfig, default_of
-from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.config import default_of
+from gssf_cli.core.errors import UserInputError, first_line
 from gssf_cli.core.files import STALE_AFTER_S, held_by_another_process
+from gssf_cli.core.stage_configs import TrainConfig
 
 LAST = "checkpoint"
 BEST = "best"
@@ -148,7 +149,7 @@ def load(folder: Path) -> Checkpoint:
                 load_file(str(folder / OPTIMIZER)), state.get("optimizer_param_groups", [])
             )
     except Exception as exc:
-        raise UserInputError(f"{folder}: unreadable checkpoint ({str(exc).splitlines()[0]})") from None
+        raise UserInputError(f"{folder}: unreadable checkpoint ({first_line(exc)})") from None
     return Checkpoint(model, optimizer, rng, state)
 
 
@@ -343,7 +344,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except ValueError as exc:
-        raise UserInputError(f"{path}: unreadable JSON ({str(exc).splitlines()[0]})") from None
+        raise UserInputError(f"{path}: unreadable JSON ({first_line(exc)})") from None
 
 
 STATE_FIELDS: dict[str, tuple[type, ...]] = {

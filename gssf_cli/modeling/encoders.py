@@ -29,20 +29,22 @@ L). Image region sets have a fixed count R per batch (precomp features: 36 regio
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gssf_cli.core.config import TrainConfig, default_of
+from gssf_cli.core import limits
+from gssf_cli.core.config import default_of
 from gssf_cli.core.errors import UserInputError
-from gssf_cli.core.limits import ENCODER_KINDS, POOLINGS, TASKS
+from gssf_cli.core.limits import POOLINGS
+from gssf_cli.core.stage_configs import TrainConfig
 
-_POOLING: str = default_of(TrainConfig, "pooling")
-_MLP: bool = default_of(TrainConfig, "mlp")
-_WORD_DIM: int = default_of(TrainConfig, "word_dim")
-_GRU_LAYERS: int = default_of(TrainConfig, "gru_layers")
+DEFAULT_POOLING: limits.Pooling = default_of(TrainConfig, "pooling")
+DEFAULT_MLP: bool = default_of(TrainConfig, "mlp")
+DEFAULT_WORD_DIM: int = default_of(TrainConfig, "word_dim")
+DEFAULT_GRU_LAYERS: int = default_of(TrainConfig, "gru_layers")
 
 
 @dataclass(frozen=True)
@@ -66,37 +68,6 @@ single projection (1 layer), optionally with VSE∞'s residual (``--mlp``, hidde
 ``--mlp-hidden``)."""
 DEFAULT_FEATURE_TOWER = FEATURE_TOWERS["features"]
 
-__all__ = [
-    "DEFAULT_FEATURE_TOWER",
-    "FEATURE_TOWERS",
-    "IMAGE_KINDS",
-    "POOLINGS",
-    "TASKS",
-    "TEXT_KINDS",
-    "DualEncoder",
-    "EncoderSpec",
-    "FeatureEncoder",
-    "HeadOnlyTower",
-    "ImageEncoder",
-    "Pooling",
-    "Projection",
-    "SingleTower",
-    "TextEncoder",
-    "TowerShape",
-    "adapter_layer",
-    "build_encoder",
-    "encoder_kind",
-    "feature_mlp",
-    "head_only_towers",
-    "l2_normalize",
-    "parameter_counts",
-    "reverse_within_length",
-    "takes_tokens",
-]
-
-IMAGE_KINDS = ("regions", "global", "features")
-TEXT_KINDS = ("captions", "features")
-
 
 def l2_normalize(x: Tensor, eps: float = 1e-8) -> Tensor:
     """Unit-normalise the last axis; ``eps`` keeps an all-zero vector at zero instead of NaN."""
@@ -111,7 +82,7 @@ class Projection(nn.Module):
     training. The projection uses Xavier-uniform weights and zero bias, as VSE++/VSE∞ do for their ``fc`` layer.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, mlp: bool = _MLP, hidden: int | None = None) -> None:
+    def __init__(self, in_dim: int, out_dim: int, mlp: bool = DEFAULT_MLP, hidden: int | None = None) -> None:
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim)
         nn.init.xavier_uniform_(self.proj.weight)
@@ -164,7 +135,7 @@ class Pooling(nn.Module):
     mean pooling and learns to deviate from it (its gradient is not zero at zero weights).
     """
 
-    def __init__(self, dim: int, mode: str = _POOLING) -> None:
+    def __init__(self, dim: int, mode: str = DEFAULT_POOLING) -> None:
         super().__init__()
         if mode not in POOLINGS:
             raise UserInputError(f"pooling must be one of {', '.join(POOLINGS)}; got {mode!r}")
@@ -211,7 +182,12 @@ class ImageEncoder(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, embed_dim: int, pooling: str = _POOLING, mlp: bool = _MLP, hidden: int | None = None
+        self,
+        in_dim: int,
+        embed_dim: int,
+        pooling: str = DEFAULT_POOLING,
+        mlp: bool = DEFAULT_MLP,
+        hidden: int | None = None,
     ) -> None:
         super().__init__()
         self.in_dim, self.embed_dim = in_dim, embed_dim
@@ -249,7 +225,7 @@ class FeatureEncoder(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, embed_dim: int, mlp: bool = _MLP, layers: int = 1, hidden: int | None = None
+        self, in_dim: int, embed_dim: int, mlp: bool = DEFAULT_MLP, layers: int = 1, hidden: int | None = None
     ) -> None:
         super().__init__()
         self.in_dim, self.embed_dim, self.layers = in_dim, embed_dim, layers
@@ -258,7 +234,7 @@ class FeatureEncoder(nn.Module):
             self.proj = Projection(in_dim, embed_dim, mlp, hidden)
         else:
             if mlp:
-                raise UserInputError(_MLP_ON_DEEP_TOWER.format(layers=layers))
+                raise UserInputError(MLP_ON_DEEP_TOWER.format(layers=layers))
             self.proj = feature_mlp(in_dim, embed_dim, layers, hidden or DEFAULT_FEATURE_TOWER.hidden or embed_dim)
 
     def forward(self, features: Tensor) -> Tensor:
@@ -266,7 +242,7 @@ class FeatureEncoder(nn.Module):
         return l2_normalize(out)
 
 
-_MLP_ON_DEEP_TOWER = (
+MLP_ON_DEEP_TOWER = (
     "--mlp adds VSE∞'s residual to a one-layer projection, but the feature towers have {layers} layers: "
     "pass --mlp-layers 1 with --mlp, or drop --mlp"
 )
@@ -328,9 +304,9 @@ class TextEncoder(nn.Module):
         self,
         vocab_size: int,
         embed_dim: int,
-        word_dim: int = _WORD_DIM,
-        num_layers: int = _GRU_LAYERS,
-        pooling: str = _POOLING,
+        word_dim: int = DEFAULT_WORD_DIM,
+        num_layers: int = DEFAULT_GRU_LAYERS,
+        pooling: str = DEFAULT_POOLING,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -503,223 +479,6 @@ def encoder_kind(model: nn.Module) -> tuple[str, bool]:
     if not towers:
         return "trained", False
     return ("identity" if towers[0].tower is None else "frozen"), any(t.adapter is not None for t in towers)
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """A plain, JSON-friendly description of the encoders, saved with checkpoints to rebuild the model.
-
-    ``task``: ``cross_modal`` (a :class:`DualEncoder`) or ``labels`` (a :class:`SingleTower` over
-    ``image_dim`` features; the text fields are ignored). ``image_kind``: ``regions`` ``[B, R, F]`` or
-    ``global`` ``[B, F]`` (both :class:`ImageEncoder`; pooling one region is the identity, so ``global``
-    always pools by mean) or ``features`` (:class:`FeatureEncoder`). ``text_kind``: ``captions`` (needs
-    ``vocab_size``) or ``features`` (needs ``text_dim``). ``pooling`` applies to image regions and tokens.
-    ``mlp_layers``: layers of the feature towers (1 = one projection, the only choice for region and global
-    image towers); ``mlp_hidden``: the width of their hidden layers and of VSE∞'s residual ``mlp`` (None: the
-    feature-tower default for ``mlp_layers`` >= 2, D/2 for the residual). A spec without these two (a
-    checkpoint written before they existed) is a one-layer tower, as it was. ``encoder``: ``trained``, or a
-    head-only model's towers (:class:`HeadOnlyTower`): ``identity`` (feature inputs only; ``embed_dim`` is the
-    feature size unless ``adapter``) or ``frozen`` (the towers the other settings describe, frozen), each side
-    with a linear ``adapter`` to ``embed_dim`` if asked.
-    The model settings default to :class:`gssf_cli.core.config.TrainConfig`'s (the host frameworks': D = 1024, ...);
-    :meth:`from_manifest` fills in the feature towers' defaults by dataset kind (:data:`FEATURE_TOWERS`).
-    """
-
-    task: str = "cross_modal"
-    image_kind: str = "regions"
-    image_dim: int = 2048
-    text_kind: str = "captions"
-    text_dim: int | None = None
-    vocab_size: int | None = None
-    embed_dim: int = default_of(TrainConfig, "embed_dim")
-    word_dim: int = _WORD_DIM
-    pooling: str = _POOLING
-    mlp: bool = _MLP
-    gru_layers: int = _GRU_LAYERS
-    mlp_layers: int = 1
-    mlp_hidden: int | None = None
-    encoder: str = "trained"
-    adapter: bool = False
-
-    def __post_init__(self) -> None:
-        def choice(name: str, options: tuple[str, ...]) -> None:
-            if getattr(self, name) not in options:
-                raise UserInputError(f"encoder.{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
-
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserInputError(f"encoder.{name} must be a positive integer; got {value!r}")
-
-        choice("task", TASKS)
-        choice("image_kind", IMAGE_KINDS)
-        choice("pooling", POOLINGS)
-        for name in ("image_dim", "embed_dim", "word_dim", "gru_layers", "mlp_layers"):
-            positive(name)
-        if self.mlp_hidden is not None:
-            positive("mlp_hidden")
-        if self.task == "labels":
-            if self.image_kind == "regions":
-                raise UserInputError("encoder.image_kind: label-based data takes feature vectors, not regions")
-        else:
-            choice("text_kind", TEXT_KINDS)
-            if self.text_kind == "captions":
-                if self.vocab_size is None:
-                    raise UserInputError("encoder.vocab_size is required for captions (the size of vocab.json)")
-                positive("vocab_size")
-            else:
-                if self.text_dim is None:
-                    raise UserInputError("encoder.text_dim is required for text features (their dimension)")
-                positive("text_dim")
-        choice("encoder", ENCODER_KINDS)
-        if self.adapter and self.encoder == "trained":
-            raise UserInputError("--adapter applies to head-only training (--encoder identity or frozen)")
-        if self.encoder == "identity":
-            self._check_identity()
-        if self.mlp_layers > 1:
-            if not self.has_feature_towers():
-                raise UserInputError(
-                    f"--mlp-layers {self.mlp_layers}: layers apply to feature towers, and this dataset's towers are "
-                    f"{self.image_kind} images and {self.text_kind} (one projection each, plus --mlp for VSE∞'s "
-                    "residual); drop --mlp-layers"
-                )
-            if self.mlp:
-                raise UserInputError(_MLP_ON_DEEP_TOWER.format(layers=self.mlp_layers))
-
-    def _check_identity(self) -> None:
-        """``identity`` reads feature vectors; without adapters both sides are the head's size D."""
-        if not self.has_feature_towers() or (self.task == "cross_modal" and self.text_kind != "features"):
-            text = "" if self.task == "labels" else f" and texts are {self.text_kind}"
-            raise UserInputError(
-                f"--encoder identity reads feature vectors, but this dataset's images are {self.image_kind}{text}: "
-                "train a run on it, then train a head over its towers with --encoder frozen --encoder-run RUN"
-            )
-        if self.adapter:
-            return
-        sizes = {self.image_dim} if self.task == "labels" else {self.image_dim, self.text_dim}
-        if len(sizes) > 1:
-            raise UserInputError(
-                f"--encoder identity: image features have {self.image_dim} channels and text features "
-                f"{self.text_dim}, but the head reads one size; add --adapter (a linear map per side to --embed-dim)"
-            )
-        if sizes != {self.embed_dim}:
-            raise UserInputError(
-                f"--encoder identity without --adapter: the head's size is the feature size {self.image_dim}, "
-                f"not {self.embed_dim}"
-            )
-
-    def head_only(self) -> bool:
-        """Whether only the metric head (and adapters) learn: ``identity`` or ``frozen`` towers."""
-        return self.encoder != "trained"
-
-    def has_feature_towers(self) -> bool:
-        """Whether the towers are :class:`FeatureEncoder` s (``mlp_layers`` applies): label-based data, or
-        feature images (a ``features`` dataset of pairs, whose texts are features too)."""
-        return self.task == "labels" or self.image_kind == "features"
-
-    def hidden_width(self) -> int:
-        """The width of the feature towers' hidden layers (``mlp_layers`` >= 2) or of the residual (``mlp``)."""
-        if self.mlp_layers > 1:
-            return self.mlp_hidden or DEFAULT_FEATURE_TOWER.hidden or self.embed_dim
-        return residual_width(self.embed_dim, self.mlp_hidden)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EncoderSpec:
-        """Inverse of :meth:`to_dict`; unknown keys are a user error, not silently dropped. A dict without
-        ``mlp_layers`` / ``mlp_hidden`` (written before they existed) is a one-layer tower."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserInputError(f"unknown encoder setting(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    @classmethod
-    def from_manifest(
-        cls, manifest: dict[str, Any], mlp_layers: int | None = None, mlp_hidden: int | None = None, **settings: Any
-    ) -> EncoderSpec:
-        """The spec a dataset's ``manifest.json`` implies, plus model ``settings`` (embed_dim, pooling, ...).
-
-        ``mlp_layers`` / ``mlp_hidden`` left None are resolved here, so the spec holds the shape actually built:
-        feature towers take :data:`FEATURE_TOWERS` of the manifest's kind (with ``mlp``: one layer, VSE∞'s
-        residual of width D/2, as before feature towers had layers); region and global towers one projection.
-        """
-        modalities = manifest.get("modalities", {})
-        if manifest.get("task") == "labels":
-            feats = modalities["features"]
-            fields_: dict[str, Any] = {"task": "labels", "image_kind": "features", "image_dim": int(feats["shape"][-1])}
-        else:
-            image, text = modalities["image"], modalities["text"]
-            fields_ = {
-                "task": "cross_modal",
-                "image_kind": image["type"],
-                "image_dim": int(image["shape"][-1]),
-                **(
-                    {"text_kind": "captions", "vocab_size": int(text["vocab_size"])}
-                    if text["type"] == "captions"
-                    else {"text_kind": "features", "text_dim": int(text["shape"][-1])}
-                ),
-            }
-        features = fields_["task"] == "labels" or fields_["image_kind"] == "features"
-        mlp = bool(settings.get("mlp", _MLP))
-        embed_dim = int(settings.get("embed_dim", default_of(TrainConfig, "embed_dim")))
-        if mlp_layers is None:
-            shape = FEATURE_TOWERS.get(str(manifest.get("kind")), DEFAULT_FEATURE_TOWER)
-            mlp_layers = shape.layers if features and not mlp else 1
-        if mlp_hidden is None:
-            if mlp_layers > 1:
-                shape = FEATURE_TOWERS.get(str(manifest.get("kind")), DEFAULT_FEATURE_TOWER)
-                mlp_hidden = shape.hidden
-            elif mlp:
-                mlp_hidden = residual_width(embed_dim, None)
-        return cls(**fields_, mlp_layers=mlp_layers, mlp_hidden=mlp_hidden, **settings)
-
-
-def build_encoder(spec: EncoderSpec) -> DualEncoder | SingleTower:
-    """The model a spec describes: :class:`DualEncoder` for ``cross_modal``, :class:`SingleTower` for ``labels``.
-
-    Head-only specs wrap every tower in a :class:`HeadOnlyTower`: ``identity`` over the features themselves,
-    ``frozen`` over the towers a ``trained`` spec of the same settings builds (the trained run's weights are
-    loaded into them afterwards, see :func:`gssf_cli.modeling.model.load_frozen_towers`).
-    """
-    if spec.encoder == "identity":
-        if spec.task == "labels":
-            return SingleTower(HeadOnlyTower(spec.image_dim, spec.embed_dim, spec.adapter))
-        assert spec.text_dim is not None
-        return DualEncoder(
-            HeadOnlyTower(spec.image_dim, spec.embed_dim, spec.adapter),
-            HeadOnlyTower(spec.text_dim, spec.embed_dim, spec.adapter),
-        )
-    if spec.encoder == "frozen":
-        trained = build_encoder(replace(spec, encoder="trained", adapter=False))
-        d = spec.embed_dim
-        if isinstance(trained, SingleTower):
-            return SingleTower(HeadOnlyTower(d, d, spec.adapter, trained.encoder))
-        return DualEncoder(
-            HeadOnlyTower(d, d, spec.adapter, trained.image), HeadOnlyTower(d, d, spec.adapter, trained.text)
-        )
-
-    def features(in_dim: int) -> FeatureEncoder:
-        return FeatureEncoder(in_dim, spec.embed_dim, spec.mlp, spec.mlp_layers, spec.hidden_width())
-
-    if spec.task == "labels":
-        return SingleTower(features(spec.image_dim))
-    image: nn.Module
-    if spec.image_kind == "features":
-        image = features(spec.image_dim)
-    else:
-        pooling = spec.pooling if spec.image_kind == "regions" else "mean"
-        image = ImageEncoder(spec.image_dim, spec.embed_dim, pooling, spec.mlp, spec.hidden_width())
-    text: nn.Module
-    if spec.text_kind == "captions":
-        assert spec.vocab_size is not None
-        text = TextEncoder(spec.vocab_size, spec.embed_dim, spec.word_dim, spec.gru_layers, spec.pooling)
-    else:
-        assert spec.text_dim is not None
-        text = features(spec.text_dim)
-    return DualEncoder(image, text)
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gssf_cli.core.config import TrainConfig, default_of
+from gssf_cli.core.config import default_of
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.limits import DISTILL_KINDS, LOSS_NAMES, MARGIN, NON_NEGATIVE, TEMPERATURE, DistillKind
+from gssf_cli.core.stage_configs import TrainConfig
 
 __all__ = [
     "LOSS_NAMES",

@@ -16,19 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from gssf_cli.core import limits
-from gssf_cli.core.config import TrainConfig
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import TrainConfig
 from gssf_cli.data.dataset import Dataset, Split
 from gssf_cli.modeling import checkpoint as ckpt
-from gssf_cli.modeling.encoders import (
-    DualEncoder,
-    EncoderSpec,
-    HeadOnlyTower,
-    SingleTower,
-    build_encoder,
-    l2_normalize,
-    parameter_counts,
-)
+from gssf_cli.modeling.encoder_spec import EncoderSpec, build_encoder
+from gssf_cli.modeling.encoders import DualEncoder, HeadOnlyTower, SingleTower, l2_normalize, parameter_counts
 from gssf_cli.modeling.losses import make_objective
 from gssf_cli.modeling.similarity import Similarity, make_similarity
 

@@ -44,9 +44,10 @@ from typing import ClassVar, Final
 import torch
 from torch import Tensor, nn
 
-from gssf_cli.core.config import TrainConfig, default_of
+from gssf_cli.core.config import default_of
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.limits import NORM_NAMES, SIMILARITY_NAMES, check_block_size, valid_block_sizes
+from gssf_cli.core.stage_configs import TrainConfig
 
 __all__ = [
     "NORM_NAMES",

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gssf_cli.core.config import CompareConfig, to_dict
+from gssf_cli.core.config import to_dict
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import CompareConfig
 from gssf_cli.evaluation import comparison, seeds
 from gssf_cli.evaluation.comparison import Comparison, Units
 

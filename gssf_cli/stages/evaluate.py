@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli.core.config import EvaluateConfig, to_dict
+from gssf_cli.core.config import to_dict
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.limits import model_label
+from gssf_cli.core.stage_configs import EvaluateConfig
 from gssf_cli.evaluation import evaluate as evaluation
 from gssf_cli.evaluation.evaluate import EvaluateResult, load_embeddings
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gssf_cli import __version__
-from gssf_cli.core.config import ExportConfig, to_dict
+from gssf_cli.core.config import to_dict
 from gssf_cli.core.limits import model_label
+from gssf_cli.core.stage_configs import ExportConfig
 from gssf_cli.deploy.bundle import verify_bundle
 
 if TYPE_CHECKING:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli.core.config import IndexConfig, to_dict
+from gssf_cli.core.config import to_dict
+from gssf_cli.core.stage_configs import IndexConfig
 from gssf_cli.deploy import index_folder
 
 if TYPE_CHECKING:

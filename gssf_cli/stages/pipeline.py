@@ -1,6 +1,6 @@
 """Stage ``run``: a pipeline file chains prepare → train → evaluate → tune → export under one parent run.
 
-A pipeline file holds one table per stage (see :class:`gssf_cli.core.config.PipelineConfig`); :func:`stage_config`
+A pipeline file holds one table per stage (see :class:`gssf_cli.core.stage_configs.PipelineConfig`); :func:`stage_config`
 builds each stage's config from its table and the links to the stages before it — the same function for the
 up-front check and for the run. Train and tune read the prepared dataset; tune's base config is ``[train]``.
 
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gssf_cli.core import metrics as registry
-from gssf_cli.core.config import PipelineConfig, from_dict, load_pipeline, load_toml, to_dict
+from gssf_cli.core.config import from_dict, load_toml, to_dict
 from gssf_cli.core.errors import CheckFailedError, UserInputError
+from gssf_cli.core.stage_configs import PipelineConfig, load_pipeline
 from gssf_cli.stages import cache, steps
 from gssf_cli.stages.steps import Links, check, stage_config
 

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gssf_cli.core.config import TrainConfig, default_of, from_dict
+from gssf_cli.core.config import default_of, from_dict
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import TrainConfig
 from gssf_cli.data.dataset import Dataset, TokenizedCaptions
 from gssf_cli.data.manifest import MANIFEST
 from gssf_cli.data.text import Vocabulary

@@ -2,7 +2,7 @@
 
 Why a module of its own: the pipeline stage orchestrates tracked runs; *what* runs in which order, which
 model is final, and how one stage's output becomes the next stage's config are plain decisions on a
-:class:`~gssf_cli.core.config.PipelineConfig`, made the same way for the up-front check, a dry run and a run.
+:class:`~gssf_cli.core.stage_configs.PipelineConfig`, made the same way for the up-front check, a dry run and a run.
 
 Steps, in order: ``prepare``, ``train``, then with ``[tune] retrain = true`` ``evaluate_baseline`` (the first
 model, for comparison), ``tune``, ``train_best`` (the best trial's config with the ``[train]`` budget) and
@@ -18,17 +18,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gssf_cli.core.config import (
+from gssf_cli.core.config import default_of, from_dict
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import (
     EvaluateConfig,
     ExportConfig,
     PipelineConfig,
     PrepareConfig,
     TrainConfig,
     TuneConfig,
-    default_of,
-    from_dict,
 )
-from gssf_cli.core.errors import UserInputError
 from gssf_cli.data.manifest import MANIFEST, manifest_digest
 
 __all__ = ["Links", "TrainConfig", "check", "plan", "stage_config"]

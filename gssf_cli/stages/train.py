@@ -4,7 +4,7 @@ The run logs its resolved config, the dataset, parameter counts, per-epoch metri
 lr, samples/s, ``best_<metric>``) with the epoch as step (counted from 1: the first epoch is step 1), and at the
 end ``best_epoch`` (counted from 1, as everywhere), the best checkpoint, the resolved config as TOML and a
 heatmap of the learned W ⊙ U. With ``--workers N`` (or ``--address``) the epochs run on Ray Train workers
-(:func:`gssf_cli.cluster.session.data_parallel`) and this process, the driver, still writes the one MLflow run.
+(:func:`gssf_cli.cluster.train_workers.data_parallel`) and this process, the driver, still writes the one MLflow run.
 Every check (dataset, teacher, block size, resume compatibility, the workers' CPUs and GPUs) runs before the
 MLflow run is opened, so bad input leaves no run behind.
 
@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli.core.config import TrainConfig, dump_toml, to_dict
+from gssf_cli.core.config import dump_toml, to_dict
+from gssf_cli.core.stage_configs import TrainConfig
 
 if TYPE_CHECKING:
-    from gssf_cli.cluster.session import DataParallel
+    from gssf_cli.cluster.train_workers import DataParallel
     from gssf_cli.data.dataset import Dataset
     from gssf_cli.modeling.model import RetrievalModel
     from gssf_cli.tracking.adapter import StageRun, Tracker
@@ -74,9 +75,9 @@ def run(
     with contextlib.ExitStack() as stack:
         workers: DataParallel | None = None
         if config.on_ray():
-            from gssf_cli.cluster import session as ray_cluster
+            from gssf_cli.cluster import train_workers
 
-            workers = stack.enter_context(ray_cluster.data_parallel(trainer.config))
+            workers = stack.enter_context(train_workers.data_parallel(trainer.config))
         tracked: StageRun | None = None
         if tracker is not None:
             tracked = stack.enter_context(
@@ -160,9 +161,9 @@ def run_seeds(
     configs = [replace(config, seed=seed) for seed in seeds]
     trainer = Trainer(configs[0], Dataset(config.data))  # the checks of a run, before any run exists
     if config.on_ray():
-        from gssf_cli.cluster import session as ray_cluster
+        from gssf_cli.cluster import train_workers
 
-        ray_cluster.precheck(trainer.config)
+        train_workers.precheck(trainer.config)
     with contextlib.ExitStack() as stack:
         parent: StageRun | None = None
         if tracker is not None:

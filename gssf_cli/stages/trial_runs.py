@@ -1,7 +1,7 @@
 """The trial child runs of a tune run in MLflow, written by the tune's driver only (never by a trial).
 
 Why a class of its own: the same runs are written live (Tune's driver-side callback calls the
-:class:`~gssf_cli.training.tune_plan.TrialLog` methods as trials start, report and end), completed after ``fit()`` from the
+:class:`~gssf_cli.training.tune_results.TrialLog` methods as trials start, report and end), completed after ``fit()`` from the
 ResultGrid (:meth:`TrialRuns.settle`: what a failed store write dropped, or every trial under Ray Client, where
 callbacks run on the cluster's head node), and re-attached by a resumed tune — one writer, one set of runs.
 """
@@ -13,18 +13,19 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli.training import tune_plan as tuning
+from gssf_cli.training import tune_results
 
 if TYPE_CHECKING:
     from gssf_cli.tracking.adapter import Tracker
-    from gssf_cli.training.tune_plan import TrialOutcome, TunePlan
+    from gssf_cli.training.tune_plan import TunePlan
+    from gssf_cli.training.tune_results import TrialOutcome
 
 TRIAL_STAGE = "tune_trial"
 TRIAL_TAG = "gssf.tune.trial_id"
 
 
 class TrialRuns:
-    """The trial child runs of one tune run: the :class:`~gssf_cli.training.tune_plan.TrialLog` that Tune's callback writes
+    """The trial child runs of one tune run: the :class:`~gssf_cli.training.tune_results.TrialLog` that Tune's callback writes
     live, and :meth:`settle` after ``fit()``.
 
     The runs already under the tune run (a resumed tune) are re-attached by their :data:`TRIAL_TAG`: a trial
@@ -62,7 +63,7 @@ class TrialRuns:
         if run_id is None:
             handle = self.tracker.open_run(
                 TRIAL_STAGE,
-                run_name=tuning.trial_run_name(values),
+                run_name=tune_results.trial_run_name(values),
                 parent_run_id=self.tune_run_id,
                 tags=_trial_tags(self.plan, trial_id, values, path),
             )
@@ -122,10 +123,10 @@ def _trial_tags(plan: TunePlan, trial_id: str, values: Mapping[str, Any], path: 
     tags = {
         TRIAL_TAG: trial_id,
         "gssf.tune.trial_path": path,
-        "gssf.tune.values": tuning.describe_values(values),
+        "gssf.tune.values": tune_results.describe_values(values),
         "gssf.task": plan.task,
     }
-    train_values = tuning.trial_values_or_none(plan, values)
+    train_values = tune_results.trial_values_or_none(plan, values)
     if train_values:
         tags["gssf.metric"] = str(train_values["metric"])
     return tags
@@ -133,7 +134,7 @@ def _trial_tags(plan: TunePlan, trial_id: str, values: Mapping[str, Any], path: 
 
 def _trial_params(plan: TunePlan, values: Mapping[str, Any]) -> dict[str, Any]:
     """The trial's full train config as ``train.*`` params (just its tuned values if no train config takes them)."""
-    train_values = tuning.trial_values_or_none(plan, values) or {}
+    train_values = tune_results.trial_values_or_none(plan, values) or {}
     return {f"train.{k}": v for k, v in train_values.items()} or dict(values)
 
 
@@ -157,7 +158,7 @@ def _record_trial(tracker: Tracker, tune_run_id: str, outcome: TrialOutcome, pla
     metrics: list[tuple[int, int, Mapping[str, float]]] = list(outcome.history)
     return tracker.record_run(
         TRIAL_STAGE,
-        run_name=tuning.trial_run_name(outcome.values),
+        run_name=tune_results.trial_run_name(outcome.values),
         status=outcome.status,
         parent_run_id=tune_run_id,
         params=_trial_params(plan, outcome.values),

@@ -13,7 +13,7 @@
    train --config`` loads it) and, when the block size is tuned, ``block_size.png`` (the paper's Fig. 3).
 5. Ctrl-C or SIGTERM: Tune stops and saves its state, what ran is logged, the tune run ends KILLED (exit 130);
    :func:`resume` continues it (or a RUNNING one whose driver was killed) with ``Tuner.restore``, from the
-   settings recorded at its start (:func:`gssf_cli.training.tune_plan.resume_tags`), on the same runs. Every trial
+   settings recorded at its start (:func:`gssf_cli.training.tune_results.resume_tags`), on the same runs. Every trial
    failing is exit 1.
 """
 
@@ -27,14 +27,17 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli.core.config import TuneConfig, dump_toml, to_dict
+from gssf_cli.core.config import dump_toml, to_dict
 from gssf_cli.core.errors import CheckFailedError, UserInputError
+from gssf_cli.core.stage_configs import TuneConfig
 from gssf_cli.stages.trial_runs import TRIAL_STAGE, TrialRuns
 from gssf_cli.training import tune_plan as tuning
+from gssf_cli.training import tune_results
 
 if TYPE_CHECKING:
     from gssf_cli.tracking.adapter import StageRun, Tracker
-    from gssf_cli.training.tune_plan import TrialOutcome, TunePlan
+    from gssf_cli.training.tune_plan import TunePlan
+    from gssf_cli.training.tune_results import TrialOutcome
 
 STAGE = "tune"
 EXPERIMENT_TAG = "gssf.tune.experiment_path"
@@ -86,7 +89,7 @@ def run(
     check_outputs(config, plan)
     if tracker is not None:
         _ = tracker.experiment_id
-    search = tuning.Search(config, plan, storage_path(config.storage), Path.cwd())
+    search = tune_results.Search(config, plan, storage_path(config.storage), Path.cwd())
     return _search(search, tracker, progress, parent_run_id=parent_run_id)
 
 
@@ -111,7 +114,7 @@ def resume(run_ref: str, tracker: Tracker, progress: bool = True) -> TuneResult:
         raise UserInputError(f"run {run_id} is not a tune run ({what}): pass the id of a `gssf tune` run, or latest")
     if found.info.status == "FINISHED":
         raise UserInputError(f"tune run {run_id} already finished: there is nothing to resume; start a new gssf tune")
-    search = tuning.saved_search(run_id, tags.get(tuning.RESUME_TAG))
+    search = tune_results.saved_search(run_id, tags.get(tune_results.RESUME_TAG))
     check_outputs(search.config, search.plan)
     tracker.follow(found)
     if tracker.experiment_id != found.info.experiment_id:
@@ -143,7 +146,7 @@ def check_outputs(config: TuneConfig, plan: TunePlan) -> None:
 
 
 def _search(
-    search: tuning.Search,
+    search: tune_results.Search,
     tracker: Tracker | None,
     progress: bool,
     *,
@@ -152,7 +155,8 @@ def _search(
 ) -> TuneResult:
     """Start (or, with ``resume_run_id``, continue) the search on Ray and log it: the part :func:`run` and
     :func:`resume` share once everything is checked."""
-    from gssf_cli.cluster.session import callbacks_run_here, run_trials
+    from gssf_cli.cluster.session import callbacks_run_here
+    from gssf_cli.cluster.tune_trials import run_trials
 
     config, plan = search.config, search.plan
     started = time.perf_counter()
@@ -165,7 +169,10 @@ def _search(
             else:
                 tune_run = stack.enter_context(
                     tracker.start_run(
-                        STAGE, run_name=plan.run_name(), parent_run_id=parent_run_id, tags=tuning.resume_tags(search)
+                        STAGE,
+                        run_name=plan.run_name(),
+                        parent_run_id=parent_run_id,
+                        tags=tune_results.resume_tags(search),
                     )
                 )
                 _log_start(tune_run, search)
@@ -181,8 +188,8 @@ def _search(
         if trial_runs is not None:
             outcomes = [replace(o, run_id=trial_runs.settle(o, ray_run.interrupted)) for o in outcomes]
         ranked = sorted(outcomes, key=lambda o: tuning.rank_key(o.metric, plan.mode))
-        found = tuning.configurations(ranked, plan.mode)
-        best = tuning.best_trial(ranked, found)
+        found = tune_results.configurations(ranked, plan.mode)
+        best = tune_results.best_trial(ranked, found)
         out_dir = plan.base.runs_dir / run_id
         best_file = _write_outputs(out_dir, ranked, best, plan, tune_run)
         seconds = time.perf_counter() - started
@@ -203,7 +210,7 @@ def _search(
         tuned=list(plan.names),
         trials=[o.to_json() for o in ranked],
         best=best.to_json() if best is not None else None,
-        configurations=[c.to_json() for c in found] if tuning.repeated(found) else [],
+        configurations=[c.to_json() for c in found] if tune_results.repeated(found) else [],
         best_config=str(best_file) if best_file is not None else None,
         out_dir=str(out_dir),
         storage=search.storage,
@@ -218,7 +225,7 @@ def _experiment_name(run_id: str) -> str:
     return f"tune-{run_id}"
 
 
-def _log_start(run_: StageRun, search: tuning.Search) -> None:
+def _log_start(run_: StageRun, search: tune_results.Search) -> None:
     from gssf_cli.cluster.session import experiment_path
     from gssf_cli.data.manifest import load_manifest, manifest_digest
 
@@ -253,7 +260,7 @@ def _write_outputs(
     """``trials.csv`` (and ``configurations.csv`` across seeds), the best train config and the block-size plot, in
     ``out_dir`` and on the tune run."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, table in tuning.result_tables(ranked, plan).items():
+    for name, table in tune_results.result_tables(ranked, plan).items():
         (out_dir / name).write_text(table, encoding="utf-8")
         if run_ is not None:
             run_.log_text(table, name)
@@ -267,7 +274,7 @@ def _write_outputs(
     if plan.tunes("block_size"):
         from gssf_cli.evaluation import plots
 
-        figure = plots.block_size_figure(tuning.block_size_trials(ranked), tuning.block_size_axes(plan))
+        figure = plots.block_size_figure(tune_results.block_size_trials(ranked), tune_results.block_size_axes(plan))
         if figure is not None:
             figure.savefig(out_dir / "block_size.png", dpi=120)
             if run_ is not None:

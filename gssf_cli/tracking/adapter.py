@@ -4,16 +4,7 @@ Why a thin adapter: stages log through :class:`StageRun` and never see mlflow, s
 (DESIGN.md) lives in one place — where runs go, how they nest, what every run carries (resolved config,
 dataset, git commit, gssf version) — and the tune driver can log many child runs from one process.
 
-Store resolution: ``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db`` (artifacts then
-go to ``<cwd>/mlruns``). Runs are addressed by id or by ``latest``.
-
-First use of a store is checked (:func:`check_store`) and serialised (:func:`store_lock`): an http(s) server
-is probed (TCP connect, then ``/health``: seconds, not minutes) before any work; a SQLite file's folder must
-exist and be writable, and a file that a crashed schema migration left half-done (``_alembic_tmp_*`` tables)
-is refused. Client creation (mlflow creates or migrates the schema there) and the get-or-create of the
-experiment run under an OS file lock (``<db>.lock`` beside the file), so several commands started at once on
-a fresh folder do not race to create the same tables. Logging is not serialised: mlflow sets
-``PRAGMA busy_timeout = 20000`` on every SQLite session, so concurrent writers wait instead of failing.
+The store itself (which one, probed and locked before first use) is :mod:`gssf_cli.tracking.store`.
 """
 
 from __future__ import annotations
@@ -21,20 +12,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import getpass
-import http.client
 import io
 import json
 import logging
 import os
-import socket
-import sqlite3
 import subprocess
-import sys
 import time
 import traceback
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -55,30 +39,17 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from gssf_cli import __version__  # noqa: E402
 from gssf_cli.core.config import dump_toml  # noqa: E402
-from gssf_cli.core.errors import UserInputError  # noqa: E402
+from gssf_cli.core.errors import UserInputError, first_line  # noqa: E402
+from gssf_cli.tracking.store import FIX_URI, check_store, resolve_tracking_uri, store_lock  # noqa: E402
 
 DEFAULT_EXPERIMENT = "gssf"
 PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "gssf.stage"
 MAX_PARAM_LENGTH = 6000
-PROBE_CONNECT_TIMEOUT_S = 5.0
-PROBE_HTTP_TIMEOUT_S = 5.0
-STORE_LOCK_TIMEOUT_S = 300.0
 _END_ATTEMPTS = 3
-FIX_URI = "--tracking-uri / MLFLOW_TRACKING_URI"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CLASSIC_ML = "custom_model_development"  # the UI's "classic ML" mode; without it MLflow 3 opens in GenAI mode
 SHORT_ID_LENGTH = 6
-
-
-def default_tracking_uri(cwd: Path | None = None) -> str:
-    """The local SQLite store in the working directory."""
-    return f"sqlite:///{(cwd or Path.cwd()).resolve() / 'mlflow.db'}"
-
-
-def resolve_tracking_uri(flag: str | None = None) -> str:
-    """``--tracking-uri`` wins over ``MLFLOW_TRACKING_URI``, which wins over the local SQLite default."""
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -155,7 +126,7 @@ class Tracker:
                 self.client = MlflowClient(tracking_uri=self.tracking_uri)
         except MlflowException as exc:
             raise UserInputError(
-                f"cannot use tracking store {self.tracking_uri}: {_first_line(exc)}; check {FIX_URI}"
+                f"cannot use tracking store {self.tracking_uri}: {first_line(exc)}; check {FIX_URI}"
             ) from None
         self._experiment_id: str | None = None
 
@@ -183,7 +154,7 @@ class Tracker:
                     return found
         except MlflowException as exc:
             raise UserInputError(
-                f"cannot use tracking store {self.tracking_uri}: {_first_line(exc)}; check {FIX_URI}"
+                f"cannot use tracking store {self.tracking_uri}: {first_line(exc)}; check {FIX_URI}"
             ) from None
 
     def _existing_experiment(self) -> str | None:
@@ -539,169 +510,3 @@ class StageRun:
 
     def download_artifacts(self, path: str, dst: Path) -> Path:
         return Path(self.client.download_artifacts(self.run_id, path, str(dst)))
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (relative paths from the working directory), or None for
-    another scheme or an in-memory database."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    raw = urllib.parse.unquote(uri[len("sqlite:///") :].split("?", 1)[0])
-    if not raw or raw == ":memory:" or raw.startswith("file:"):
-        return None
-    return Path(raw).absolute()
-
-
-def check_store(uri: str) -> None:
-    """Fail in seconds, in one line, on a store that cannot work: an http(s) server that does not answer, or
-    a SQLite file whose folder is missing or unwritable."""
-    scheme = urllib.parse.urlsplit(uri).scheme.lower()
-    if scheme in ("http", "https"):
-        probe_server(uri)
-        return
-    path = sqlite_path(uri)
-    if path is None:
-        return
-    where = f"tracking store {uri}"
-    if not path.parent.is_dir():
-        problem = "is not a folder" if path.parent.exists() else "does not exist"
-        raise UserInputError(f"{where}: folder {path.parent} {problem}: create it or fix {FIX_URI}")
-    if path.exists() and not path.is_file():
-        raise UserInputError(f"{where}: {path} is not a file: fix {FIX_URI}")
-    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.R_OK | os.W_OK)):
-        raise UserInputError(
-            f"{where}: {path if path.exists() else path.parent} is not writable: "
-            f"fix its permissions or point {FIX_URI} elsewhere"
-        )
-
-
-def probe_server(uri: str) -> None:
-    """A tracking server must accept a TCP connection within ``PROBE_CONNECT_TIMEOUT_S`` and answer an HTTP
-    request within ``PROBE_HTTP_TIMEOUT_S``; mlflow itself would retry for minutes before giving up."""
-    parts = urllib.parse.urlsplit(uri)
-    host = parts.hostname or ""
-    try:
-        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-    except ValueError:
-        raise UserInputError(f"tracking URI {uri} has an invalid port: fix {FIX_URI}") from None
-    fix = f"start the tracking server, or fix {FIX_URI}"
-    if not host:
-        raise UserInputError(f"tracking URI {uri} names no host: fix {FIX_URI}")
-    proxied = urllib.request.getproxies().get(parts.scheme.lower()) and not urllib.request.proxy_bypass(host)
-    if not proxied:
-        try:
-            socket.create_connection((host, port), timeout=PROBE_CONNECT_TIMEOUT_S).close()
-        except TimeoutError:
-            raise UserInputError(
-                f"tracking server {uri} is not reachable (no answer to a connection in "
-                f"{PROBE_CONNECT_TIMEOUT_S:g} s): {fix}"
-            ) from None
-        except OSError as exc:
-            raise UserInputError(f"tracking server {uri} is not reachable ({_os_reason(exc)}): {fix}") from None
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_HTTP_TIMEOUT_S):
-            pass
-    except urllib.error.HTTPError as exc:
-        # Any HTTP answer below 500 is a live server (a 401 or 404 may be auth or a proxy; mlflow will say).
-        if exc.code >= 500:
-            raise UserInputError(f"tracking server {uri} answers HTTP {exc.code} on /health: {fix}") from None
-    except http.client.HTTPException as exc:
-        raise UserInputError(f"tracking server {uri} does not speak HTTP ({_first_line(exc)}): {fix}") from None
-    except OSError as exc:  # URLError, timeouts, resets, TLS errors
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        if isinstance(reason, (TimeoutError, ConnectionError)):
-            raise UserInputError(
-                f"tracking server {uri} does not answer HTTP within {PROBE_HTTP_TIMEOUT_S:g} s "
-                f"({_os_reason(reason)}): {fix}"
-            ) from None
-        # Anything else (a TLS setting mlflow is configured for, a proxy quirk): let mlflow judge.
-
-
-def _os_reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, socket.gaierror):
-        return f"unknown host: {exc.strerror or exc}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return _first_line(exc)
-
-
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Hold an exclusive OS lock on ``<db>.lock`` beside a SQLite store (nothing for other stores), and refuse
-    a store that a crashed schema migration left half-done.
-
-    Why: mlflow creates and migrates the schema of a fresh SQLite file from every process that opens it, with
-    no lock between processes; four commands started at once collide (duplicate tables or columns, and at
-    worst a half-migrated file). The lock file stays; it is empty.
-    """
-    path = sqlite_path(uri)
-    if path is None or sys.platform == "win32":
-        yield
-        return
-    import fcntl
-
-    lock_path = path.with_name(f"{path.name}.lock")
-    try:
-        handle = open(lock_path, "a")  # noqa: SIM115 - closed below, after the lock is released
-    except OSError as exc:
-        raise UserInputError(
-            f"tracking store {uri}: cannot create lock file {lock_path} ({_os_reason(exc)}): "
-            f"fix the folder's permissions or point {FIX_URI} elsewhere"
-        ) from None
-    with handle:
-        deadline = time.monotonic() + STORE_LOCK_TIMEOUT_S
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise UserInputError(
-                        f"tracking store {uri}: another process has held {lock_path} for over "
-                        f"{STORE_LOCK_TIMEOUT_S:g} s (upgrading a large store's schema, or stuck): retry when it ends"
-                    ) from None
-                time.sleep(0.05)
-        try:
-            _refuse_half_migrated(path)
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _refuse_half_migrated(path: Path) -> None:
-    """A schema migration that died midway leaves ``_alembic_tmp_<table>`` behind; every later migration
-    fails on it, and running one more could lose the table's rows. Say so instead of touching the file."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    try:
-        # Read-write, not ``mode=ro``: a read-only connection cannot roll back a crashed writer's hot journal.
-        with contextlib.closing(sqlite3.connect(path, timeout=20)) as db:
-            tables = [str(row[0]) for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    except sqlite3.DatabaseError as exc:
-        raise UserInputError(
-            f"tracking store {path} cannot be read as a SQLite database ({exc}): restore a backup, or point "
-            f"{FIX_URI} elsewhere"
-        ) from None
-    prefix = "_alembic_tmp_"
-    leftovers = sorted(name for name in tables if name.startswith(prefix))
-    if leftovers:
-        # The copy is partial while the original still exists; once the original is dropped, it holds the rows.
-        repairs = "; ".join(
-            f"DROP TABLE {name}"
-            if name[len(prefix) :] in tables
-            else f"ALTER TABLE {name} RENAME TO {name[len(prefix) :]}"
-            for name in leftovers
-        )
-        raise UserInputError(
-            f"tracking store {path} was left half-migrated by an interrupted schema upgrade (leftover "
-            f"table{'s' if len(leftovers) > 1 else ''} {', '.join(leftovers)}): copy the file aside, then restore "
-            "a backup or repair it with "
-            f"sqlite3 {path} '{repairs}' and `mlflow db upgrade sqlite:///{path}`"
-        )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -38,8 +38,9 @@ import numpy as np
 import torch
 
 from gssf_cli.core import metrics as registry
-from gssf_cli.core.config import TrainConfig, default_of, to_dict
+from gssf_cli.core.config import default_of, to_dict
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import TrainConfig
 from gssf_cli.data.dataset import Dataset, Split
 from gssf_cli.data.rankable import split_problem
 from gssf_cli.evaluation.evaluate import evaluate_model, load_embeddings

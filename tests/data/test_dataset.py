@@ -14,8 +14,8 @@ import pytest
 from typer.testing import Result
 
 from gssf_cli.core import limits
-from gssf_cli.core.config import PrepareConfig
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import PrepareConfig
 from gssf_cli.data import WRITERS, writer
 from gssf_cli.data import manifest as manifest_module
 from gssf_cli.data.manifest import load_manifest

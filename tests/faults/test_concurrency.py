@@ -85,7 +85,7 @@ def test_concurrent_prepares_on_a_fresh_store_all_finish(tmp_path: Path, repeat:
 
 
 def test_concurrent_trainings_on_a_fresh_store_all_finish(tmp_path: Path) -> None:
-    from gssf_cli.core.config import PrepareConfig
+    from gssf_cli.core.stage_configs import PrepareConfig
     from gssf_cli.stages import prepare
 
     data = tmp_path / "syn"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gssf_cli.core.config import PrepareConfig
+from gssf_cli.core.stage_configs import PrepareConfig
 from gssf_cli.stages import prepare
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets from /proc")

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gssf_cli.core.config import PrepareConfig, TrainConfig, from_dict
+from gssf_cli.core.config import from_dict
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.limits import BLOCK_SIMILARITIES, SIMILARITY_NAMES
-from gssf_cli.modeling.encoders import EncoderSpec, build_encoder
+from gssf_cli.core.stage_configs import PrepareConfig, TrainConfig
+from gssf_cli.modeling.encoder_spec import EncoderSpec, build_encoder
 from gssf_cli.modeling.model import FLOAT32_BYTES, check_fits_memory, count_parameters
 from gssf_cli.modeling.similarity import make_similarity
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner, Result
 
 from gssf_cli.cli.app import app
 from gssf_cli.cli.options import shown_default
-from gssf_cli.core.config import CompareConfig, PrepareConfig
+from gssf_cli.core.stage_configs import CompareConfig, PrepareConfig
 from gssf_cli.tracking.adapter import Tracker
 from tests.conftest import tiny_train_config
 from tests.test_cli import HEAVY, help_rows

@@ -27,13 +27,12 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from gssf_cli.cli.app import app
-from gssf_cli.core.config import TrainConfig, TuneConfig, resolve
+from gssf_cli.core.config import resolve
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import TrainConfig, TuneConfig
 from gssf_cli.stages.trial_runs import TrialRuns
 from gssf_cli.tracking.adapter import Tracker
-from gssf_cli.training.tune_plan import (
-    make_plan,
-)
+from gssf_cli.training.tune_plan import make_plan
 
 SMALL_BASE = ["--base", "embed_dim=32", "--base", "word_dim=16", "--base", "batch_size=32", "--base", "lr=0.003"]
 ENV = {"COLUMNS": "120", "NO_COLOR": "1"}
@@ -508,7 +507,7 @@ def test_trial_runs_are_reattached_and_completed_from_the_outcomes(moduledir: Pa
     Tune's callback passes on): a trial that starts again continues its own run, an epoch already there is not
     logged twice, and after ``fit()`` what the live log missed comes from the outcome — the epochs of a run,
     the whole run of a trial never seen live; a trial that never started gets no run."""
-    from gssf_cli.training.tune_plan import TrialOutcome
+    from gssf_cli.training.tune_results import TrialOutcome
 
     config = TuneConfig(
         params=("block_size=4,8,16",), data=Path("data/syn"), base=("embed_dim=32", "metric=bdiag"), epochs=3

@@ -39,7 +39,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from common import peak_rss_mib, report
 
-from gssf_cli.deploy import search
+from gssf_cli.deploy import exact_search, search
 
 FULL_COUNT = 1_000_000
 QUICK_COUNT = 100_000
@@ -191,13 +191,13 @@ def run_kind(kind: str, work: Path, count: int, dim: int) -> dict[str, Any]:
 
 def numpy_anchor(gallery: np.ndarray, queries: np.ndarray) -> tuple[float, float, np.ndarray]:
     """Seconds of the bare chunked GEMM (exact_search's chunks, no top-k) and of ``exact_search``; its rows."""
-    rows_per_chunk = search.SCORE_BLOCK_BYTES // (4 * queries.shape[0])
+    rows_per_chunk = exact_search.SCORE_BLOCK_BYTES // (4 * queries.shape[0])
     start = time.perf_counter()
     for first in range(0, gallery.shape[0], rows_per_chunk):
         queries @ gallery[first : first + rows_per_chunk].T
     gemm = time.perf_counter() - start
     start = time.perf_counter()
-    _, exact = search.exact_search(gallery, queries, K)
+    _, exact = exact_search.exact_search(gallery, queries, K)
     return gemm, time.perf_counter() - start, exact
 
 
@@ -230,7 +230,7 @@ def main() -> None:
         del gallery
         measured = {kind: run_kind(kind, work, count, args.dim) for kind in args.kinds.split(",")}
         recalls = {
-            (kind, i): search.recall_at_k(np.load(work / f"{kind}_{i}.npy"), exact)
+            (kind, i): exact_search.recall_at_k(np.load(work / f"{kind}_{i}.npy"), exact)
             for kind, m in measured.items()
             for i in range(len(m["results"]))
         }

@@ -13,7 +13,7 @@ Command-line conventions (the contract scripts rely on): exit 0 success, 1 the w
 (or an internal error), 2 bad usage or bad input, 130 interrupted (Ctrl-C, SIGTERM). Every error is one line on
 stderr, ``gssf: error: ...`` (usage errors add ``(see gssf CMD --help)``); with ``--json`` it is also one JSON
 object ``{"error", "kind", "exit_code"}`` on stdout, so stdout always holds exactly one JSON document. The
-machinery for this lives in :class:`gssf_cli.cli.options.Group` (usage errors) and :func:`guarded` (errors of the work).
+machinery for this lives in :class:`gssf_cli.cli.options.Group` (usage errors) and :func:`gssf_cli.cli.options.guarded` (errors of the work).
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from gssf_cli.cli.options import (
     Group,
     Settings,
     config_flags,
-    internal_failure,
+    guarded,
     report,
     with_default,
 )
 from gssf_cli.core.config import field_value, load_toml, resolve
-from gssf_cli.core.errors import CheckFailedError, UserInputError
+from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.stage_configs import (
     CompareConfig,
     EvaluateConfig,
@@ -56,8 +56,6 @@ from gssf_cli.core.stage_configs import (
 
 T = TypeVar("T")
 C = TypeVar("C")
-FULL_INSTALL_ONLY = frozenset({"torch", "mlflow", "ray", "onnx", "onnxscript", "safetensors", "sklearn", "matplotlib"})
-"""What ``pip install "gssf[all]"`` adds to the lean ``gssf[search]`` install (see pyproject.toml)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,41 +124,6 @@ def main_options(
 
 def _options(ctx: typer.Context) -> GlobalOptions:
     return ctx.obj if isinstance(ctx.obj, GlobalOptions) else GlobalOptions()
-
-
-def _json_mode(ctx: typer.Context) -> bool:
-    return bool(ctx.params.get("json_output"))
-
-
-def guarded(ctx: typer.Context, work: Callable[[], T]) -> T:
-    """Run ``work`` turning known failures into one line on stderr (and a JSON object on stdout with
-    ``--json``) and the contract's exit codes; ``--debug`` lets them through with their traceback."""
-    debug = _options(ctx).debug
-    try:
-        return work()
-    except UserInputError as exc:
-        if debug:
-            raise
-        failure = Failure("input", str(exc), 2)
-    except CheckFailedError as exc:
-        if debug:
-            raise
-        failure = Failure("check_failed", str(exc), 1)
-    except KeyboardInterrupt:
-        failure = Failure("interrupted", "interrupted", 130)
-    except ModuleNotFoundError as exc:
-        if debug:
-            raise
-        failure = (
-            Failure("input", f"{ctx.info_name} needs {exc.name}, which this install lacks: pip install 'gssf[all]'", 2)
-            if (exc.name or "").split(".")[0] in FULL_INSTALL_ONLY
-            else internal_failure(exc)
-        )
-    except Exception as exc:
-        if debug:
-            raise
-        failure = internal_failure(exc)
-    raise typer.Exit(report(failure, _json_mode(ctx)))
 
 
 def _stage_command(name: str, cls: type) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -255,9 +218,10 @@ def prepare(
         return stage.run(resolved, tracker)
 
     result = _run_stage(ctx, PrepareConfig, "prepare", config, settings.values, call)
-    from gssf_cli.cli import console
 
-    console.print_prepare(result.to_json(), json_output)
+    from gssf_cli.cli import tables
+
+    tables.print_prepare(result.to_json(), json_output)
 
 
 @_stage_command("train", TrainConfig)
@@ -300,9 +264,10 @@ def train(
 
     beneath = saved if resume is not None else None
     result = _run_stage(ctx, TrainConfig, "train", config, settings.values, call, beneath=beneath)
-    from gssf_cli.cli import console
 
-    console.print_training(result.to_json(), json_output)
+    from gssf_cli.cli import tables
+
+    tables.print_training(result.to_json(), json_output)
 
 
 def _train_seeds(
@@ -325,9 +290,10 @@ def _train_seeds(
         return stage.run_seeds(resolved, parsed, tracker, progress=_training_progress(json_output))
 
     result = _run_stage(ctx, TrainConfig, "train", config, cli_values, call)
-    from gssf_cli.cli import console
 
-    console.print_seeds(result.to_json(), json_output)
+    from gssf_cli.cli import tables
+
+    tables.print_seeds(result.to_json(), json_output)
 
 
 @_stage_command("evaluate", EvaluateConfig)
@@ -342,9 +308,10 @@ def evaluate(
         return stage.run(resolved, tracker)
 
     result = _run_stage(ctx, EvaluateConfig, "evaluate", config, settings.values, call)
-    from gssf_cli.cli import console
 
-    console.print_evaluation(result.to_json(), json_output)
+    from gssf_cli.cli import tables
+
+    tables.print_evaluation(result.to_json(), json_output)
 
 
 @_stage_command("tune", TuneConfig)
@@ -379,9 +346,9 @@ def tune(
             return stage.resume(run_ref, _options(ctx).tracker(), progress=True)
 
         resumed_result = guarded(ctx, resumed)
-        from gssf_cli.cli import console
+        from gssf_cli.cli import tables
 
-        console.print_tune(resumed_result.to_json(), json_output)
+        tables.print_tune(resumed_result.to_json(), json_output)
         return
 
     def cli_values() -> dict[str, Any]:
@@ -397,9 +364,10 @@ def tune(
         return stage.run(resolved, tracker, progress=True)  # progress goes to stderr: --json stdout stays JSON
 
     result = _run_stage(ctx, TuneConfig, "tune", None, cli_values, call)
-    from gssf_cli.cli import console
 
-    console.print_tune(result.to_json(), json_output)
+    from gssf_cli.cli import tables
+
+    tables.print_tune(result.to_json(), json_output)
 
 
 @_stage_command("export", ExportConfig)
@@ -427,9 +395,9 @@ def export(
             return stage.verify_bundle(bundle)
 
         checked = guarded(ctx, verify)
-        from gssf_cli.cli import console
+        from gssf_cli.cli import tables
 
-        console.print_bundle_check(checked, json_output)
+        tables.print_bundle_check(checked, json_output)
         return
 
     def cli_values() -> dict[str, Any]:
@@ -443,11 +411,12 @@ def export(
         return stage.run(resolved, tracker)
 
     result = _run_stage(ctx, ExportConfig, "export", config, cli_values, call)
-    from gssf_cli.cli import console
+
+    from gssf_cli.cli import tables
 
     payload = result.to_json()
     if result.passed:
-        console.print_export(payload, json_output)
+        tables.print_export(payload, json_output)
         return
     where = "its parity report is in the JSON" if json_output else "see the table"
     failure = Failure(
@@ -458,7 +427,7 @@ def export(
     )
     if json_output:  # stdout holds one JSON document: the result, which says what failed
         payload |= {"error": failure.message, "kind": failure.kind, "exit_code": failure.exit_code}
-    console.print_export(payload, json_output)
+    tables.print_export(payload, json_output)
     raise typer.Exit(report(failure, as_json=False))
 
 
@@ -495,9 +464,10 @@ def compare(
         return stage.run(resolved, tracker)
 
     result = _run_stage(ctx, CompareConfig, "compare", config, cli_values, call)
-    from gssf_cli.cli import console
 
-    console.print_comparison(result.to_json(), json_output)
+    from gssf_cli.cli import tables
+
+    tables.print_comparison(result.to_json(), json_output)
 
 
 @_stage_command("index", IndexConfig)
@@ -524,9 +494,9 @@ def index(
             return stage.run(resolved, tracker, progress)
 
     result = _run_stage(ctx, IndexConfig, "index", config, settings.values, call)
-    from gssf_cli.cli import console
+    from gssf_cli.cli import tables
 
-    console.print_index(result.to_json(), json_output)
+    tables.print_index(result.to_json(), json_output)
 
 
 @_stage_command("search", SearchConfig)
@@ -549,9 +519,10 @@ def search(
         return run_search(resolve(SearchConfig, "search", {}, settings.values()))
 
     result = guarded(ctx, work)
-    from gssf_cli.cli import console
 
-    console.print_search(result.to_json(), json_output)
+    from gssf_cli.cli import tables
+
+    tables.print_search(result.to_json(), json_output)
 
 
 @app.command("run", cls=Command)
@@ -586,9 +557,10 @@ def run_pipeline(
         )
 
     result = guarded(ctx, work)
-    from gssf_cli.cli import console
 
-    console.print_pipeline(result.to_json(), json_output)
+    from gssf_cli.cli import tables
+
+    tables.print_pipeline(result.to_json(), json_output)
 
 
 def _training_progress(json_output: bool) -> Any:

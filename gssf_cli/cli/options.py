@@ -29,6 +29,11 @@ from typer._click import exceptions as click_errors
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from gssf_cli.core.config import parse_int_list
+from gssf_cli.core.errors import CheckFailedError, UserInputError
+
+T = typing.TypeVar("T")
+FULL_INSTALL_ONLY = frozenset({"torch", "mlflow", "ray", "onnx", "onnxscript", "safetensors", "sklearn", "matplotlib"})
+"""What ``pip install "gssf[all]"`` adds to the lean ``gssf[search]`` install (see pyproject.toml)."""
 
 # ---------------------------------------------------------------------------------------------------------
 # Help that reads like click's, and usage errors in one line
@@ -436,3 +441,34 @@ class Settings:
     def given_flags(self) -> list[str]:
         """The flags given on the command line, as spelled (``--epochs``, ``--no-mlp``)."""
         return [self.flags[name].spelled(value) for name, value in self.given.items() if value not in (None, [], ())]
+
+
+def guarded(ctx: typer.Context, work: Callable[[], T]) -> T:
+    """Run ``work`` turning known failures into one line on stderr (and a JSON object on stdout with
+    ``--json``) and the contract's exit codes; ``--debug`` lets them through with their traceback."""
+    debug = bool(getattr(ctx.obj, "debug", False))
+    try:
+        return work()
+    except UserInputError as exc:
+        if debug:
+            raise
+        failure = Failure("input", str(exc), 2)
+    except CheckFailedError as exc:
+        if debug:
+            raise
+        failure = Failure("check_failed", str(exc), 1)
+    except KeyboardInterrupt:
+        failure = Failure("interrupted", "interrupted", 130)
+    except ModuleNotFoundError as exc:
+        if debug:
+            raise
+        failure = (
+            Failure("input", f"{ctx.info_name} needs {exc.name}, which this install lacks: pip install 'gssf[all]'", 2)
+            if (exc.name or "").split(".")[0] in FULL_INSTALL_ONLY
+            else internal_failure(exc)
+        )
+    except Exception as exc:
+        if debug:
+            raise
+        failure = internal_failure(exc)
+    raise typer.Exit(report(failure, bool(ctx.params.get("json_output"))))

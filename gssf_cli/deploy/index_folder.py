@@ -43,7 +43,7 @@ from gssf_cli.core.files import (
 )
 from gssf_cli.core.stage_configs import IndexConfig, SearchConfig
 from gssf_cli.data.text import read_captions
-from gssf_cli.deploy import search
+from gssf_cli.deploy import exact_search, search
 from gssf_cli.deploy.bundle import BundleModel, bundle_digest
 
 INDEX_FORMAT = 1
@@ -214,7 +214,7 @@ class ExactTopK:
         self.rows = np.full((len(queries), k), -1, dtype=np.int64)
 
     def update(self, vectors: np.ndarray, offset: int) -> None:
-        scores, rows = search.exact_search(vectors, self.queries, self.k)
+        scores, rows = exact_search.exact_search(vectors, self.queries, self.k)
         rows = np.where(rows >= 0, rows + offset, -1)
         merged_scores = np.concatenate([self.scores, scores], axis=1)
         merged_rows = np.concatenate([self.rows, rows], axis=1)
@@ -327,7 +327,7 @@ def measure(index: Any, spec: search.IndexSpec, queries: np.ndarray, exact: Exac
     return {
         "queries": len(queries),
         "k": EVAL_K,
-        "recall_at_10": search.recall_at_k(found, exact.rows),
+        "recall_at_10": exact_search.recall_at_k(found, exact.rows),
         "queries_per_second": len(queries) / max(batch_seconds, 1e-9),
         "latency_ms_p50": float(np.percentile(milliseconds, 50)),
         "latency_ms_p95": float(np.percentile(milliseconds, 95)),

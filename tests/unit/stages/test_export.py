@@ -20,7 +20,7 @@ from tests.factories import write_feature_folder, write_precomp
 
 Gssf = Callable[..., Result]
 TINY_TRAIN = ["--embed-dim", "16", "--word-dim", "8", "--batch-size", "16", "--epochs", "1"]
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def _invoke(*args: str) -> Result:

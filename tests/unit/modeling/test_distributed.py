@@ -5,7 +5,7 @@ The library tests run two real processes in a gloo process group (``torch.multip
 :class:`~gssf_cli.training.loop.Trainer` as a :class:`~gssf_cli.modeling.distributed.Shard`, and after two epochs (the warm-up
 over all negatives, then hardest negatives mined over the global batch) its loss and weights must equal those of
 one process with the same global batch and seed. The same run through Ray Train and the CLI is in
-``tests/test_cluster_training.py`` (``nox -s cluster``).
+``tests/behaviour/test_cluster_training.py`` (``nox -s cluster``).
 """
 
 from __future__ import annotations

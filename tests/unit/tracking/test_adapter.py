@@ -22,7 +22,7 @@ from gssf_cli.tracking.store import default_tracking_uri, resolve_tracking_uri
 from tests.conftest import tiny_synthetic_args
 from tests.mlflow_ui import mlflow_ui
 
-PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.toml"
+PIPELINE = Path(__file__).resolve().parents[3] / "pipelines" / "quickstart.toml"
 
 
 def test_uri_precedence(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

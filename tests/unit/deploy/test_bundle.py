@@ -1,5 +1,5 @@
 """The ONNX exporter's recipe: example inputs that keep every axis dynamic, checked by ONNX Runtime at a second
-size (the bundle's parity gate and ``--check`` are exercised end to end in ``tests/stages/test_export.py``)."""
+size (the bundle's parity gate and ``--check`` are exercised end to end in ``tests/unit/stages/test_export.py``)."""
 
 from __future__ import annotations
 
@@ -222,8 +222,8 @@ def test_onnx_export_of_head_only_towers_matches_torch(tmp_path: Path) -> None:
     """A head-only tower without parameters (the L2 norm alone) exports with a dynamic batch axis and matches
     PyTorch at two batch sizes; over a frozen caption tower, whose forward names its inputs differently, the
     example keys the dynamic shapes by those names. (Adapters over features and over frozen MLP towers export
-    through the whole bundle gate in ``tests/test_head_only.py``; MLP feature towers in
-    ``tests/stages/test_export.py``, features and digits kinds.)"""
+    through the whole bundle gate in ``tests/behaviour/test_head_only.py``; MLP feature towers in
+    ``tests/unit/stages/test_export.py``, features and digits kinds.)"""
     ort = pytest.importorskip("onnxruntime")
     from gssf_cli.modeling.encoders import HeadOnlyTower
 

@@ -5,7 +5,7 @@ One flow, because each Ray start costs seconds: a 2-worker run is stopped (SIGTE
 resumed with ``--resume`` (which keeps its two workers), and must then end exactly where an uninterrupted
 single-process run with the same global batch and seed ends; it is one MLflow run, written by the driver, and
 exports and evaluates like any other run. The step-level equivalence (weights, losses, every loss) is proven
-without Ray in ``tests/test_data_parallel.py``.
+without Ray in ``tests/unit/modeling/test_distributed.py``.
 """
 
 from __future__ import annotations

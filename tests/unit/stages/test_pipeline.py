@@ -16,7 +16,7 @@ from typer.testing import Result
 from gssf_cli.tracking.adapter import PARENT_TAG, Tracker
 
 Gssf = Callable[..., Result]
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _one_line(result: Result) -> str:

@@ -22,7 +22,7 @@ import pytest
 
 from tests.mlflow_ui import check_quickstart, load_through_server, mlflow_ui, screenshots
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 BLOCK = re.compile(r"(?:<!-- readme: (run|skip \([^)]*\)) -->\n)?```(bash|python)\n(.*?)```", re.S)
 

@@ -1,4 +1,4 @@
-"""What the Ray module checks before Ray starts: addresses and storage (real trials: tests/stages/test_tune.py)."""
+"""What the Ray module checks before Ray starts: addresses and storage (real trials: tests/unit/stages/test_tune.py)."""
 
 from __future__ import annotations
 

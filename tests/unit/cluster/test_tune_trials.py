@@ -1,6 +1,6 @@
 """The driver's live trial events on real Ray: what a :class:`~gssf_cli.training.tune_results.TrialLog` receives, in what order,
 and that a log that keeps failing (a tracking store gone away) neither stops the search nor floods stderr (the
-MLflow side of the same events: tests/stages/test_tune.py)."""
+MLflow side of the same events: tests/unit/stages/test_tune.py)."""
 
 from __future__ import annotations
 

@@ -13,14 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.deploy.exact_search import exact_search, recall_at_k
 from gssf_cli.deploy.search import (
     INDEX_KINDS,
     IndexBuilder,
     IndexSpec,
-    exact_search,
     index_spec,
     read_index,
-    recall_at_k,
     search,
     search_overrides,
     set_threads,

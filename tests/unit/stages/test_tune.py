@@ -1,5 +1,5 @@
 """``gssf tune``: checks before Ray, and real Ray Tune runs on tiny data logged to MLflow (the search-space
-syntax itself: ``tests/test_tuning.py``).
+syntax itself: ``tests/unit/training/test_tune_plan.py``).
 
 The Ray tests start a real local Ray (2 CPUs here) and train real models for 2-4 epochs; each tune is run
 once per module and several tests read its outcome.
@@ -191,7 +191,8 @@ def test_a_seed_axis_summarises_each_configuration_across_seeds(
 ) -> None:
     """``--param seed=0,1`` beside the block size: each block size is one configuration with n = 2, the summary
     gives its mean ± std, the best trial comes from the configuration with the best mean, the table says so."""
-    from gssf_cli.cli import console
+
+    from gssf_cli.cli import tables
 
     result = _cli(
         "tune", "--data", "data/syn", "--param", "block_size=4,8", "--param", "seed=0,1", *SMALL_BASE,
@@ -212,7 +213,7 @@ def test_a_seed_axis_summarises_each_configuration_across_seeds(
         assert configuration["metric"]["n"] == 2
         assert configuration["metric"]["mean"] == pytest.approx(sum(values) / 2)
     assert tuned["best"]["values"]["block_size"] == found[0]["values"]["block_size"]
-    console.print_tune(tuned, as_json=False)
+    tables.print_tune(tuned, as_json=False)
     assert "2 configurations across seeds" in capsys.readouterr().out
     rows = list(csv.DictReader(io.StringIO(Path(tuned["out_dir"], "configurations.csv").read_text())))
     assert [int(r["block_size"]) for r in rows] == [c["values"]["block_size"] for c in found]
@@ -317,9 +318,10 @@ def test_asha_stops_weak_trials_and_failed_trials_do_not_stop_the_tune(asha_tune
 
 
 def test_table_output(asha_tune: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
-    from gssf_cli.cli import console
 
-    console.print_tune(asha_tune, as_json=False)
+    from gssf_cli.cli import tables
+
+    tables.print_tune(asha_tune, as_json=False)
     out = capsys.readouterr().out
     assert "4 trials, by rsum (max), scheduler asha" in out
     assert "KILLED" in out and "FAILED" in out and "FINISHED" in out

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 from gssf_cli.core.config import to_dict
 from gssf_cli.core.errors import UserInputError, first_line
-from gssf_cli.core.limits import head_parameters
 from gssf_cli.core.stage_configs import TrainConfig, TuneConfig
 from gssf_cli.training import tune_plan as tuning
 from gssf_cli.training import tune_results
@@ -433,6 +432,8 @@ def _outcome(result: Any, plan: TunePlan) -> TrialOutcome:
     train_values = tune_results.trial_values_or_none(plan, values)
     head = None
     if train_values is not None:
+        from gssf_cli.modeling.similarity import head_parameters
+
         head = head_parameters(
             str(train_values["metric"]), int(train_values["embed_dim"]), int(train_values["block_size"])
         )

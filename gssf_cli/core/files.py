@@ -27,6 +27,10 @@ STALE_AFTER_S = 3600.0
 """A leftover (staging folder, checkpoint being written) named without a process id, as older versions named
 them, is removed only once it is this old: its writer cannot be asked whether it still runs."""
 
+MANIFEST = "manifest.json"
+"""The file that describes a folder gssf wrote (a dataset, a bundle, an index): what it is, and every other
+file's sha256."""
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -262,3 +266,9 @@ def format_bytes(n: float) -> str:
 
 def _nearest_existing(path: Path) -> Path | None:
     return next((p for p in (path, *path.parents) if p.exists()), None)
+
+
+def manifest_digest(folder: Path) -> str:
+    """A folder's identity: the sha256 of its manifest, which lists every other file's hash, so one hash names the
+    whole dataset or bundle."""
+    return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()

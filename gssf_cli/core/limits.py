@@ -63,10 +63,15 @@ def check_finite(key: str, value: object) -> None:
 
 
 def _number(value: float) -> str:
-    return f"{value:g}"
+    """Whole numbers in full (``16,777,216``, never ``1.67772e+07``), others as ``%g``."""
+    return f"{int(value):,}" if float(value).is_integer() and abs(value) >= 1e6 else f"{value:g}"
 
 
 AT_LEAST_ONE = Range(1)
+MAX_EMBED_DIM = 2**24
+"""The largest embedding size D a config accepts: far above any model's (a dense head of this size would have
+2.8 * 10^14 parameters), and small enough that its divisors (the valid block sizes) come from trial division."""
+EMBED_DIM = Range(1, MAX_EMBED_DIM)
 AT_LEAST_TWO = Range(2)
 POSITIVE = Range(0, low_inclusive=False)
 NON_NEGATIVE = Range(0)
@@ -125,12 +130,10 @@ TEXT_KINDS: tuple[str, ...] = get_args(TextKind)
 def valid_block_sizes(dim: int) -> list[int]:
     """The divisors of ``dim`` in increasing order: the block sizes ``bdiag``/``gssf`` accept.
 
-    From the prime factorisation (:func:`_prime_factors`), so even an absurd ``dim`` (10^30) answers at once.
+    Plain trial division up to sqrt(dim): at most :data:`MAX_EMBED_DIM` (2^24) costs 4,096 steps.
     """
-    divisors = [1]
-    for prime, power in _prime_factors(dim).items():
-        divisors = [d * prime**k for d in divisors for k in range(power + 1)]
-    return sorted(divisors)
+    small = [k for k in range(1, math.isqrt(dim) + 1) if dim % k == 0]
+    return sorted({*small, *(dim // k for k in small)})
 
 
 MAX_LISTED_SIZES = 32
@@ -153,87 +156,6 @@ def check_block_size(name: str, dim: int, block_size: int | None) -> int:
             f"block size {block_size} does not divide the embedding size {dim}; valid block sizes: {sizes()}"
         )
     return block_size
-
-
-_SMALL_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
-
-
-def _prime_factors(n: int) -> dict[int, int]:
-    """``{factor: power}`` of ``n >= 1``: trial division by small primes, then Miller-Rabin and Pollard's rho.
-
-    A cofactor that resists :data:`_RHO_STEPS` steps of rho is kept whole (as if prime), so any ``n`` answers
-    in about a second at worst; that takes a product of two primes above ~10^10, a ``dim`` no model could hold.
-    """
-    factors: dict[int, int] = {}
-    for p in _SMALL_PRIMES:
-        while n % p == 0:
-            factors[p] = factors.get(p, 0) + 1
-            n //= p
-    stack = [n] if n > 1 else []
-    while stack:
-        m = stack.pop()
-        d = None if _is_probable_prime(m) else _pollard_rho(m)
-        if d is None:
-            factors[m] = factors.get(m, 0) + 1
-        else:
-            stack += [d, m // d]
-    return factors
-
-
-def _is_probable_prime(n: int) -> bool:
-    """Miller-Rabin with the first 13 prime bases: exact below 3.3 * 10^24, and wrong beyond with
-    negligible probability."""
-    if n < 2:
-        return False
-    for p in _SMALL_PRIMES:
-        if n % p == 0:
-            return n == p
-    d, r = n - 1, 0
-    while d % 2 == 0:
-        d, r = d // 2, r + 1
-    for a in _SMALL_PRIMES:
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(r - 1):
-            x = pow(x, 2, n)
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-_RHO_STEPS = 50_000
-
-
-def _pollard_rho(n: int) -> int | None:
-    """A non-trivial factor of the composite ``n`` without small prime factors (Pollard's rho with Floyd's
-    cycle finding), or None when none turns up within :data:`_RHO_STEPS` steps."""
-    for c in (1, 3, 5, 7):
-        x = y = 2
-        for _ in range(_RHO_STEPS):
-            x = (x * x + c) % n
-            y = (y * y + c) % n
-            y = (y * y + c) % n
-            d = math.gcd(abs(x - y), n)
-            if d == n:
-                break
-            if d != 1:
-                return d
-    return None
-
-
-def head_parameters(name: str, dim: int, block_size: int) -> int:
-    """Learned entries of a metric head's ``W ⊙ U`` (REFERENCE.md §1), without building the module; a test
-    proves it equals :meth:`gssf_cli.modeling.similarity.Similarity.num_parameters`."""
-    return {
-        "cosine": 0,
-        "diag": dim,
-        "bdiag": dim * block_size,
-        "dense": dim * dim,
-        "gssf": dim + dim * block_size,
-    }[name]
 
 
 REGISTERED_NAME_FORBIDDEN = ("/", ":")

@@ -173,7 +173,7 @@ class TrainConfig:
     metric: MetricName = setting("gssf", help="Metric head:")
     block_size: int = setting(64, help="Block size d for bdiag/gssf (divides --embed-dim).", within=limits.AT_LEAST_ONE)
     metric_norm: MetricNorm = setting("none", help="Score normalisation:")
-    embed_dim: int = setting(1024, help="Embedding size D.", within=limits.AT_LEAST_ONE)
+    embed_dim: int = setting(1024, help="Embedding size D.", within=limits.EMBED_DIM)
     encoder: EncoderKind = setting(
         "trained",
         help="Encoders: trained (learned with the head); identity (the head alone over the dataset's features); "
@@ -294,8 +294,13 @@ class TrainConfig:
     def uses_block_size(self) -> bool:
         return self.metric in limits.BLOCK_SIMILARITIES
 
+    def head_block_size(self) -> int | None:
+        """The metric head's block size d: ``block_size`` for the block members, None for the others (which
+        ignore it)."""
+        return self.block_size if self.uses_block_size() else None
+
     def model_label(self) -> str:
-        return limits.model_label(self.metric, self.block_size if self.uses_block_size() else None)
+        return limits.model_label(self.metric, self.head_block_size())
 
 
 @dataclasses.dataclass(frozen=True)

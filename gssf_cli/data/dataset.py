@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from gssf_cli.core.errors import UserInputError
-from gssf_cli.core.files import open_array
-from gssf_cli.data.manifest import load_manifest, manifest_digest
+from gssf_cli.core.files import manifest_digest, open_array
+from gssf_cli.data.manifest import load_manifest
 from gssf_cli.data.text import Vocabulary, pad_ids, read_captions
 
 

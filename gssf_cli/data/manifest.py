@@ -13,17 +13,15 @@ before it can silently change a result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from gssf_cli import __version__
 from gssf_cli.core.errors import UserInputError
-from gssf_cli.core.files import sha256_file
+from gssf_cli.core.files import MANIFEST, sha256_file
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
 _VERIFIED: dict[tuple[str, int, int], str] = {}
 """Files this process already hashed, by (absolute path, size, mtime in ns) -> sha256. A training run, its
@@ -41,11 +39,6 @@ def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
     manifest = {"format_version": FORMAT_VERSION, **fields, "files": files, "created_by": f"gssf {__version__}"}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     return manifest
-
-
-def manifest_digest(folder: Path) -> str:
-    """sha256 of the manifest file: one hash that names the whole dataset (it lists every file's hash)."""
-    return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
 
 
 def load_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:

@@ -16,12 +16,11 @@ inspection as ``<out>.failed`` (:func:`failed_path`) and an existing bundle at `
 ``vocab.json``), and :func:`verify_bundle` refuses any path that is absolute, climbs out with ``..``, is a
 symlink or resolves outside the folder, an incomplete set of graphs (:data:`GRAPHS`, shared with the exporter),
 a changed file, or a bundle whose gate failed. A bundle's identity is the sha256 of its manifest
-(:func:`bundle_digest`): the manifest checksums every other file, so equal digests mean equal bundles.
+(:func:`manifest_digest`): the manifest checksums every other file, so equal digests mean equal bundles.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -31,11 +30,11 @@ from typing import Any
 import numpy as np
 
 from gssf_cli.core.errors import UserInputError, first_line
+from gssf_cli.core.files import MANIFEST, manifest_digest
 from gssf_cli.deploy.serving import Served
 
 BUNDLE_FORMAT = 2
 """2: a ``files`` section checksums every file the bundle needs (1 covered the graphs only)."""
-MANIFEST = "manifest.json"
 FAILED_SUFFIX = ".failed"
 GRAPHS: dict[str, tuple[str, ...]] = {
     "cross_modal": ("image_encoder", "text_encoder", "metric_head"),
@@ -106,11 +105,6 @@ def runtime_versions() -> dict[str, str]:
     import onnxruntime
 
     return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def bundle_digest(folder: Path) -> str:
-    """A bundle's identity: the sha256 of its manifest, which checksums every other file of the bundle."""
-    return hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
 
 
 def load_graph(path: Path) -> Any:
@@ -191,7 +185,7 @@ def verify_bundle(folder: Path, *, full_check: bool = True) -> dict[str, Any]:
         "graphs": sorted(graphs),
         "files": sorted(files),
         "source_run_id": manifest.get("source_run_id"),
-        "digest": bundle_digest(folder),
+        "digest": manifest_digest(folder),
         "valid": True,
     }
 
@@ -263,7 +257,7 @@ class BundleModel(Served):
     """A verified bundle on ONNX Runtime (no torch): behind :func:`gssf_cli.deploy.serving.predict` (what
     ``mlflow.pyfunc.load_model`` gives for a registered export) and behind ``gssf index`` / ``gssf search``.
 
-    ``digest`` is the bundle's identity (:func:`bundle_digest`), ``dim`` its embedding size D; ``image_input``
+    ``digest`` is the bundle's identity (:func:`manifest_digest`), ``dim`` its embedding size D; ``image_input``
     and ``text_input`` are the per-item input shapes of the towers (``[F]``, ``["regions", F]``, or ``tokens``).
     """
 
@@ -273,7 +267,7 @@ class BundleModel(Served):
         self.folder = folder
         self.manifest = manifest
         self.task: str = manifest["task"]
-        self.digest = bundle_digest(folder)
+        self.digest = manifest_digest(folder)
         self.sessions = {name: open_session(folder / info["file"]) for name, info in manifest["graphs"].items()}
         vocab = _vocab_file(manifest)
         self.vocab = Vocabulary.load(folder / vocab) if vocab else None

@@ -35,8 +35,10 @@ import numpy as np
 
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.files import (
+    MANIFEST,
     check_float_array,
     check_output_folder,
+    manifest_digest,
     open_array,
     sha256_file,
     staged_folder,
@@ -44,10 +46,9 @@ from gssf_cli.core.files import (
 from gssf_cli.core.stage_configs import IndexConfig, SearchConfig
 from gssf_cli.data.text import read_captions
 from gssf_cli.deploy import exact_search, search
-from gssf_cli.deploy.bundle import BundleModel, bundle_digest
+from gssf_cli.deploy.bundle import BundleModel
 
 INDEX_FORMAT = 1
-MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.txt"
 EVAL_K = 10
@@ -453,7 +454,7 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
     where = bundle_path if bundle_path is not None else Path(os.path.normpath(folder / recorded["path"]))
     if not where.is_dir():
         raise UserInputError(f"{where}: the bundle index {folder} was built from is not there; pass it with --bundle")
-    digest = bundle_digest(where) if (where / "manifest.json").is_file() else None
+    digest = manifest_digest(where) if (where / "manifest.json").is_file() else None
     if digest is not None and digest != recorded["digest"]:
         raise UserInputError(
             f"{where}: not the bundle index {folder} was built from (bundle digest {digest[:12]}, the index "

@@ -64,11 +64,11 @@ from torch import Tensor, nn
 
 from gssf_cli.core import metrics as registry
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.files import MANIFEST
 from gssf_cli.core.stage_configs import ExportConfig
 from gssf_cli.deploy.bundle import (
     BUNDLE_FORMAT,
     GRAPHS,
-    MANIFEST,
     check_graph,
     failed_path,
     file_checksums,

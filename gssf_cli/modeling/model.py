@@ -23,7 +23,7 @@ from gssf_cli.modeling import checkpoint as ckpt
 from gssf_cli.modeling.encoder_spec import EncoderSpec, build_encoder
 from gssf_cli.modeling.encoders import DualEncoder, HeadOnlyTower, SingleTower, l2_normalize, parameter_counts
 from gssf_cli.modeling.losses import make_objective
-from gssf_cli.modeling.similarity import Similarity, make_similarity
+from gssf_cli.modeling.similarity import Similarity, head_parameters, make_similarity
 
 
 class RetrievalModel(nn.Module):
@@ -98,12 +98,10 @@ def manifest_spec(manifest: dict[str, Any], config: TrainConfig) -> EncoderSpec:
             config = frozen_config(config, manifest)  # not resolved yet (a tune's probe): read the run's towers
         settings = {name: getattr(config, name) for name in TOWER_SETTINGS}
         spec = EncoderSpec.from_manifest(manifest, **settings, encoder=config.encoder, adapter=config.adapter)
-    if config.uses_block_size():
+    if config.uses_block_size() and not config.embeds_to_embed_dim():  # D is not embed_dim: validate() could not check
         try:
             limits.check_block_size(config.metric, spec.embed_dim, config.block_size)
         except UserInputError as exc:
-            if not spec.head_only():
-                raise
             source = "the feature size" if spec.encoder == "identity" else f"run {config.encoder_run}'s towers"
             raise UserInputError(
                 f"--encoder {spec.encoder}: the head reads {source}, D = {spec.embed_dim}; {exc}"
@@ -214,8 +212,7 @@ def build_model_for(manifest: dict[str, Any], config: TrainConfig) -> RetrievalM
     spec = manifest_spec(manifest, config)
     check_fits_memory(spec, config)
     encoder = build_encoder(spec)
-    block = config.block_size if config.uses_block_size() else None
-    similarity = make_similarity(config.metric, spec.embed_dim, block, norm=config.metric_norm)
+    similarity = make_similarity(config.metric, spec.embed_dim, config.head_block_size(), norm=config.metric_norm)
     return RetrievalModel(encoder, similarity, str(manifest["task"]))
 
 
@@ -310,7 +307,7 @@ def count_parameters(spec: EncoderSpec, config: TrainConfig) -> int:
     def gru(in_dim: int) -> int:  # one direction of one layer: weight_ih, weight_hh, two biases
         return 3 * d * (in_dim + d + 2)
 
-    head = limits.head_parameters(config.metric, d, config.block_size if config.uses_block_size() else 0)
+    head = head_parameters(config.metric, d, config.head_block_size() or 0)
     sides = 1 if spec.task == "labels" else 2
     if spec.encoder == "identity":
         inputs = [spec.image_dim] if spec.task == "labels" else [spec.image_dim, spec.text_dim or 0]

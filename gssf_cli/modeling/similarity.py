@@ -61,6 +61,7 @@ __all__ = [
     "block_diagonal",
     "blockwise",
     "check_block_size",
+    "head_parameters",
     "make_similarity",
     "spectral_norm_of_blocks",
     "valid_block_sizes",
@@ -289,7 +290,7 @@ class BlockDiagonalSimilarity(Similarity):
 
     name = "bdiag"
 
-    def __init__(self, dim: int, block_size: int, norm: str = _NORM) -> None:
+    def __init__(self, dim: int, block_size: int | None, norm: str = _NORM) -> None:
         super().__init__(dim, norm)
         self.block_size = check_block_size(self.name, self.dim, block_size)
         self.num_blocks = self.dim // self.block_size
@@ -340,7 +341,7 @@ class GSSFSimilarity(Similarity):
 
     name = "gssf"
 
-    def __init__(self, dim: int, block_size: int, norm: str = _NORM) -> None:
+    def __init__(self, dim: int, block_size: int | None, norm: str = _NORM) -> None:
         super().__init__(dim, norm)
         self.block_size = check_block_size(self.name, self.dim, block_size)
         self.num_blocks = self.dim // self.block_size
@@ -360,6 +361,18 @@ class GSSFSimilarity(Similarity):
         return spectral_norm_of_blocks(with_diagonal(self.blocks, self.diagonal))
 
 
+def head_parameters(name: str, dim: int, block_size: int) -> int:
+    """Learned entries of a metric head's ``W ⊙ U`` (docs/method.md), without building the module (the memory
+    check sizes a model before allocating it); a test proves it equals :meth:`Similarity.num_parameters`."""
+    return {
+        "cosine": 0,
+        "diag": dim,
+        "bdiag": dim * block_size,
+        "dense": dim * dim,
+        "gssf": dim + dim * block_size,
+    }[name]
+
+
 def make_similarity(name: str, dim: int, block_size: int | None = None, norm: str = _NORM) -> Similarity:
     """Build a member of the family by name (one of :data:`SIMILARITY_NAMES`) for embeddings of size ``dim``.
 
@@ -376,7 +389,7 @@ def make_similarity(name: str, dim: int, block_size: int | None = None, norm: st
     if name == "dense":
         return DenseSimilarity(dim, norm)
     if name == "bdiag":
-        return BlockDiagonalSimilarity(dim, check_block_size(name, dim, block_size), norm)
+        return BlockDiagonalSimilarity(dim, block_size, norm)
     if name == "gssf":
-        return GSSFSimilarity(dim, check_block_size(name, dim, block_size), norm)
+        return GSSFSimilarity(dim, block_size, norm)
     raise UserInputError(f"unknown similarity {name!r}; valid names: {', '.join(SIMILARITY_NAMES)}")

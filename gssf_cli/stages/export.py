@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from gssf_cli import __version__
 from gssf_cli.core.config import to_dict
+from gssf_cli.core.files import MANIFEST
 from gssf_cli.core.limits import model_label
 from gssf_cli.core.stage_configs import ExportConfig
 from gssf_cli.deploy.bundle import verify_bundle
@@ -46,7 +47,7 @@ class ExportResult:
 def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None) -> ExportResult:
     """Export ``config.run`` and gate it on parity; the bundle lands in ``config.out`` (or exports/RUN)."""
     from gssf_cli.core.files import check_output_folder, check_writable
-    from gssf_cli.deploy import bundle, onnx_export
+    from gssf_cli.deploy import onnx_export
     from gssf_cli.stages.runs import load_trained
 
     if config.out is not None:
@@ -67,7 +68,7 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
     ) as run_:
         run_.log_config("export", to_dict(config))
         run_.log_metrics(onnx_export.parity_metrics(parity) | {"seconds": seconds, "passed": float(written.passed)})
-        run_.log_artifact(written.path / bundle.MANIFEST, "bundle")
+        run_.log_artifact(written.path / MANIFEST, "bundle")
         if written.passed:
             model_id = run_.log_served_model(
                 f"{label}-onnx-{run_.run_id[:6]}",

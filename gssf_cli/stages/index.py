@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gssf_cli.core.config import to_dict
+from gssf_cli.core.files import MANIFEST
 from gssf_cli.core.stage_configs import IndexConfig
 from gssf_cli.deploy import index_folder
 
@@ -48,5 +49,5 @@ def run(
         run_.log_config("index", to_dict(config))
         run_.log_params({**manifest["spec"]["build"], **manifest["spec"]["search"]}, prefix="spec.")
         run_.log_metrics(index_folder.manifest_metrics(manifest))
-        run_.log_artifact(built.path / index_folder.MANIFEST, "index")
+        run_.log_artifact(built.path / MANIFEST, "index")
     return IndexResult(str(built.path), run_.run_id, manifest)

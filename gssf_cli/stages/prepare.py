@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from gssf_cli.core.config import to_dict
-from gssf_cli.core.files import check_output_folder, staged_folder
+from gssf_cli.core.files import MANIFEST, check_output_folder, manifest_digest, staged_folder
 from gssf_cli.core.stage_configs import PrepareConfig
 from gssf_cli.data import synthetic, writer
-from gssf_cli.data.manifest import MANIFEST, manifest_digest, write_manifest
+from gssf_cli.data.manifest import write_manifest
 from gssf_cli.data.rankable import check_prepared_splits
 
 if TYPE_CHECKING:

@@ -20,9 +20,9 @@ import torch
 
 from gssf_cli.core.config import default_of, from_dict
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.files import MANIFEST
 from gssf_cli.core.stage_configs import TrainConfig
 from gssf_cli.data.dataset import Dataset, TokenizedCaptions
-from gssf_cli.data.manifest import MANIFEST
 from gssf_cli.data.text import Vocabulary
 from gssf_cli.deploy.serving import Served
 from gssf_cli.modeling import checkpoint as ckpt

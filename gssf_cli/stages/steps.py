@@ -20,6 +20,7 @@ from typing import Any
 
 from gssf_cli.core.config import default_of, from_dict
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.files import MANIFEST, manifest_digest
 from gssf_cli.core.stage_configs import (
     EvaluateConfig,
     ExportConfig,
@@ -28,7 +29,6 @@ from gssf_cli.core.stage_configs import (
     TrainConfig,
     TuneConfig,
 )
-from gssf_cli.data.manifest import MANIFEST, manifest_digest
 
 __all__ = ["Links", "TrainConfig", "check", "plan", "stage_config"]
 

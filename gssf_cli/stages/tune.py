@@ -227,7 +227,8 @@ def _experiment_name(run_id: str) -> str:
 
 def _log_start(run_: StageRun, search: tune_results.Search) -> None:
     from gssf_cli.cluster.session import experiment_path
-    from gssf_cli.data.manifest import load_manifest, manifest_digest
+    from gssf_cli.core.files import manifest_digest
+    from gssf_cli.data.manifest import load_manifest
 
     plan = search.plan
     run_.log_config(STAGE, to_dict(replace(search.config, scheduler=plan.scheduler)))

@@ -95,11 +95,10 @@ def test_flat_search_equals_the_graphs_scored_by_hand(here: Path) -> None:
 
 
 def test_the_manifest_names_the_bundle_by_content_and_checksums_its_files(here: Path) -> None:
-    from gssf_cli.core.files import sha256_file
-    from gssf_cli.deploy.bundle import bundle_digest
+    from gssf_cli.core.files import manifest_digest, sha256_file
 
     manifest = json.loads((here / "indexes/quickstart/manifest.json").read_text())
-    assert manifest["bundle"]["digest"] == bundle_digest(here / BUNDLE)
+    assert manifest["bundle"]["digest"] == manifest_digest(here / BUNDLE)
     assert (here / "indexes/quickstart" / manifest["bundle"]["path"]).resolve() == (here / BUNDLE).resolve()
     for name, entry in manifest["files"].items():
         assert sha256_file(here / "indexes/quickstart" / name) == entry["sha256"]

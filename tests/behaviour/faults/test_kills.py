@@ -31,8 +31,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner, Result
 
 from gssf_cli.cli.app import app
+from gssf_cli.core import files
 from gssf_cli.core.errors import UserInputError
-from gssf_cli.data import files
 from gssf_cli.modeling import checkpoint as ckpt
 from gssf_cli.tracking.adapter import StageRun, Tracker
 from gssf_cli.training.loop import Trainer

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+from gssf_cli.core import limits
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.modeling.similarity import (
     NORM_NAMES,
@@ -23,6 +24,7 @@ from gssf_cli.modeling.similarity import (
     DenseSimilarity,
     DiagonalSimilarity,
     Similarity,
+    head_parameters,
     make_similarity,
     valid_block_sizes,
 )
@@ -411,3 +413,9 @@ def test_user_errors_are_one_readable_line(kwargs: dict, fragments: list[str]) -
 @pytest.mark.parametrize("name", ["cosine", "diag", "dense"])
 def test_block_size_is_ignored_where_it_does_not_apply(name: str) -> None:
     assert make_similarity(name, 12, 5).block_size is None
+
+
+def test_head_parameters_match_every_member() -> None:
+    for name in limits.SIMILARITY_NAMES:
+        block = 4 if name in limits.BLOCK_SIMILARITIES else None
+        assert head_parameters(name, 32, 4) == make_similarity(name, 32, block).num_parameters()

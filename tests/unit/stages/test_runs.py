@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gssf_cli.core.errors import UserInputError
-from gssf_cli.data.manifest import manifest_digest
+from gssf_cli.core.files import manifest_digest
 from gssf_cli.stages import train
 from gssf_cli.stages.runs import load_trained
 from gssf_cli.tracking.adapter import Tracker

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gssf_cli.core.errors import UserInputError
-from gssf_cli.core.limits import head_parameters as metric_head_parameters
+from gssf_cli.modeling.similarity import head_parameters as metric_head_parameters
 from gssf_cli.training.tune_plan import (
     Dimension,
     combine_param_options,

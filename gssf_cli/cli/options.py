@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
-from typer._click import Context as ClickContext  # Typer 0.29 vendors click: its classes, not click's
-from typer._click import exceptions as click_errors
+from typer._click import Context as ClickContext  # pinned: typer 0.29 vendors click as typer._click
+from typer._click import exceptions as click_errors  # no public path to its usage errors
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from gssf_cli.core.config import parse_int_list

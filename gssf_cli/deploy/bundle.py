@@ -10,7 +10,7 @@ The bundle (``exports/NAME/``) holds one graph per tower — ``image_encoder.onn
 ``encoder.onnx`` for label-based data) — and ``metric_head.onnx``, which maps image (query-side) embeddings
 through W ⊙ U so that ``scores = head(images) @ texts.T``: GSSF becomes plain inner-product search.
 
-Bundle contract (DESIGN.md): a bundle whose gate failed is never left at the requested path — it is kept for
+Bundle contract (docs/architecture.md): a bundle whose gate failed is never left at the requested path — it is kept for
 inspection as ``<out>.failed`` (:func:`failed_path`) and an existing bundle at ``<out>`` stays untouched;
 ``manifest.json`` records the sha256 and size of every file the bundle needs (``files``: the graphs and
 ``vocab.json``), and :func:`verify_bundle` refuses any path that is absolute, climbs out with ``..``, is a

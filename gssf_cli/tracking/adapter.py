@@ -1,7 +1,7 @@
 """The tracking adapter: the only module that imports mlflow.
 
 Why a thin adapter: stages log through :class:`StageRun` and never see mlflow, so the tracking model
-(DESIGN.md) lives in one place — where runs go, how they nest, what every run carries (resolved config,
+(docs/architecture.md) lives in one place — where runs go, how they nest, what every run carries (resolved config,
 dataset, git commit, gssf version) — and the tune driver can log many child runs from one process.
 
 The store itself (which one, probed and locked before first use) is :mod:`gssf_cli.tracking.store`.

@@ -28,42 +28,27 @@ from gssf_cli.core.limits import (
     TextKind,
 )
 from gssf_cli.core.stage_configs import TrainConfig
-from gssf_cli.modeling.encoders import (
-    DEFAULT_FEATURE_TOWER,
-    DEFAULT_GRU_LAYERS,
-    DEFAULT_MLP,
-    DEFAULT_POOLING,
-    DEFAULT_WORD_DIM,
-    FEATURE_TOWERS,
-    MLP_ON_DEEP_TOWER,
-    DualEncoder,
-    FeatureEncoder,
-    HeadOnlyTower,
-    ImageEncoder,
-    SingleTower,
-    TextEncoder,
-    residual_width,
-)
+from gssf_cli.modeling import encoders as towers
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
     """A plain, JSON-friendly description of the encoders, saved with checkpoints to rebuild the model.
 
-    ``task``: ``cross_modal`` (a :class:`DualEncoder`) or ``labels`` (a :class:`SingleTower` over
+    ``task``: ``cross_modal`` (a :class:`~gssf_cli.modeling.encoders.DualEncoder`) or ``labels`` (a :class:`~gssf_cli.modeling.encoders.SingleTower` over
     ``image_dim`` features; the text fields are ignored). ``image_kind``: ``regions`` ``[B, R, F]`` or
-    ``global`` ``[B, F]`` (both :class:`ImageEncoder`; pooling one region is the identity, so ``global``
-    always pools by mean) or ``features`` (:class:`FeatureEncoder`). ``text_kind``: ``captions`` (needs
+    ``global`` ``[B, F]`` (both :class:`~gssf_cli.modeling.encoders.ImageEncoder`; pooling one region is the identity, so ``global``
+    always pools by mean) or ``features`` (:class:`~gssf_cli.modeling.encoders.FeatureEncoder`). ``text_kind``: ``captions`` (needs
     ``vocab_size``) or ``features`` (needs ``text_dim``). ``pooling`` applies to image regions and tokens.
     ``mlp_layers``: layers of the feature towers (1 = one projection, the only choice for region and global
     image towers); ``mlp_hidden``: the width of their hidden layers and of VSE∞'s residual ``mlp`` (None: the
     feature-tower default for ``mlp_layers`` >= 2, D/2 for the residual). A spec without these two (a
     checkpoint written before they existed) is a one-layer tower, as it was. ``encoder``: ``trained``, or a
-    head-only model's towers (:class:`HeadOnlyTower`): ``identity`` (feature inputs only; ``embed_dim`` is the
+    head-only model's towers (:class:`~gssf_cli.modeling.encoders.HeadOnlyTower`): ``identity`` (feature inputs only; ``embed_dim`` is the
     feature size unless ``adapter``) or ``frozen`` (the towers the other settings describe, frozen), each side
     with a linear ``adapter`` to ``embed_dim`` if asked.
     The model settings default to :class:`gssf_cli.core.stage_configs.TrainConfig`'s (the host frameworks': D = 1024, ...);
-    :meth:`from_manifest` fills in the feature towers' defaults by dataset kind (:data:`FEATURE_TOWERS`).
+    :meth:`from_manifest` fills in the feature towers' defaults by dataset kind (:data:`~gssf_cli.modeling.encoders.FEATURE_TOWERS`).
     """
 
     task: Task = "cross_modal"
@@ -73,10 +58,10 @@ class EncoderSpec:
     text_dim: int | None = None
     vocab_size: int | None = None
     embed_dim: int = default_of(TrainConfig, "embed_dim")
-    word_dim: int = DEFAULT_WORD_DIM
-    pooling: Pooling = DEFAULT_POOLING
-    mlp: bool = DEFAULT_MLP
-    gru_layers: int = DEFAULT_GRU_LAYERS
+    word_dim: int = towers.DEFAULT_WORD_DIM
+    pooling: Pooling = towers.DEFAULT_POOLING
+    mlp: bool = towers.DEFAULT_MLP
+    gru_layers: int = towers.DEFAULT_GRU_LAYERS
     mlp_layers: int = 1
     mlp_hidden: int | None = None
     encoder: EncoderKind = "trained"
@@ -125,7 +110,7 @@ class EncoderSpec:
                     "residual); drop --mlp-layers"
                 )
             if self.mlp:
-                raise UserInputError(MLP_ON_DEEP_TOWER.format(layers=self.mlp_layers))
+                raise UserInputError(towers.MLP_ON_DEEP_TOWER.format(layers=self.mlp_layers))
 
     def _check_identity(self) -> None:
         """``identity`` reads feature vectors; without adapters both sides are the head's size D."""
@@ -154,15 +139,15 @@ class EncoderSpec:
         return self.encoder != "trained"
 
     def has_feature_towers(self) -> bool:
-        """Whether the towers are :class:`FeatureEncoder` s (``mlp_layers`` applies): label-based data, or
+        """Whether the towers are :class:`~gssf_cli.modeling.encoders.FeatureEncoder` s (``mlp_layers`` applies): label-based data, or
         feature images (a ``features`` dataset of pairs, whose texts are features too)."""
         return self.task == "labels" or self.image_kind == "features"
 
     def hidden_width(self) -> int:
         """The width of the feature towers' hidden layers (``mlp_layers`` >= 2) or of the residual (``mlp``)."""
         if self.mlp_layers > 1:
-            return self.mlp_hidden or DEFAULT_FEATURE_TOWER.hidden or self.embed_dim
-        return residual_width(self.embed_dim, self.mlp_hidden)
+            return self.mlp_hidden or towers.DEFAULT_FEATURE_TOWER.hidden or self.embed_dim
+        return towers.residual_width(self.embed_dim, self.mlp_hidden)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,7 +169,7 @@ class EncoderSpec:
         """The spec a dataset's ``manifest.json`` implies, plus model ``settings`` (embed_dim, pooling, ...).
 
         ``mlp_layers`` / ``mlp_hidden`` left None are resolved here, so the spec holds the shape actually built:
-        feature towers take :data:`FEATURE_TOWERS` of the manifest's kind (with ``mlp``: one layer, VSE∞'s
+        feature towers take :data:`~gssf_cli.modeling.encoders.FEATURE_TOWERS` of the manifest's kind (with ``mlp``: one layer, VSE∞'s
         residual of width D/2, as before feature towers had layers); region and global towers one projection.
         """
         modalities = manifest.get("modalities", {})
@@ -204,60 +189,61 @@ class EncoderSpec:
                 ),
             }
         features = fields_["task"] == "labels" or fields_["image_kind"] == "features"
-        mlp = bool(settings.get("mlp", DEFAULT_MLP))
+        mlp = bool(settings.get("mlp", towers.DEFAULT_MLP))
         embed_dim = int(settings.get("embed_dim", default_of(TrainConfig, "embed_dim")))
         if mlp_layers is None:
-            shape = FEATURE_TOWERS.get(str(manifest.get("kind")), DEFAULT_FEATURE_TOWER)
+            shape = towers.FEATURE_TOWERS.get(str(manifest.get("kind")), towers.DEFAULT_FEATURE_TOWER)
             mlp_layers = shape.layers if features and not mlp else 1
         if mlp_hidden is None:
             if mlp_layers > 1:
-                shape = FEATURE_TOWERS.get(str(manifest.get("kind")), DEFAULT_FEATURE_TOWER)
+                shape = towers.FEATURE_TOWERS.get(str(manifest.get("kind")), towers.DEFAULT_FEATURE_TOWER)
                 mlp_hidden = shape.hidden
             elif mlp:
-                mlp_hidden = residual_width(embed_dim, None)
+                mlp_hidden = towers.residual_width(embed_dim, None)
         return cls(**fields_, mlp_layers=mlp_layers, mlp_hidden=mlp_hidden, **settings)
 
 
-def build_encoder(spec: EncoderSpec) -> DualEncoder | SingleTower:
-    """The model a spec describes: :class:`DualEncoder` for ``cross_modal``, :class:`SingleTower` for ``labels``.
+def build_encoder(spec: EncoderSpec) -> towers.DualEncoder | towers.SingleTower:
+    """The model a spec describes: :class:`~gssf_cli.modeling.encoders.DualEncoder` for ``cross_modal``, :class:`~gssf_cli.modeling.encoders.SingleTower` for ``labels``.
 
-    Head-only specs wrap every tower in a :class:`HeadOnlyTower`: ``identity`` over the features themselves,
+    Head-only specs wrap every tower in a :class:`~gssf_cli.modeling.encoders.HeadOnlyTower`: ``identity`` over the features themselves,
     ``frozen`` over the towers a ``trained`` spec of the same settings builds (the trained run's weights are
     loaded into them afterwards, see :func:`gssf_cli.modeling.model.load_frozen_towers`).
     """
     if spec.encoder == "identity":
         if spec.task == "labels":
-            return SingleTower(HeadOnlyTower(spec.image_dim, spec.embed_dim, spec.adapter))
+            return towers.SingleTower(towers.HeadOnlyTower(spec.image_dim, spec.embed_dim, spec.adapter))
         assert spec.text_dim is not None
-        return DualEncoder(
-            HeadOnlyTower(spec.image_dim, spec.embed_dim, spec.adapter),
-            HeadOnlyTower(spec.text_dim, spec.embed_dim, spec.adapter),
+        return towers.DualEncoder(
+            towers.HeadOnlyTower(spec.image_dim, spec.embed_dim, spec.adapter),
+            towers.HeadOnlyTower(spec.text_dim, spec.embed_dim, spec.adapter),
         )
     if spec.encoder == "frozen":
         trained = build_encoder(replace(spec, encoder="trained", adapter=False))
         d = spec.embed_dim
-        if isinstance(trained, SingleTower):
-            return SingleTower(HeadOnlyTower(d, d, spec.adapter, trained.encoder))
-        return DualEncoder(
-            HeadOnlyTower(d, d, spec.adapter, trained.image), HeadOnlyTower(d, d, spec.adapter, trained.text)
+        if isinstance(trained, towers.SingleTower):
+            return towers.SingleTower(towers.HeadOnlyTower(d, d, spec.adapter, trained.encoder))
+        return towers.DualEncoder(
+            towers.HeadOnlyTower(d, d, spec.adapter, trained.image),
+            towers.HeadOnlyTower(d, d, spec.adapter, trained.text),
         )
 
-    def features(in_dim: int) -> FeatureEncoder:
-        return FeatureEncoder(in_dim, spec.embed_dim, spec.mlp, spec.mlp_layers, spec.hidden_width())
+    def features(in_dim: int) -> towers.FeatureEncoder:
+        return towers.FeatureEncoder(in_dim, spec.embed_dim, spec.mlp, spec.mlp_layers, spec.hidden_width())
 
     if spec.task == "labels":
-        return SingleTower(features(spec.image_dim))
+        return towers.SingleTower(features(spec.image_dim))
     image: nn.Module
     if spec.image_kind == "features":
         image = features(spec.image_dim)
     else:
         pooling = spec.pooling if spec.image_kind == "regions" else "mean"
-        image = ImageEncoder(spec.image_dim, spec.embed_dim, pooling, spec.mlp, spec.hidden_width())
+        image = towers.ImageEncoder(spec.image_dim, spec.embed_dim, pooling, spec.mlp, spec.hidden_width())
     text: nn.Module
     if spec.text_kind == "captions":
         assert spec.vocab_size is not None
-        text = TextEncoder(spec.vocab_size, spec.embed_dim, spec.word_dim, spec.gru_layers, spec.pooling)
+        text = towers.TextEncoder(spec.vocab_size, spec.embed_dim, spec.word_dim, spec.gru_layers, spec.pooling)
     else:
         assert spec.text_dim is not None
         text = features(spec.text_dim)
-    return DualEncoder(image, text)
+    return towers.DualEncoder(image, text)

@@ -1,6 +1,6 @@
 """Captions: reading, tokenisation and the vocabulary.
 
-Tokenisation rule (``basic-v1``, documented in the README): lowercase the caption, keep runs of letters and
+Tokenisation rule (``basic-v1``, documented in docs/method.md (Encoders)): lowercase the caption, keep runs of letters and
 digits (an apostrophe suffix such as ``man's`` stays attached), drop everything else. Token ids: ``<pad>`` 0,
 ``<start>`` 1, ``<end>`` 2, ``<unk>`` 3, then the vocabulary words. The vocabulary holds the train
 captions' words that occur at least ``min_count`` times (SCAN/VSE use 4), ordered by count then spelling,

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from typer.testing import Result
 
-from gssf_cli.cli import console
+from gssf_cli.cli import console, tables
 from gssf_cli.cli.options import shown_default
 from gssf_cli.core.errors import CheckFailedError, UserInputError
 from gssf_cli.stages.steps import CONFIGS
-from tests.test_cli import help_rows
+from tests.unit.cli.test_app import help_rows
 
 Gssf = Callable[..., Result]
 COMMANDS = ("prepare", "train", "evaluate", "tune", "export", "run")
@@ -264,7 +264,7 @@ def test_training_progress_is_plain_beside_json(
 ) -> None:
     monkeypatch.setattr(console, "TrainingProgress", _Progress)
     printed: list[bool] = []
-    monkeypatch.setattr(console, "print_training", lambda result, json_output: printed.append(json_output))
+    monkeypatch.setattr(tables, "print_training", lambda result, json_output: printed.append(json_output))
     calls = stub("train")
     result = gssf("train", "--data", "d", *(["--json"] if as_json else []))
     assert result.exit_code == 0, result.stderr
@@ -272,7 +272,7 @@ def test_training_progress_is_plain_beside_json(
     assert kwargs["progress"].plain is as_json and printed == [as_json]
 
     pipeline_calls = stub("pipeline", load_pipeline=lambda path: types.SimpleNamespace(name="p"))
-    monkeypatch.setattr(console, "print_pipeline", lambda result, json_output: None)
+    monkeypatch.setattr(tables, "print_pipeline", lambda result, json_output: None)
     result = gssf("run", "p.toml", *(["--json"] if as_json else []))
     assert result.exit_code == 0, result.stderr
     (_, _, kwargs), = pipeline_calls  # fmt: skip
@@ -280,7 +280,7 @@ def test_training_progress_is_plain_beside_json(
 
 
 def test_tune_always_reports_progress(gssf: Gssf, stub: Callable[..., list[tuple[Any, ...]]], monkeypatch: Any) -> None:
-    monkeypatch.setattr(console, "print_tune", lambda result, json_output: None)
+    monkeypatch.setattr(tables, "print_tune", lambda result, json_output: None)
     calls = stub("tune")
     assert gssf("tune", "--param", "lr=0.1,0.2", "--json").exit_code == 0
     assert calls[0][0] == "run" and calls[0][2] == {"progress": True}
@@ -288,7 +288,7 @@ def test_tune_always_reports_progress(gssf: Gssf, stub: Callable[..., list[tuple
 
 def test_tune_resume(gssf: Gssf, stub: Callable[..., list[tuple[Any, ...]]], monkeypatch: pytest.MonkeyPatch) -> None:
     printed: list[dict[str, Any]] = []
-    monkeypatch.setattr(console, "print_tune", lambda result, json_output: printed.append(result))
+    monkeypatch.setattr(tables, "print_tune", lambda result, json_output: printed.append(result))
     calls = stub("tune", _Result(run_id="t1"))
     result = gssf("tune", "--resume", "latest", "--json")
     assert result.exit_code == 0, result.stderr
@@ -307,7 +307,7 @@ def test_export_parity_failure(
     gssf: Gssf, stub: Callable[..., list[tuple[Any, ...]]], monkeypatch: pytest.MonkeyPatch, as_json: bool
 ) -> None:
     if not as_json:
-        monkeypatch.setattr(console, "print_export", lambda result, json_output: None)
+        monkeypatch.setattr(tables, "print_export", lambda result, json_output: None)
     stub("export", _Result(passed=False, path="exports/r.failed", parity={"passed": False}))
     result = gssf("export", "--onnx", *(["--json"] if as_json else []))
     assert result.exit_code == 1

@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from gssf_cli.cli.app import app
-from tests.test_bad_input import _runs_in_store, _snapshot
+from tests.behaviour.test_bad_input import _runs_in_store, _snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE, DATA = "exports/quickstart", "data/quickstart"

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from gssf_cli.deploy.onnx_export import export_example
 from gssf_cli.modeling.encoders import FeatureEncoder, ImageEncoder, TextEncoder
-from tests.test_encoders import F_IN, VOCAB, WORD, D, random_tokens, randomise_attention
+from tests.unit.modeling.test_encoders import F_IN, VOCAB, WORD, D, random_tokens, randomise_attention
 
 
 def test_export_example_rejects_sizes_that_specialise() -> None:

@@ -12,6 +12,7 @@ import torch
 
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.evaluation import comparison, crossmodal
+from gssf_cli.evaluation import labels as label_metrics
 from gssf_cli.evaluation import ranking as retrieval
 from gssf_cli.evaluation.comparison import Units, bootstrap_means, compare_units, sign_flip_pvalues
 
@@ -98,7 +99,7 @@ def test_cross_modal_fold_ranks_equal_the_slow_reference(budget: int) -> None:
 def test_label_query_stats_equal_the_slow_reference(full_map: bool, budget: int) -> None:
     feats, labels = _labelled()
     ks = (1, 3)
-    stats = labels.label_query_stats(feats, labels, ks=ks, memory_budget_bytes=budget, full_map=full_map)
+    stats = label_metrics.label_query_stats(feats, labels, ks=ks, memory_budget_bytes=budget, full_map=full_map)
     s = feats.astype(np.float32) @ feats.astype(np.float32).T
     expected = reference_label_stats(s, labels.tolist())
     depth_bound = 0
@@ -166,7 +167,7 @@ def test_coco_1k_unit_means_equal_the_mean_over_folds() -> None:
 def test_label_unit_means_equal_evaluate(full_map: bool) -> None:
     feats, labels = _labelled()
     units = comparison.embedding_units("labels", feats, labels=labels, ks=(1, 3), full_map=full_map)
-    evaluated = labels.evaluate_labels(feats, labels, ks=(1, 3), full_map=full_map)
+    evaluated = label_metrics.evaluate_labels(feats, labels, ks=(1, 3), full_map=full_map)
     assert units.size == len(labels) - 1 == evaluated["num_queries"] - evaluated["num_skipped"]
     assert ("map" in units.metrics) is full_map
     _assert_means_equal_evaluation(units, evaluated)

@@ -15,7 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gssf_cli.evaluation import crossmodal, labels
+from gssf_cli.evaluation import crossmodal
+from gssf_cli.evaluation import labels as label_metrics
 from gssf_cli.evaluation import ranking as retrieval
 from gssf_cli.evaluation.crossmodal import cross_modal_ranks, evaluate_cross_modal
 from gssf_cli.evaluation.ranking import RetrievalInputError, iter_score_chunks
@@ -101,8 +102,8 @@ def evaluate_labels(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Both ways of evaluating labels: from the top of each ranking (the default) and from the full ranking
     (``full_map=True``). They must agree on every metric but ``map``, which only the full ranking has; the
     full result is returned, for the tests to compare with their references."""
-    full = labels.evaluate_labels(*args, full_map=True, **kwargs)
-    top = labels.evaluate_labels(*args, **kwargs)
+    full = label_metrics.evaluate_labels(*args, full_map=True, **kwargs)
+    top = label_metrics.evaluate_labels(*args, **kwargs)
     assert "map" not in top
     assert top == pytest.approx({key: value for key, value in full.items() if key != "map"}, abs=1e-12)
     return full
@@ -332,18 +333,18 @@ def test_one_score_block_alive_at_a_time(ranking: str, monkeypatch: pytest.Monke
     held: list[weakref.ref[torch.Tensor]] = []
     chunks = released_chunks(s, 5, held)
     codes, gallery_codes = torch.from_numpy(np.arange(12) % 3), torch.from_numpy(np.arange(36) % 3)
-    by_class = labels._group_by_class(gallery_codes.numpy(), 3, torch.device("cpu"))
+    by_class = label_metrics._group_by_class(gallery_codes.numpy(), 3, torch.device("cpu"))
     if ranking == "cross-modal":
         positives = torch.from_numpy(s[np.arange(36) // 3, np.arange(36)])
         crossmodal._rank_cross_modal_chunks(chunks, positives, 12, 3)
     elif ranking == "labels full":
-        labels._label_stats(chunks, codes, by_class, False)
+        label_metrics._label_stats(chunks, codes, by_class, False)
     else:
         blocks = retrieval.RowBlocks(12, 36, 4, lambda start, stop: released_block(s, start, stop, held))
         monkeypatch.setattr(retrieval, "SCORE_TILE_ELEMENTS", 5 * 36)
         monkeypatch.setattr(retrieval, "MIN_SCORE_ROWS", 1)
-        depth = labels._TopDepth(10, 36, False)
-        labels._label_stats_top(blocks, 2**20, codes, gallery_codes.numpy(), by_class, depth)
+        depth = label_metrics._TopDepth(10, 36, False)
+        label_metrics._label_stats_top(blocks, 2**20, codes, gallery_codes.numpy(), by_class, depth)
     assert len(held) == 3
 
 
@@ -492,7 +493,7 @@ def test_top_candidates_from_column_maxima_keep_the_top_exact(
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(retrieval, "stripe_height", lambda width, deepest: min(width, height))
         patch.setattr(retrieval, "TILE_ELEMENTS", tile)
-        got = labels.evaluate_labels(None, query_labels, scores=s, gallery_labels=gallery_labels, ks=ks)
+        got = label_metrics.evaluate_labels(None, query_labels, scores=s, gallery_labels=gallery_labels, ks=ks)
     expected.pop("map")
     assert_metrics_equal(got, expected)
     assert "map" not in got
@@ -507,7 +508,7 @@ def test_top_candidates_are_exactly_the_scores_at_or_above_a_bound_below_the_nee
         monkeypatch.setattr(retrieval, "stripe_height", lambda width, deepest: height)
     rng = np.random.default_rng(need)
     scores = rng.integers(-20, 20, size=(6, 203)).astype(np.float32)
-    flat = labels._top_candidates(scores, np.full(6, need))
+    flat = label_metrics._top_candidates(scores, np.full(6, need))
     chosen = np.zeros(scores.size, dtype=bool)
     chosen[flat] = True
     chosen = chosen.reshape(scores.shape)
@@ -567,7 +568,7 @@ def test_streamed_gallery_stripes_keep_the_top_exact(
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(retrieval, "STRIPE_COLUMNS", stripe)
         patch.setattr(retrieval, "STRIPE_COLUMNS_PER_NEEDED", 0)
-        got = labels.evaluate_labels(queries, query_labels, gallery, gallery_labels, ks=ks)
+        got = label_metrics.evaluate_labels(queries, query_labels, gallery, gallery_labels, ks=ks)
     expected.pop("map")
     assert_metrics_equal(got, expected)
 

@@ -1,9 +1,8 @@
 """The stage configs: one frozen dataclass per stage (prepare, train, evaluate, export, tune, pipeline, compare,
 index, search), whose field defaults are the only defaults in the project.
 
-Each field is a :func:`~gssf_cli.core.config.setting`: its default, its help (the CLI builds its flag from it) and
-the :class:`~gssf_cli.core.limits.Range` it must lie in. Adding a setting is one line here plus the code that uses
-it. Standard library only, so that ``gssf --help`` stays fast.
+Each field is a :func:`~gssf_cli.core.config.setting` (default, help for its flag, allowed range); adding a
+setting is one line here plus the code that uses it. Standard library only, so ``gssf --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -146,9 +145,6 @@ class EvaluateConfig:
             raise UserInputError(f"--output {out}: the folder {folder} is not writable; choose another --output")
 
 
-MetricName = SimilarityName
-MetricNorm = ScoreNorm
-
 HEAD_LR_SCALES: dict[str, float] = {"trained": 1.0, "head_only": 100.0}
 """The metric head's default learning-rate multiple, by mode (measured on scikit-learn's digits as two views, 3
 seeds, 20 epochs, ``--lr`` 5e-4). With trained towers the head at 1×, 20× or 100× gave the same test rSum
@@ -170,9 +166,9 @@ class TrainConfig:
     """
 
     data: Path = setting(help="Dataset folder from `gssf prepare`.")
-    metric: MetricName = setting("gssf", help="Metric head:")
+    metric: SimilarityName = setting("gssf", help="Metric head:")
     block_size: int = setting(64, help="Block size d for bdiag/gssf (divides --embed-dim).", within=limits.AT_LEAST_ONE)
-    metric_norm: MetricNorm = setting("none", help="Score normalisation:")
+    metric_norm: ScoreNorm = setting("none", help="Score normalisation:")
     embed_dim: int = setting(1024, help="Embedding size D.", within=limits.EMBED_DIM)
     encoder: EncoderKind = setting(
         "trained",
@@ -295,8 +291,7 @@ class TrainConfig:
         return self.metric in limits.BLOCK_SIMILARITIES
 
     def head_block_size(self) -> int | None:
-        """The metric head's block size d: ``block_size`` for the block members, None for the others (which
-        ignore it)."""
+        """The metric head's block size d: ``block_size`` for the block members, None for the others."""
         return self.block_size if self.uses_block_size() else None
 
     def model_label(self) -> str:

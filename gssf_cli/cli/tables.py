@@ -1,15 +1,12 @@
-"""What each command prints when it is done: a rich table a person reads (whole at 80 columns), or with ``--json``
-the same result as one JSON document for scripts."""
+"""What each command prints when it is done: a rich table for people, or with ``--json`` the same result as one
+JSON document for scripts."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
-
-if TYPE_CHECKING:
-    pass
 
 from gssf_cli.cli.console import print_json, stdout
 

@@ -19,14 +19,6 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gssf_cli.core.config import to_dict
-from gssf_cli.core.errors import UserInputError
-from gssf_cli.core.stage_configs import TrainConfig
-
-if TYPE_CHECKING:
-    from gssf_cli.training.loop import EpochCallback, EpochSummary, FitResult, Progress, Trainer
-
-
 from gssf_cli.cluster.session import (
     check_reachable,
     error_line,
@@ -35,8 +27,12 @@ from gssf_cli.cluster.session import (
     ray_session,
     short_temp_root,
 )
+from gssf_cli.core.config import to_dict
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import TrainConfig
 
-# Data-parallel training on Ray Train ---------------------------------------------------------------------------
+if TYPE_CHECKING:
+    from gssf_cli.training.loop import EpochCallback, EpochSummary, FitResult, Progress, Trainer
 
 
 @contextlib.contextmanager

@@ -24,19 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from gssf_cli.core.config import to_dict
-from gssf_cli.core.errors import UserInputError, first_line
-from gssf_cli.core.stage_configs import TrainConfig, TuneConfig
-from gssf_cli.training import tune_plan as tuning
-from gssf_cli.training import tune_results
-from gssf_cli.training.tune_plan import TunePlan
-from gssf_cli.training.tune_results import TrialLog, TrialOutcome, describe_values
-
-if TYPE_CHECKING:
-    pass
-
+from typing import Any
 
 from gssf_cli.cluster.session import (
     callbacks_run_here,
@@ -47,6 +35,12 @@ from gssf_cli.cluster.session import (
     ray_session,
 )
 from gssf_cli.cluster.train_workers import DataParallel
+from gssf_cli.core.config import to_dict
+from gssf_cli.core.errors import UserInputError, first_line
+from gssf_cli.core.stage_configs import TrainConfig, TuneConfig
+from gssf_cli.training import tune_plan, tune_results
+from gssf_cli.training.tune_plan import TunePlan
+from gssf_cli.training.tune_results import TrialLog, TrialOutcome, describe_values
 
 
 @dataclass(frozen=True)
@@ -179,7 +173,7 @@ class _Driver:
 
     def ended(self, trial: Any, error: str | None = None) -> None:
         epochs = int((trial.last_result or {}).get("training_iteration") or 0)
-        status = tuning.trial_status(error is not None, epochs, self.plan.base.epochs)
+        status = tune_plan.trial_status(error is not None, epochs, self.plan.base.epochs)
         how = {"FAILED": f": {error}", "KILLED": f", stopped early after {epochs} of {self.plan.base.epochs} epochs"}
         self._say(trial, f"{status}{how.get(status, f' after {epochs} epochs')}")
         if self.log is not None:
@@ -440,8 +434,8 @@ def _outcome(result: Any, plan: TunePlan) -> TrialOutcome:
     return TrialOutcome(
         trial_id=str(last.get("trial_id") or Path(str(result.path)).name),
         values=values,
-        status=tuning.trial_status(failed, len(history), plan.base.epochs),
-        metric=tuning.best_value((m.get(plan.metric_key, math.nan) for _, _, m in history), plan.mode),
+        status=tune_plan.trial_status(failed, len(history), plan.base.epochs),
+        metric=tune_plan.best_value((m.get(plan.metric_key, math.nan) for _, _, m in history), plan.mode),
         epochs=len(history),
         seconds=round(seconds, 3),
         error=error_line(result.error) if failed else None,

@@ -11,7 +11,8 @@ machine translation evaluation", EMNLP 2004, and Berg-Kirkpatrick, Burkett & Kle
 investigation of statistical significance in NLP", EMNLP 2012).
 
 Units. Every metric compared here is the mean over *units* of a per-unit value, a matrix ``U [N, M]``
-(:class:`Units`); its column means are exactly what :mod:`gssf_cli.evaluation.ranking` reports for the same embeddings.
+(:class:`Units`); its column means are exactly what :mod:`~gssf_cli.evaluation.crossmodal` and :mod:`~gssf_cli.evaluation.labels`
+report for the same embeddings.
 
 - Cross-modal (N images, k captions each): the unit is an image together with its k captions, so that the
   image→text and text→image metrics share one sampling unit and stay paired (the k captions of an image are

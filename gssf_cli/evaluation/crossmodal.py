@@ -56,10 +56,6 @@ COCO_1K_FOLD_IMAGES = 1_000
 POSITIVE_PASS_IMAGES = 128
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Cross-modal
-
-
 @dataclass(frozen=True)
 class CrossModalRanks:
     """0-based ranks under the tie rule: ``i2t`` ``[N]`` (best positive caption of each image), ``t2i``

@@ -8,10 +8,11 @@ An embeddings file (``.npz``) holds one of three layouts (optionally prefixed ``
 - label-based, one set against itself: ``features`` ``[N, D]`` and ``labels`` ``[N]``;
 - label-based, query set against a gallery: ``queries``, ``query_labels``, ``gallery``, ``gallery_labels``.
 
-The metrics themselves are :mod:`gssf_cli.evaluation.ranking`'s pure functions; this module turns files and models into
-their inputs, their results into :class:`EvaluateResult` (which says what was measured: the dataset and the
-model, see :func:`dataset_identity` and :func:`model_identity`), results into a results file people can keep
-(:func:`results_document`, :func:`write_results`), and samples of the scores into figures.
+The metrics themselves are the pure functions of :mod:`gssf_cli.evaluation.crossmodal` and
+:mod:`gssf_cli.evaluation.labels`; this module turns files and models into their inputs, their results into
+:class:`EvaluateResult` (which says what was measured: the dataset and the model, see :func:`dataset_identity` and
+:func:`model_identity`), results into a results file people can keep (:func:`results_document`,
+:func:`write_results`), and samples of the scores into figures.
 """
 
 from __future__ import annotations
@@ -161,9 +162,8 @@ def _score_split(
     full_map: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a split's embeddings (images ``[N, D]``, texts ``[kN, D]``) under the model's metric head."""
-    from gssf_cli.evaluation import crossmodal
+    from gssf_cli.evaluation import crossmodal, ranking
     from gssf_cli.evaluation import labels as label_metrics
-    from gssf_cli.evaluation import ranking as retrieval
 
     split = dataset.split(split_name)
     try:
@@ -185,7 +185,7 @@ def _score_split(
             memory_budget_bytes=memory_budget_bytes,
             full_map=full_map,
         )
-    except retrieval.RetrievalInputError as exc:
+    except ranking.RetrievalInputError as exc:
         raise UserInputError(f"{dataset.folder} ({split_name} split): {exc}") from None
 
 
@@ -205,9 +205,8 @@ def evaluate_file(config: EvaluateConfig, head: RetrievalModel | None = None) ->
     """Metrics of the embeddings file ``config.embeddings``: cosine or dot, per ``config.metric``; or, with
     ``head`` (a trained model: ``--head RUN``), scored by its metric head, the arrays read as that head reads
     them (:func:`gssf_cli.modeling.model.embed_for_head`: a head-only run's adapters apply)."""
-    from gssf_cli.evaluation import crossmodal
+    from gssf_cli.evaluation import crossmodal, ranking
     from gssf_cli.evaluation import labels as label_metrics
-    from gssf_cli.evaluation import ranking as retrieval
 
     assert config.embeddings is not None
     layout, arrays, split = _read_embeddings(config.embeddings, config.split)
@@ -262,7 +261,7 @@ def evaluate_file(config: EvaluateConfig, head: RetrievalModel | None = None) ->
                 full_map=config.full_map,
             )
             sizes = {"queries": len(queries), "gallery": len(gallery if gallery is not None else queries)}
-    except retrieval.RetrievalInputError as exc:
+    except ranking.RetrievalInputError as exc:
         raise UserInputError(f"{config.embeddings}: {exc}") from None
     seconds = round(time.perf_counter() - started, 3)
     task = "cross_modal" if layout == "cross_modal" else "labels"

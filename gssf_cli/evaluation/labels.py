@@ -21,7 +21,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from gssf_cli.evaluation import ranking
+from gssf_cli.evaluation import ranking  # its tile and stripe sizes read at call time: one value to tune or patch
 from gssf_cli.evaluation.ranking import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     ArrayLike,
@@ -47,9 +47,6 @@ from gssf_cli.evaluation.ranking import (
     tile_workers,
     tiles,
 )
-
-# ----------------------------------------------------------------------------------------------------------
-# Label-based
 
 
 @dataclass(frozen=True)

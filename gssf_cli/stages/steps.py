@@ -150,7 +150,7 @@ def check(pipeline: PipelineConfig) -> None:
     stage's table, tune's search space against its base train config (:func:`gssf_cli.training.tune_plan.check_search`,
     which needs no dataset), and that every folder a stage will write can be written."""
     from gssf_cli.core.files import check_output_folder, check_writable
-    from gssf_cli.training import tune_plan as tuning
+    from gssf_cli.training import tune_plan
 
     links = Links(prepared(pipeline))
     configs = {stage: stage_config(pipeline, stage, links) for stage in pipeline.stages}
@@ -158,7 +158,7 @@ def check(pipeline: PipelineConfig) -> None:
     if "tune" in configs:
         tune = configs["tune"]
         try:
-            base, _ = tuning.check_search(tune, base_train(pipeline) or None)
+            base, _ = tune_plan.check_search(tune, base_train(pipeline) or None)
         except UserInputError as exc:
             raise UserInputError(f"[tune] {exc}") from None
         runs_dirs.append(base.runs_dir)

@@ -1,20 +1,19 @@
 """Stage ``tune``: search train settings (the block size above all) with Ray Tune; one MLflow writer, live.
 
-1. :func:`gssf_cli.training.tune_plan.make_plan` checks everything it can before Ray starts (names, value syntax, block
-   sizes for every grid combination, files, the metric) and resolves ``--scheduler auto`` (FIFO for a pure
-   grid, ASHA when a value is sampled).
-2. Ray (:mod:`gssf_cli.cluster.session`): local by default, results under ``--storage`` as experiment
+1. :func:`gssf_cli.training.tune_plan.make_plan` checks all it can before Ray starts (names, syntax, block sizes
+   of every grid combination, files, the metric); ``--scheduler auto`` is FIFO for a grid, else ASHA.
+2. Ray (:mod:`gssf_cli.cluster.tune_trials`): local by default, results under ``--storage`` as experiment
    ``tune-<tune run id>``; each trial is the library's own training, reporting every epoch.
 3. MLflow, written by this process only (many writers lock or corrupt a SQLite file; on a cluster it is not
    even there): the tune run ``tune-<names>`` and, live, one child run per trial from Tune's driver-side
-   callback (:class:`gssf_cli.stages.trial_runs.TrialRuns`), completed from the ResultGrid after ``fit()`` — wholly
-   under Ray Client, whose callbacks run on the head node.
+   callback (:class:`~gssf_cli.stages.trial_runs.TrialRuns`), completed from the ResultGrid after ``fit()`` (wholly
+   so under Ray Client, whose callbacks run on the head node).
 4. Outputs on the tune run and in ``<runs_dir>/<tune run>/``: ``trials.csv``, ``best_train.toml`` (``gssf
    train --config`` loads it) and, when the block size is tuned, ``block_size.png`` (the paper's Fig. 3).
 5. Ctrl-C or SIGTERM: Tune stops and saves its state, what ran is logged, the tune run ends KILLED (exit 130);
    :func:`resume` continues it (or a RUNNING one whose driver was killed) with ``Tuner.restore``, from the
-   settings recorded at its start (:func:`gssf_cli.training.tune_results.resume_tags`), on the same runs. Every trial
-   failing is exit 1.
+   settings recorded at its start (:func:`~gssf_cli.training.tune_results.resume_tags`), on the same runs. All
+   trials failing: exit 1.
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ from gssf_cli.core.config import dump_toml, to_dict
 from gssf_cli.core.errors import CheckFailedError, UserInputError
 from gssf_cli.core.stage_configs import TuneConfig
 from gssf_cli.stages.trial_runs import TRIAL_STAGE, TrialRuns
-from gssf_cli.training import tune_plan as tuning
-from gssf_cli.training import tune_results
+from gssf_cli.training import tune_plan, tune_results
 
 if TYPE_CHECKING:
     from gssf_cli.tracking.adapter import StageRun, Tracker
@@ -83,7 +81,7 @@ def run(
     """
     from gssf_cli.cluster.session import check_reachable, storage_path
 
-    plan = tuning.make_plan(config, base_values=base_values)
+    plan = tune_plan.make_plan(config, base_values=base_values)
     if config.address:
         check_reachable(config.address)
     check_outputs(config, plan)
@@ -99,7 +97,7 @@ def resume(run_ref: str, tracker: Tracker, progress: bool = True) -> TuneResult:
 
     Everything is checked before anything is written: a run that is not a tune run, a tune run that already
     finished, one without recorded settings, or one whose Ray results folder is gone is a one-line
-    :class:`UserInputError`; so is anything :func:`tuning.make_plan` refuses (the dataset moved, say).
+    :class:`UserInputError`; so is anything :func:`tune_plan.make_plan` refuses (the dataset moved, say).
     """
     from gssf_cli.cluster.session import check_reachable, check_restorable, experiment_path
     from gssf_cli.tracking.adapter import PARENT_TAG, STAGE_TAG
@@ -141,7 +139,7 @@ def check_outputs(config: TuneConfig, plan: TunePlan) -> None:
         check_writable(Path(config.storage), f"--storage {config.storage}", "--storage")
     check_writable(plan.base.runs_dir, f"the runs folder {plan.base.runs_dir}", "--base runs_dir=...")
     manifest = load_manifest(plan.base.data, verify=False)
-    for trial in tuning.probe_configs(plan):
+    for trial in tune_plan.probe_configs(plan):
         check_fits_memory(manifest_spec(manifest, trial), trial)
 
 
@@ -167,14 +165,9 @@ def _search(
             if resume_run_id is not None:
                 tune_run = stack.enter_context(tracker.start_run(STAGE, resume_run_id=resume_run_id))
             else:
-                tune_run = stack.enter_context(
-                    tracker.start_run(
-                        STAGE,
-                        run_name=plan.run_name(),
-                        parent_run_id=parent_run_id,
-                        tags=tune_results.resume_tags(search),
-                    )
-                )
+                tags = tune_results.resume_tags(search)
+                start = tracker.start_run(STAGE, run_name=plan.run_name(), parent_run_id=parent_run_id, tags=tags)
+                tune_run = stack.enter_context(start)
                 _log_start(tune_run, search)
             replay = not callbacks_run_here(config.address)
             trial_runs = stack.enter_context(TrialRuns(tracker, tune_run.run_id, plan, replay))
@@ -187,7 +180,7 @@ def _search(
         outcomes = ray_run.outcomes
         if trial_runs is not None:
             outcomes = [replace(o, run_id=trial_runs.settle(o, ray_run.interrupted)) for o in outcomes]
-        ranked = sorted(outcomes, key=lambda o: tuning.rank_key(o.metric, plan.mode))
+        ranked = sorted(outcomes, key=lambda o: tune_plan.rank_key(o.metric, plan.mode))
         found = tune_results.configurations(ranked, plan.mode)
         best = tune_results.best_trial(ranked, found)
         out_dir = plan.base.runs_dir / run_id
@@ -268,7 +261,7 @@ def _write_outputs(
     best_file = None
     if best is not None:
         best_file = out_dir / "best_train.toml"
-        text = dump_toml(tuning.trial_train_values(plan, best.values))
+        text = dump_toml(tune_plan.trial_train_values(plan, best.values))
         best_file.write_text(text, encoding="utf-8")
         if run_ is not None:
             run_.log_text(text, "config/best_train.toml")

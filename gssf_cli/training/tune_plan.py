@@ -5,7 +5,7 @@ Why a separate module: a typo in ``--param`` should cost a second, not a Ray sta
 everything that can be checked without running a trial is checked here — parameter names, value syntax, block
 sizes against the embedding size (for every combination of grid values and range ends), files named by the
 base config or a tuned value, the optimisation metric against the dataset's task. It imports the standard
-library and :mod:`gssf_cli.core.config` only; Ray lives in :mod:`gssf_cli.cluster.session`. What the driver
+library and :mod:`gssf_cli.core.config` only; Ray lives in :mod:`gssf_cli.cluster`. What the driver
 does with the trials' outcomes is :mod:`gssf_cli.training.tune_results`.
 
 Scheduler: ``--scheduler auto`` (the default) is FIFO for a pure grid — every value listed, as in the

@@ -418,6 +418,12 @@ def print_comparison(result: dict[str, Any], as_json: bool) -> None:
             f"[{style}]{'significant, ' + verdict if verdict != 'n.s.' else 'n.s.'}[/]" if style else verdict,
         )
     stdout.print(table)
+    _comparison_footer(result, several)
+
+
+def _comparison_footer(result: dict[str, Any], several: bool) -> None:
+    """Below the comparison table: the runs compared, how the interval and p were computed, what was not tested."""
+    settings = result["settings"]
     baseline = result["baseline"]
     stdout.print(
         f"baseline: {baseline['label']} ({', '.join(run['run_id'] for run in baseline['runs'])})",

@@ -120,8 +120,6 @@ class DataParallel:
         driver, the only one that logs) passes it to ``progress`` and ``on_epoch_end`` as it arrives. At the end
         ``trainer`` loads the last checkpoint, so it holds the trained weights, as after :meth:`Trainer.fit`.
         """
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
         from ray.util.queue import Empty
 
         from gssf_cli.modeling import checkpoint as ckpt
@@ -130,27 +128,7 @@ class DataParallel:
         resume = out_dir / ckpt.LAST if trainer.epochs_done > 0 else None
         failure: list[BaseException] = []
         with _scratch() as (storage, queue):
-            loop = {
-                "config": to_dict(trainer.config),
-                "cwd": os.getcwd(),
-                "out_dir": str(out_dir),
-                "resume": None if resume is None else str(resume),
-                "gpu": self.gpu,
-                "queue": queue,
-            }
-            torch_trainer = TorchTrainer(
-                _train_worker,
-                train_loop_config=loop,
-                torch_config=TorchConfig(backend="nccl" if self.gpu else "gloo"),
-                scaling_config=ScalingConfig(
-                    num_workers=config.workers, use_gpu=self.gpu, resources_per_worker={"CPU": config.worker_threads()}
-                ),
-                run_config=RunConfig(
-                    name=f"gssf-train-{out_dir.name}",
-                    storage_path=storage,
-                    failure_config=FailureConfig(max_failures=0),
-                ),
-            )
+            torch_trainer = self._torch_trainer(trainer, out_dir, resume, storage, queue)
 
             def run() -> None:
                 try:
@@ -175,6 +153,33 @@ class DataParallel:
             raise _worker_error(failure[0]) from failure[0]  # --debug shows the worker's own traceback
         trainer.load_checkpoint(out_dir / ckpt.LAST)
         return trainer.result(out_dir, config.epochs - first + 1, time.perf_counter() - started)
+
+    def _torch_trainer(self, trainer: Trainer, out_dir: Path, resume: Path | None, storage: str, queue: Any) -> Any:
+        """Ray Train's ``TorchTrainer`` for ``trainer``'s run: ``config.workers`` workers of ``worker_threads()``
+        CPUs (and a GPU each on CUDA), each running :func:`_train_worker`; no restart on failure."""
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        config = self.config
+        loop = {
+            "config": to_dict(trainer.config),
+            "cwd": os.getcwd(),
+            "out_dir": str(out_dir),
+            "resume": None if resume is None else str(resume),
+            "gpu": self.gpu,
+            "queue": queue,
+        }
+        return TorchTrainer(
+            _train_worker,
+            train_loop_config=loop,
+            torch_config=TorchConfig(backend="nccl" if self.gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=config.workers, use_gpu=self.gpu, resources_per_worker={"CPU": config.worker_threads()}
+            ),
+            run_config=RunConfig(
+                name=f"gssf-train-{out_dir.name}", storage_path=storage, failure_config=FailureConfig(max_failures=0)
+            ),
+        )
 
 
 @contextlib.contextmanager

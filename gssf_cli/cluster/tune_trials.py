@@ -76,8 +76,6 @@ def run_trials(
     """
     ray_environment(config.address)
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     spec = _trial_spec(plan, config, root or Path.cwd())
     callbacks = [_callback(name)] if callbacks_run_here(config.address) else []
@@ -99,38 +97,49 @@ def run_trials(
                 experiment_path(storage, name), trainable, resume_unfinished=True, resume_errored=True
             )
         else:
-            scheduler: Any = FIFOScheduler()
-            if plan.scheduler == "asha":
-                scheduler = ASHAScheduler(
-                    time_attr="training_iteration",
-                    max_t=plan.base.epochs,
-                    grace_period=min(config.grace_period, plan.base.epochs),
-                    reduction_factor=config.reduction_factor,
-                )
-            tuner = tune.Tuner(
-                trainable,
-                param_space=_search_space(plan),
-                tune_config=tune.TuneConfig(
-                    metric=plan.metric_key,
-                    mode=plan.mode,
-                    scheduler=scheduler,
-                    num_samples=plan.num_samples,
-                    search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=_concurrency(config)),
-                    reuse_actors=True,
-                ),
-                run_config=tune.RunConfig(
-                    name=name,
-                    storage_path=storage,
-                    verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=config.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    callbacks=callbacks,
-                ),
-            )
+            tuner = _new_tuner(plan, config, name, storage, trainable, callbacks)
         with _interrupt_watch() as interrupted:
             grid = tuner.fit()
         outcomes = [_outcome(grid[index], plan) for index in range(len(grid))]
     return RayRun(outcomes, ray_seconds[0], interrupted[0])
+
+
+def _new_tuner(
+    plan: TunePlan, config: TuneConfig, name: str, storage: str, trainable: Any, callbacks: list[Any]
+) -> Any:
+    """A Tuner for a new search: ``plan``'s space and scheduler (ASHA or FIFO), results under ``storage/name``."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    scheduler: Any = FIFOScheduler()
+    if plan.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=plan.base.epochs,
+            grace_period=min(config.grace_period, plan.base.epochs),
+            reduction_factor=config.reduction_factor,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=_search_space(plan),
+        tune_config=tune.TuneConfig(
+            metric=plan.metric_key,
+            mode=plan.mode,
+            scheduler=scheduler,
+            num_samples=plan.num_samples,
+            search_alg=BasicVariantGenerator(random_state=config.seed, max_concurrent=_concurrency(config)),
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
+        ),
+    )
 
 
 def _concurrency(config: TuneConfig) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from gssf_cli.core.errors import UserInputError, first_line
-from gssf_cli.core.files import MANIFEST, manifest_digest
+from gssf_cli.core.files import MANIFEST, manifest_digest, sha256_file
 from gssf_cli.deploy.serving import Served
 
 BUNDLE_FORMAT = 2
@@ -62,8 +62,6 @@ def gate_passed(parity: Any) -> bool:
 
 def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
     """``{name: {"sha256", "bytes"}}`` for every file in a bundle folder except its manifest."""
-    from gssf_cli.core.files import sha256_file
-
     return {
         p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(folder.iterdir())
@@ -125,8 +123,6 @@ def verify_bundle(folder: Path, *, full_check: bool = True) -> dict[str, Any]:
     (:data:`GRAPHS`); any path that is absolute, contains ``..``, is a symlink or resolves outside the folder;
     a file the manifest does not checksum, or one that is missing, changed or truncated; an invalid graph.
     """
-    from gssf_cli.core.files import sha256_file
-
     manifest = _read_manifest(folder)
     manifest_path = folder / MANIFEST
     if manifest["parity"].get("passed") is not True or not gate_passed(manifest["parity"]):
@@ -134,18 +130,7 @@ def verify_bundle(folder: Path, *, full_check: bool = True) -> dict[str, Any]:
             f"{folder}: its parity gate failed (manifest.json records parity outside tolerance); not deployable"
         )
     task, graphs, files = manifest["task"], manifest["graphs"], manifest["files"]
-    expected = GRAPHS.get(task)
-    if expected is None:
-        raise UserInputError(f"{manifest_path}: unknown task {task!r} (expected one of {', '.join(GRAPHS)})")
-    missing = [name for name in expected if name not in graphs]
-    extra = sorted(set(graphs) - set(expected))
-    if missing or extra:
-        what = (
-            f"incomplete bundle, missing graph(s) {', '.join(missing)}"
-            if missing
-            else (f"unexpected graph(s) {', '.join(extra)}")
-        )
-        raise UserInputError(f"{manifest_path}: {what} (a {task} bundle holds {', '.join(expected)}); export again")
+    _check_graph_set(manifest_path, task, graphs)
     needed = {info["file"]: f"graph {name}" for name, info in graphs.items()}
     vocab = _vocab_file(manifest)
     if vocab is not None:
@@ -157,16 +142,7 @@ def verify_bundle(folder: Path, *, full_check: bool = True) -> dict[str, Any]:
     for name, what in needed.items():
         if name not in files:
             raise UserInputError(f"{paths[name]}: {what} is not checksummed in manifest.json; export again")
-    digests: dict[str, str] = {}
-    for name, entry in files.items():
-        path = paths[name]
-        if not path.is_file():
-            raise UserInputError(f"{path}: missing from the bundle; export again")
-        if path.stat().st_size != entry["bytes"] or (digest := sha256_file(path)) != entry["sha256"]:
-            raise UserInputError(
-                f"{path}: checksum mismatch with manifest.json (file changed or truncated); export again"
-            )
-        digests[name] = digest
+    digests = _checked_digests(paths, files)
     for info in graphs.values():
         path = paths[info["file"]]
         if info["sha256"] != digests[info["file"]]:
@@ -188,6 +164,37 @@ def verify_bundle(folder: Path, *, full_check: bool = True) -> dict[str, Any]:
         "digest": manifest_digest(folder),
         "valid": True,
     }
+
+
+def _check_graph_set(manifest_path: Path, task: str, graphs: dict[str, Any]) -> None:
+    """The graphs a ``task`` bundle holds (:data:`GRAPHS`), no more and no fewer."""
+    expected = GRAPHS.get(task)
+    if expected is None:
+        raise UserInputError(f"{manifest_path}: unknown task {task!r} (expected one of {', '.join(GRAPHS)})")
+    missing = [name for name in expected if name not in graphs]
+    extra = sorted(set(graphs) - set(expected))
+    if missing or extra:
+        what = (
+            f"incomplete bundle, missing graph(s) {', '.join(missing)}"
+            if missing
+            else (f"unexpected graph(s) {', '.join(extra)}")
+        )
+        raise UserInputError(f"{manifest_path}: {what} (a {task} bundle holds {', '.join(expected)}); export again")
+
+
+def _checked_digests(paths: dict[str, Path], files: dict[str, Any]) -> dict[str, str]:
+    """Every file the manifest checksums, present and unchanged (size, then sha256): ``{name: sha256}``."""
+    digests: dict[str, str] = {}
+    for name, entry in files.items():
+        path = paths[name]
+        if not path.is_file():
+            raise UserInputError(f"{path}: missing from the bundle; export again")
+        if path.stat().st_size != entry["bytes"] or (digest := sha256_file(path)) != entry["sha256"]:
+            raise UserInputError(
+                f"{path}: checksum mismatch with manifest.json (file changed or truncated); export again"
+            )
+        digests[name] = digest
+    return digests
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

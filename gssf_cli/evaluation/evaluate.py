@@ -206,7 +206,6 @@ def evaluate_file(config: EvaluateConfig, head: RetrievalModel | None = None) ->
     ``head`` (a trained model: ``--head RUN``), scored by its metric head, the arrays read as that head reads
     them (:func:`gssf_cli.modeling.model.embed_for_head`: a head-only run's adapters apply)."""
     from gssf_cli.evaluation import crossmodal, ranking
-    from gssf_cli.evaluation import labels as label_metrics
 
     assert config.embeddings is not None
     layout, arrays, split = _read_embeddings(config.embeddings, config.split)
@@ -238,29 +237,7 @@ def evaluate_file(config: EvaluateConfig, head: RetrievalModel | None = None) ->
             sizes = {"images": len(images), "texts": len(texts), "captions_per_image": k}
         else:
             protocol = None
-            if layout == "labels":
-                arrays = {"features": prepare(arrays["features"], "features"), "labels": arrays["labels"]}
-                queries, gallery = arrays["features"], None
-                query_labels, gallery_labels = arrays["labels"], None
-            else:
-                arrays = {
-                    **arrays,
-                    "queries": prepare(arrays["queries"], "queries"),
-                    "gallery": prepare(arrays["gallery"], "gallery"),
-                }
-                queries, gallery = arrays["queries"], arrays["gallery"]
-                query_labels, gallery_labels = arrays["query_labels"], arrays["gallery_labels"]
-            metrics = label_metrics.evaluate_labels(
-                queries,
-                query_labels,
-                gallery,
-                gallery_labels,
-                score_fn=score_fn,
-                ks=config.ks,
-                memory_budget_bytes=budget,
-                full_map=config.full_map,
-            )
-            sizes = {"queries": len(queries), "gallery": len(gallery if gallery is not None else queries)}
+            arrays, metrics, sizes = _file_label_metrics(config, layout, arrays, prepare, score_fn)
     except ranking.RetrievalInputError as exc:
         raise UserInputError(f"{config.embeddings}: {exc}") from None
     seconds = round(time.perf_counter() - started, 3)
@@ -274,6 +251,43 @@ def evaluate_file(config: EvaluateConfig, head: RetrievalModel | None = None) ->
         task, protocol, metrics, folds, sizes, seconds, dataset_info=dataset_info, model_info=model_info
     )
     return Evaluation(result, layout, arrays, score_fn, score)
+
+
+def _file_label_metrics(
+    config: EvaluateConfig,
+    layout: str,
+    arrays: dict[str, np.ndarray],
+    prepare: Callable[[np.ndarray, str], np.ndarray],
+    score_fn: Callable[..., Any] | None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, int]]:
+    """Label-based metrics of a file's arrays (``labels``: the items against themselves; else queries against a
+    gallery), each embedding array read by ``prepare``: the arrays as read, the metrics, the sizes."""
+    from gssf_cli.evaluation import labels as label_metrics
+
+    if layout == "labels":
+        arrays = {"features": prepare(arrays["features"], "features"), "labels": arrays["labels"]}
+        queries, gallery = arrays["features"], None
+        query_labels, gallery_labels = arrays["labels"], None
+    else:
+        arrays = {
+            **arrays,
+            "queries": prepare(arrays["queries"], "queries"),
+            "gallery": prepare(arrays["gallery"], "gallery"),
+        }
+        queries, gallery = arrays["queries"], arrays["gallery"]
+        query_labels, gallery_labels = arrays["query_labels"], arrays["gallery_labels"]
+    metrics = label_metrics.evaluate_labels(
+        queries,
+        query_labels,
+        gallery,
+        gallery_labels,
+        score_fn=score_fn,
+        ks=config.ks,
+        memory_budget_bytes=config.memory_budget_mb * 2**20,
+        full_map=config.full_map,
+    )
+    sizes = {"queries": len(queries), "gallery": len(gallery if gallery is not None else queries)}
+    return arrays, metrics, sizes
 
 
 def _head_reader(head: RetrievalModel, path: Path, layout: str) -> Callable[[np.ndarray, str], np.ndarray]:

@@ -130,18 +130,7 @@ def block_size_figure(trials: Sequence[BlockSizeTrial], axes: BlockSizeAxes) -> 
     }
     seeded = any(s.n > 1 for s in finished.values())
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for stopped in (False, True):
-        group = [t for t in trials if t.stopped_early == stopped]
-        if group:
-            ax.scatter(
-                [t.block_size for t in group],
-                [t.metric for t in group],
-                s=40,
-                zorder=3,
-                facecolors="white" if stopped else "tab:blue",
-                edgecolors="tab:blue",
-                label="trial stopped early" if stopped else "trial",
-            )
+    _trial_dots(ax, trials)
     if seeded:
         shown = sorted(finished)
         ax.errorbar(
@@ -162,6 +151,35 @@ def block_size_figure(trials: Sequence[BlockSizeTrial], axes: BlockSizeAxes) -> 
     ax.set_xlabel(f"block size d (D = {axes.embed_dim})")
     ax.set_ylabel(f"{axes.metric} ({'higher' if axes.mode == 'max' else 'lower'} is better)")
     ax.grid(True, which="both", alpha=0.3)
+    twin = _parameter_axis(ax, sizes, params)
+    handles, labels = ax.get_legend_handles_labels()
+    twin_handles, twin_labels = twin.get_legend_handles_labels()
+    ax.legend(handles + twin_handles, labels + twin_labels, loc="best", fontsize="small")
+    ax.set_title(f"block-size search, {axes.subject}")
+    fig.tight_layout()
+    return fig
+
+
+def _trial_dots(ax: Any, trials: Sequence[BlockSizeTrial]) -> None:
+    """Every trial a dot at (block size, metric): filled if it ran its budget, hollow if stopped early."""
+    for stopped in (False, True):
+        group = [t for t in trials if t.stopped_early == stopped]
+        if group:
+            ax.scatter(
+                [t.block_size for t in group],
+                [t.metric for t in group],
+                s=40,
+                zorder=3,
+                facecolors="white" if stopped else "tab:blue",
+                edgecolors="tab:blue",
+                label="trial stopped early" if stopped else "trial",
+            )
+
+
+def _parameter_axis(ax: Any, sizes: list[int], params: list[int]) -> Any:
+    """A second y axis on ``ax``: the metric head's parameter count per block size (log scale when all are > 0)."""
+    from matplotlib.ticker import NullFormatter
+
     twin = ax.twinx()
     twin.plot(sizes, params, marker="s", linestyle="--", color="tab:orange", label="metric-head parameters")
     twin.set_ylabel("metric-head parameters")
@@ -170,12 +188,7 @@ def block_size_figure(trials: Sequence[BlockSizeTrial], axes: BlockSizeAxes) -> 
         twin.yaxis.set_minor_formatter(NullFormatter())
     twin.set_yticks(params)
     twin.set_yticklabels([f"{p:,}" for p in params])
-    handles, labels = ax.get_legend_handles_labels()
-    twin_handles, twin_labels = twin.get_legend_handles_labels()
-    ax.legend(handles + twin_handles, labels + twin_labels, loc="best", fontsize="small")
-    ax.set_title(f"block-size search, {axes.subject}")
-    fig.tight_layout()
-    return fig
+    return twin
 
 
 def forest_plot(rows: list[Any], title: str) -> Any:

@@ -91,30 +91,9 @@ class CompareResult:
 
 def run(config: CompareConfig, tracker: Tracker, parent_run_id: str | None = None) -> CompareResult:
     """Compare ``config.runs`` (the baseline first); the result goes to a ``compare`` run."""
-    from gssf_cli.stages.runs import load_trained
-
     started = time.perf_counter()
     groups = _resolve(tracker, config)
-    per_run: dict[str, Units] = {}
-    dataset: Dataset | None = None
-    for group in groups:
-        for train_run in group:
-            run_id = train_run.info.run_id
-            if run_id in per_run:
-                continue
-            _, model, loaded = load_trained(tracker, run_id)
-            dataset = _same_dataset(dataset, loaded, run_id, config.split)
-            per_run[run_id] = comparison.trained_units(
-                model,
-                loaded,
-                config.split,
-                protocol=config.protocol,
-                ks=config.ks,
-                memory_budget_bytes=config.memory_budget_mb * 2**20,
-                full_map=config.full_map,
-            )
-            del model
-    assert dataset is not None
+    per_run, dataset = _units_of(tracker, config, groups)
     tracker.follow(groups[0][0])  # the compare run lands beside the baseline (unless --experiment says otherwise)
     systems = [
         replace(system, spread={k: v.to_json() for k, v in seeds.summarize(
@@ -162,13 +141,39 @@ def run(config: CompareConfig, tracker: Tracker, parent_run_id: str | None = Non
         "gssf.compare.baseline": ",".join(r["run_id"] for r in systems[0].runs),
         "gssf.compare.runs": ",".join(dict.fromkeys(all_ids)),
     }
-    with tracker.start_run(
-        "compare", run_name=f"compare-{config.split}", parent_run_id=parent_run_id, tags=tags
-    ) as run_:
+    start = tracker.start_run("compare", run_name=f"compare-{config.split}", parent_run_id=parent_run_id, tags=tags)
+    with start as run_:
         seconds = round(time.perf_counter() - started, 3)
         result = replace(result, seconds=seconds, run_id=run_.run_id)
         _log(run_, config, dataset, result, outcome, systems, groups, per_run, averaged)
     return result
+
+
+def _units_of(tracker: Tracker, config: CompareConfig, groups: list[list[Any]]) -> tuple[dict[str, Units], Dataset]:
+    """Each run's units on ``config.split`` (a run named twice is embedded once), and the dataset they all share."""
+    from gssf_cli.stages.runs import load_trained
+
+    per_run: dict[str, Units] = {}
+    dataset: Dataset | None = None
+    for group in groups:
+        for train_run in group:
+            run_id = train_run.info.run_id
+            if run_id in per_run:
+                continue
+            _, model, loaded = load_trained(tracker, run_id)
+            dataset = _same_dataset(dataset, loaded, run_id, config.split)
+            per_run[run_id] = comparison.trained_units(
+                model,
+                loaded,
+                config.split,
+                protocol=config.protocol,
+                ks=config.ks,
+                memory_budget_bytes=config.memory_budget_mb * 2**20,
+                full_map=config.full_map,
+            )
+            del model
+    assert dataset is not None
+    return per_run, dataset
 
 
 def _resolve(tracker: Tracker, config: CompareConfig) -> list[list[Any]]:

@@ -46,6 +46,21 @@ class TrainResult:
     seconds: float = 0.0
     model_id: str | None = None
 
+    @classmethod
+    def of(cls, run_id: str, fitted: FitResult, model_id: str | None) -> TrainResult:
+        """The result of run ``run_id``'s training ``fitted`` (``model_id``: its logged model, if tracked)."""
+        return cls(
+            run_id=run_id,
+            out_dir=str(fitted.out_dir),
+            best_epoch=fitted.best_epoch,
+            epochs_run=fitted.epochs_run,
+            metrics=fitted.metrics,
+            validation_metric=fitted.validation_metric,
+            parameters=fitted.parameters,
+            seconds=fitted.seconds,
+            model_id=model_id,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -107,17 +122,7 @@ def run(
         if tracked is not None:
             _log_end(tracked, fitted, trainer.model)
             model_id = log_served_model(tracked, config, fitted.out_dir / ckpt.BEST, dataset)
-    return TrainResult(
-        run_id=run_id,
-        out_dir=str(fitted.out_dir),
-        best_epoch=fitted.best_epoch,
-        epochs_run=fitted.epochs_run,
-        metrics=fitted.metrics,
-        validation_metric=fitted.validation_metric,
-        parameters=fitted.parameters,
-        seconds=fitted.seconds,
-        model_id=model_id,
-    )
+    return TrainResult.of(run_id, fitted, model_id)
 
 
 @dataclass(frozen=True)

@@ -153,24 +153,12 @@ def _search(
 ) -> TuneResult:
     """Start (or, with ``resume_run_id``, continue) the search on Ray and log it: the part :func:`run` and
     :func:`resume` share once everything is checked."""
-    from gssf_cli.cluster.session import callbacks_run_here
     from gssf_cli.cluster.tune_trials import run_trials
 
     config, plan = search.config, search.plan
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        tune_run: StageRun | None = None
-        trial_runs: TrialRuns | None = None
-        if tracker is not None:
-            if resume_run_id is not None:
-                tune_run = stack.enter_context(tracker.start_run(STAGE, resume_run_id=resume_run_id))
-            else:
-                tags = tune_results.resume_tags(search)
-                start = tracker.start_run(STAGE, run_name=plan.run_name(), parent_run_id=parent_run_id, tags=tags)
-                tune_run = stack.enter_context(start)
-                _log_start(tune_run, search)
-            replay = not callbacks_run_here(config.address)
-            trial_runs = stack.enter_context(TrialRuns(tracker, tune_run.run_id, plan, replay))
+        tune_run, trial_runs = _open_runs(stack, search, tracker, parent_run_id, resume_run_id)
         run_id = tune_run.run_id if tune_run is not None else uuid.uuid4().hex
         live = trial_runs if trial_runs is not None and not trial_runs.replay else None
         resumed = resume_run_id is not None
@@ -213,6 +201,29 @@ def _search(
     )
 
 
+def _open_runs(
+    stack: contextlib.ExitStack,
+    search: tune_results.Search,
+    tracker: Tracker | None,
+    parent_run_id: str | None,
+    resume_run_id: str | None,
+) -> tuple[StageRun | None, TrialRuns | None]:
+    """The tune run (new, or the one resumed) and its trials' runs, open until ``stack`` closes; none untracked."""
+    from gssf_cli.cluster.session import callbacks_run_here
+
+    if tracker is None:
+        return None, None
+    if resume_run_id is not None:
+        tune_run = stack.enter_context(tracker.start_run(STAGE, resume_run_id=resume_run_id))
+    else:
+        tags = tune_results.resume_tags(search)
+        start = tracker.start_run(STAGE, run_name=search.plan.run_name(), parent_run_id=parent_run_id, tags=tags)
+        tune_run = stack.enter_context(start)
+        _log_start(tune_run, search)
+    replay = not callbacks_run_here(search.config.address)
+    return tune_run, stack.enter_context(TrialRuns(tracker, tune_run.run_id, search.plan, replay))
+
+
 def _experiment_name(run_id: str) -> str:
     """The Ray experiment of a tune run: its results folder under the storage is named after the run."""
     return f"tune-{run_id}"
@@ -251,30 +262,13 @@ def _log_start(run_: StageRun, search: tune_results.Search) -> None:
 def _write_outputs(
     out_dir: Path, ranked: list[TrialOutcome], best: TrialOutcome | None, plan: TunePlan, run_: StageRun | None
 ) -> Path | None:
-    """``trials.csv`` (and ``configurations.csv`` across seeds), the best train config and the block-size plot, in
-    ``out_dir`` and on the tune run."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, table in tune_results.result_tables(ranked, plan).items():
-        (out_dir / name).write_text(table, encoding="utf-8")
-        if run_ is not None:
-            run_.log_text(table, name)
-    best_file = None
-    if best is not None:
-        best_file = out_dir / "best_train.toml"
-        text = dump_toml(tune_plan.trial_train_values(plan, best.values))
-        best_file.write_text(text, encoding="utf-8")
-        if run_ is not None:
-            run_.log_text(text, "config/best_train.toml")
-    if plan.tunes("block_size"):
-        from gssf_cli.evaluation import plots
-
-        figure = plots.block_size_figure(tune_results.block_size_trials(ranked), tune_results.block_size_axes(plan))
-        if figure is not None:
-            figure.savefig(out_dir / "block_size.png", dpi=120)
-            if run_ is not None:
-                run_.log_figure(figure, "plots/block_size.png")
-            plots.close(figure)
-    return best_file
+    """:func:`~gssf_cli.training.tune_results.write_outputs` into ``out_dir``, and the same files on the tune run;
+    the best train config's path."""
+    written = tune_results.write_outputs(out_dir, ranked, best, plan)
+    if run_ is not None:
+        for artifact, path in written.items():
+            run_.log_artifact(path, str(Path(artifact).parent) if "/" in artifact else None)
+    return written.get(tune_results.BEST_CONFIG)
 
 
 def _log_end(

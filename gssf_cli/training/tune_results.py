@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gssf_cli.core.config import from_dict, to_dict
+from gssf_cli.core.config import dump_toml, from_dict, to_dict
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.stage_configs import TuneConfig
 from gssf_cli.evaluation.plots import BlockSizeAxes, BlockSizeTrial
@@ -249,3 +249,32 @@ def result_tables(ranked: list[TrialOutcome], plan: TunePlan) -> dict[str, str]:
             writer.writerow([rank, *(c.values.get(n, "") for n in names), *stats, " ".join(c.trial_ids)])
         tables["configurations.csv"] = buffer.getvalue()
     return tables
+
+
+BEST_CONFIG = "config/best_train.toml"
+"""Where the best trial's train config goes (``gssf train --config`` loads it), below the tune's folder and run."""
+
+
+def write_outputs(
+    out_dir: Path, ranked: list[TrialOutcome], best: TrialOutcome | None, plan: TunePlan
+) -> dict[str, Path]:
+    """``trials.csv`` (and ``configurations.csv`` across seeds), the best train config and, when the block size is
+    tuned, the block-size plot, written into ``out_dir``: ``{artifact path on the tune run: file}``."""
+    from gssf_cli.evaluation import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for name, table in result_tables(ranked, plan).items():
+        written[name] = out_dir / name
+        written[name].write_text(table, encoding="utf-8")
+    if best is not None:
+        written[BEST_CONFIG] = out_dir / Path(BEST_CONFIG).name
+        written[BEST_CONFIG].write_text(dump_toml(trial_train_values(plan, best.values)), encoding="utf-8")
+    figure = (
+        plots.block_size_figure(block_size_trials(ranked), block_size_axes(plan)) if plan.tunes("block_size") else None
+    )
+    if figure is not None:
+        written["plots/block_size.png"] = out_dir / "block_size.png"
+        figure.savefig(written["plots/block_size.png"], dpi=120)
+        plots.close(figure)
+    return written

@@ -1,4 +1,5 @@
-"""Developer tasks. `nox` runs the default sessions (lint, typecheck, tests, e2e, cluster), as CI does.
+"""Developer tasks. `nox` runs the default sessions (lint, typecheck, tests, e2e: which takes in the cluster tests), as
+CI does.
 
 Every session but ``bench`` uses one shared environment (``.nox/shared``): the project with its ``all,dev`` extras is
 installed once (about 2 GB: torch, mlflow, ray, onnx) and reinstalled only when ``pyproject.toml`` changes,
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests", "e2e", "cluster"]
+nox.options.sessions = ["lint", "typecheck", "tests", "e2e"]
 
 SHARED = Path(".nox") / "shared"
 BENCH = Path(".nox") / "bench"
@@ -82,15 +83,19 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def e2e(session: nox.Session) -> None:
-    """The installed `gssf` command end to end on tiny data, as a user runs it."""
-    _run(session, "pytest", "-m", "e2e and not cluster", "-n", _workers(), "--dist", "loadfile", *session.posargs,
+    """The installed `gssf` command end to end on tiny data, as a user runs it, and the cluster tests (see
+    ``cluster``) in the same pool of workers: those mostly wait for Ray processes to start, so they fill the gaps
+    of the end-to-end files instead of a session of their own. Every local Ray that gssf starts has a fresh
+    temporary folder of its own, where ``ray.init`` looks for a running cluster, so it never joins the test
+    cluster."""
+    _run(session, "pytest", "-m", "e2e or cluster", "-n", _workers(), "--dist", "loadfile", *session.posargs,
          env=QUIET_ENV)  # fmt: skip
 
 
 @nox.session(venv_backend="none")
 def cluster(session: nox.Session) -> None:
-    """A real two-node Ray cluster on 127.0.0.1 (`gssf tune --address` across both nodes, and through `ray://`) and
-    Ray Train workers (`gssf train --workers 2`, `gssf tune --workers-per-trial 2`). One test file per xdist worker:
+    """The cluster tests alone (``nox -s e2e`` runs them too): a real two-node Ray cluster on 127.0.0.1 (`gssf tune
+    --address` across both nodes, and through `ray://`) and Ray Train workers (`gssf train --workers 2`, `gssf tune --workers-per-trial 2`). One test file per xdist worker:
     each file starts a Ray of its own (the cluster's nodes declare 1 CPU each whatever the machine has), and most
     of their time is spent waiting for Ray processes to start, so two files share the cores well."""
     _run(session, "pytest", "-m", "cluster", "-n", _workers(), "--dist", "loadfile", *session.posargs, env=QUIET_ENV)

@@ -24,7 +24,7 @@ from gssf_cli.cli import console, tables
 from gssf_cli.cli.options import shown_default
 from gssf_cli.core.errors import CheckFailedError, UserInputError
 from gssf_cli.stages.steps import CONFIGS
-from tests.unit.cli.test_app import help_rows
+from tests.unit.cli.test_options import help_rows
 
 Gssf = Callable[..., Result]
 COMMANDS = ("prepare", "train", "evaluate", "tune", "export", "run")

@@ -26,22 +26,3 @@ def test_storage_is_absolute_or_a_uri(workdir: Path) -> None:
     assert storage_path("s3://bucket/gssf") == "s3://bucket/gssf"
     folder = Path(storage_path(".gssf/ray"))
     assert folder.is_absolute() and folder.is_dir() and folder == workdir.resolve() / ".gssf" / "ray"
-
-
-def test_a_failed_training_worker_is_reported_by_its_own_error() -> None:
-    """Ray Train ends a run whose worker raised with a ``WorkerGroupError`` of every worker's exception: a bad-input
-    error stays one (exit 2, its message), anything else becomes one line naming it."""
-    from ray.exceptions import RayTaskError
-    from ray.train import WorkerGroupError
-
-    from gssf_cli.cluster.train_workers import _worker_error
-
-    refused = UserInputError("data/syn: the dev split cannot rank")
-    error = _worker_error(WorkerGroupError("failed", {0: refused}))
-    assert isinstance(error, UserInputError) and str(error) == "data/syn: the dev split cannot rank"
-    crashed = RayTaskError("train_fn", "Traceback ...", RuntimeError("CUDA out of memory"))
-    error = _worker_error(WorkerGroupError("failed", {1: crashed}))
-    assert isinstance(error, RuntimeError)
-    assert str(error) == "a training worker failed: RuntimeError: CUDA out of memory"
-    other = ValueError("no workers")
-    assert _worker_error(other) is other

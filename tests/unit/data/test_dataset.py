@@ -1,10 +1,8 @@
-"""Dataset kinds and the manifest contract: one writer per kind, checksums verified once per process."""
+"""Dataset kinds: one writer per kind, and no split that cannot rank (the manifest itself: test_manifest.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,9 +15,7 @@ from gssf_cli.core import limits
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.stage_configs import PrepareConfig
 from gssf_cli.data import WRITERS, writer
-from gssf_cli.data import manifest as manifest_module
-from gssf_cli.data.manifest import load_manifest
-from gssf_cli.data.rankable import images_problem, labels_problem
+from gssf_cli.data.rankable import labels_problem
 from gssf_cli.stages import prepare
 from tests.factories import write_feature_npz, write_precomp, write_split_features
 
@@ -27,41 +23,6 @@ from tests.factories import write_feature_npz, write_precomp, write_split_featur
 def test_every_dataset_kind_has_a_writer() -> None:
     assert tuple(WRITERS) == limits.DATASET_KINDS
     assert all(callable(writer(kind)) for kind in WRITERS)
-
-
-def test_checksums_are_verified_once_while_files_are_unchanged(
-    tiny_syn: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    folder = tmp_path / "syn"
-    shutil.copytree(tiny_syn, folder)
-    hashed: list[str] = []
-    real = manifest_module.sha256_file
-
-    def counting(path: Path) -> str:
-        hashed.append(path.name)
-        return real(path)
-
-    monkeypatch.setattr(manifest_module, "sha256_file", counting)
-    files = len(load_manifest(folder)["files"])
-    load_manifest(folder)
-    assert len(hashed) == files
-    target = folder / "train_ims.npy"
-    data = bytearray(target.read_bytes())
-    data[-1] ^= 0xFF
-    target.write_bytes(bytes(data))
-    stat = target.stat()
-    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    with pytest.raises(UserInputError, match=r"train_ims\.npy: checksum mismatch"):
-        load_manifest(folder)
-
-
-def test_the_split_rule() -> None:
-    assert labels_problem([5]) is not None and "has 1 class " in str(labels_problem([5]))
-    assert "has 0 classes" in str(labels_problem([]))
-    assert "none with 2 items" in str(labels_problem([1, 1, 1]))
-    assert labels_problem([2, 1]) is None and labels_problem([3, 4]) is None
-    assert "has 1 image " in str(images_problem(1)) and "has 0 images" in str(images_problem(0))
-    assert images_problem(limits.MIN_SPLIT_IMAGES) is None
 
 
 TINY_SYNTHETIC: dict[str, Any] = {

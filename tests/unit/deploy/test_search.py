@@ -9,8 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.deploy.exact_search import exact_search, recall_at_k
@@ -25,20 +23,7 @@ from gssf_cli.deploy.search import (
     set_threads,
     write_index,
 )
-
-DIM = 32
-
-
-def random_gallery(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
-    """``[n, dim]`` rows with norms spread over [0.5, 2], like a metric head's outputs."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True) * rng.uniform(0.5, 2.0, (n, 1)).astype(np.float32)
-
-
-def unit_queries(n: int, dim: int = DIM, seed: int = 1) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from tests.unit.deploy.references import DIM, argsort_reference, random_gallery, unit_queries
 
 
 def clustered(n: int, queries: int, dim: int = DIM, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -49,17 +34,6 @@ def clustered(n: int, queries: int, dim: int = DIM, seed: int = 2) -> tuple[np.n
     x = x / np.linalg.norm(x, axis=1, keepdims=True) * rng.uniform(0.5, 2.0, (n, 1)).astype(np.float32)
     q = x[rng.integers(n, size=queries)] + 0.3 * rng.standard_normal((queries, dim)).astype(np.float32)
     return x, (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
-
-
-def argsort_reference(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Slow and obvious: score every row per query in float64, sort, pad with -1 / -inf past the gallery."""
-    scores = np.full((len(queries), k), -np.inf, dtype=np.float64)
-    rows = np.full((len(queries), k), -1, dtype=np.int64)
-    for i, q in enumerate(queries):
-        s = gallery.astype(np.float64) @ q.astype(np.float64)
-        order = np.argsort(-s, kind="stable")[:k]
-        rows[i, : len(order)], scores[i, : len(order)] = order, s[order]
-    return scores, rows
 
 
 def build(kind: str, gallery: np.ndarray, overrides: dict[str, int | None] | None = None) -> tuple[Any, IndexSpec]:
@@ -98,22 +72,6 @@ def test_past_the_gallery_rows_are_minus_one_and_scores_minus_inf() -> None:
         scores, rows = search(index, spec, unit_queries(3), 8)
         assert (rows[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all(), kind
         assert sorted(rows[0, :5].tolist()) == list(range(5)), kind
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    n=st.integers(1, 120),
-    q=st.integers(1, 6),
-    k=st.integers(1, 20),
-    chunk=st.integers(1, 50),
-    seed=st.integers(0, 2**16),
-)
-def test_exact_search_is_chunking_independent(n: int, q: int, k: int, chunk: int, seed: int) -> None:
-    gallery, queries = random_gallery(n, 8, seed), unit_queries(q, 8, seed + 1)
-    want_scores, want_rows = argsort_reference(gallery, queries, k)
-    scores, rows = exact_search(gallery, queries, k, chunk=chunk)
-    np.testing.assert_array_equal(rows, want_rows)
-    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,13 +231,6 @@ def test_search_refuses_wrong_dim_empty_queries_and_bad_k() -> None:
         IndexBuilder(spec).add(np.zeros((4, 8), np.float32))
     with pytest.raises(UserInputError, match="--threads must be at least 1"):
         set_threads(0)
-
-
-def test_recall_at_k_on_a_hand_made_example() -> None:
-    exact = np.array([[1, 2, 3, 4], [5, 6, -1, -1], [-1, -1, -1, -1]])
-    found = np.array([[4, 3, 9, 8], [6, 7, 5, -1], [0, 1, 2, 3]])
-    assert recall_at_k(found, exact) == pytest.approx((2 / 4 + 2 / 2) / 2)
-    assert recall_at_k(exact[:2], exact[:2]) == 1.0
 
 
 def test_importing_the_module_loads_neither_faiss_nor_torch() -> None:

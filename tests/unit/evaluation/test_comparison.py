@@ -1,135 +1,19 @@
-"""gssf_cli.evaluation.comparison: per-query units whose means are exactly evaluate's metrics, chunked per-query ranks against
-a slow reference, and the paired statistics (coverage, null calibration, exact sign-flip enumeration)."""
+"""gssf_cli.evaluation.comparison: per-query units whose means are exactly evaluate's metrics, and the paired
+statistics (coverage, null calibration, exact sign-flip enumeration). The per-query ranks the units are made of are
+tested with their modules (test_crossmodal.py, test_labels.py)."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
-import torch
 
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.evaluation import comparison, crossmodal
 from gssf_cli.evaluation import labels as label_metrics
-from gssf_cli.evaluation import ranking as retrieval
 from gssf_cli.evaluation.comparison import Units, bootstrap_means, compare_units, sign_flip_pvalues
-
-# ----------------------------------------------------------------------------------------------------------
-# Slow references: every row sorted in plain Python, ties broken with non-relevant items first
-
-
-def _order(scores: Sequence[float], relevant: Sequence[bool]) -> list[bool]:
-    return [relevant[j] for j in sorted(range(len(scores)), key=lambda j: (-scores[j], relevant[j]))]
-
-
-def reference_cross_modal_ranks(s: np.ndarray, k: int) -> tuple[list[int], list[int], list[float]]:
-    n, m = s.shape
-    i2t, aps, t2i = [], [], []
-    for i in range(n):
-        ranked = _order(list(s[i]), [j // k == i for j in range(m)])
-        positions = [p for p, r in enumerate(ranked) if r]
-        i2t.append(positions[0])
-        aps.append(sum((h + 1) / (p + 1) for h, p in enumerate(positions)) / len(positions))
-    for j in range(m):
-        t2i.append(_order(list(s[:, j]), [i == j // k for i in range(n)]).index(True))
-    return i2t, t2i, aps
-
-
-def reference_label_stats(s: np.ndarray, labels: Sequence[int]) -> list[tuple[int, float, float, float] | None]:
-    """Per query (self-retrieval): first rank, MAP@R, R-precision, AP; None without a relevant item."""
-    out: list[tuple[int, float, float, float] | None] = []
-    for q in range(s.shape[0]):
-        columns = [j for j in range(s.shape[1]) if j != q]
-        ranked = _order([s[q, j] for j in columns], [labels[j] == labels[q] for j in columns])
-        r = sum(ranked)
-        if r == 0:
-            out.append(None)
-            continue
-        hits, ap, ap_at_r = 0, 0.0, 0.0
-        for position, relevant in enumerate(ranked, start=1):
-            if relevant:
-                hits += 1
-                ap += hits / position
-                ap_at_r += hits / position if position <= r else 0.0
-        out.append((ranked.index(True), ap_at_r / r, sum(ranked[:r]) / r, ap / r))
-    return out
-
-
-def _pairs(n: int, k: int, d: int = 6, noise: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    images = rng.normal(size=(n, d))
-    texts = np.repeat(images, k, axis=0) + noise * rng.normal(size=(n * k, d))
-    return images.astype(np.float32), texts.astype(np.float32)
-
-
-def _asymmetric(seed: int = 3, d: int = 6) -> retrieval.ScoreFn:
-    w = torch.from_numpy(np.random.default_rng(seed).normal(size=(d, d)).astype(np.float32))
-    return lambda q, g: (q @ w) @ g.T
-
-
-def _labelled(n: int = 50, classes: int = 6, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, classes, size=n)
-    labels[-1] = classes + 5  # one query with no relevant item: counts in no metric
-    feats = np.eye(classes + 6, 8)[labels] + 0.9 * rng.normal(size=(n, 8))
-    return feats.astype(np.float32), labels
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Per-query ranks (chunked) against the slow reference
-
-
-@pytest.mark.parametrize("budget", [64, 2**20])
-def test_cross_modal_fold_ranks_equal_the_slow_reference(budget: int) -> None:
-    images, texts = _pairs(14, 3)
-    score_fn = _asymmetric()
-    ranks = crossmodal.cross_modal_fold_ranks(
-        images, texts, captions_per_image=3, score_fn=score_fn, memory_budget_bytes=budget
-    )
-    s = score_fn(torch.from_numpy(images), torch.from_numpy(texts)).numpy()
-    i2t, t2i, aps = reference_cross_modal_ranks(s, 3)
-    assert ranks.i2t.tolist() == i2t and ranks.t2i.tolist() == t2i
-    np.testing.assert_allclose(ranks.i2t_ap.numpy(), aps, rtol=1e-12)
-
-
-@pytest.mark.parametrize("full_map", [False, True])
-@pytest.mark.parametrize("budget", [100, 2**20])
-def test_label_query_stats_equal_the_slow_reference(full_map: bool, budget: int) -> None:
-    feats, labels = _labelled()
-    ks = (1, 3)
-    stats = label_metrics.label_query_stats(feats, labels, ks=ks, memory_budget_bytes=budget, full_map=full_map)
-    s = feats.astype(np.float32) @ feats.astype(np.float32).T
-    expected = reference_label_stats(s, labels.tolist())
-    depth_bound = 0
-    for q, reference in enumerate(expected):
-        if reference is None:
-            assert stats.first_rank[q] == -1 and not stats.evaluated[q]
-            continue
-        first, map_at_r, r_precision, ap = reference
-        relevant = int((labels == labels[q]).sum()) - 1
-        depth = max(relevant, max(ks))
-        if first < depth:  # exact inside the depth the ranking is known to, a lower bound past it
-            assert stats.first_rank[q] == first
-        else:
-            assert stats.first_rank[q] >= depth
-            depth_bound += 1
-        assert stats.map_at_r[q] == pytest.approx(map_at_r, rel=1e-12)
-        assert stats.r_precision[q] == pytest.approx(r_precision, rel=1e-12)
-        if full_map:
-            assert stats.average_precision is not None
-            assert stats.average_precision[q] == pytest.approx(ap, rel=1e-12)
-    assert stats.evaluated.sum() == len(labels) - 1
-    assert (stats.average_precision is None) is not full_map
-
-
-def test_protocol_folds() -> None:
-    assert crossmodal.protocol_folds(7, "all") == [(0, 7)]
-    assert crossmodal.protocol_folds(5000, "coco-1k") == [(i, i + 1000) for i in range(0, 5000, 1000)]
-    with pytest.raises(retrieval.RetrievalInputError, match="protocol f30k-1k needs 1,000 images, got 7"):
-        crossmodal.protocol_folds(7, "f30k-1k")
-
+from tests.unit.evaluation.references import _asymmetric, _labelled, _pairs
 
 # ----------------------------------------------------------------------------------------------------------
 # Units: their means are what gssf evaluate reports

@@ -23,7 +23,8 @@ from gssf_cli.core.stage_configs import CompareConfig, PrepareConfig
 from gssf_cli.tracking.adapter import Tracker
 from tests.behaviour.test_cli_conventions import TYPER_TYPES
 from tests.conftest import tiny_train_config
-from tests.unit.cli.test_app import HEAVY, help_rows
+from tests.unit.cli.test_app import HEAVY
+from tests.unit.cli.test_options import help_rows
 
 CROSS_MODAL_TESTED = (
     "rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_map", "i2t_meanr", "t2i_meanr",

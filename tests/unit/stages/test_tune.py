@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,36 +29,11 @@ from gssf_cli.cli.app import app
 from gssf_cli.core.config import resolve
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.stage_configs import TrainConfig, TuneConfig
-from gssf_cli.stages.trial_runs import TrialRuns
 from gssf_cli.tracking.adapter import Tracker
 from gssf_cli.training.tune_plan import make_plan
+from tests.unit.stages.tune_helpers import ENV, logged_steps, prepare
 
 SMALL_BASE = ["--base", "embed_dim=32", "--base", "word_dim=16", "--base", "batch_size=32", "--base", "lr=0.003"]
-ENV = {"COLUMNS": "120", "NO_COLOR": "1"}
-
-
-def _prepare(folder: Path, train_images: int = 300) -> Path:
-    result = CliRunner().invoke(
-        app,
-        ["prepare", "--dataset", "synthetic", "--out", str(folder), "--train-images", str(train_images),
-         "--dev-images", "60", "--test-images", "20", "--regions", "6", "--region-dim", "16", "--concepts", "12",
-         "--vocab-size", "80"],
-        env=ENV,
-    )  # fmt: skip
-    assert result.exit_code == 0, result.stderr
-    return folder
-
-
-@pytest.fixture(scope="module")
-def moduledir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One working directory (tracking store, dataset, Ray results) for the module's tunes."""
-    folder = tmp_path_factory.mktemp("tune")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-            patch.delenv(name, raising=False)
-        _prepare(folder / "data" / "syn")
-        yield folder
 
 
 def _cli(*args: str) -> Result:
@@ -364,7 +338,7 @@ def _trial_workers(pid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def bigger(moduledir: Path) -> Path:
     """Epochs long enough (~1 s) to interrupt a trial between two of them."""
-    return _prepare(moduledir / "data" / "bigger", train_images=800)
+    return prepare(moduledir / "data" / "bigger", train_images=800)
 
 
 def _start_tune(moduledir: Path, *args: str) -> subprocess.Popen[str]:
@@ -504,59 +478,12 @@ def test_resume_refuses_what_it_cannot_continue(block_tune: dict[str, Any]) -> N
     assert tracker.client.get_run(tune_id).info.status == "FINISHED"
 
 
-def test_trial_runs_are_reattached_and_completed_from_the_outcomes(moduledir: Path) -> None:
-    """The MLflow side of a trial's life across a driver that died and a resume (no Ray: the events are what
-    Tune's callback passes on): a trial that starts again continues its own run, an epoch already there is not
-    logged twice, and after ``fit()`` what the live log missed comes from the outcome — the epochs of a run,
-    the whole run of a trial never seen live; a trial that never started gets no run."""
-    from gssf_cli.training.tune_results import TrialOutcome
-
-    config = TuneConfig(
-        params=("block_size=4,8,16",), data=Path("data/syn"), base=("embed_dim=32", "metric=bdiag"), epochs=3
-    )
-    plan = make_plan(config, cpu_count=2)
-    tracker = Tracker(experiment="trial-runs")
-
-    def metrics(epoch: int) -> dict[str, float]:
-        return {"val_rsum": 10.0 * epoch, "loss": 1.0 / epoch}
-
-    def outcome(trial_id: str, block: int, epochs: int, status: str) -> TrialOutcome:
-        history = [(e, 1_700_000_000_000 + e, metrics(e)) for e in range(1, epochs + 1)]
-        best = 10.0 * epochs if epochs else None
-        return TrialOutcome(trial_id, {"block_size": block}, status, best, epochs, 1.0, history=history)
-
-    with tracker.start_run("tune") as tune_run:
-        with TrialRuns(tracker, tune_run.run_id, plan, replay=False) as first:
-            first.trial_started("a", {"block_size": 4}, "/ray/a")
-            first.trial_result("a", 1, metrics(1))
-            first.trial_result("a", 1, metrics(1))
-        assert tracker.run_status(first.run_ids["a"]) == "KILLED", "the driver stopped under a running trial"
-        with TrialRuns(tracker, tune_run.run_id, plan, replay=False) as resumed:
-            resumed.trial_started("a", {"block_size": 4}, "/ray/a")
-            resumed.trial_result("a", 1, metrics(1))
-            resumed.trial_result("a", 2, metrics(2))
-            ids = [resumed.settle(outcome("a", 4, 3, "FINISHED"), interrupted=False)]
-            ids.append(resumed.settle(outcome("b", 8, 1, "KILLED"), interrupted=False))
-            assert resumed.settle(outcome("c", 16, 0, "KILLED"), interrupted=True) is None
-    children = {c.data.tags["gssf.tune.trial_id"]: c for c in tracker.child_runs(tune_run.run_id)}
-    assert sorted(children) == ["a", "b"] and [children["a"].info.run_id, children["b"].info.run_id] == ids
-    a, b = children["a"], children["b"]
-    assert a.info.status == "FINISHED" and a.info.run_name.startswith("trial-block_size=4-")
-    assert _steps(tracker, a) == [1, 2, 3] and a.data.params["train.block_size"] == "4"
-    assert b.info.status == "KILLED" and b.data.tags["gssf.tune.stopped"] == "stopped early after 1 of 3 epochs"
-    assert _steps(tracker, b) == [1] and b.data.params["train.metric"] == "bdiag"
-
-
 def _store_state(tracker: Tracker) -> tuple[Any, list[Any]]:
     """The tune run in ``tracker``'s store (the only one there) and its trial runs, as the UI would show them now."""
     found = tracker.client.search_runs([tracker.experiment_id], "tags.`gssf.stage` = 'tune'")
     if not found:
         return None, []
     return found[0], tracker.child_runs(found[0].info.run_id)
-
-
-def _steps(tracker: Tracker, run: Any) -> list[int]:
-    return [m.step for m in tracker.client.get_metric_history(run.info.run_id, "val_rsum")]
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="stops the tune with SIGTERM")
@@ -583,8 +510,8 @@ def test_trial_runs_are_live_and_a_killed_tune_resumes(
         while time.monotonic() < deadline and proc.poll() is None:
             tune_run, children = _store_state(tracker)
             if tune_run is not None and tune_run.info.status == "RUNNING":
-                running = [c for c in children if c.info.status == "RUNNING" and _steps(tracker, c)]
-                seen_live += [(c.info.run_id, _steps(tracker, c)) for c in running]
+                running = [c for c in children if c.info.status == "RUNNING" and logged_steps(tracker, c)]
+                seen_live += [(c.info.run_id, logged_steps(tracker, c)) for c in running]
                 if running and any(c.info.status == "FINISHED" for c in children):
                     proc.send_signal(signal.SIGTERM)
                     break
@@ -620,7 +547,7 @@ def test_trial_runs_are_live_and_a_killed_tune_resumes(
     assert len({c.data.tags["gssf.tune.trial_id"] for c in children}) == 3
     for child in children:
         assert child.info.status == "FINISHED"
-        steps = _steps(tracker, child)
+        steps = logged_steps(tracker, child)
         assert steps == _reported_epochs(child) and len(steps) == 3, (child.info.run_name, steps)
     for child in children:
         if child.info.run_id in before:

@@ -1,0 +1,65 @@
+"""Data-parallel training's checks that need no Ray (placement on this machine) and how a failed worker is
+reported (real Ray Train runs: tests/behaviour/test_cluster_training.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from gssf_cli.cluster.train_workers import precheck
+from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.stage_configs import TrainConfig
+
+
+def _ray_started() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def test_precheck_refuses_more_workers_than_cpus_without_starting_ray() -> None:
+    cpus = os.cpu_count() or 1
+    started = _ray_started()
+    too_many = TrainConfig(data=Path("d"), workers=cpus + 1, device="cpu")
+    with pytest.raises(
+        UserInputError,
+        match=rf"--workers {cpus + 1}: needs {cpus + 1} CPUs \(1 per worker, --threads\), but this machine has {cpus}; use fewer workers or threads",
+    ):
+        precheck(too_many)
+    threads = TrainConfig(data=Path("d"), workers=2, threads=cpus, device="cpu")
+    with pytest.raises(UserInputError, match=rf"needs {2 * cpus} CPUs \({cpus} per worker"):
+        precheck(threads)
+    assert precheck(TrainConfig(data=Path("d"), workers=cpus, device="cpu")) is False, "fits, and on CPUs"
+    assert _ray_started() == started, "the checks run before Ray"
+
+
+def test_precheck_refuses_gpu_workers_without_gpus() -> None:
+    import torch
+
+    gpus = torch.cuda.device_count()
+    with pytest.raises(
+        UserInputError,
+        match=rf"--workers {gpus + 1} --device cuda: needs a GPU per worker, but this machine has {gpus}",
+    ):
+        precheck(TrainConfig(data=Path("d"), workers=gpus + 1, threads=1, device="cuda"))
+
+
+def test_a_failed_training_worker_is_reported_by_its_own_error() -> None:
+    """Ray Train ends a run whose worker raised with a ``WorkerGroupError`` of every worker's exception: a bad-input
+    error stays one (exit 2, its message), anything else becomes one line naming it."""
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from gssf_cli.cluster.train_workers import _worker_error
+
+    refused = UserInputError("data/syn: the dev split cannot rank")
+    error = _worker_error(WorkerGroupError("failed", {0: refused}))
+    assert isinstance(error, UserInputError) and str(error) == "data/syn: the dev split cannot rank"
+    crashed = RayTaskError("train_fn", "Traceback ...", RuntimeError("CUDA out of memory"))
+    error = _worker_error(WorkerGroupError("failed", {1: crashed}))
+    assert isinstance(error, RuntimeError)
+    assert str(error) == "a training worker failed: RuntimeError: CUDA out of memory"
+    other = ValueError("no workers")
+    assert _worker_error(other) is other

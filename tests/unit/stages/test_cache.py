@@ -1,0 +1,154 @@
+"""The pipeline cache: keys from contents, damage found by re-hashing what a stage wrote, an atomic cache file;
+and, through ``gssf run``, a stage skipped only while its inputs and outputs are unchanged."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from typer.testing import Result
+
+from gssf_cli.stages import cache
+
+Gssf = Callable[..., Result]
+
+
+def _files(root: Path, **contents: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, text in contents.items():
+        (root / name).write_text(text)
+    return root
+
+
+def test_a_key_names_the_config_and_the_inputs() -> None:
+    base = cache.key("train", {"lr": 0.1, "epochs": 2}, {"data": "abc"})
+    assert base == cache.key("train", {"epochs": 2, "lr": 0.1}, {"data": "abc"}), "key order does not matter"
+    assert len({
+        base,
+        cache.key("train", {"lr": 0.2, "epochs": 2}, {"data": "abc"}),
+        cache.key("train", {"lr": 0.1, "epochs": 2}, {"data": "abd"}),
+        cache.key("tune", {"lr": 0.1, "epochs": 2}, {"data": "abc"}),
+    }) == 4  # fmt: skip
+
+
+def test_same_contents_same_digest_and_a_changed_byte_a_new_one(tmp_path: Path) -> None:
+    a = _files(tmp_path / "a" / "data", **{"x.txt": "one", "y.txt": "two"})
+    b = _files(tmp_path / "b" / "data", **{"x.txt": "one", "y.txt": "two"})
+    assert cache.digest([a]) == cache.digest([b]), "the same contents elsewhere"
+    (b / "y.txt").write_text("twO")
+    changed = cache.digest([b])
+    assert changed != cache.digest([a])
+    (b / "y.txt").rename(b / "z.txt")
+    assert cache.digest([b]) not in (changed, cache.digest([a])), "a renamed file is another dataset"
+
+
+def test_hidden_files_are_not_outputs(tmp_path: Path) -> None:
+    root = _files(tmp_path / "out", **{"a.npy": "a", ".lock": "l"})
+    _files(root / "sub", **{"b.json": "b"})
+    assert cache.files_of([root]) == [root / "a.npy", root / "sub" / "b.json"]
+    assert cache.files_of([root / "a.npy", tmp_path / "missing"]) == [root / "a.npy"]
+
+
+def test_damage_says_what_changed(tmp_path: Path) -> None:
+    root = _files(tmp_path / "bundle", **{"graph.onnx": "graph", "manifest.json": "{}"})
+    recorded = cache.fingerprint([root])
+    assert set(recorded) == {str(root / "graph.onnx"), str(root / "manifest.json")}
+    assert cache.damage(recorded, [root]) is None
+    (root / "extra.txt").write_text("x")
+    assert cache.damage(recorded, [root]) == f"{root / 'extra.txt'} appeared since the stage ran"
+    assert cache.damage(recorded) is None, "without roots only the recorded files count"
+    (root / "graph.onnx").write_text("grapH")
+    assert cache.damage(recorded) == f"{root / 'graph.onnx'} changed since it was written"
+    (root / "graph.onnx").unlink()
+    assert cache.damage(recorded) == f"{root / 'graph.onnx'} is missing"
+
+
+def test_the_cache_file_round_trips_and_survives_damage(tmp_path: Path) -> None:
+    entries = cache.Cache("p", tmp_path)
+    assert entries.get("train") is None
+    entries.record("train", {"key": "k1", "run_id": "r1", "path": tmp_path})
+    assert cache.Cache("p", tmp_path).get("train") == {"key": "k1", "run_id": "r1", "path": str(tmp_path)}
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"], "no temporary file is left"
+    (tmp_path / "p.json").write_text('{"train": ')
+    assert cache.Cache("p", tmp_path).entries == {}, "an unreadable cache is an empty one: every stage runs"
+    (tmp_path / "p.json").write_text('{"train": 3, "evaluate": {"key": "k"}}')
+    assert cache.Cache("p", tmp_path).entries == {"evaluate": {"key": "k"}}
+
+
+CHAIN = """
+[pipeline]
+name = "chain"
+
+[prepare]
+dataset = "features"
+source = "src.npz"
+out = "data/chain"
+dev_fraction = 0.2
+test_fraction = 0.2
+
+[train]
+metric = "diag"
+embed_dim = 8
+batch_size = 16
+epochs = 1
+device = "cpu"
+
+[evaluate]
+
+[export]
+"""
+
+
+def _statuses(gssf: Gssf, *extra: str) -> dict[str, str]:
+    result = gssf("run", "chain.toml", "--json", *extra)
+    assert result.exit_code == 0, result.stderr
+    return {s["stage"]: s["status"] for s in json.loads(result.stdout)["stages"]}
+
+
+def _run_names() -> list[str]:
+    from gssf_cli.tracking.adapter import Tracker
+
+    client = Tracker().client
+    return sorted(r.info.run_name for r in client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
+
+def test_the_cache_trusts_contents_not_names(gssf: Gssf, workdir: Path) -> None:
+    """Each kind of damage re-runs the stage that wrote the file and everything after it, and only that."""
+    from tests.factories import write_feature_npz
+
+    write_feature_npz(workdir / "src.npz", paired=True, n=40, k=2)
+    (workdir / "chain.toml").write_text(CHAIN)
+    ran = dict.fromkeys(["prepare", "train", "evaluate", "export"], "ran")
+    cached = dict.fromkeys(ran, "cached")
+    assert _statuses(gssf) == ran
+    runs_before = _run_names()
+    cached_again = gssf("run", "chain.toml", "--json")
+    assert {s["status"] for s in json.loads(cached_again.stdout)["stages"]} == {"cached"}
+    assert json.loads(cached_again.stdout)["parent_run_id"] is None
+    assert _run_names() == runs_before, "a fully cached re-run opens no MLflow run"
+    assert len(set(runs_before)) == len(runs_before), f"run names repeat: {runs_before}"
+    assert _statuses(gssf, "--force") == ran
+    cache = json.loads((workdir / ".gssf" / "pipelines" / "chain.json").read_text())
+
+    bundle = Path(cache["export"]["summary"]["path"])
+    graph = next(bundle.glob("*.onnx"))
+    graph.write_bytes(graph.read_bytes()[:100])
+    dry = json.loads(gssf("run", "chain.toml", "--dry-run", "--json").stdout)["stages"]
+    assert [(s["stage"], s["status"]) for s in dry][-1] == ("export", "would run")
+    assert "changed since it was written" in dry[-1]["why"]
+    assert _statuses(gssf) == {**cached, "export": "ran"}
+
+    best = Path(cache["train"]["outputs"] and next(iter(cache["train"]["outputs"]))).parent
+    (best / "model.safetensors").unlink()
+    assert _statuses(gssf) == {**cached, "train": "ran", "evaluate": "ran", "export": "ran"}
+
+    with open(workdir / "data" / "chain" / "train_ims.npy", "ab") as fh:
+        fh.write(b"xx")
+    assert _statuses(gssf) == ran
+
+    write_feature_npz(workdir / "src.npz", paired=True, n=44, k=2)
+    result = gssf("run", "chain.toml", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert {s["stage"]: s["status"] for s in json.loads(result.stdout)["stages"]} == ran
+    assert "prepare: runs again: its settings or inputs changed" in result.stderr

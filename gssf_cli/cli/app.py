@@ -171,12 +171,13 @@ def _run_stage(
     call: Callable[[C, Any], T],
     *,
     beneath: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None,
+    about: Callable[[], str] | None = None,
 ) -> T:
     """Resolve config ``cls`` from the flags, ``config_file`` and the defaults, then ``call(config, tracker)``.
 
     Everything runs under :func:`guarded`, including ``cli_values`` (parsing a flag can fail). ``beneath``
     supplies values below the file's, given the tracker and the values given so far (file and flags): a
-    resumed run's saved config.
+    resumed run's saved config; ``about`` then names it in front of a config error (which run ``latest`` was).
     """
 
     def work() -> T:
@@ -188,7 +189,12 @@ def _run_stage(
             tracker = options.tracker()
             given = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
             file_values = {**beneath(tracker, given), **file_values}
-        config = resolve(cls, section, file_values, flag_values)
+        try:
+            config = resolve(cls, section, file_values, flag_values)
+        except UserInputError as exc:
+            if about is None:
+                raise
+            raise UserInputError(f"{about()}: {exc}") from None
         return call(config, options.tracker() if tracker is None else tracker)
 
     return guarded(ctx, work)
@@ -253,9 +259,15 @@ def train(
         """The resumed run's config, read from the runs folder in effect now (flag, file, else the default)."""
         nonlocal resume_id
         from gssf_cli.modeling.checkpoint import saved_config
+        from gssf_cli.tracking.adapter import check_resumable
 
-        resume_id = tracker.get_run(resume, stage="train").info.run_id
-        return saved_config(resume_id, field_value(TrainConfig, "runs_dir", given, "train"))
+        found = tracker.get_train_run(resume)
+        check_resumable(found)
+        resume_id = found.info.run_id
+        try:
+            return saved_config(resume_id, field_value(TrainConfig, "runs_dir", given, "train"))
+        except UserInputError as exc:
+            raise UserInputError(f"--resume {resume} is run {resume_id} ({found.info.run_name}): {exc}") from None
 
     def call(resolved: TrainConfig, tracker: Any) -> Any:
         from gssf_cli.stages import train as stage
@@ -263,7 +275,8 @@ def train(
         return stage.run(resolved, tracker, resume=resume_id, progress=_training_progress(json_output))
 
     beneath = saved if resume is not None else None
-    result = _run_stage(ctx, TrainConfig, "train", config, settings.values, call, beneath=beneath)
+    about = (lambda: f"--resume {resume} is run {resume_id}") if resume is not None else None
+    result = _run_stage(ctx, TrainConfig, "train", config, settings.values, call, beneath=beneath, about=about)
 
     from gssf_cli.cli import tables
 

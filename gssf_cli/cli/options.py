@@ -29,7 +29,7 @@ from typer._click import exceptions as click_errors  # no public path to its usa
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from gssf_cli.core.config import parse_int_list
-from gssf_cli.core.errors import CheckFailedError, UserInputError
+from gssf_cli.core.errors import CheckFailedError, RunInterrupted, UserInputError
 
 T = typing.TypeVar("T")
 FULL_INSTALL_ONLY = frozenset({"torch", "mlflow", "ray", "onnx", "onnxscript", "safetensors", "sklearn", "matplotlib"})
@@ -457,8 +457,10 @@ def guarded(ctx: typer.Context, work: Callable[[], T]) -> T:
         if debug:
             raise
         failure = Failure("check_failed", str(exc), 1)
-    except KeyboardInterrupt:
-        failure = Failure("interrupted", "interrupted", 130)
+    except KeyboardInterrupt as interrupt:
+        failure = Failure(
+            "interrupted", str(interrupt) if isinstance(interrupt, RunInterrupted) else "interrupted", 130
+        )
     except ModuleNotFoundError as exc:
         if debug:
             raise

@@ -16,6 +16,24 @@ class CheckFailedError(RuntimeError):
     """The work ran but failed its own check (e.g. a parity gate): exit code 1."""
 
 
+RESUME_COMMANDS = {"train": "gssf train --resume {run_id}", "tune": "gssf tune --resume {run_id}"}
+"""The command that continues an interrupted run of each stage that can continue one."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM ended a tracked run (KILLED): which run, and the command that continues it, so the one line
+    a person sees tells them how to get back."""
+
+    def __init__(self, run_id: str, stage: str) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
+        self.resume = RESUME_COMMANDS[stage].format(run_id=run_id) if stage in RESUME_COMMANDS else None
+
+    def __str__(self) -> str:
+        then = f"; continue it with: {self.resume}" if self.resume else ""
+        return f"interrupted: run {self.run_id} ended KILLED{then}"
+
+
 def first_line(error: BaseException | str) -> str:
     """The first non-blank line of an error (or of a text), for one-line messages; an exception whose message is
     empty is named by its type, so a message is never blank."""

@@ -16,9 +16,6 @@ from typing import Any, TypeVar
 
 from gssf_cli.core.errors import UserInputError
 
-SEEDS_STAGE = "seeds"
-"""The stage of a ``gssf train --seeds`` run; its children are the ``train`` runs, one per seed (``gssf compare``
-takes such a run as the group of its children)."""
 SEEDS_TAG = "gssf.seeds"
 SEED_KEY = "seed"
 """The train setting that names a run's seed: configurations that differ only in it are one configuration."""

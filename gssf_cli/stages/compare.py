@@ -26,6 +26,7 @@ from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.stage_configs import CompareConfig
 from gssf_cli.evaluation import comparison, seeds
 from gssf_cli.evaluation.comparison import Comparison, Units
+from gssf_cli.tracking.tags import SEEDS_STAGE
 
 if TYPE_CHECKING:
     from gssf_cli.data.dataset import Dataset
@@ -185,7 +186,7 @@ def _resolve(tracker: Tracker, config: CompareConfig) -> list[list[Any]]:
         for ref in refs:
             found = tracker.get_run(ref, stage="train")
             stage = found.data.tags.get("gssf.stage")
-            if stage == seeds.SEEDS_STAGE:  # a `gssf train --seeds` run: the group of its train runs, one per seed
+            if stage == SEEDS_STAGE:  # a `gssf train --seeds` run: the group of its train runs, one per seed
                 runs += [child for child in tracker.child_runs(found.info.run_id) if _is_train(child)]
                 continue
             if stage != "train":

@@ -30,6 +30,7 @@ from gssf_cli.core.errors import CheckFailedError, UserInputError
 from gssf_cli.core.stage_configs import PipelineConfig, load_pipeline
 from gssf_cli.stages import cache, steps
 from gssf_cli.stages.steps import Links, check, stage_config
+from gssf_cli.tracking.tags import FINAL_RUN_TAG, PIPELINE_STAGE
 
 if TYPE_CHECKING:
     from gssf_cli.tracking.adapter import Tracker
@@ -85,7 +86,7 @@ def run(
             preview.outcomes.append(_STEPS[step](preview))
         if dry_run or all(o.status == "cached" for o in preview.outcomes):
             return PipelineResult(pipeline.name, None, preview.outcomes, 0.0, preview.metrics, dry_run)
-    with tracker.start_run("run", run_name=f"pipeline-{pipeline.name}") as parent:
+    with tracker.start_run(PIPELINE_STAGE, run_name=f"pipeline-{pipeline.name}") as parent:
         ctx.parent_run_id = parent.run_id
         parent.log_text(pipeline.text, f"pipeline/{pipeline.path.name}")
         parent.set_tags({"gssf.pipeline": pipeline.name})
@@ -102,7 +103,7 @@ def run(
         seconds = time.perf_counter() - started
         parent.log_metrics({**ctx.metrics, "seconds": seconds})
         if ctx.links.train_run != "latest":
-            parent.set_tags({"gssf.final_run": ctx.links.train_run})
+            parent.set_tags({FINAL_RUN_TAG: ctx.links.train_run})
         parent.log_dict([asdict(o) for o in ctx.outcomes], "pipeline/summary.json")
     return PipelineResult(pipeline.name, parent.run_id, ctx.outcomes, round(seconds, 2), ctx.metrics)
 

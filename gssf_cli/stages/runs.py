@@ -32,7 +32,7 @@ from gssf_cli.tracking.adapter import Tracker
 
 def load_trained(tracker: Tracker, run_ref: str, data: Path | None = None) -> tuple[Any, RetrievalModel, Dataset]:
     """A trained run's best model and its dataset: (run, model, dataset)."""
-    run_ = tracker.get_run(run_ref, stage="train")
+    run_ = tracker.get_train_run(run_ref)
     tracker.follow(run_)
     run_id = run_.info.run_id
     if run_.data.tags.get("gssf.stage") != "train":

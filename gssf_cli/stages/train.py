@@ -159,7 +159,8 @@ def run_seeds(
     Every seed's trainer is built (and every check run) before the ``seeds`` run opens, so bad input leaves no run.
     """
     from gssf_cli.data.dataset import Dataset
-    from gssf_cli.evaluation.seeds import SEEDS_STAGE, SEEDS_TAG, check_seeds, summarize
+    from gssf_cli.evaluation.seeds import SEEDS_TAG, check_seeds, summarize
+    from gssf_cli.tracking.tags import SEEDS_STAGE
     from gssf_cli.training.loop import Trainer
 
     check_seeds(seeds)

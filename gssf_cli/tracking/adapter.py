@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import time
 import traceback
 import warnings
@@ -39,8 +40,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from gssf_cli import __version__  # noqa: E402
 from gssf_cli.core.config import dump_toml  # noqa: E402
-from gssf_cli.core.errors import UserInputError, first_line  # noqa: E402
+from gssf_cli.core.errors import RunInterrupted, UserInputError, first_line  # noqa: E402
 from gssf_cli.tracking.store import FIX_URI, check_store, resolve_tracking_uri, store_lock  # noqa: E402
+from gssf_cli.tracking.tags import FINAL_RUN_TAG, PIPELINE_STAGE, SEEDS_STAGE  # noqa: E402
 
 DEFAULT_EXPERIMENT = "gssf"
 PARENT_TAG = "mlflow.parentRunId"
@@ -50,6 +52,8 @@ _END_ATTEMPTS = 3
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CLASSIC_ML = "custom_model_development"  # the UI's "classic ML" mode; without it MLflow 3 opens in GenAI mode
 SHORT_ID_LENGTH = 6
+MIN_ID_PREFIX = 8
+"""The shortest run-id prefix ``--run`` / ``--resume`` accept (the tables print 12 characters)."""
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -183,12 +187,12 @@ class Tracker:
         """Open a run for ``stage`` (or reopen ``resume_run_id``); it ends FINISHED, FAILED on an
         exception or when the stage called :meth:`StageRun.mark_failed`, or KILLED on Ctrl-C."""
         if resume_run_id is not None:
-            self.get_run(resume_run_id)
+            check_resumable(self.get_run(resume_run_id))
             self.client.update_run(resume_run_id, status="RUNNING")
-            yield from self._close_on_exit(StageRun(self.client, resume_run_id))
+            yield from self._close_on_exit(StageRun(self.client, resume_run_id), stage)
             return
         handle = self.open_run(stage, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
-        yield from self._close_on_exit(handle)
+        yield from self._close_on_exit(handle, stage)
 
     def open_run(
         self,
@@ -217,12 +221,14 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         return StageRun(self.client, run_id)
 
-    def _close_on_exit(self, handle: StageRun) -> Iterator[StageRun]:
+    def _close_on_exit(self, handle: StageRun, stage: str) -> Iterator[StageRun]:
         try:
             yield handle
         except KeyboardInterrupt as interrupt:
             self._end(handle.run_id, "KILLED", interrupt)
-            raise
+            if isinstance(interrupt, RunInterrupted):  # a nested run's: the innermost run is the one to continue
+                raise
+            raise RunInterrupted(handle.run_id, stage) from interrupt
         except BaseException as error:
             self._end(handle.run_id, "FAILED", error)
             raise
@@ -260,19 +266,15 @@ class Tracker:
             engine.dispose()
 
     def get_run(self, run_ref: str, stage: str | None = None) -> Run:
-        """A run by id, or the newest run (of ``stage`` if given) for ``latest``.
+        """A run by what gssf prints of it — its id, a unique prefix of at least :data:`MIN_ID_PREFIX` characters,
+        or its name — or the newest run (of ``stage`` if given) for ``latest``.
 
         ``latest`` looks in the chosen experiment (``--experiment`` / ``MLFLOW_EXPERIMENT_NAME``); with none
         chosen, in every experiment of the store — ``gssf run`` logs to the pipeline's own experiment, and the
         commands a user types next should find its runs.
         """
         if run_ref != "latest":
-            try:
-                return self.client.get_run(run_ref)
-            except MlflowException:
-                raise UserInputError(
-                    f"unknown run {run_ref!r} at {self.tracking_uri}: pass a run id or 'latest'"
-                ) from None
+            return self._run_by_reference(run_ref)
         found = self._newest(stage, [self.experiment_id] if self.experiment_chosen else self._experiment_ids())
         if found is not None:
             return found
@@ -286,6 +288,56 @@ class Tracker:
             )
         where = f"experiment {self.experiment_name!r}" if self.experiment_chosen else "any experiment"
         raise UserInputError(f"no {what} in {where} at {self.tracking_uri}: run one first or pass a run id")
+
+    def _run_by_reference(self, run_ref: str) -> Run:
+        """The one run whose id is ``run_ref``, starts with it (at least :data:`MIN_ID_PREFIX` characters), or
+        whose name it is; an ambiguous reference lists its matches."""
+        with contextlib.suppress(MlflowException):
+            return self.client.get_run(run_ref)
+        quoted = run_ref.replace("'", "")
+        clauses = [f"attributes.run_name = '{quoted}'"]
+        if len(run_ref) >= MIN_ID_PREFIX and all(c in "0123456789abcdef" for c in run_ref):
+            clauses.append(f"attributes.run_id LIKE '{run_ref}%'")
+        found: dict[str, Run] = {}
+        for clause in clauses:
+            for run in self.client.search_runs(self._experiment_ids(), filter_string=clause, max_results=50):
+                found[run.info.run_id] = run
+        if len(found) == 1:
+            return next(iter(found.values()))
+        if found:
+            listed = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in list(found.values())[:5])
+            raise UserInputError(
+                f"run {run_ref!r} is ambiguous at {self.tracking_uri}: it matches {listed}; pass more of the id"
+            )
+        raise UserInputError(
+            f"unknown run {run_ref!r} at {self.tracking_uri}: pass a run id (or its first {MIN_ID_PREFIX}+ characters), "
+            "a run name, or 'latest'"
+        )
+
+    def get_train_run(self, run_ref: str) -> Run:
+        """The train run ``run_ref`` names (as :meth:`get_run` finds it); a pipeline run stands for its final train
+        run (``gssf.final_run``), a seeds run for its last train run, and the switch is said in one line on stderr."""
+        return self._final_train_run(self.get_run(run_ref, stage="train"))
+
+    def _final_train_run(self, run: Run) -> Run:
+        stage = run.data.tags.get(STAGE_TAG)
+        final_id = run.data.tags.get(FINAL_RUN_TAG) if stage == PIPELINE_STAGE else None
+        if stage == SEEDS_STAGE:
+            children = self.client.search_runs(
+                [run.info.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and tags.`{STAGE_TAG}` = 'train'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            final_id = children[0].info.run_id if children else None
+        if final_id is None:
+            return run
+        final = self.client.get_run(final_id)
+        print(
+            f"gssf: run {run.info.run_id} is a {stage} run: using its final train run {final_id} ({final.info.run_name})",
+            file=sys.stderr,
+        )
+        return final
 
     def _experiment_ids(self) -> list[str]:
         return [e.experiment_id for e in self.client.search_experiments()]
@@ -510,3 +562,12 @@ class StageRun:
 
     def download_artifacts(self, path: str, dst: Path) -> Path:
         return Path(self.client.download_artifacts(self.run_id, path, str(dst)))
+
+
+def check_resumable(run: Run) -> None:
+    """A run ``--resume`` may continue: not one that FINISHED (resuming it would log a second model into it)."""
+    if run.info.status == "FINISHED":
+        raise UserInputError(
+            f"run {run.info.run_id} ({run.info.run_name}) FINISHED: there is nothing to resume; "
+            "evaluate or export it, or train a new run"
+        )

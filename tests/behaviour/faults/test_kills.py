@@ -368,6 +368,7 @@ def test_sigterm_ends_the_run_killed_and_resume_finishes_it(tiny_syn: Path, work
     assert proc.returncode == 130 and "interrupted" in stderr, stderr
     (run_dir,) = (workdir / "runs").iterdir()
     assert Tracker().client.get_run(run_dir.name).info.status == "KILLED"
+    assert f"run {run_dir.name} ended KILLED; continue it with: gssf train --resume {run_dir.name}" in stderr, stderr
     _assert_resumes_identically(run_dir.name, reference)
 
 

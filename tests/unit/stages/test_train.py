@@ -199,3 +199,26 @@ def test_bad_seeds_leave_no_run(gssf: Gssf, syn: Path, extra: list[str], message
     result = gssf("train", "--data", str(syn), "--metric", "diag", "--epochs", "1", *SMALL, *extra)
     assert result.exit_code == 2 and message in result.stderr
     assert Tracker().client.search_runs([Tracker().experiment_id], filter_string="tags.`gssf.stage` != 'prepare'") == []
+
+
+def test_ids_gssf_prints_come_back_and_a_finished_run_is_not_resumed(gssf: Gssf, syn: Path) -> None:
+    """A train run is found again by the 12 characters the tables print and by its name; ``--resume`` of a run
+    that FINISHED is refused in one line (exit 2) and leaves the run as it was: no reopening, no second model."""
+    out = _train(gssf, "--data", str(syn), "--metric", "diag", "--epochs", "1", *SMALL)
+    run_id = out["run_id"]
+    client = Tracker().client
+    run = client.get_run(run_id)
+    evaluated = gssf("evaluate", "--run", run_id[:12], "--json")
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["model_info"]["train_run_id"] == run_id
+    models_before = client.search_logged_models([run.info.experiment_id])
+    for reference in (run_id, run.info.run_name, "latest"):
+        refused = gssf("train", "--resume", reference, "--json")
+        assert refused.exit_code == 2, (reference, refused.stderr)
+        assert refused.stderr.strip().splitlines() == [
+            f"gssf: error: run {run_id} ({run.info.run_name}) FINISHED: there is nothing to resume; "
+            "evaluate or export it, or train a new run"
+        ], reference
+    after = client.get_run(run_id)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", run.info.end_time)
+    assert len(client.search_logged_models([run.info.experiment_id])) == len(models_before)

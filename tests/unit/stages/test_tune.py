@@ -423,11 +423,14 @@ def test_ctrl_c_logs_what_ran_and_ends_the_tune_run_killed(moduledir: Path, bigg
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "gssf: interrupted"
     assert out == "" or json.loads(out)["exit_code"] == 130, "--json: stdout is JSON or nothing"
     tracker = Tracker()
     name = next(storage.iterdir()).name
     tune_run = tracker.client.get_run(name.removeprefix("tune-"))
+    run_id = tune_run.info.run_id
+    assert err.strip().splitlines()[-1] == (
+        f"gssf: interrupted: run {run_id} ended KILLED; continue it with: gssf tune --resume {run_id}"
+    ), "the interrupt names the run and how to continue it"
     assert tune_run.info.status == "KILLED"
     children = tracker.child_runs(tune_run.info.run_id)
     assert len(children) == 2 and {c.info.status for c in children} == {"KILLED"}

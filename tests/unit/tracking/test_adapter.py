@@ -176,3 +176,91 @@ def test_an_experiment_made_before_gets_its_kind(workdir: Path) -> None:
     tracker = Tracker(experiment="older")
     assert tracker.experiment_id == old_id
     assert tracker.client.get_experiment(old_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_a_run_is_found_by_what_gssf_prints_of_it(workdir: Path) -> None:
+    """Its id, any unique prefix of at least 8 characters (the tables print 12), or its name; an ambiguous
+    reference lists its matches, and a prefix too short to be unique is not guessed."""
+    from gssf_cli.core.errors import UserInputError
+
+    tracker = Tracker()
+    with tracker.start_run("train", run_name="train-gssf-d8") as first, tracker.start_run("train") as second:
+        pass
+    run = tracker.client.get_run(first.run_id)
+    for reference in (first.run_id, first.run_id[:12], first.run_id[:8], run.info.run_name):
+        assert tracker.get_run(reference).info.run_id == first.run_id, reference
+    with pytest.raises(UserInputError, match="unknown run"):
+        tracker.get_run(first.run_id[:7])
+    twins = [tracker.open_run("evaluate", run_name="same") for _ in range(2)]
+    for twin in twins:
+        tracker.client.update_run(twin.run_id, name="evaluate-same")
+    with pytest.raises(UserInputError, match="'evaluate-same' is ambiguous") as caught:
+        tracker.get_run("evaluate-same")
+    assert all(twin.run_id in str(caught.value) for twin in twins), caught.value
+    assert tracker.get_run(second.run_id[:10]).info.run_id == second.run_id
+
+
+def test_a_pipeline_or_seeds_run_stands_for_its_final_train_run(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gssf_cli.tracking.tags import FINAL_RUN_TAG, PIPELINE_STAGE, SEEDS_STAGE
+
+    tracker = Tracker()
+    with tracker.start_run(PIPELINE_STAGE) as pipeline:
+        with tracker.start_run("train", parent_run_id=pipeline.run_id) as baseline:
+            pass
+        with tracker.start_run("train", parent_run_id=pipeline.run_id) as final:
+            pass
+        pipeline.set_tags({FINAL_RUN_TAG: final.run_id})
+    with tracker.start_run(SEEDS_STAGE) as seeds:
+        with tracker.start_run("train", parent_run_id=seeds.run_id):
+            pass
+        time.sleep(0.01)
+        with tracker.start_run("train", parent_run_id=seeds.run_id) as last_seed:
+            pass
+    assert baseline.run_id != final.run_id
+    assert tracker.get_train_run(pipeline.run_id).info.run_id == final.run_id
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [f"gssf: run {pipeline.run_id} is a run run: using its final train run {final.run_id} "
+                    f"({tracker.client.get_run(final.run_id).info.run_name})"]  # fmt: skip
+    assert tracker.get_train_run(seeds.run_id).info.run_id == last_seed.run_id
+    assert tracker.get_run(pipeline.run_id, stage="train").info.run_id == pipeline.run_id, "get_run: the run itself"
+
+
+def test_a_finished_run_is_not_resumed_and_nothing_is_logged(workdir: Path) -> None:
+    from gssf_cli.core.errors import UserInputError
+
+    tracker = Tracker()
+    with tracker.start_run("train") as run:
+        run.log_metrics({"loss": 1.0}, step=1)
+    before = tracker.client.get_run(run.run_id)
+    finished = rf"run {run.run_id} \(.*\) FINISHED: there is nothing to resume"
+    with pytest.raises(UserInputError, match=finished), tracker.start_run("train", resume_run_id=run.run_id):
+        pass
+    after = tracker.client.get_run(run.run_id)
+    assert (after.info.status, after.info.end_time, after.data.metrics) == (
+        "FINISHED",
+        before.info.end_time,
+        {"loss": 1.0},
+    )
+
+
+def test_an_interrupted_run_says_which_run_and_how_to_continue_it(workdir: Path) -> None:
+    from gssf_cli.core.errors import RunInterrupted
+
+    tracker = Tracker()
+    with (
+        pytest.raises(RunInterrupted) as caught,
+        tracker.start_run("run") as parent,
+        tracker.start_run("train", parent_run_id=parent.run_id) as run,
+    ):
+        raise KeyboardInterrupt
+    assert caught.value.run_id == run.run_id, "the innermost run is the one to continue"
+    assert (
+        str(caught.value)
+        == f"interrupted: run {run.run_id} ended KILLED; continue it with: gssf train --resume {run.run_id}"
+    )
+    assert {tracker.client.get_run(i).info.status for i in (parent.run_id, run.run_id)} == {"KILLED"}
+    with pytest.raises(RunInterrupted) as caught, tracker.start_run("evaluate") as evaluated:
+        raise KeyboardInterrupt
+    assert str(caught.value) == f"interrupted: run {evaluated.run_id} ended KILLED"

@@ -14,6 +14,7 @@ the reason. This module imports only the standard library so that ``gssf --help`
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import tomllib
 import types
@@ -116,7 +117,9 @@ def from_dict(cls: type[C], values: dict[str, Any], section: str) -> C:
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise UserInputError(f"{section}.{unknown[0]}: unknown key (valid keys: {', '.join(sorted(fields))})")
+        close = difflib.get_close_matches(unknown[0], fields, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserInputError(f"{section}.{unknown[0]}: unknown key ({hint}valid keys: {', '.join(sorted(fields))})")
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():
         if name in values:

@@ -91,3 +91,14 @@ def test_non_finite_numbers_in_a_file_are_refused(tmp_path: Path, text: str) -> 
     path.write_text(text + "\n")
     with pytest.raises(UserInputError, match=r"^train\.\w+: must be a finite number, got"):
         resolve(TrainConfig, "train", load_toml(path), {"data": "d"})
+
+
+def test_a_misspelt_key_gets_did_you_mean_like_a_misspelt_flag() -> None:
+    from gssf_cli.core.stage_configs import TrainConfig
+
+    with pytest.raises(
+        UserInputError, match=r"train.blok_size: unknown key \(did you mean 'block_size'\? valid keys: "
+    ):
+        from_dict(TrainConfig, {"data": "d", "blok_size": 8}, "train")
+    with pytest.raises(UserInputError, match=r"train.zzz: unknown key \(valid keys: "):
+        from_dict(TrainConfig, {"data": "d", "zzz": 8}, "train")

@@ -10,6 +10,7 @@ The store itself (which one, probed and locked before first use) is :mod:`gssf_c
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import getpass
 import io
@@ -23,7 +24,7 @@ import traceback
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
@@ -41,7 +42,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from gssf_cli import __version__  # noqa: E402
 from gssf_cli.core.config import dump_toml  # noqa: E402
 from gssf_cli.core.errors import RunInterrupted, UserInputError, first_line  # noqa: E402
-from gssf_cli.tracking.store import FIX_URI, check_store, resolve_tracking_uri, store_lock  # noqa: E402
+from gssf_cli.tracking.store import FIX_URI, check_store, resolve_tracking_uri, sqlite_path, store_lock  # noqa: E402
 from gssf_cli.tracking.tags import FINAL_RUN_TAG, PIPELINE_STAGE, SEEDS_STAGE  # noqa: E402
 
 DEFAULT_EXPERIMENT = "gssf"
@@ -124,15 +125,20 @@ class Tracker:
         self.experiment_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         self.experiment_chosen = experiment is not None or "MLFLOW_EXPERIMENT_NAME" in os.environ
         check_store(self.tracking_uri)
+        self._experiment_id: str | None = None
+
+    @functools.cached_property
+    def client(self) -> MlflowClient:
+        """The store's client, made at first use: a command refused before it logs anything leaves no store (no
+        ``mlflow.db``, no lock) behind."""
         try:
             with store_lock(self.tracking_uri):
                 # mlflow builds the store eagerly here: engine, schema creation or migration, experiment 0.
-                self.client = MlflowClient(tracking_uri=self.tracking_uri)
+                return MlflowClient(tracking_uri=self.tracking_uri)
         except MlflowException as exc:
             raise UserInputError(
                 f"cannot use tracking store {self.tracking_uri}: {first_line(exc)}; check {FIX_URI}"
             ) from None
-        self._experiment_id: str | None = None
 
     @property
     def experiment_id(self) -> str:
@@ -275,11 +281,15 @@ class Tracker:
         """
         if run_ref != "latest":
             return self._run_by_reference(run_ref)
-        found = self._newest(stage, [self.experiment_id] if self.experiment_chosen else self._experiment_ids())
+        found = None
+        if self.store_exists():
+            found = self._newest(stage, [self.experiment_id] if self.experiment_chosen else self._experiment_ids())
         if found is not None:
             return found
         what = f"{stage} run" if stage else "run"
-        elsewhere = self._newest(stage, self._experiment_ids()) if self.experiment_chosen else None
+        elsewhere = (
+            self._newest(stage, self._experiment_ids()) if self.experiment_chosen and self.store_exists() else None
+        )
         if elsewhere is not None:
             name = self.client.get_experiment(elsewhere.info.experiment_id).name
             raise UserInputError(
@@ -292,6 +302,8 @@ class Tracker:
     def _run_by_reference(self, run_ref: str) -> Run:
         """The one run whose id is ``run_ref``, starts with it (at least :data:`MIN_ID_PREFIX` characters), or
         whose name it is; an ambiguous reference lists its matches."""
+        if not self.store_exists():
+            return self._unknown(run_ref)
         with contextlib.suppress(MlflowException):
             return self.client.get_run(run_ref)
         quoted = run_ref.replace("'", "")
@@ -309,10 +321,19 @@ class Tracker:
             raise UserInputError(
                 f"run {run_ref!r} is ambiguous at {self.tracking_uri}: it matches {listed}; pass more of the id"
             )
+        return self._unknown(run_ref)
+
+    def _unknown(self, run_ref: str) -> NoReturn:
         raise UserInputError(
             f"unknown run {run_ref!r} at {self.tracking_uri}: pass a run id (or its first {MIN_ID_PREFIX}+ characters), "
             "a run name, or 'latest'"
         )
+
+    def store_exists(self) -> bool:
+        """Whether the store holds anything yet: a local SQLite file that does not exist holds no run, and looking
+        for one there must not create it (a refused command leaves nothing behind)."""
+        path = sqlite_path(self.tracking_uri)
+        return path is None or path.exists()
 
     def get_train_run(self, run_ref: str) -> Run:
         """The train run ``run_ref`` names (as :meth:`get_run` finds it); a pipeline run stands for its final train

@@ -806,3 +806,23 @@ def test_bad_input_with_json_is_one_json_object_on_stdout(gssf: Gssf, workdir: P
     error = json.loads(result.stdout)
     assert error["kind"] == "input" and error["exit_code"] == 2 and expected in error["error"]
     assert result.stderr.strip().splitlines() == [f"gssf: error: {error['error']}"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--data", "nowhere"],
+        ["evaluate", "--run", "latest"],
+        ["evaluate", "--run", "0123456789abcdef"],
+        ["export", "--onnx", "--run", "latest"],
+        ["train", "--resume", "latest", "--data", "nowhere"],
+        ["compare", "latest", "latest"],
+    ],
+    ids=" ".join,
+)
+def test_a_refused_command_in_an_empty_folder_creates_no_store(gssf: Gssf, workdir: Path, args: list[str]) -> None:
+    """Refused before anything is logged: no ``mlflow.db``, no lock beside it, nothing at all."""
+    result = gssf(*args)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == []

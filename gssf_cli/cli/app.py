@@ -259,15 +259,12 @@ def train(
         """The resumed run's config, read from the runs folder in effect now (flag, file, else the default)."""
         nonlocal resume_id
         from gssf_cli.modeling.checkpoint import saved_config
-        from gssf_cli.tracking.adapter import check_resumable
 
-        found = tracker.get_train_run(resume)
-        check_resumable(found)
-        resume_id = found.info.run_id
+        resume_id = tracker.get_run(resume, stage="train").info.run_id
         try:
             return saved_config(resume_id, field_value(TrainConfig, "runs_dir", given, "train"))
         except UserInputError as exc:
-            raise UserInputError(f"--resume {resume} is run {resume_id} ({found.info.run_name}): {exc}") from None
+            raise UserInputError(f"--resume {resume} is run {resume_id}: {exc}") from None
 
     def call(resolved: TrainConfig, tracker: Any) -> Any:
         from gssf_cli.stages import train as stage

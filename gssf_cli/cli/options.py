@@ -465,7 +465,7 @@ def guarded(ctx: typer.Context, work: Callable[[], T]) -> T:
         if debug:
             raise
         failure = (
-            Failure("input", f"{ctx.info_name} needs {exc.name}, which this install lacks: pip install 'gssf[all]'", 2)
+            Failure("input", f"{ctx.info_name} needs {exc.name}, which this install lacks: {install_hint('all')}", 2)
             if (exc.name or "").split(".")[0] in FULL_INSTALL_ONLY
             else internal_failure(exc)
         )
@@ -474,3 +474,20 @@ def guarded(ctx: typer.Context, work: Callable[[], T]) -> T:
             raise
         failure = internal_failure(exc)
     raise typer.Exit(report(failure, bool(ctx.params.get("json_output"))))
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that adds ``extra`` to this very install. gssf is installed from a checkout (it is not on a
+    package index), and pip records where from (``direct_url.json``): the hint names that folder, with ``-e`` for
+    an editable install."""
+    import importlib.metadata
+    import urllib.parse
+
+    # The installed one records it; a checkout's own gssf.egg-info, found first from inside it, does not.
+    recorded = [d.read_text("direct_url.json") for d in importlib.metadata.distributions(name="gssf")]
+    source = json.loads(next((text for text in recorded if text), "{}"))
+    url = str(source.get("url", ""))
+    if not url.startswith("file://"):
+        return f'pip install -e ".[{extra}]" in your gssf checkout'
+    editable = "-e " if source.get("dir_info", {}).get("editable") else ""
+    return f'pip install {editable}"{urllib.parse.unquote(url.removeprefix("file://"))}[{extra}]"'

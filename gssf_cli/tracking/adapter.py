@@ -126,11 +126,13 @@ class Tracker:
         self.experiment_chosen = experiment is not None or "MLFLOW_EXPERIMENT_NAME" in os.environ
         check_store(self.tracking_uri)
         self._experiment_id: str | None = None
+        if self.store_exists():
+            self.client  # noqa: B018 -- a store that exists is opened (and checked) now; a new one at first use
 
     @functools.cached_property
     def client(self) -> MlflowClient:
-        """The store's client, made at first use: a command refused before it logs anything leaves no store (no
-        ``mlflow.db``, no lock) behind."""
+        """The store's client. A SQLite store that does not exist yet is created at first use, so a command refused
+        before it logs anything leaves no store (no ``mlflow.db``, no lock) behind."""
         try:
             with store_lock(self.tracking_uri):
                 # mlflow builds the store eagerly here: engine, schema creation or migration, experiment 0.
@@ -147,6 +149,7 @@ class Tracker:
         return self._experiment_id
 
     def _get_or_create_experiment(self) -> str:
+        client = self.client  # made (under the store lock) before this takes the lock: the lock is not re-entrant
         try:
             with store_lock(self.tracking_uri):
                 found = self._existing_experiment()
@@ -154,7 +157,7 @@ class Tracker:
                     return found
                 try:
                     return str(
-                        self.client.create_experiment(self.experiment_name, tags={EXPERIMENT_KIND_TAG: CLASSIC_ML})
+                        client.create_experiment(self.experiment_name, tags={EXPERIMENT_KIND_TAG: CLASSIC_ML})
                     )
                 except MlflowException:
                     # Another process (on a server, where the lock does not reach) created it first.

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import Result
 
 from gssf_cli.modeling import checkpoint as ckpt
+from gssf_cli.tracking.adapter import Tracker
 from tests.conftest import tiny_synthetic_args
 
 Gssf = Callable[..., Result]
@@ -49,6 +50,7 @@ def test_a_cuda_run_evaluates_exports_and_resumes_on_a_cpu(gssf: Gssf, workdir: 
     assert exported.exit_code == 0, exported.stderr
     assert json.loads(exported.stdout)["passed"] is True
 
+    Tracker().client.set_terminated(run_id, status="KILLED")  # as a run interrupted on the GPU machine
     refused = gssf("train", "--resume", run_id)
     assert refused.exit_code == 2
     assert "--device cuda: no CUDA device is available here" in refused.stderr

@@ -156,9 +156,7 @@ class Tracker:
                 if found is not None:
                     return found
                 try:
-                    return str(
-                        client.create_experiment(self.experiment_name, tags={EXPERIMENT_KIND_TAG: CLASSIC_ML})
-                    )
+                    return str(client.create_experiment(self.experiment_name, tags={EXPERIMENT_KIND_TAG: CLASSIC_ML}))
                 except MlflowException:
                     # Another process (on a server, where the lock does not reach) created it first.
                     found = self._existing_experiment()

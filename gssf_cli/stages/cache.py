@@ -36,6 +36,32 @@ def key(step: str, config: Mapping[str, Any], inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def basis(config: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, str]:
+    """What :func:`key` hashes, one entry per setting (``name``) and per input (``input name``), each as JSON:
+    kept with the entry, so that a changed key can be explained (:func:`changes`)."""
+    out = {str(name): json.dumps(value, sort_keys=True, default=str) for name, value in config.items()}
+    out |= {f"input {name}": json.dumps(value, sort_keys=True, default=str) for name, value in inputs.items()}
+    return out
+
+
+def changes(before: Mapping[str, str] | None, now: Mapping[str, str]) -> str:
+    """Why a step's key changed, in a few words: the settings with their old and new values, the inputs whose
+    content changed (``block_size 8 → 16; input dataset changed``); a generic reason for an entry written
+    before the basis was kept."""
+    if not before:
+        return "its settings or inputs changed"
+    said = []
+    for name in sorted(set(before) | set(now)):
+        old, new = before.get(name), now.get(name)
+        if old == new:
+            continue
+        if name.startswith("input "):
+            said.append(f"{name} changed")
+        else:
+            said.append(f"{name} {old if old is not None else 'unset'} → {new if new is not None else 'unset'}")
+    return "; ".join(said[:4]) + (f"; and {len(said) - 4} more" if len(said) > 4 else "") or "gssf's version changed"
+
+
 def files_of(paths: Iterable[Path]) -> list[Path]:
     """Every regular file under ``paths`` (files themselves, or the files inside folders), sorted."""
     found: list[Path] = []

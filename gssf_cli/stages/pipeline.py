@@ -143,8 +143,8 @@ class _Context:
         checks what the checksums cannot (a run still in the store). Returns the outcome and the cache entry
         (None in a dry run of a step that would run).
         """
-        key = cache.key(name, to_dict(config), inputs)
-        why = self._why(name, key, after, valid)
+        key, basis = cache.key(name, to_dict(config), inputs), cache.basis(to_dict(config), inputs)
+        why = self._why(name, key, basis, after, valid)
         entry = self.cache.get(name)
         if why is None and entry is not None:
             summary = dict(entry.get("summary", {}))
@@ -155,22 +155,25 @@ class _Context:
         if entry is not None:
             self.notify(f"{name}: runs again: {why}")
         run_id, summary, outputs = work()
-        entry = {"key": key, "run_id": run_id, "summary": summary, "outputs": cache.fingerprint(outputs)}
+        entry = {"key": key, "basis": basis, "run_id": run_id, "summary": summary}
+        entry["outputs"] = cache.fingerprint(outputs)
         entry["roots"] = [str(p) for p in outputs if p.is_dir()]
         self.cache.record(name, entry)
         return StageOutcome(name, "ran", key, run_id, summary=dict(summary), why=why or ""), entry
 
-    def _why(self, name: str, key: str, after: tuple[str, ...], valid: Callable[..., str | None]) -> str | None:
+    def _why(
+        self, name: str, key: str, basis: dict[str, str], after: tuple[str, ...], valid: Callable[..., str | None]
+    ) -> str | None:
         entry = self.cache.get(name)
         upstream = next((step for step in after if step in self.ran), None)
         if self.force:
             return "--force"
         if entry is None:
-            return "never ran"
+            return "first run"
         if upstream is not None:
             return f"{upstream} runs before it"
         if entry.get("key") != key:
-            return "its settings or inputs changed"
+            return cache.changes(entry.get("basis"), basis)
         return cache.damage(entry.get("outputs", {}), [Path(r) for r in entry.get("roots", [])]) or valid(entry)
 
 

@@ -121,6 +121,10 @@ def test_the_cache_trusts_contents_not_names(gssf: Gssf, workdir: Path) -> None:
     (workdir / "chain.toml").write_text(CHAIN)
     ran = dict.fromkeys(["prepare", "train", "evaluate", "export"], "ran")
     cached = dict.fromkeys(ran, "cached")
+    first = gssf("run", "chain.toml", "--dry-run", "--json")
+    assert {s["why"] for s in json.loads(first.stdout)["stages"]} <= {"first run", "prepare runs before it",
+                                                                      "train runs before it"}, first.stdout  # fmt: skip
+    assert json.loads(first.stdout)["stages"][0]["why"] == "first run"
     assert _statuses(gssf) == ran
     runs_before = _run_names()
     cached_again = gssf("run", "chain.toml", "--json")
@@ -151,4 +155,17 @@ def test_the_cache_trusts_contents_not_names(gssf: Gssf, workdir: Path) -> None:
     result = gssf("run", "chain.toml", "--json")
     assert result.exit_code == 0, result.stderr
     assert {s["stage"]: s["status"] for s in json.loads(result.stdout)["stages"]} == ran
-    assert "prepare: runs again: its settings or inputs changed" in result.stderr
+    assert "prepare: runs again: input source changed" in result.stderr, "the reason names what changed"
+
+
+def test_a_changed_key_is_explained_by_what_changed() -> None:
+    from gssf_cli.stages import cache
+
+    before = cache.basis({"block_size": 8, "epochs": 4}, {"dataset": "aa"})
+    now = cache.basis({"block_size": 16, "epochs": 4, "lr": 0.1}, {"dataset": "bb"})
+    assert cache.changes(before, now) == "block_size 8 → 16; input dataset changed; lr unset → 0.1"
+    assert cache.changes(None, now) == "its settings or inputs changed", "an entry from before the basis was kept"
+    assert cache.changes(now, now) == "gssf's version changed", "the key also hashes the version"
+    many = cache.basis({f"s{i}": i for i in range(6)}, {})
+    assert cache.changes({}, many) == "its settings or inputs changed"
+    assert cache.changes(cache.basis({"s0": -1}, {}), many).endswith("; and 2 more")

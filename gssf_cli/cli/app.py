@@ -448,7 +448,8 @@ def compare(
         list[str],
         typer.Argument(
             metavar="RUN",
-            help="Train runs (id or 'latest'), the baseline first; A1,A2,A3 is one configuration over several seeds.",
+            help="Train runs (id, name or 'latest') or seeds runs (gssf train --seeds), the baseline first; A1,A2,A3 "
+            "is one configuration over several seeds.",
             show_default=False,
         ),
     ],
@@ -460,9 +461,12 @@ def compare(
 
     Every run is measured on the same split and protocol; queries are the sampling unit (an image with its
     captions, cross-modal). Each run after the first is compared with the first. A comma-separated group
-    (A1,A2,A3: several seeds of one configuration) is averaged per query before the test, so that
+    (A1,A2,A3: several seeds of one configuration), or a seeds run, is averaged per query before the test, so that
     `gssf compare A1,A2,A3 B1,B2,B3` compares two configurations rather than two trained models: the test sees
     only the sampling of the test queries, not the variance of training.
+
+    Tables and JSON label each argument by the seeds run's name, else its first run's name and how many more;
+    `--name gssf=A1,A2,A3` names it instead.
     """
 
     def cli_values() -> dict[str, Any]:
@@ -520,7 +524,10 @@ def search(
 
     Captions are tokenised with the bundle's vocabulary and rule and encoded by its text encoder on ONNX
     Runtime; the index and its bundle are checked (checksums, and that the bundle is the one the index was built
-    from) before anything is answered. Needs only onnxruntime, numpy and faiss: pip install 'gssf\\[search]'.
+    from) before anything is answered. Each hit shows its id and score and, when the index was built from a
+    dataset's images (e.g. --gallery data/quickstart/test_ims.npy), that image's own captions, so that
+    gssf search --text "red square" can be judged by eye (--json: "captions" per hit). Needs only onnxruntime,
+    numpy and faiss (the search extra: pip install -e '.\\[search]' in a checkout).
     """
 
     def work() -> Any:

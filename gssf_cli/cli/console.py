@@ -23,8 +23,12 @@ class _ConsoleNow:
     def __init__(self, stderr: bool) -> None:
         self.stderr = stderr
 
+    def console(self) -> Console:
+        """The Console of the moment itself, for work that needs one throughout (measuring, then printing)."""
+        return Console(stderr=self.stderr)
+
     def __getattr__(self, name: str) -> Any:
-        return getattr(Console(stderr=self.stderr), name)
+        return getattr(self.console(), name)
 
 
 stdout = _ConsoleNow(stderr=False)

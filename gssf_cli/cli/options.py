@@ -4,14 +4,16 @@ Why a module apart from :mod:`gssf_cli.cli.app`: the commands there stay "parse 
 Typer/click machinery they share lives here. Typer 0.29's rich help prints a type tag for every option (even
 flags: ``--debug <bool>``) and a multi-line box for usage errors; :class:`Group` and :class:`Command` give
 click's spelling (no metavar for flags, ``INTEGER``, ``[a|b|c]``, ``PIPELINE.toml``) and report every click error
-as one line (exit 2), or one JSON object with ``--json`` (:func:`report`). :func:`config_flags` turns a config
-dataclass into flags: one per field, with the field's help, choices and default (:func:`shown_default`).
+as one line (exit 2), or one JSON object with ``--json`` (:func:`report`). Their help is laid out by
+:func:`print_help` to fit any terminal width. :func:`config_flags` turns a config dataclass into flags: one per
+field, with the field's help, choices, default (:func:`shown_default`) and whether it is required.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import itertools
 import json
 import os
@@ -119,6 +121,133 @@ def _in_context(exc: click_errors.UsageError, ctx: ClickContext) -> None:
         exc.ctx, exc.cmd = ctx, ctx.command
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Help laid out for the terminal's width
+
+
+_GAP = 2
+"""Spaces between a parameter's names and its help."""
+
+
+def print_help(command: TyperCommand | TyperGroup, ctx: ClickContext) -> None:
+    """A command's help at the terminal's width, in Typer's colours and panels, laid out as click lays it out.
+
+    Why not Typer's layout: its option table gives the names, the metavar and the help a column each and lets rich
+    squeeze them all, so at 80 columns it cuts names (``--memory-budget-…``), splits choices mid-word
+    (``[cosine|diag|bd iag|...]``) and keeps a docstring's source line breaks. Here a parameter's names and
+    metavar are one term, never wrapped (:class:`_Terms`); paragraphs are reflowed to the width; and a required
+    parameter says ``[required]``.
+    """
+    from rich.console import Group as Stack
+    from rich.padding import Padding
+    from rich.panel import Panel
+    from rich.text import Text
+    from typer import rich_utils as look  # typer 0.29 (pinned): its console, colours and parameter help
+
+    console = look._get_rich_console()
+    console.print(Padding(look.highlighter(command.get_usage(ctx)), 1), style=look.STYLE_USAGE_COMMAND)
+    if command.help:
+        first, *rest = _paragraphs(command.help)
+        prose = [look.highlighter(Text.from_markup(first))]
+        if rest:
+            prose += [Text(""), look.highlighter(Text.from_markup("\n\n".join(rest), style=look.STYLE_HELPTEXT))]
+        console.print(Padding(Stack(*prose), (0, 1, 1, 1)))
+    params = [param for param in command.get_params(ctx) if not getattr(param, "hidden", False)]
+    panels: list[tuple[str, list[tuple[Text, Text]]]] = [
+        (look.ARGUMENTS_PANEL_TITLE, [_param_row(p, ctx) for p in params if isinstance(p, TyperArgument)]),
+        (look.OPTIONS_PANEL_TITLE, [_param_row(p, ctx) for p in params if isinstance(p, TyperOption)]),
+    ]
+    if isinstance(command, TyperGroup):
+        subcommands = [command.get_command(ctx, name) for name in command.list_commands(ctx)]
+        rows = [
+            (
+                Text(sub.name or "", style=look.STYLE_COMMANDS_TABLE_FIRST_COLUMN),
+                look.highlighter(Text.from_markup(_paragraphs(sub.short_help or sub.help or "")[0])),
+            )
+            for sub in subcommands
+            if sub is not None and not sub.hidden
+        ]
+        panels.append((look.COMMANDS_PANEL_TITLE, rows))
+    for title, panel_rows in panels:
+        if panel_rows:
+            border = look.STYLE_OPTIONS_PANEL_BORDER
+            console.print(Panel(_Terms(panel_rows), title=title, title_align="left", border_style=border))
+
+
+def _paragraphs(text: str) -> list[str]:
+    """A docstring's paragraphs, each joined into one line for the terminal to wrap, except one that starts with
+    click's ``\\b`` (keep these line breaks); nothing after click's ``\\f``."""
+    paragraphs = inspect.cleandoc(text).partition("\f")[0].split("\n\n")
+    return [p.removeprefix("\b\n") if p.startswith("\b") else " ".join(p.split()) for p in paragraphs]
+
+
+def _param_row(param: TyperOption | TyperArgument, ctx: ClickContext) -> tuple[Any, Any]:
+    """A parameter's term (``-h, --help``, ``--mlp / --no-mlp``, ``--metric [a|b]``, ``RUN...``) and its help,
+    default and ``[required]`` as Typer words them."""
+    from rich.text import Text
+    from typer import rich_utils as look
+
+    if isinstance(param, TyperArgument):
+        term = Text(param.display_name_raw + ("..." if param.nargs != 1 else ""))
+    else:
+        term = look.highlighter(Text(", ".join(sorted(param.opts, key=lambda opt: opt.startswith("--")))))
+        if param.secondary_opts:
+            term.append(" / ").append_text(look.negative_highlighter(Text(", ".join(param.secondary_opts))))
+        metavar = param.display_type_rich(ctx)
+        if metavar:
+            term.append(" ").append_text(look.types_highlighter(Text(metavar, style=look.STYLE_TYPES)))
+    parts = look._get_parameter_help(param=param, ctx=ctx, markup_mode="rich").renderables
+    return term, Text(" ").join(typing.cast(list[Text], parts))
+
+
+class _Terms:
+    """Terms and their help in two columns, laid out for the width rich gives them (click's rule): the term column
+    is as wide as the longest term that fits in two fifths of the width; a longer term gets a line of its own, its
+    help beneath, indented; a term wider than the whole width breaks only after a space or a choice's ``|``. A term
+    is never wrapped inside a word, so option names and choices stay whole."""
+
+    def __init__(self, rows: list[tuple[Any, Any]]) -> None:
+        self.rows = rows
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.padding import Padding
+        from rich.table import Table
+
+        width = options.max_width
+        fitting = [term.cell_len for term, _ in self.rows if term.cell_len <= width * 2 // 5]
+        column = max(fitting, default=width // 3)
+        for term, help_text in self.rows:
+            if term.cell_len <= column:
+                grid = Table.grid(padding=(0, _GAP, 0, 0), expand=True)
+                grid.add_column(width=column, no_wrap=True)
+                grid.add_column(ratio=1)
+                grid.add_row(term, help_text)
+                yield grid
+                continue
+            yield _broken(term, width)
+            if help_text.plain:
+                yield Padding(help_text, (0, 0, 0, column + _GAP))
+
+
+def _broken(term: Any, width: int) -> Any:
+    """``term`` in lines of at most ``width`` cells, broken only after a space or a ``|`` (a word longer than the
+    width stays whole, for the terminal to fold)."""
+    from rich.text import Text
+
+    plain = term.plain
+    offsets: list[int] = []
+    start = fit = 0
+    for point in [*(i + 1 for i, char in enumerate(plain) if char in " |"), len(plain)]:
+        if point - start > width and fit > start:
+            offsets.append(fit)
+            start = fit
+        fit = point
+    lines = term.divide(offsets)
+    for line in lines:
+        line.rstrip()
+    return Text("\n").join(lines)
+
+
 class _ReadableParams:
     """Click-style help for every parameter of a command or group, ``--help`` included (:func:`_readable`)."""
 
@@ -131,6 +260,9 @@ class _ReadableParams:
 
     def get_help_option(self, ctx: ClickContext) -> TyperOption | None:
         return typing.cast(TyperOption | None, _readable(super().get_help_option(ctx)))  # type: ignore[misc]
+
+    def format_help(self, ctx: ClickContext, formatter: Any) -> None:
+        print_help(typing.cast(TyperCommand | TyperGroup, self), ctx)
 
 
 class Command(_ReadableParams, TyperCommand):
@@ -338,6 +470,7 @@ _FLAG_METAVARS = {
     "--run": "RUN",
     "--head": "RUN",
     "--encoder-run": "RUN",
+    "--name": "LABEL=RUNS",
 }
 
 
@@ -403,12 +536,20 @@ def _repeated(values: list[str]) -> tuple[str, ...] | None:
 
 
 def _help(field: dataclasses.Field[Any], decls: str) -> str:
-    """The field's help and its default (the flag's own default is None). A help that introduces the choices
-    (``Metric head:``) ends with a full stop instead: the metavar lists them."""
+    """The field's help and its default (the flag's own default is None), or ``[required]`` for a field without
+    one (given by the flag or in the ``--config`` file). A help that introduces the choices (``Metric head:``)
+    ends with a full stop instead: the metavar lists them."""
     help_text: str = field.metadata["help"]
     if help_text.endswith(":"):
         help_text = help_text[:-1] + "."
+    if field.default is dataclasses.MISSING:
+        return f"{help_text} {_REQUIRED}"
     return with_default(help_text, shown_default(field.default, decls))
+
+
+_REQUIRED = "[dim red]\\[required][/dim red]"
+"""Typer's mark of a required parameter, for a config field that has no default: its flag cannot be required (the
+value may come from the ``--config`` file)."""
 
 
 def shown_default(default: Any, decls: str) -> str | None:

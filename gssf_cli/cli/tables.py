@@ -1,14 +1,120 @@
 """What each command prints when it is done: a rich table for people, or with ``--json`` the same result as one
-JSON document for scripts."""
+JSON document for scripts. Every table goes through :func:`_print_table`, which fits it to the terminal's width
+without cutting a value."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from typing import Any
 
+from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.measure import Measurement
+from rich.table import Column, Table
 
 from gssf_cli.cli.console import print_json, stdout
+
+
+def _print_table(table: Table, keys: int = 1) -> None:
+    """Print ``table`` within the terminal's width, every value whole.
+
+    Why not rich's own fitting: a table too wide for the terminal has its widest columns narrowed whatever their
+    words, and what no longer fits is cut with ``…`` (``compar…``, ``signi… better``, half a run id). Here every
+    column keeps at least its longest word (a ``no_wrap`` column, for ids and labels: its longest value), cells
+    wrap between words only, and the space left goes to the columns that want it most. A table whose columns
+    cannot all fit so is printed in parts, one below the other, each repeating the first ``keys`` columns (the
+    row's name), as a wide data frame is printed. Only a column that cannot fit even alone is folded.
+    """
+    console = stdout.console()
+    spans = [_span(console, column) for column in table.columns]
+    parts = _parts(table, spans, keys, console.width)
+    for number, indices in enumerate(parts):
+        widths = _widths([spans[i] for i in indices], console.width - _frame(table, len(indices)))
+        console.print(_part(table, indices, widths, spans, first=number == 0, last=number == len(parts) - 1))
+
+
+def _span(console: Console, column: Column) -> tuple[int, int]:
+    """The narrowest a column can be without breaking a word (or, ``no_wrap``, a value), and its natural width."""
+    measured = [Measurement.get(console, console.options, cell) for cell in (column.header, *column.cells)]
+    widest = max(1, *(m.maximum for m in measured))
+    return (widest if column.no_wrap else max(1, *(m.minimum for m in measured))), widest
+
+
+def _frame(table: Table, columns: int) -> int:
+    """What a table of ``columns`` columns takes beside its cells' text: their padding and the rules between them
+    (and around them, with an edge)."""
+    _, right, _, left = table.padding
+    rules = (columns - 1 + (2 if table.show_edge else 0)) if table.box else 0
+    return rules + columns * (left + right) - (0 if table.pad_edge else left + right)
+
+
+def _parts(table: Table, spans: Sequence[tuple[int, int]], keys: int, width: int) -> list[list[int]]:
+    """The columns of each part: as many as fit at their narrowest, the first ``keys`` in every part."""
+    keys = min(keys, len(spans))
+    lead = list(range(keys))
+    parts: list[list[int]] = []
+    current = list(lead)
+    for index in range(keys, len(spans)):
+        wider = [*current, index]
+        if len(current) > keys and sum(spans[i][0] for i in wider) + _frame(table, len(wider)) > width:
+            parts.append(current)
+            wider = [*lead, index]
+        current = wider
+    return [*parts, current]
+
+
+def _widths(spans: Sequence[tuple[int, int]], room: int) -> list[int]:
+    """Column widths within ``room``: natural if they fit; else each at least its narrowest, and the rest of the
+    room given a cell at a time to the column that needs the most lines for its text (natural / width), so that the
+    rows stay as short as they can; if not even the narrowest fit, every column in proportion to its narrowest
+    (the cells fold)."""
+    lows, highs = [low for low, _ in spans], [high for _, high in spans]
+    if sum(highs) <= room:
+        return highs
+    if sum(lows) > room:
+        return [max(1, low * room // sum(lows)) for low in lows]
+    widths = list(lows)
+    for _ in range(room - sum(lows)):
+        wanting = max(range(len(widths)), key=lambda i: (highs[i] / widths[i], highs[i] - widths[i]))
+        widths[wanting] += 1
+    return widths
+
+
+def _part(
+    table: Table,
+    indices: Sequence[int],
+    widths: Sequence[int],
+    spans: Sequence[tuple[int, int]],
+    *,
+    first: bool,
+    last: bool,
+) -> Table:
+    """The table of columns ``indices`` of ``table`` at ``widths``: its title on the first part, its caption on the
+    last; a cell folds rather than being cut where a column had to be narrower than a word."""
+    part = copy.copy(table)
+    part.columns, part.rows = [], []
+    part.title = table.title if first else None
+    part.caption = table.caption if last else None
+    for index, width in zip(indices, widths, strict=True):
+        column = table.columns[index]
+        part.add_column(
+            column.header,
+            column.footer,
+            header_style=column.header_style,
+            footer_style=column.footer_style,
+            style=column.style,
+            justify=column.justify,
+            vertical=column.vertical,
+            overflow="fold",
+            width=width,
+            no_wrap=column.no_wrap and width >= spans[index][1],
+            highlight=column.highlight,
+        )
+    cells = zip(*(list(table.columns[index].cells) for index in indices), strict=True)
+    for row, values in zip(table.rows, cells, strict=True):
+        part.add_row(*values, style=row.style, end_section=row.end_section)
+    return part
 
 
 def print_prepare(result: dict[str, Any], as_json: bool) -> None:
@@ -22,7 +128,7 @@ def print_prepare(result: dict[str, Any], as_json: bool) -> None:
         table.add_column(key, justify="right")
     for split, counts in result["splits"].items():
         table.add_row(split, *(_cell(counts.get(k, "")) for k in keys))
-    stdout.print(table)
+    _print_table(table)
     stdout.print(
         f"written to [bold]{result['path']}[/] in {result['seconds']:.2f} s "
         f"({result['bytes'] / 2**20:.1f} MiB), manifest sha256 {result['manifest_sha256'][:12]}"
@@ -57,7 +163,7 @@ def print_evaluation(result: dict[str, Any], as_json: bool) -> None:
                 f"{result[f'{name}_medr']:.0f}",
                 f"{result[f'{name}_meanr']:.1f}",
             )
-        stdout.print(table)
+        _print_table(table)
         stdout.print(f"rSum {result['rsum']:.2f}   i2t mAP {result['i2t_map']:.2f}")
         if len(result.get("folds", [])) > 1:
             folds = "  ".join(f"{fold['rsum']:.1f}" for fold in result["folds"])
@@ -69,7 +175,7 @@ def print_evaluation(result: dict[str, Any], as_json: bool) -> None:
         for key, value in result.items():
             if isinstance(value, float) and _is_metric(key):
                 table.add_row(key, f"{value:.4f}")
-        stdout.print(table)
+        _print_table(table)
         if result.get("num_skipped"):
             stdout.print(f"{result['num_skipped']:.0f} queries had no relevant item and were skipped")
     measured = _measured(result.get("dataset_info", {}), result.get("model_info", {}))
@@ -89,9 +195,10 @@ def _measured(dataset: dict[str, Any], model: dict[str, Any]) -> str:
         return f"embeddings {model['path']} (sha256 {str(model['sha256'])[:12]}), {model['score']} scores"
     block = f", block size {model['block_size']}" if model.get("block_size") else ""
     epoch = f", best epoch {model['best_epoch']}" if model.get("best_epoch") is not None else ""
+    classes = f" of classes {dataset['classes']} in training" if dataset.get("classes") else ""
     return (
         f"model: {model.get('metric_head')} head{block} (D {model.get('embed_dim')}) of run "
-        f"{model.get('train_run_id')}{epoch}; data: {dataset.get('name')} ({dataset.get('split')} split, manifest "
+        f"{model.get('train_run_id')}{epoch}; data: {dataset.get('name')} ({dataset.get('split')} split{classes}, manifest "
         f"sha256 {str(dataset.get('manifest_sha256'))[:12]})"
     )
 
@@ -115,7 +222,7 @@ def print_training(result: dict[str, Any], as_json: bool) -> None:
     table.add_column("value", justify="right")
     for key, value in result["metrics"].items():
         table.add_row(key, f"{value:.4g}")
-    stdout.print(table)
+    _print_table(table)
     params = result["parameters"]
     stdout.print(
         f"parameters: metric head {params.get('metric_head', 0):,} of {params.get('total', 0):,}; "
@@ -145,7 +252,7 @@ def print_seeds(result: dict[str, Any], as_json: bool) -> None:
         digits = 4 if abs(spread["mean"]) < 10 else 2
         cells = [f"{r['metrics'][name]:.{digits}f}" for r in runs]
         table.add_row(name, f"{spread['mean']:.{digits}f} ± {spread['std']:.{digits}f}", str(spread["n"]), *cells)
-    stdout.print(table)
+    _print_table(table)
     for seed, run in zip(seeds, runs, strict=True):
         stdout.print(f"seed {seed}: MLflow run {run['run_id']}, best epoch {run['best_epoch']}, {run['out_dir']}")
     if result.get("run_id"):
@@ -162,7 +269,7 @@ def print_tune(result: dict[str, Any], as_json: bool) -> None:
         title=f"{len(result['trials'])} trials, by {metric} ({result['mode']}), scheduler {result['scheduler']}"
     )
     table.add_column("#", justify="right")
-    table.add_column("trial")
+    table.add_column("trial", no_wrap=True)
     table.add_column("status", no_wrap=True)
     for name in result["tuned"]:
         table.add_column(name, justify="right")
@@ -170,7 +277,7 @@ def print_tune(result: dict[str, Any], as_json: bool) -> None:
     table.add_column("epochs", justify="right")
     table.add_column("head params", justify="right")
     table.add_column("s", justify="right")
-    table.add_column("MLflow run")
+    table.add_column("MLflow run", no_wrap=True)
     errors = any(trial.get("error") for trial in result["trials"])
     if errors:
         table.add_column("error", overflow="fold")
@@ -188,7 +295,7 @@ def print_tune(result: dict[str, Any], as_json: bool) -> None:
             trial.get("run_id") or "",
             *([trial.get("error") or ""] if errors else []),
         )
-    stdout.print(table)
+    _print_table(table)
     if result.get("configurations"):
         _print_configurations(result)
     best = result["best"]
@@ -224,7 +331,7 @@ def _print_configurations(result: dict[str, Any]) -> None:
             cell,
             "0" if spread is None else str(spread["n"]),
         )
-    stdout.print(table)
+    _print_table(table)
 
 
 def _tuned_cell(value: Any) -> str:
@@ -246,7 +353,7 @@ def print_export(result: dict[str, Any], as_json: bool) -> None:
         table.add_row(
             name, sizes, f"{graph['max_abs_diff']:.2e}", f"{graph['max_rel_diff']:.2e}", _yes(graph["passed"])
         )
-    stdout.print(table)
+    _print_table(table)
     retrieval = parity["retrieval"]
     keys = list(retrieval["metrics_torch"])
     compare = Table(title=f"retrieval on {retrieval['queries']:,} queries: PyTorch vs ONNX Runtime")
@@ -255,7 +362,7 @@ def print_export(result: dict[str, Any], as_json: bool) -> None:
         compare.add_column(key, justify="right")
     compare.add_row("torch", *(f"{retrieval['metrics_torch'][k]:.4g}" for k in keys))
     compare.add_row("onnxruntime", *(f"{retrieval['metrics_onnx'][k]:.4g}" for k in keys))
-    stdout.print(compare)
+    _print_table(compare)
     stdout.print(
         f"top-10 lists identical for {100 * retrieval['top10_identical']:.1f}% of queries "
         f"({100 * retrieval['top10_equal_up_to_ties']:.1f}% up to near-ties); retrieval {_yes(retrieval['passed'])}"
@@ -306,7 +413,7 @@ def print_index(result: dict[str, Any], as_json: bool) -> None:
         row += [f"{evaluation['recall_at_10']:.4f}", f"{evaluation['queries_per_second']:,.0f}",
                 f"{evaluation['latency_ms_p50']:.3f}"]  # fmt: skip
     table.add_row(*row)
-    stdout.print(table)
+    _print_table(table)
     params = {**result["spec"]["build"], **result["spec"]["search"]}
     if params:
         stdout.print("parameters: " + ", ".join(f"{key} {value}" for key, value in params.items()), highlight=False)
@@ -316,17 +423,21 @@ def print_index(result: dict[str, Any], as_json: bool) -> None:
 
 
 def print_search(result: dict[str, Any], as_json: bool) -> None:
+    """Per query, its hits: rank, id, score, and when the index has them the hit's own captions, one a line, so
+    that a person can see whether the hits show what the query asks for."""
     if as_json:
         print_json(result)
         return
     for query in result["queries"]:
         stdout.print(f"[bold]query:[/] {escape(query['query'])}", highlight=False)
+        captioned = any("captions" in hit for hit in query["results"])
         table = Table()
-        for column in ("rank", "id", "score"):
-            table.add_column(column, justify="left" if column == "id" else "right")
+        for column in ("rank", "id", "score", *(("captions",) if captioned else ())):
+            table.add_column(column, justify="right" if column in ("rank", "score") else "left")
         for hit in query["results"]:
-            table.add_row(str(hit["rank"]), escape(hit["id"]), f"{hit['score']:.4f}")
-        stdout.print(table)
+            captions = ("\n".join(escape(line) for line in hit.get("captions", ())),) if captioned else ()
+            table.add_row(str(hit["rank"]), escape(hit["id"]), f"{hit['score']:.4f}", *captions)
+        _print_table(table, keys=2)
 
 
 def _yes(flag: bool) -> str:
@@ -346,29 +457,63 @@ def print_pipeline(result: dict[str, Any], as_json: bool) -> None:
         " (dry run: nothing ran)" if dry else " (all cached: nothing ran, no MLflow run opened)" if all_cached else ""
     )
     table = Table(title=f"pipeline {result['name']}{note}")
-    for column in ("stage", "status", "run", "seconds", "result", "why"):
-        table.add_column(column)
+    rows = []
     for stage in result["stages"]:
-        summary = ", ".join(f"{k} {_short(v)}" for k, v in stage["summary"].items() if not isinstance(v, (dict, list)))
-        table.add_row(
-            stage["stage"],
-            stage["status"],
-            (stage["run_id"] or "")[:12],
-            f"{stage['seconds']:.1f}",
-            summary,
-            stage.get("why", ""),
-        )
-    stdout.print(table)
+        shown = {k: v for k, v in stage["summary"].items() if k not in _UNSHOWN and not isinstance(v, (dict, list))}
+        on = f"{stage['summary']['on']}: " if stage["summary"].get("on") else ""
+        summary = on + ", ".join(f"{k} {_short(v)}" for k, v in shown.items())
+        cells = (stage["stage"], stage["status"], (stage["run_id"] or "")[:12], f"{stage['seconds']:.1f}", summary)
+        rows.append((*cells, stage.get("why", "")))
+    columns = ("stage", "status", "run", "seconds", "result", "why")
+    kept = [i for i, name in enumerate(columns) if name not in ("seconds", "why") or any(_said(r[i]) for r in rows)]
+    for i in kept:
+        table.add_column(columns[i], no_wrap=columns[i] in ("stage", "status", "run"))
+    for row in rows:
+        table.add_row(*(row[i] for i in kept))
+    _print_table(table)
     if dry:
         return
     metrics = result.get("metrics", {})
-    for prefix, label in (("final_", "final model, test"), ("onnx_", "its ONNX bundle"), ("baseline_", "baseline")):
+    tested = next((s["summary"].get("on") for s in result["stages"] if s["stage"] == "evaluate"), None) or "test"
+    for prefix, label in (
+        ("final_", f"final model, {tested}"),
+        ("onnx_", "its ONNX bundle"),
+        ("baseline_", "baseline"),
+    ):
         shown = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
         headline = [k for names in registry.HEADLINE.values() for k in names if k in shown]
         if headline:
             stdout.print(f"{label}: " + ", ".join(f"{k} {shown[k]:.4g}" for k in headline))
+    for line in _pipeline_answers(result):
+        stdout.print(line)
     if not all_cached:
         stdout.print(f"{result['seconds']:.1f} s; parent MLflow run {result['parent_run_id']}")
+
+
+def _pipeline_answers(result: dict[str, Any]) -> list[str]:
+    """Which setting won the tune (against the other trials), and whether the final model beats the baseline by
+    the paired test of ``gssf compare``: the two questions a tuned pipeline is run to answer."""
+    lines = []
+    tuned = result.get("tuned")
+    if tuned:
+        won = ", ".join(f"{k} = {v}" for k, v in tuned["values"].items())
+        rest = [t for t in tuned["trials"] if t["values"] != tuned["values"] and t["metric"] is not None]
+        others = "".join(f"; {', '.join(str(v) for v in t['values'].values())}: {t['metric']:.4g}" for t in rest)
+        lines.append(f"tune: {won} won ({tuned['on']} {tuned['metric']} {tuned['value']:.4g} in its trial{others})")
+    test = result.get("verdict")
+    if test:
+        lines.append(f"final vs baseline, paired over {test['units']:,} test units ({test['unit']}): {test['line']}")
+    return lines
+
+
+_UNSHOWN = ("on", "best_config")
+"""Summary keys the pipeline table does not list as ``key value``: the split (it leads the cell) and the tune's
+best config file (a long path; ``--json`` has it, and ``won`` says what it holds)."""
+
+
+def _said(cell: str) -> bool:
+    """Whether a cell says anything: a column of empty reasons or zero seconds (a dry run) is left out."""
+    return cell not in ("", "0.0")
 
 
 def _short(value: Any) -> str:
@@ -376,71 +521,60 @@ def _short(value: Any) -> str:
 
 
 def print_comparison(result: dict[str, Any], as_json: bool) -> None:
-    """One row per (metric, compared run): both values, the difference with its interval, the p-value and the
-    verdict at the test's level; then what was compared on what, and how."""
+    """What was compared on what; then a table per compared group, against the baseline: for each metric both
+    values, the difference with its interval, the p-value and the verdict at the test's level; then the runs of
+    each group and how the interval and p were computed."""
     from gssf_cli.evaluation.comparison import format_p, format_value
 
     if as_json:
         print_json(result)
         return
-    settings = result["settings"]
-    confidence = round(100 * settings["confidence"])
-    several = len(result["compared"]) > 1
+    confidence = round(100 * result["settings"]["confidence"])
     protocol = f", protocol {result['protocol']}" if result.get("protocol") else ""
-    table = Table(
-        title=f"{result['dataset']['name']}, {result['split']} split{protocol}: "
-        f"{result['units']:,} paired units ({result['unit']})"
-    )
-    table.add_column("metric")
-    if several:
-        table.add_column("compared")
-    for column in ("baseline", "compared" if not several else "value", "difference", f"{confidence}% CI", "p-value"):
-        table.add_column(column, justify="right")
-    table.add_column(f"at {100 - confidence:g}%")
-    systems = {system["label"]: system for system in result["compared"]}
-    previous = None
-    for row in result["rows"]:
-        metric = row["metric"]
-        compared = systems.get(row["compared"], {})
-        if several and previous is not None and row["compared"] != previous:
-            table.add_section()
-        previous = row["compared"]
-        verdict = row["verdict"]
-        style = {"better": "green", "worse": "red"}.get(verdict, "")
-        table.add_row(
-            metric,
-            *([row["compared"]] if several else []),
-            _across_runs(result["baseline"], metric, format_value(metric, row["baseline"])),
-            _across_runs(compared, metric, format_value(metric, row["other"])),
-            f"{row['difference']:+.4f}" if _fraction(metric) else f"{row['difference']:+.2f}",
-            f"[{format_value(metric, row['ci_low'])}, {format_value(metric, row['ci_high'])}]",
-            format_p(row["p_value"]),
-            f"[{style}]{'significant, ' + verdict if verdict != 'n.s.' else 'n.s.'}[/]" if style else verdict,
-        )
-    stdout.print(table)
-    _comparison_footer(result, several)
-
-
-def _comparison_footer(result: dict[str, Any], several: bool) -> None:
-    """Below the comparison table: the runs compared, how the interval and p were computed, what was not tested."""
-    settings = result["settings"]
-    baseline = result["baseline"]
     stdout.print(
-        f"baseline: {baseline['label']} ({', '.join(run['run_id'] for run in baseline['runs'])})",
+        f"{result['dataset']['name']}, {result['split']} split{protocol}: {result['units']:,} paired units "
+        f"({result['unit']})",
         highlight=False,
         markup=False,
     )
-    if not several:
-        other = result["compared"][0]
+    baseline = result["baseline"]
+    for system in result["compared"]:
+        table = Table(title=f"{escape(system['label'])} vs baseline {escape(baseline['label'])}")
+        table.add_column("metric", no_wrap=True)
+        for column in ("baseline", "compared", f"difference [{confidence}% CI]", "p-value"):
+            table.add_column(column, justify="right")
+        table.add_column(f"at {100 - confidence:g}%")
+        for row in (row for row in result["rows"] if row["compared"] == system["label"]):
+            metric, verdict = row["metric"], row["verdict"]
+            difference = f"{row['difference']:+.4f}" if _fraction(metric) else f"{row['difference']:+.2f}"
+            interval = f"[{format_value(metric, row['ci_low'])}, {format_value(metric, row['ci_high'])}]"
+            style = {"better": "green", "worse": "red"}.get(verdict)
+            table.add_row(
+                metric,
+                _across_runs(baseline, metric, format_value(metric, row["baseline"])),
+                _across_runs(system, metric, format_value(metric, row["other"])),
+                f"{difference} {escape(interval)}",
+                format_p(row["p_value"]),
+                f"[{style}]{verdict}[/]" if style else verdict,
+            )
+        _print_table(table)
+    _comparison_footer(result)
+
+
+def _comparison_footer(result: dict[str, Any]) -> None:
+    """Below the comparison tables: the runs of each group, how the interval and p were computed, what was not
+    tested."""
+    settings = result["settings"]
+    for role, system in (("baseline", result["baseline"]), *(("compared", other) for other in result["compared"])):
         stdout.print(
-            f"compared: {other['label']} ({', '.join(run['run_id'] for run in other['runs'])})",
+            f"{role}: {system['label']} ({', '.join(run['run_id'] for run in system['runs'])})",
             highlight=False,
             markup=False,
         )
     stdout.print(
         f"difference = compared - baseline; paired bootstrap ({settings['bootstrap']:,} resamples of the units) "
         f"for the interval, paired sign-flip test ({settings['permutations']:,} permutations) for p; "
-        f"seed {settings['seed']}",
+        f"seed {settings['seed']}; better or worse: significant at the level, else n.s.",
         highlight=False,
         markup=False,
     )

@@ -35,7 +35,7 @@ from gssf_cli.cluster.session import (
     ray_session,
 )
 from gssf_cli.cluster.train_workers import DataParallel
-from gssf_cli.core.config import to_dict
+from gssf_cli.core.config import from_dict, to_dict
 from gssf_cli.core.errors import UserInputError, first_line
 from gssf_cli.core.stage_configs import TrainConfig, TuneConfig
 from gssf_cli.training import tune_plan, tune_results
@@ -435,11 +435,11 @@ def _outcome(result: Any, plan: TunePlan) -> TrialOutcome:
     train_values = tune_results.trial_values_or_none(plan, values)
     head = None
     if train_values is not None:
+        from gssf_cli.modeling.model import head_dim
         from gssf_cli.modeling.similarity import head_parameters
 
-        head = head_parameters(
-            str(train_values["metric"]), int(train_values["embed_dim"]), int(train_values["block_size"])
-        )
+        dim = head_dim(from_dict(TrainConfig, train_values, "train"))
+        head = head_parameters(str(train_values["metric"]), dim, int(train_values["block_size"]))
     return TrialOutcome(
         trial_id=str(last.get("trial_id") or Path(str(result.path)).name),
         values=values,

@@ -47,19 +47,23 @@ class PrepareConfig:
     test_images: int = setting(250, help="synthetic: test images.", within=limits.AT_LEAST_ONE)
     regions: int = setting(12, help="synthetic: regions per image.", within=limits.AT_LEAST_ONE)
     region_dim: int = setting(64, help="synthetic: region feature size.", within=limits.AT_LEAST_ONE)
-    concepts: int = setting(32, help="synthetic: latent concepts.", within=limits.AT_LEAST_ONE)
-    vocab_size: int = setting(400, help="synthetic: vocabulary size.")
+    concepts: int = setting(
+        32,
+        help="synthetic: latent concepts (at least 3), each named by a colour and a shape ('red square'); a size "
+        "joins past 144, a texture past 576, 'number K' past 2,304.",
+        within=limits.AT_LEAST_ONE,
+    )
+    vocab_size: int = setting(
+        400,
+        help="synthetic: the most distinct words captions use: 3 synonyms of each colour, shape, ... in use (72 for "
+        "24-144 concepts), then filler words (there, is, beside, ...) while they fit, 39 at most.",
+    )
     captions_per_image: int = setting(5, help="Captions per image (5 for COCO/F30K).", within=limits.AT_LEAST_ONE)
     min_word_count: int = setting(4, help="precomp: minimum count of a vocabulary word.", within=limits.AT_LEAST_ONE)
     dev_fraction: float = setting(0.1, help="features/digits: share of data for dev.", within=limits.FRACTION)
     test_fraction: float = setting(0.2, help="features: share of data for test.", within=limits.FRACTION)
 
     def validate(self) -> None:
-        if self.vocab_size < 4 * self.concepts:
-            raise UserInputError(
-                f"prepare.vocab_size: needs 4 words per concept (3 synonyms + fillers), at least "
-                f"{4 * self.concepts}; got {self.vocab_size}"
-            )
         if self.dev_fraction + self.test_fraction >= 1.0:
             raise UserInputError("prepare.dev_fraction + prepare.test_fraction: must leave data for training")
         if self.dataset in ("precomp", "features") and self.source is None:
@@ -459,15 +463,23 @@ class CompareConfig:
     """What ``gssf compare`` tests and how (see :mod:`gssf_cli.evaluation.comparison` for the statistics).
 
     ``runs`` are the command's arguments: the baseline first, then each run compared with it. Each is a train
-    run (id or ``latest``) or a comma-separated group of run ids (several seeds of one configuration, whose
-    per-query values are averaged over the group before the test). Every run is measured on the same ``split``
-    of the same dataset under the same ``protocol``; the per-query differences get a paired bootstrap
-    interval (``bootstrap`` resamples, at ``confidence``) and a paired sign-flip p-value (``permutations``),
-    both drawn from ``seed``. A difference is significant when p < 1 - ``confidence``.
+    run (id or ``latest``), a ``gssf train --seeds`` run (the group of its train runs) or a comma-separated group
+    of them (several seeds of one configuration, whose per-query values are averaged over the group before the
+    test). ``names`` label arguments in the tables and the JSON, as ``LABEL=RUNS`` with RUNS an argument as
+    given. Every run is measured on the same ``split`` of the same dataset under the same ``protocol``; the
+    per-query differences get a paired bootstrap interval (``bootstrap`` resamples, at ``confidence``) and a
+    paired sign-flip p-value (``permutations``), both drawn from ``seed``. A difference is significant when
+    p < 1 - ``confidence``.
     """
 
     runs: tuple[str, ...] = setting(
         (), help="Runs to compare, baseline first.", file_only="given as the command's arguments (RUN_A RUN_B ...)"
+    )
+    names: tuple[str, ...] | None = setting(
+        None,
+        help="Label an argument in the tables and the JSON: LABEL=RUNS, RUNS as given (repeatable; default: the "
+        "seeds run's name, else the first run's name and +N more).",
+        flag="--name",
     )
     split: str = setting("test", help="Dataset split every run is measured on.")
     protocol: Protocol = setting(
@@ -501,10 +513,41 @@ class CompareConfig:
                 raise UserInputError(f"run {run!r}: 'latest' cannot be part of a group; name the runs by id")
         if not self.ks or any(k < 1 for k in self.ks):
             raise UserInputError(f"compare.ks: cut-offs must be positive integers, got {list(self.ks)}")
+        self.labels()
 
     def groups(self) -> list[tuple[str, ...]]:
         """The runs as groups of run references (a single run is a group of one)."""
-        return [tuple(member.strip() for member in run.split(",")) for run in self.runs]
+        return [_members(run) for run in self.runs]
+
+    def labels(self) -> list[str | None]:
+        """Each argument's label from ``names`` (None: not named), checked: every name is ``LABEL=RUNS`` with a
+        one-line label and RUNS one of the arguments (its run ids as given, spaces aside), no argument is named
+        twice and no label names two arguments."""
+        groups = self.groups()
+        named: dict[tuple[str, ...], str] = {}
+        for name in self.names or ():
+            label, equals, runs = name.partition("=")
+            label = label.strip()
+            example = "e.g. --name gssf=A1,A2,A3"
+            if not equals or not runs.strip():
+                raise UserInputError(f"--name {name!r}: give LABEL=RUNS, RUNS one of the runs to compare ({example})")
+            if not label or not label.isprintable():
+                raise UserInputError(f"--name {name!r}: the label must be one line of text ({example})")
+            members = _members(runs)
+            if members not in groups:
+                given = " ".join(self.runs)
+                raise UserInputError(f"--name {name!r}: {runs.strip()} is not one of the runs to compare ({given})")
+            if members in named:
+                raise UserInputError(f"--name: {runs.strip()} is named twice ({named[members]!r} and {label!r})")
+            if label in named.values():
+                raise UserInputError(f"--name: the label {label!r} is given to two different runs")
+            named[members] = label
+        return [named.get(group) for group in groups]
+
+
+def _members(runs: str) -> tuple[str, ...]:
+    """A comma-separated group of run references as its members (a single run: one member)."""
+    return tuple(member.strip() for member in runs.split(","))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,6 +77,25 @@ def load_manifest(folder: Path, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
+def split_classes(manifest: dict[str, Any], split: str) -> str | None:
+    """Whether ``split``'s classes were trained on: ``seen`` (all in train), ``unseen`` (none), ``partly seen``,
+    or None when the manifest lists no classes (cross-modal data). Why: on class-disjoint data (digits) the dev
+    split measures seen classes and the test split unseen ones, so their scores differ by design and must not be
+    read as one number."""
+    splits = manifest.get("splits", {})
+    train, own = (splits.get(name, {}).get("classes") for name in ("train", split))
+    if split == "train" or not isinstance(train, list) or not isinstance(own, list) or not own:
+        return None
+    shared = set(own) & set(train)
+    return "seen" if shared == set(own) else "unseen" if not shared else "partly seen"
+
+
+def split_label(manifest: dict[str, Any], split: str) -> str:
+    """``test (unseen classes)``, ``dev (seen classes)``, or the split's name alone (:func:`split_classes`)."""
+    classes = split_classes(manifest, split)
+    return f"{split} ({classes} classes)" if classes else split
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file, hashed at most once per process while its size and modification time stay the same."""
     stat = path.stat()

@@ -31,7 +31,7 @@ import numpy as np
 
 from gssf_cli.core.errors import UserInputError, first_line
 from gssf_cli.core.files import MANIFEST, manifest_digest, sha256_file
-from gssf_cli.deploy.serving import Served
+from gssf_cli.deploy.serving import Layout, Served
 
 BUNDLE_FORMAT = 2
 """2: a ``files`` section checksums every file the bundle needs (1 covered the graphs only)."""
@@ -298,6 +298,18 @@ class BundleModel(Served):
     @property
     def dim(self) -> int:
         return int(self.sessions["metric_head"].get_inputs()[0].shape[1])
+
+    @property
+    def layout(self) -> Layout:
+        """What serving checks requests against: the trained dataset's modalities, which the manifest records
+        (``preprocessing.modalities``; the graphs leave the region count dynamic), and D."""
+        preprocessing = self.manifest.get("preprocessing")
+        modalities = preprocessing.get("modalities") if isinstance(preprocessing, dict) else None
+        if not isinstance(modalities, dict):
+            raise UserInputError(
+                f"{self.folder / MANIFEST}: records no preprocessing.modalities (the input layout); export again"
+            )
+        return Layout.of(self.task, modalities, self.dim)
 
     def input_shape(self, tower: str) -> list[Any] | str:
         """One item's input shape for ``tower``: ``[F]``, ``["regions", F]`` (an axis name when dynamic), or

@@ -9,9 +9,13 @@ An index folder (``indexes/NAME/``)::
 
     index.faiss     the faiss index (:mod:`gssf_cli.deploy.search`) over metric_head(image embeddings) [N, D]
     ids.txt         one id per gallery row, in row order (the row numbers unless ``--ids`` named others)
+    captions.txt    only for a gallery that is a dataset's ``{split}_ims.npy``: its images' own captions, the
+                    dataset's ``captions_per_image`` lines per row, in row order, which ``gssf search`` shows
+                    beside each hit so that a person can judge the hits
     manifest.json   format, kind and parameters, count, D; the bundle it was built from (its digest, the sha256
                     of the bundle's manifest, which checksums every graph; its path relative to this folder);
-                    the gallery (path, shape, sha256); sha256 and size of index.faiss and ids.txt; build figures
+                    the gallery (path, shape, sha256; its captions' source and count per row); sha256 and size of
+                    index.faiss, ids.txt and captions.txt; build figures
                     and, with ``--eval``, recall@10 against exact search and the query latency
 
 It is written through a staging folder (:func:`gssf_cli.core.files.staged_folder`): a build that fails or is
@@ -26,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,7 @@ from gssf_cli.deploy.bundle import BundleModel
 INDEX_FORMAT = 1
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.txt"
+CAPTIONS_FILE = "captions.txt"
 EVAL_K = 10
 """``--eval`` measures recall@10: the cut-off retrieval papers and vector-search benchmarks report."""
 LATENCY_QUERIES = 100
@@ -79,12 +84,14 @@ def index_overrides(config: IndexConfig | SearchConfig) -> dict[str, int | None]
 
 @dataclass(frozen=True)
 class Gallery:
-    """A gallery ``.npy`` opened memory-mapped: ``rows`` ``[N, ...]`` (never loaded whole), its ids."""
+    """A gallery ``.npy`` opened memory-mapped: ``rows`` ``[N, ...]`` (never loaded whole), its ids, and its
+    images' captions when it is a dataset's split (:func:`gallery_captions`)."""
 
     path: Path
     rows: np.ndarray
     embedded: bool
     ids: list[str] | None
+    captions: Captions | None = None
 
     @property
     def count(self) -> int:
@@ -105,7 +112,62 @@ def open_gallery(path: Path, bundle: BundleModel, embedded: bool, ids: Path | No
             f"{path}: gallery of shape {list(rows.shape)}, but the bundle takes {what}; dimension mismatch{hint}"
         )
     check_float_array(rows, str(path), (rows.ndim,))
-    return Gallery(path, rows, embedded, read_ids(ids, rows.shape[0]) if ids is not None else None)
+    count = rows.shape[0]
+    return Gallery(
+        path, rows, embedded, read_ids(ids, count) if ids is not None else None, gallery_captions(path, count)
+    )
+
+
+@dataclass(frozen=True)
+class Captions:
+    """A gallery's captions: ``lines`` ``[N * per_row]``, row i's at ``i * per_row`` onwards, read from ``source``."""
+
+    source: Path
+    per_row: int
+    lines: list[str]
+
+
+GALLERY_SUFFIX = "_ims.npy"
+"""A dataset split's images, ``{split}_ims.npy``, lie beside its captions, ``{split}_caps.txt``."""
+
+
+def gallery_captions(gallery: Path, count: int) -> Captions | None:
+    """The captions of a gallery that is a dataset folder's ``{split}_ims.npy`` (the folder's ``manifest.json``
+    a cross-modal gssf dataset listing ``{split}_caps.txt``), else None: a plain array has none.
+
+    Why check them: they are shown as what each hit shows, so a captions file that changed since the dataset was
+    prepared (checksum), or that does not hold ``captions_per_image`` lines for each of the ``count`` rows, is
+    refused in one line rather than put beside the wrong images.
+    """
+    folder, name = gallery.parent, gallery.name
+    if not name.endswith(GALLERY_SUFFIX) or not (folder / MANIFEST).is_file():
+        return None
+    try:
+        dataset = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    source = folder / f"{name.removesuffix(GALLERY_SUFFIX)}_caps.txt"
+    files = dataset.get("files") if isinstance(dataset, dict) else None
+    entry = files.get(source.name) if isinstance(files, dict) else None
+    per_row = dataset.get("captions_per_image") if isinstance(dataset, dict) else None
+    if not isinstance(entry, dict) or type(per_row) is not int or per_row < 1 or dataset.get("task") != "cross_modal":
+        return None
+    if (
+        not source.is_file()
+        or source.stat().st_size != entry.get("bytes")
+        or sha256_file(source) != entry.get("sha256")
+    ):
+        raise UserInputError(
+            f"{source}: missing or changed since the dataset was prepared (checksum mismatch with "
+            f"{folder / MANIFEST}); prepare the dataset again, or index a copy of the gallery outside its folder"
+        )
+    lines = read_captions(source)
+    if len(lines) != count * per_row:
+        raise UserInputError(
+            f"{source}: {len(lines):,} captions for a gallery of {count:,} rows with {per_row} captions per image "
+            f"({count * per_row:,}); prepare the dataset again"
+        )
+    return Captions(source, per_row, lines)
 
 
 def _shape(dims: list[Any]) -> str:
@@ -267,6 +329,8 @@ def build(config: IndexConfig, progress: Progress | None = None) -> BuiltIndex:
     with staged_folder(out, config.force) as staging:
         search.write_index(index, staging / INDEX_FILE)
         (staging / IDS_FILE).write_text("".join(f"{value}\n" for value in ids), encoding="utf-8")
+        if gallery.captions is not None:
+            (staging / CAPTIONS_FILE).write_text("".join(f"{line}\n" for line in gallery.captions.lines), "utf-8")
         manifest = _manifest(config, bundle, gallery, spec, staging, out, timings, evaluation)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return BuiltIndex(out.expanduser(), manifest)
@@ -348,8 +412,10 @@ def _manifest(
 ) -> dict[str, Any]:
     from gssf_cli import __version__
 
+    names = (INDEX_FILE, IDS_FILE, CAPTIONS_FILE) if gallery.captions is not None else (INDEX_FILE, IDS_FILE)
     files = {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
-             for name in (INDEX_FILE, IDS_FILE)}  # fmt: skip
+             for name in names}  # fmt: skip
+    captions = gallery.captions
     return {
         "index_format": INDEX_FORMAT,
         "kind": spec.kind,
@@ -368,6 +434,7 @@ def _manifest(
             "sha256": sha256_file(gallery.path),
             "embedded": gallery.embedded,
             "ids": str(config.ids) if config.ids is not None else None,
+            "captions": {"source": str(captions.source), "per_row": captions.per_row} if captions else None,
         },
         "files": files,
         "build": {
@@ -405,6 +472,7 @@ class OpenIndex:
     bundle: BundleModel
     index: Any
     ids: list[str]
+    captions_per_row: int | None = None
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -427,7 +495,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     files, bundle = manifest["files"], manifest["bundle"]
     if not (
         isinstance(files, dict)
-        and set(files) == {INDEX_FILE, IDS_FILE}
+        and set(files) - {CAPTIONS_FILE} == {INDEX_FILE, IDS_FILE}
         and all(isinstance(f, dict) and isinstance(f.get("sha256"), str) and type(f.get("bytes")) is int
                 for f in files.values())
         and isinstance(bundle, dict)
@@ -436,7 +504,34 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         and type(manifest["count"]) is int
     ):  # fmt: skip
         raise UserInputError(f"{path}: malformed index manifest (files, bundle or count); rebuild it")
+    if (CAPTIONS_FILE in files) != (captions_per_row(manifest) is not None):
+        raise UserInputError(f"{path}: malformed index manifest (captions.txt without its count per row); rebuild it")
     return manifest
+
+
+def captions_per_row(manifest: Mapping[str, Any]) -> int | None:
+    """How many captions each gallery row has in ``captions.txt``: the gallery's ``captions.per_row``, or None."""
+    gallery = manifest.get("gallery")
+    captions = gallery.get("captions") if isinstance(gallery, dict) else None
+    per_row = captions.get("per_row") if isinstance(captions, dict) else None
+    return per_row if type(per_row) is int and per_row >= 1 else None
+
+
+def row_captions(path: Path, rows: Iterable[int], per_row: int) -> dict[int, list[str]]:
+    """The captions of gallery ``rows`` from an index's ``captions.txt`` (``per_row`` lines per row, split at
+    ``\n`` only, as :func:`build` wrote them), read in one pass that keeps only theirs: a gallery of millions of
+    rows has millions of captions, a search needs ``k`` rows' worth per query."""
+    wanted = set(rows)
+    found: dict[int, list[str]] = {row: [] for row in wanted}
+    last = max(wanted, default=-1)
+    with path.open(encoding="utf-8", newline="\n") as lines:
+        for number, line in enumerate(lines):
+            row = number // per_row
+            if row > last:
+                break
+            if row in wanted:
+                found[row].append(line.removesuffix("\n"))
+    return found
 
 
 def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
@@ -473,7 +568,7 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
         raise UserInputError(f"{folder / IDS_FILE}: not UTF-8 text; rebuild the index") from None
     if len(ids) != manifest["count"]:
         raise UserInputError(f"{folder / IDS_FILE}: {len(ids):,} ids for an index of {manifest['count']:,} vectors")
-    return OpenIndex(folder, manifest, spec, bundle, index, ids)
+    return OpenIndex(folder, manifest, spec, bundle, index, ids, captions_per_row(manifest))
 
 
 def queries_of(opened: OpenIndex, config: SearchConfig) -> tuple[list[str], np.ndarray]:
@@ -507,7 +602,8 @@ class SearchResult:
 
 def run_search(config: SearchConfig) -> SearchResult:
     """Answer ``config``'s queries from its index: per query, the ``k`` best gallery rows (rank, id, row,
-    score = the learned GSSF score), best first; fewer than ``k`` when the gallery is smaller."""
+    score = the learned GSSF score, and the row's own captions when the index has them), best first; fewer than
+    ``k`` when the gallery is smaller."""
     assert config.index is not None
     opened = open_index(config.index, config.bundle)
     params = search.search_overrides(opened.spec, index_overrides(config))
@@ -515,11 +611,14 @@ def run_search(config: SearchConfig) -> SearchResult:
     started = time.perf_counter()
     scores, rows = search.search(opened.index, opened.spec, vectors, min(config.k, len(opened.ids)), params)
     seconds = time.perf_counter() - started
+    per_row = opened.captions_per_row
+    captions = row_captions(opened.folder / CAPTIONS_FILE, rows[rows >= 0].tolist(), per_row) if per_row else {}
     results = [
         {
             "query": label,
             "results": [
                 {"rank": rank, "id": opened.ids[row], "row": int(row), "score": float(score)}
+                | ({"captions": captions[int(row)]} if per_row else {})
                 for rank, (row, score) in enumerate(zip(row_list, score_list, strict=True), start=1)
                 if row >= 0
             ],

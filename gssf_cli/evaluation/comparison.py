@@ -534,7 +534,8 @@ def format_p(p: float) -> str:
 
 
 def markdown_table(payload: dict[str, Any]) -> str:
-    """The comparison as a Markdown table (``comparison.md``)."""
+    """The comparison as a Markdown table (``comparison.md``); a label's ``|`` (``--name`` allows one) is escaped,
+    so that it stays in its cell."""
     confidence = round(100 * payload["settings"]["confidence"])
     protocol = f", protocol {payload['protocol']}" if payload.get("protocol") else ""
     lines = [
@@ -550,9 +551,9 @@ def markdown_table(payload: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in payload["rows"]:
-        metric = row["metric"]
+        metric, compared = row["metric"], row["compared"].replace("|", "\\|")
         lines.append(
-            f"| {metric} | {row['compared']} | {format_value(metric, row['baseline'])} | "
+            f"| {metric} | {compared} | {format_value(metric, row['baseline'])} | "
             f"{format_value(metric, row['other'])} | {format_value(metric, row['difference'])} | "
             f"[{format_value(metric, row['ci_low'])}, {format_value(metric, row['ci_high'])}] | "
             f"{format_p(row['p_value'])} | {row['verdict']} |"

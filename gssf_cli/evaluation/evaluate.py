@@ -34,6 +34,7 @@ from gssf_cli import __version__
 from gssf_cli.core import metrics as registry
 from gssf_cli.core.errors import UserInputError, first_line
 from gssf_cli.core.stage_configs import EvaluateConfig
+from gssf_cli.data.manifest import split_classes
 
 if TYPE_CHECKING:
     import torch
@@ -349,13 +350,15 @@ def dataset_identity(
     dataset: Dataset, split_name: str, protocol: str | None, sizes: Mapping[str, int]
 ) -> dict[str, Any]:
     """What a trained model was measured on: the dataset's name, kind and folder, the sha256 of its manifest
-    (which lists every file's checksum, so it names the content), the split, the protocol and the sizes."""
+    (which lists every file's checksum, so it names the content), the split (and whether its classes were seen in
+    training), the protocol and the sizes."""
     return {
         "name": dataset.name,
         "kind": dataset.manifest.get("kind"),
         "folder": str(dataset.folder),
         "manifest_sha256": dataset.digest,
         "split": split_name,
+        "classes": split_classes(dataset.manifest, split_name),
         "protocol": protocol,
         "sizes": dict(sizes),
     }

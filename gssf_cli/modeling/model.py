@@ -109,6 +109,20 @@ def manifest_spec(manifest: dict[str, Any], config: TrainConfig) -> EncoderSpec:
     return spec
 
 
+def head_dim(config: TrainConfig) -> int:
+    """D, the size the metric head reads: ``embed_dim``, except for a head-only run without adapters, whose head
+    reads the feature size (``identity``) or the frozen run's D. Why: a tune's summary, head sizes and block-size
+    figure must name the D its trials really had, not a default they never used."""
+    if config.embeds_to_embed_dim():
+        return config.embed_dim
+    from gssf_cli.data.manifest import load_manifest
+
+    try:
+        return manifest_spec(load_manifest(config.data, verify=False), config).embed_dim
+    except UserInputError:
+        return config.embed_dim
+
+
 def _feature_size(manifest: dict[str, Any]) -> int:
     """The image (or label-based) feature size of a manifest; 0 when the images are not feature vectors."""
     modalities = manifest.get("modalities", {})

@@ -39,7 +39,8 @@ TASK_TAG = "gssf.task"
 @dataclass(frozen=True)
 class System:
     """One argument of the command: a run or a group of runs (``runs``: ``{run_id, run_name}`` each), its label
-    in tables, and the short key its MLflow metrics end with."""
+    in tables and JSON (``--name``'s, else by what was passed: see :func:`_resolve`), and the short key its MLflow
+    metrics end with."""
 
     label: str
     key: str
@@ -93,13 +94,14 @@ class CompareResult:
 def run(config: CompareConfig, tracker: Tracker, parent_run_id: str | None = None) -> CompareResult:
     """Compare ``config.runs`` (the baseline first); the result goes to a ``compare`` run."""
     started = time.perf_counter()
-    groups = _resolve(tracker, config)
+    groups, passed = _resolve(tracker, config)
     per_run, dataset = _units_of(tracker, config, groups)
     tracker.follow(groups[0][0])  # the compare run lands beside the baseline (unless --experiment says otherwise)
+    labels = [named or default for named, default in zip(config.labels(), passed, strict=True)]
     systems = [
         replace(system, spread={k: v.to_json() for k, v in seeds.summarize(
             [per_run[r.info.run_id].means() for r in group]).items()})
-        for system, group in zip(_systems(groups), groups, strict=True)
+        for system, group in zip(_systems(groups, labels), groups, strict=True)
     ]  # fmt: skip
     averaged = [comparison.average_units([per_run[r.info.run_id] for r in group]) for group in groups]
     outcome = comparison.compare_units(
@@ -177,17 +179,24 @@ def _units_of(tracker: Tracker, config: CompareConfig, groups: list[list[Any]]) 
     return per_run, dataset
 
 
-def _resolve(tracker: Tracker, config: CompareConfig) -> list[list[Any]]:
-    """Every argument's train runs (``latest`` resolved), refused unless each is a train run and all were
-    trained on one dataset (the manifest digest they recorded) for one task."""
+def _resolve(tracker: Tracker, config: CompareConfig) -> tuple[list[list[Any]], list[str]]:
+    """Every argument's train runs (``latest`` resolved) and its label by what was passed: the name of its first
+    run (a seeds run's own name) and how many more it names (``train-gssf-d4-1a2b3c +2``). Refused unless each
+    is a train or seeds run and all were trained on one dataset (the manifest digest they recorded) for one
+    task."""
     groups: list[list[Any]] = []
+    labels: list[str] = []
     for refs in config.groups():
-        runs = []
+        runs, passed = [], []
         for ref in refs:
             found = tracker.get_run(ref, stage="train")
             stage = found.data.tags.get("gssf.stage")
+            passed.append(found.info.run_name or found.info.run_id)
             if stage == SEEDS_STAGE:  # a `gssf train --seeds` run: the group of its train runs, one per seed
-                runs += [child for child in tracker.child_runs(found.info.run_id) if _is_train(child)]
+                children = [child for child in tracker.child_runs(found.info.run_id) if _is_train(child)]
+                if not children:
+                    raise UserInputError(f"seeds run {found.info.run_id} has no finished train run to compare")
+                runs += children
                 continue
             if stage != "train":
                 raise UserInputError(
@@ -195,6 +204,7 @@ def _resolve(tracker: Tracker, config: CompareConfig) -> list[list[Any]]:
                 )
             runs.append(found)
         groups.append(runs)
+        labels.append(passed[0] + (f" +{len(passed) - 1}" if len(passed) > 1 else ""))
     first = groups[0][0]
     for members in groups:
         for other in members:
@@ -205,7 +215,7 @@ def _resolve(tracker: Tracker, config: CompareConfig) -> list[list[Any]]:
                         f"runs {first.info.run_id} and {other.info.run_id} were trained on different {what} "
                         f"({_describe(first, tag)} vs {_describe(other, tag)}): compare runs of one dataset"
                     )
-    return groups
+    return groups, labels
 
 
 def _is_train(found: Any) -> bool:
@@ -235,21 +245,20 @@ def _same_dataset(known: Dataset | None, loaded: Dataset, run_id: str, split: st
     return known
 
 
-def _systems(groups: list[list[Any]]) -> list[System]:
-    """Labels (the run name; a group: its first run's name and how many more) and metric keys (a short run
-    id), made unique where the same run is given twice."""
+def _systems(groups: list[list[Any]], labels: list[str]) -> list[System]:
+    """Each argument's system: its label, made unique where two arguments share one (the same run given twice),
+    and the key its MLflow metrics end with (a short run id; a group's also says how many runs)."""
     systems: list[System] = []
-    labels: set[str] = set()
+    used_labels: set[str] = set()
     keys: set[str] = set()
-    for index, group in enumerate(groups):
+    for index, (group, label) in enumerate(zip(groups, labels, strict=True)):
         runs = [{"run_id": r.info.run_id, "run_name": r.info.run_name or r.info.run_id} for r in group]
-        label = runs[0]["run_name"] + (f" +{len(runs) - 1}" if len(runs) > 1 else "")
         key = runs[0]["run_id"][:8] + (f"_g{len(runs)}" if len(runs) > 1 else "")
-        if label in labels:
+        if label in used_labels:
             label = f"{label} #{index + 1}"
         if key in keys:
             key = f"{key}_{index + 1}"
-        labels.add(label)
+        used_labels.add(label)
         keys.add(key)
         systems.append(System(label, key, runs))
     return systems

@@ -4,8 +4,10 @@ The export run logs the config, the parity report as metrics, the bundle's manif
 MLflow model (``mlflow.pyfunc.load_model`` serves it on ONNX Runtime, no torch: :class:`gssf_cli.deploy.bundle.
 BundleModel`), named ``<model>-onnx-<export run short id>``. With ``--register NAME`` that model becomes a new
 version of the registered model NAME, linked to the export run (whose ``gssf.source_run`` tag names the train
-run). A failed parity gate deploys nothing: the bundle is kept as ``<out>.failed`` (the result's ``path``), the
-run still logs the metrics and the manifest but no model, registers nothing, and ends FAILED.
+run), and takes the alias ``champion`` (:data:`~gssf_cli.tracking.tags.CHAMPION_ALIAS`) from the version before:
+``models:/NAME@champion`` is always the newest bundle that passed its gate. A failed parity gate deploys nothing:
+the bundle is kept as ``<out>.failed`` (the result's ``path``), the run still logs the metrics and the manifest but
+no model, registers nothing, and ends FAILED.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from gssf_cli.core.files import MANIFEST
 from gssf_cli.core.limits import model_label
 from gssf_cli.core.stage_configs import ExportConfig
 from gssf_cli.deploy.bundle import verify_bundle
+from gssf_cli.tracking.tags import CHAMPION_ALIAS
 
 if TYPE_CHECKING:
     from gssf_cli.tracking.adapter import Tracker
@@ -84,8 +87,9 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
                     f"ONNX bundle of train run {run_id} ({label}), exported by run {run_.run_id}; parity gate "
                     f"passed. mlflow.pyfunc.load_model serves it on ONNX Runtime.",
                     {"gssf.source_run": run_id, "gssf.metric": label},
+                    alias=CHAMPION_ALIAS,
                 )
-                registered = {"name": config.register, "version": version}
+                registered = {"name": config.register, "version": version, "alias": CHAMPION_ALIAS}
         else:
             run_.set_tags({"gssf.export.failed_bundle": str(written.path)})
             run_.mark_failed()

@@ -6,9 +6,12 @@ up-front check and for the run. Train and tune read the prepared dataset; tune's
 
 One final model: with ``[tune] retrain = true`` the best trial's config is trained again with the ``[train]``
 budget (``train_best``), and *that* model is evaluated and exported; the first model's test metrics stay
-visible as ``evaluate_baseline``. Without retraining the trained model is the final one. The parent run gets
-the final model's test metrics (``final_*``), the bundle's ONNX Runtime metrics (``onnx_*``) and the
-baseline's (``baseline_*``).
+visible as ``evaluate_baseline``, and ``compare`` tests the final model against it, paired over the test
+queries exactly as ``gssf compare`` does. Without retraining the trained model is the final one. The parent run
+gets the final model's test metrics (``final_*``), the bundle's ONNX Runtime metrics (``onnx_*``), the
+baseline's (``baseline_*``) and the test's headline difference and p-value (``vs_baseline_*``). The result
+answers the two questions a tuned pipeline raises: which setting won the tune (``tuned``) and whether the final
+model beats the baseline (``verdict``).
 
 Caching (:mod:`gssf_cli.stages.cache`): a step is skipped only when its key (config + content of its inputs + the
 runs it builds on) is unchanged and every file it wrote still has the checksum recorded when it was written;
@@ -25,15 +28,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gssf_cli.core import metrics as registry
-from gssf_cli.core.config import from_dict, load_toml, to_dict
+from gssf_cli.core.config import default_of, from_dict, load_toml, to_dict
 from gssf_cli.core.errors import CheckFailedError, UserInputError
-from gssf_cli.core.stage_configs import PipelineConfig, load_pipeline
+from gssf_cli.core.files import MANIFEST
+from gssf_cli.core.stage_configs import CompareConfig, PipelineConfig, load_pipeline
 from gssf_cli.stages import cache, steps
 from gssf_cli.stages.steps import Links, check, stage_config
 from gssf_cli.tracking.tags import FINAL_RUN_TAG, PIPELINE_STAGE
 
 if TYPE_CHECKING:
-    from gssf_cli.tracking.adapter import Tracker
+    from gssf_cli.tracking.adapter import StageRun, Tracker
     from gssf_cli.training.loop import Progress
 
 __all__ = ["PipelineResult", "StageOutcome", "check", "load_pipeline", "run", "stage_config"]
@@ -58,6 +62,11 @@ class PipelineResult:
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
     dry_run: bool = False
+    tuned: dict[str, Any] | None = None
+    """The tune's winner: ``{"values": {name: value}, "metric": name, "value": v, "trials": [{values, metric}]}``."""
+    verdict: dict[str, Any] | None = None
+    """The final model against the baseline on the headline metric (a ``gssf compare`` row: difference,
+    interval, p-value, verdict)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,11 +94,14 @@ def run(
         for step in steps.plan(pipeline):
             preview.outcomes.append(_STEPS[step](preview))
         if dry_run or all(o.status == "cached" for o in preview.outcomes):
-            return PipelineResult(pipeline.name, None, preview.outcomes, 0.0, preview.metrics, dry_run)
+            return _result(preview, None, 0.0)
     with tracker.start_run(PIPELINE_STAGE, run_name=f"pipeline-{pipeline.name}") as parent:
         ctx.parent_run_id = parent.run_id
         parent.log_text(pipeline.text, f"pipeline/{pipeline.path.name}")
+        parent.log_params(steps.params(pipeline))
         parent.set_tags({"gssf.pipeline": pipeline.name})
+        if "prepare" not in pipeline.stages:
+            _log_dataset(ctx, parent)
         for step in steps.plan(pipeline):
             step_started = time.perf_counter()
             try:
@@ -99,13 +111,42 @@ def run(
                 raise type(exc)(f"stage {step} failed: {exc}") from exc
             outcome.seconds = round(time.perf_counter() - step_started, 2)
             ctx.outcomes.append(outcome)
+            if step == "prepare":
+                _log_dataset(ctx, parent)
             parent.set_tags({f"gssf.stage.{step}": f"{outcome.status} {outcome.run_id or ''}".strip()})
         seconds = time.perf_counter() - started
         parent.log_metrics({**ctx.metrics, "seconds": seconds})
         if ctx.links.train_run != "latest":
             parent.set_tags({FINAL_RUN_TAG: ctx.links.train_run})
         parent.log_dict([asdict(o) for o in ctx.outcomes], "pipeline/summary.json")
-    return PipelineResult(pipeline.name, parent.run_id, ctx.outcomes, round(seconds, 2), ctx.metrics)
+    return _result(ctx, parent.run_id, round(seconds, 2))
+
+
+def _result(ctx: _Context, parent_run_id: str | None, seconds: float) -> PipelineResult:
+    by_step = {o.stage: o.summary for o in ctx.outcomes}
+    return PipelineResult(
+        ctx.pipeline.name,
+        parent_run_id,
+        ctx.outcomes,
+        seconds,
+        ctx.metrics,
+        ctx.dry_run,
+        tuned=by_step.get("tune", {}).get("tuned"),
+        verdict=by_step.get("compare", {}).get("test"),
+    )
+
+
+def _log_dataset(ctx: _Context, parent: StageRun) -> None:
+    """The dataset the pipeline's models learn from, as the pipeline run's input (the UI's Datasets), once it
+    exists: after ``prepare``, or from the start when the pipeline names a prepared folder instead."""
+    from gssf_cli.data.manifest import load_manifest
+
+    folder = steps.dataset_folder(ctx.pipeline, ctx.links)
+    digest = steps.dataset_digest(folder)
+    if folder is None or digest is None:
+        return
+    manifest = load_manifest(folder, verify=False)
+    parent.log_dataset(manifest["name"], folder, digest, context="pipeline", tags={"kind": manifest["kind"]})
 
 
 @dataclass
@@ -121,6 +162,8 @@ class _Context:
     notify: Callable[[str], None]
     parent_run_id: str | None = None
     links: Links = field(default_factory=lambda: Links(None))
+    baseline: Links | None = None
+    """The links as the first ``train`` left them: the baseline model that ``compare`` tests against."""
     ran: set[str] = field(default_factory=set)
     outcomes: list[StageOutcome] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -202,11 +245,14 @@ def _train(ctx: _Context, name: str = "train", config: Any = None) -> StageOutco
     def work() -> tuple[str | None, dict[str, Any], list[Path]]:
         result = train.run(config, ctx.tracker, ctx.parent_run_id, progress=ctx.progress)
         metric = result.validation_metric
-        summary = {"best_epoch": result.best_epoch, metric: result.metrics.get(f"val_{metric}")}
+        on = _split_label(config.data, config.val_split)
+        summary = {"on": on, "best_epoch": result.best_epoch, metric: result.metrics.get(f"val_{metric}")}
         return result.run_id, summary, [Path(result.out_dir) / "best"]
 
     outcome, entry = ctx.step(name, config, inputs, after, work)
     ctx.links = steps.after_train(ctx.links, outcome.run_id, entry)
+    if name == "train":
+        ctx.baseline = ctx.links
     return outcome
 
 
@@ -218,8 +264,12 @@ def _evaluate(ctx: _Context, name: str = "evaluate") -> StageOutcome:
 
     def work() -> tuple[str | None, dict[str, Any], list[Path]]:
         result = evaluate.run(config, ctx.tracker, ctx.parent_run_id)
+        if result.run_id is not None:
+            named = ctx.tracker.get_run(result.run_id).info.run_name
+            ctx.tracker.rename_run(result.run_id, steps.evaluation_run_base(name, named))
         summary = {k: result.metrics[k] for k in registry.HEADLINE[result.task]}
-        return result.run_id, {**summary, "metrics": result.metrics}, []
+        on = _split_label(ctx.links.data, config.split or "test")
+        return result.run_id, {"on": on, **summary, "metrics": result.metrics}, []
 
     outcome, _ = ctx.step(
         name, config, {"model": ctx.links.model}, (model_step,), work, lambda entry: _gone(ctx, entry)
@@ -228,6 +278,15 @@ def _evaluate(ctx: _Context, name: str = "evaluate") -> StageOutcome:
     prefix = "baseline" if name == "evaluate_baseline" else "final"
     ctx.metrics.update({f"{prefix}_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     return outcome
+
+
+def _split_label(folder: Path | None, split: str) -> str:
+    """``test (unseen classes)`` on class-disjoint data, else the split's name (:func:`split_label`)."""
+    from gssf_cli.data.manifest import load_manifest, split_label
+
+    if folder is None or not (folder / MANIFEST).is_file():
+        return split
+    return split_label(load_manifest(folder, verify=False), split)
 
 
 def _gone(ctx: _Context, entry: dict[str, Any]) -> str | None:
@@ -246,12 +305,64 @@ def _tune(ctx: _Context) -> StageOutcome:
 
     def work() -> tuple[str | None, dict[str, Any], list[Path]]:
         result = tune.run(config, ctx.tracker, ctx.parent_run_id, ctx.progress is not None, base or None)
-        summary = {"best": result.best, "best_config": result.best_config}
+        val_split = base.get("val_split", default_of(steps.TrainConfig, "val_split"))
+        tuned = _winner(result, _split_label(config.data, val_split))
+        won = ", ".join(f"{k}={v}" for k, v in tuned["values"].items()) if tuned else None
+        summary = {"won": won, "best": result.best, "best_config": result.best_config, "tuned": tuned}
         return result.run_id, summary, [Path(result.best_config)] if result.best_config else []
 
     outcome, _ = ctx.step("tune", config, inputs, ("prepare",), work)
     ctx.links = steps.after_tune(ctx.links, outcome.summary.get("best_config"))
     return outcome
+
+
+def _winner(result: Any, on: str) -> dict[str, Any] | None:
+    """Which values of the tuned settings won, by what, against the other trials (:attr:`PipelineResult.tuned`)."""
+    if result.best is None:
+        return None
+    trials = [{"values": {k: t["values"].get(k) for k in result.tuned}, "metric": t["metric"]} for t in result.trials]
+    best = {k: result.best["values"].get(k) for k in result.tuned}
+    return {"values": best, "metric": result.metric, "on": on, "value": result.best["metric"], "trials": trials}
+
+
+def _compare(ctx: _Context) -> StageOutcome:
+    """The final model against the baseline, paired over the test queries (the ``gssf compare`` stage, nested
+    in the pipeline run); the outcome's summary keeps the headline metric's row as ``test``."""
+    from gssf_cli.stages import compare
+
+    baseline = ctx.baseline or ctx.links
+    protocol = stage_config(ctx.pipeline, "evaluate", ctx.links).protocol
+    config = CompareConfig(runs=(baseline.train_run, ctx.links.train_run), protocol=protocol)
+    inputs = {"baseline": baseline.model, "final": ctx.links.model}
+
+    def work() -> tuple[str | None, dict[str, Any], list[Path]]:
+        result = compare.run(config, ctx.tracker, ctx.parent_run_id)
+        headline = registry.HEADLINE[result.task][0]
+        row = next(r for r in result.rows if r["metric"] == headline)
+        test = {key: row[key] for key in ("metric", "baseline", "other", "difference", "ci_low", "ci_high", "p_value")}
+        verdict = "no significant difference" if row["verdict"] == "n.s." else f"significantly {row['verdict']}"
+        test |= {"verdict": verdict, "units": result.units, "unit": result.unit}
+        test["line"] = _verdict_line(test)
+        return result.run_id, {"verdict": test["line"], "test": test}, []
+
+    outcome, _ = ctx.step("compare", config, inputs, ("train", "train_best"), work, lambda entry: _gone(ctx, entry))
+    test = outcome.summary.get("test")
+    if test:
+        ctx.metrics.update({f"vs_baseline_{test['metric']}": test["difference"], "vs_baseline_p": test["p_value"]})
+    return outcome
+
+
+def _verdict_line(test: dict[str, Any]) -> str:
+    """``rsum -0.67 [-8.00, +6.40], p = 0.8858: no significant difference`` (a compare table's row, one line)."""
+    from gssf_cli.evaluation.comparison import format_p, format_value
+
+    metric, p = test["metric"], format_p(test["p_value"])
+    low, high = (format_value(metric, test[k]) for k in ("ci_low", "ci_high"))
+    return (
+        f"{metric} {'+' if test['difference'] >= 0 else ''}{format_value(metric, test['difference'])} "
+        f"[{'+' if test['ci_low'] >= 0 else ''}{low}, {'+' if test['ci_high'] >= 0 else ''}{high}], "
+        f"p {p.replace('<', '< ') if p.startswith('<') else '= ' + p}: {test['verdict']}"
+    )
 
 
 def _train_best(ctx: _Context) -> StageOutcome:
@@ -295,5 +406,6 @@ _STEPS: dict[str, Callable[[_Context], StageOutcome]] = {
     "tune": _tune,
     "train_best": _train_best,
     "evaluate": _evaluate,
+    "compare": _compare,
     "export": _export,
 }

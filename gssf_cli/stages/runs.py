@@ -24,7 +24,7 @@ from gssf_cli.core.files import MANIFEST
 from gssf_cli.core.stage_configs import TrainConfig
 from gssf_cli.data.dataset import Dataset, TokenizedCaptions
 from gssf_cli.data.text import Vocabulary
-from gssf_cli.deploy.serving import Served
+from gssf_cli.deploy.serving import Layout, Served
 from gssf_cli.modeling import checkpoint as ckpt
 from gssf_cli.modeling.model import RetrievalModel, build_model, build_model_for, load_weights
 from gssf_cli.tracking.adapter import Tracker
@@ -79,11 +79,21 @@ def pack_model(checkpoint_folder: Path, dataset: Dataset, into: Path) -> Path:
 
 
 class TrainedModel(Served):
-    """A trained model on the CPU behind :func:`gssf_cli.deploy.serving.predict` (a :class:`gssf_cli.deploy.serving.Retriever`)."""
+    """A trained model on the CPU behind :func:`gssf_cli.deploy.serving.predict` (a :class:`gssf_cli.deploy.serving.Retriever`).
 
-    def __init__(self, model: RetrievalModel, vocab: Vocabulary | None) -> None:
+    ``layout`` (the dataset's input shapes, from the packed manifest) is what serving checks requests against; a
+    model built without one (to compare against, in tests) embeds and scores but serves no request."""
+
+    def __init__(self, model: RetrievalModel, vocab: Vocabulary | None, layout: Layout | None = None) -> None:
         self.model = model.eval()
         self.vocab = vocab
+        self._layout = layout
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            raise UserInputError("this model was built without its input layout; load it with TrainedModel.load")
+        return self._layout
 
     @classmethod
     def load(cls, folder: Path | str) -> TrainedModel:
@@ -95,7 +105,7 @@ class TrainedModel(Served):
         model = build_model_for(manifest, from_dict(TrainConfig, dict(saved.state["config"]), "train"))
         load_weights(model, saved.model)
         vocab = Vocabulary.load(folder / VOCAB) if (folder / VOCAB).is_file() else None
-        return cls(model, vocab)
+        return cls(model, vocab, Layout.of(str(manifest["task"]), manifest["modalities"], model.similarity.dim))
 
     @torch.no_grad()
     def encode_images(self, images: np.ndarray) -> np.ndarray:

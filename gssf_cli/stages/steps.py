@@ -5,14 +5,17 @@ model is final, and how one stage's output becomes the next stage's config are p
 :class:`~gssf_cli.core.stage_configs.PipelineConfig`, made the same way for the up-front check, a dry run and a run.
 
 Steps, in order: ``prepare``, ``train``, then with ``[tune] retrain = true`` ``evaluate_baseline`` (the first
-model, for comparison), ``tune``, ``train_best`` (the best trial's config with the ``[train]`` budget) and
-``evaluate`` of that final model; ``export`` always acts on the final model.
+model, for comparison), ``tune``, ``train_best`` (the best trial's config with the ``[train]`` budget),
+``evaluate`` of that final model and ``compare`` (the paired test of the final model against the baseline, as
+``gssf compare`` runs it, so the summary can say whether the tuned model is really better); ``export`` always
+acts on the final model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +42,10 @@ CONFIGS: dict[str, type] = {
     "tune": TuneConfig,
     "export": ExportConfig,
 }
+EVALUATIONS: dict[str, str] = {"evaluate_baseline": "baseline", "evaluate": "final"}
+"""Which model each evaluation step measures, said in its run's name (``evaluate-baseline-…``,
+``evaluate-final-…``): the stage names a run by the model's metric, and a tune's baseline and final model may
+share it, so the runs table could not tell the two apart."""
 BUDGET: tuple[str, ...] = ("epochs", "lr_decay_epoch", "warmup_epochs")
 """Train settings that are a run's budget and schedule: a retrained final model takes them from ``[train]``,
 not from the tune's per-trial budget."""
@@ -70,9 +77,34 @@ def plan(pipeline: PipelineConfig) -> tuple[str, ...]:
         elif stage == "tune":
             out += ["tune", "train_best"] if retrain else ["tune"]
             out += ["evaluate"] if retrain and "evaluate" in pipeline.stages else []
+            out += ["compare"] if retrain and {"train", "evaluate"} <= set(pipeline.stages) else []
         else:
             out.append(stage)
     return tuple(out)
+
+
+def params(pipeline: PipelineConfig) -> dict[str, Any]:
+    """The pipeline run's params: its file's settings as written (``pipeline.name``, ``prepare.dataset``,
+    ``tune.retrain`` …, flattened by the tracker), so the run's page shows what was asked for."""
+    written = tomllib.loads(pipeline.text) if pipeline.text else {}
+    return written or {"pipeline": {"name": pipeline.name}, **pipeline.tables}
+
+
+def evaluation_run_base(step: str, run_name: str) -> str:
+    """The name an evaluation step gives its run, less the short id the tracker adds: the stage's own name with
+    the step's model (:data:`EVALUATIONS`) after ``evaluate-`` — ``evaluate-gssf-d8-test-1a2b3c`` becomes
+    ``evaluate-final-gssf-d8-test``."""
+    stem = run_name.rsplit("-", 1)[0]
+    return f"evaluate-{EVALUATIONS[step]}-{stem.removeprefix('evaluate-')}"
+
+
+def dataset_folder(pipeline: PipelineConfig, links: Links) -> Path | None:
+    """The dataset the pipeline's models learn from: the folder it prepares, else the one ``[train]`` (or
+    ``[tune]``) names."""
+    if links.data is not None:
+        return links.data
+    named = (pipeline.tables.get(stage, {}).get("data") for stage in ("train", "tune"))
+    return next((Path(data) for data in named if isinstance(data, (str, Path))), None)
 
 
 def model_step(pipeline: PipelineConfig) -> str:

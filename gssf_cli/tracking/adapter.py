@@ -43,15 +43,19 @@ from gssf_cli import __version__  # noqa: E402
 from gssf_cli.core.config import dump_toml  # noqa: E402
 from gssf_cli.core.errors import RunInterrupted, UserInputError, first_line  # noqa: E402
 from gssf_cli.tracking.store import FIX_URI, check_store, resolve_tracking_uri, sqlite_path, store_lock  # noqa: E402
-from gssf_cli.tracking.tags import FINAL_RUN_TAG, PIPELINE_STAGE, SEEDS_STAGE  # noqa: E402
+from gssf_cli.tracking.tags import (  # noqa: E402
+    CLASSIC_ML,
+    EXPERIMENT_KIND_TAG,
+    FINAL_RUN_TAG,
+    PARENT_TAG,
+    PIPELINE_STAGE,
+    SEEDS_STAGE,
+)
 
 DEFAULT_EXPERIMENT = "gssf"
-PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "gssf.stage"
 MAX_PARAM_LENGTH = 6000
 _END_ATTEMPTS = 3
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-CLASSIC_ML = "custom_model_development"  # the UI's "classic ML" mode; without it MLflow 3 opens in GenAI mode
 SHORT_ID_LENGTH = 6
 MIN_ID_PREFIX = 8
 """The shortest run-id prefix ``--run`` / ``--resume`` accept (the tables print 12 characters)."""
@@ -218,6 +222,13 @@ class Tracker:
         run_id = run.info.run_id
         self.client.update_run(run_id, name=unique_run_name(base, run_id))
         return StageRun(self.client, run_id)
+
+    def rename_run(self, run_id: str, base: str) -> str:
+        """Name a run ``<base>-<short id>`` as :meth:`open_run` does, once its caller knows more than the stage
+        that opened it did (which of a pipeline's evaluations it is); returns the name."""
+        name = unique_run_name(base, run_id)
+        self.client.update_run(run_id, name=name)
+        return name
 
     def end_run(self, run_id: str, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
         """End a run opened by :meth:`open_run` as FINISHED, FAILED or KILLED."""
@@ -528,10 +539,13 @@ class StageRun:
         Models-from-code: the model is :mod:`gssf_cli.tracking.pyfunc_model`, which builds ``loader``
         (``module:Class``, whose ``load(folder)`` reads safetensors/ONNX and JSON) from the artifact folder —
         no pickle is written and none is read back. ``requirements`` are pinned (MLflow would otherwise spend
-        seconds inferring them).
+        seconds inferring them). The model is loaded once here for its signature (inputs and outputs with the
+        shapes it was trained on, checked by the model itself: :func:`pyfunc_model.signature`), so a folder that
+        does not load is refused before anything is logged.
         """
         from gssf_cli.tracking import pyfunc_model
 
+        declared = pyfunc_model.signature(pyfunc_model.load(loader, folder).io_schema())
         mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
         # Created here, in the run's own experiment: mlflow would put it in the active (default) one.
         experiment_id = self.client.get_run(self.run_id).info.experiment_id
@@ -548,15 +562,22 @@ class StageRun:
                 model_config={pyfunc_model.LOADER_KEY: loader},
                 artifacts={pyfunc_model.ARTIFACT: str(folder)},
                 pip_requirements=list(requirements),
+                signature=declared,
             )
         return str(logged.model_id)
 
     def register_model(
-        self, registered_name: str, model_id: str, description: str, tags: Mapping[str, str] | None = None
+        self,
+        registered_name: str,
+        model_id: str,
+        description: str,
+        tags: Mapping[str, str] | None = None,
+        alias: str | None = None,
     ) -> int:
         """A new version of ``registered_name`` in the Model Registry for logged model ``model_id`` (linked to
-        this run), described and tagged (who made it: the registry records no user on a local store); returns
-        the version number."""
+        this run), described and tagged (who made it: the registry records no user on a local store), and given
+        ``alias`` (moved there from an older version, so ``models:/NAME@ALIAS`` names the newest); returns the
+        version number."""
         mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
         all_tags = {"mlflow.user": current_user(), **(tags or {})}
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # mlflow prints its own lines
@@ -565,13 +586,24 @@ class StageRun:
                 f"models:/{model_id}", registered_name, await_registration_for=0, tags=all_tags
             )
         self.client.update_model_version(registered_name, version.version, description=description)
+        if alias is not None:
+            self.client.set_registered_model_alias(registered_name, alias, version.version)
         self.set_tags({"gssf.registered_model": f"{registered_name}/{version.version}"})
         return int(version.version)
 
-    def log_onnx_model(self, graph: Any, name: str) -> None:
-        """An ONNX graph (an ``onnx.ModelProto``) as an MLflow model under ``name``, served with the CPU provider."""
+    def log_onnx_model(
+        self, graph: Any, name: str, inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """An ONNX graph (an ``onnx.ModelProto``) as an MLflow model under ``name``, served with the CPU provider.
+
+        ``inputs`` and ``outputs`` are the graph's, as :func:`gssf_cli.deploy.bundle.check_graph` describes them
+        (``{"name", "dtype", "shape"}``, a dynamic axis by name): its signature, which MLflow enforces (the ONNX
+        flavor checks nothing itself)."""
         import mlflow.onnx
 
+        from gssf_cli.tracking import pyfunc_model
+
+        declared = pyfunc_model.signature({"inputs": inputs, "outputs": outputs}, checked_by_model=False)
         mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
         with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
             mlflow.onnx.log_model(
@@ -580,6 +612,7 @@ class StageRun:
                 onnx_execution_providers=["CPUExecutionProvider"],
                 pip_requirements=["onnxruntime", "numpy"],
                 save_as_external_data=False,
+                signature=declared,
             )
 
     def download_artifacts(self, path: str, dst: Path) -> Path:

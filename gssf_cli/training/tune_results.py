@@ -64,8 +64,10 @@ def block_size_trials(outcomes: Sequence[TrialOutcome]) -> list[BlockSizeTrial]:
 
 def block_size_axes(plan: TunePlan) -> BlockSizeAxes:
     """How the block-size figure labels ``plan``'s search."""
+    from gssf_cli.modeling.model import head_dim
+
     subject = "several metrics" if plan.tunes("metric") else plan.base.metric
-    return BlockSizeAxes(metric=plan.metric, mode=plan.mode, embed_dim=plan.base.embed_dim, subject=subject)
+    return BlockSizeAxes(metric=plan.metric, mode=plan.mode, embed_dim=head_dim(plan.base), subject=subject)
 
 
 def trial_values_or_none(plan: TunePlan, values: Mapping[str, Any]) -> dict[str, Any] | None:

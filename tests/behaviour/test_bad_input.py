@@ -593,7 +593,7 @@ CASES: dict[str, tuple[Setup, str]] = {
     "prepare: too many images": (_too_many_images, "of memory to generate, but this machine has"),
     "prepare: fraction inf": (_fraction_inf, "prepare.dev_fraction: must be a finite number, got inf"),
     "prepare: fraction nan": (_fraction_nan, "prepare.test_fraction: must be a finite number, got nan"),
-    "prepare: too few words": (_too_few_words, "prepare.vocab_size: needs 4 words per concept"),
+    "prepare: too few words": (_too_few_words, "prepare.vocab_size: 6 concepts need at least 21 words"),
     "prepare: zero regions": (_zero_regions, "prepare.regions: must be at least 1, got 0"),
     # train
     "train: lr inf": (_train_with("--lr", "inf"), "train.lr: must be a finite number, got inf"),

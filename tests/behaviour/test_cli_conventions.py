@@ -66,7 +66,8 @@ def test_help_metavars(gssf: Gssf) -> None:
     assert train["--data"].startswith("--data PATH ")
     assert train["--val-split"].startswith("--val-split TEXT ")
     assert train["--metric"].startswith("--metric [cosine|diag|bdiag|dense|gssf] Metric head. [default: gssf]")
-    assert train["--mlp"].startswith("--mlp --no-mlp 2-layer")
+    assert train["--mlp"].startswith("--mlp / --no-mlp 2-layer")
+    assert train["--help"].startswith("-h, --help Show this message")
     assert train["--resume"].startswith("--resume RUN ")
     assert evaluate["--k"].startswith("--k INT,INT,... ")
     assert evaluate["--output"].startswith("--output PATH ")
@@ -81,7 +82,9 @@ def test_help_metavars(gssf: Gssf) -> None:
     assert rows("export")["--register"].startswith("--register TEXT ")
     run = gssf("run", "--help").stdout
     assert "Usage: gssf run [OPTIONS] PIPELINE.toml" in run and "{pipeline}" not in run
-    assert help_rows(run)["PIPELINE.toml"].startswith("* PIPELINE.toml Pipeline file")
+    assert help_rows(run)["PIPELINE.toml"].startswith("PIPELINE.toml Pipeline file")
+    assert help_rows(run)["PIPELINE.toml"].endswith("[required]")
+    assert train["--data"].startswith("--data PATH ") and train["--data"].endswith("[required]")
 
 
 def test_commands_are_listed_in_pipeline_order(gssf: Gssf) -> None:

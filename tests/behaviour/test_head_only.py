@@ -20,12 +20,13 @@ import torch
 from typer.testing import CliRunner, Result
 
 from gssf_cli.cli.app import app
-from gssf_cli.core.config import from_dict
+from gssf_cli.core.config import default_of, from_dict
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.stage_configs import TrainConfig
 from gssf_cli.data.dataset import Dataset
 from gssf_cli.modeling import checkpoint as ckpt
-from gssf_cli.modeling.model import build_model, embed_split
+from gssf_cli.modeling.model import build_model, embed_split, head_dim
+from gssf_cli.modeling.similarity import head_parameters
 from gssf_cli.tracking.adapter import Tracker
 from gssf_cli.training.loop import Trainer, fit
 
@@ -220,8 +221,12 @@ def test_tune_over_block_size_on_a_head_only_base(headdir: Path) -> None:
                "--base", "batch_size=32", "--epochs", "1")  # fmt: skip
     assert sorted(t["values"]["block_size"] for t in tune["trials"]) == [4, 8]
     assert all(t["status"] == "FINISHED" and t["error"] is None for t in tune["trials"])
+    metric = default_of(TrainConfig, "metric")
+    sizes = {t["values"]["block_size"]: t["head_params"] for t in tune["trials"]}
+    assert sizes == {d: head_parameters(metric, F, d) for d in (4, 8)}, "head sizes are of the real D, the features'"
     children = Tracker().child_runs(tune["run_id"])
     assert {c.data.params["train.encoder"] for c in children} == {"identity"}
+    assert head_dim(from_dict(TrainConfig, {"data": "data/f", "encoder": "identity", "block_size": 4}, "train")) == F
 
 
 def test_export_of_a_head_only_run_passes_parity(identity_run: dict[str, Any]) -> None:

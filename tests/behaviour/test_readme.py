@@ -16,6 +16,7 @@ these pages leads to a file of the repository and, with ``#anchor``, to one of i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -25,7 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.mlflow_ui import check_quickstart, load_through_server, mlflow_ui, screenshots
+from gssf_cli.tracking.tags import CHAMPION_ALIAS, PARENT_TAG
+from tests.browser import require_chromium
+from tests.mlflow_ui import browse_quickstart, check_quickstart, load_through_server, mlflow_ui
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -100,28 +103,52 @@ def test_every_relative_link_leads_to_a_file_and_heading(page: Path) -> None:
     assert not broken, f"{_name(page)} links to no file or no heading: {broken}"
 
 
-def test_readme_commands_run_in_order_on_a_fresh_folder(tmp_path: Path) -> None:
-    text = README.read_text()
-    shutil.copytree(ROOT / "pipelines", tmp_path / "pipelines")
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's blocks run in order in a fresh folder, then the docs that continue it: the folder a new user
+    has after following the README (shared by the tests below, which only read it)."""
+    folder = tmp_path_factory.mktemp("readme")
+    shutil.copytree(ROOT / "pipelines", folder / "pipelines")
     env = _environment()
-    ran = _run_blocks(README, tmp_path, env)
-    assert ran >= 2
+    assert _run_blocks(README, folder, env) >= 2
     for page in CONTINUING:  # docs whose examples build on the quickstart: same folder, right after the README
-        assert _run_blocks(page, tmp_path, env) >= 1, f"{_name(page)} continues the README but runs no block"
-    assert (tmp_path / "hits.json").is_file(), f"no block of {[_name(p) for p in PAGES]} wrote hits.json"
-    with mlflow_ui(tmp_path) as url:
-        seen = check_quickstart(url)
-        shapes = load_through_server(url, seen["train_models"][-1]["model_id"], tmp_path)
-        assert shapes["scores"] == [3, 2] and shapes["image_embeddings"][0] == 3, shapes
-        if os.environ.get("GSSF_UI_SCREENSHOTS"):
-            screenshots(url, seen["experiment_id"], Path(os.environ["GSSF_UI_SCREENSHOTS"]).resolve())
-    snippet = text.split("<!-- onnx-snippet:begin -->", 1)[1].split("<!-- onnx-snippet:end -->", 1)[0]
+        assert _run_blocks(page, folder, env) >= 1, f"{_name(page)} continues the README but runs no block"
+    return folder
+
+
+def test_readme_commands_run_in_order_on_a_fresh_folder(quickstart: Path) -> None:
+    assert (quickstart / "scratch/hits.json").is_file(), f"no block of {[_name(p) for p in PAGES]} wrote hits.json"
+    left = sorted(f"{p.name}/x" if p.is_dir() else p.name for p in quickstart.iterdir() if p.name != "pipelines")
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *left], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == left, f"followed in a checkout, the README's commands leave {left}: all ignored"
+    _search_equals_the_graphs_by_hand(quickstart)
+
+
+def test_the_onnx_snippet_runs_verbatim(quickstart: Path) -> None:
+    snippet = README.read_text().split("<!-- onnx-snippet:begin -->", 1)[1].split("<!-- onnx-snippet:end -->", 1)[0]
     code = re.search(r"```python\n(.*?)```", snippet, re.S)
     assert code is not None
-    check = "\nassert scores.shape == (4, 2) and np.isfinite(scores).all()\n"
-    out = subprocess.run([sys.executable, "-c", code.group(1) + check], cwd=tmp_path, capture_output=True, text=True)
+    check = "\nassert scores.shape == (4, len(captions)) and np.isfinite(scores).all()\n"
+    out = subprocess.run([sys.executable, "-c", code.group(1) + check], cwd=quickstart, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    _search_equals_the_graphs_by_hand(tmp_path)
+    printed = out.stdout.splitlines()
+    captions = (quickstart / "data/quickstart/test_caps.txt").read_text().splitlines()
+    assert len(printed) == 3 and all(line.endswith(captions[int(line.split()[2].rstrip(","))]) for line in printed)
+
+
+def test_the_mlflow_ui_shows_the_quickstart(quickstart: Path) -> None:
+    """What the README says a user sees in ``mlflow ui``: read through the REST API the UI calls, loaded through
+    the server as ``models:/`` URIs (the trained model and the champion bundle), then seen in a real headless
+    Chromium (:func:`tests.mlflow_ui.browse_quickstart`; it fails under CI without one, and is skipped elsewhere).
+    ``GSSF_UI_SCREENSHOTS=tests/ui`` saves the pages the README shows there."""
+    with mlflow_ui(quickstart) as url:
+        seen = check_quickstart(url)
+        for uri in (f"models:/{seen['train_models'][-1]['model_id']}", f"models:/quickstart@{CHAMPION_ALIAS}"):
+            shapes = load_through_server(url, uri, quickstart)
+            assert shapes["scores"] == [3, 2] and shapes["image_embeddings"][0] == 3, (uri, shapes)
+        chromium = require_chromium()
+        shots = os.environ.get("GSSF_UI_SCREENSHOTS")
+        browse_quickstart(url, seen, Path(shots).resolve() if shots else None, chromium=chromium)
 
 
 FRESH = [page for page in DOCS if page not in CONTINUING and _runnable(page)]
@@ -142,7 +169,7 @@ def _search_equals_the_graphs_by_hand(folder: Path) -> None:
     import numpy as np
     import onnxruntime as ort
 
-    hits = json.loads((folder / "hits.json").read_text())["queries"][0]
+    hits = json.loads((folder / "scratch/hits.json").read_text())["queries"][0]
     bundle, data = folder / "exports/quickstart", folder / "data/quickstart"
     words = json.loads((bundle / "vocab.json").read_text())["words"]
     index = {w: i for i, w in enumerate(words)}
@@ -162,3 +189,82 @@ def _search_equals_the_graphs_by_hand(folder: Path) -> None:
     assert np.allclose([hit["score"] for hit in hits["results"]], scores[top], atol=1e-5)
     assert np.allclose(scores[found], scores[top], atol=1e-5)  # same rows, or rows tied within 1e-5
     assert [hit["id"] for hit in hits["results"]] == [str(row) for row in found]
+
+
+def test_the_served_models_answer_over_http(quickstart: Path) -> None:
+    """``mlflow models serve --env-manager local`` on the registered ONNX version and on the train run it was
+    exported from, one after the other, over real HTTP: both carry a signature of the quickstart's shapes, answer
+    with the bundle's scores (1e-5), refuse every kind of bad request with a 400 and gssf's message, and answer a
+    bounded concurrent load (300 requests over 8 threads) correctly and stay up (:mod:`tests.serving`)."""
+    import json
+    import time
+
+    from tests.serving import Quickstart, declared, serve_and_check, train_model_uri
+
+    quick = Quickstart.load(quickstart)
+    source_run = json.loads((quickstart / "exports/quickstart/manifest.json").read_text())["source_run_id"]
+    started = time.perf_counter()
+    for uri in ("models:/quickstart/1", train_model_uri(quickstart, source_run)):
+        assert declared(quickstart, uri) == {**quick.bundle.io_schema(), "checked_by_model": True}, uri
+        seen = serve_and_check(quickstart, uri, quick)
+        assert seen["load"]["refused"] == seen["load"]["requests"] // 10, (uri, seen["load"])
+    assert time.perf_counter() - started < 120
+
+
+def test_the_quickstart_pipeline_is_tracked_and_then_cached(quickstart: Path) -> None:
+    """The README's ``gssf run pipelines/quickstart.toml``, read back: every step ran once under one parent run
+    (its params the file, its input the dataset), the summary names the tune's winner and the paired test against
+    the baseline, the bundle is the final model's and the registry's champion — and a run after it is all cached."""
+    exe = shutil.which("gssf") or str(Path(sys.executable).with_name("gssf"))
+    out = subprocess.run([exe, "run", "pipelines/quickstart.toml", "--json"], cwd=quickstart, env=_environment(),
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    again = json.loads(out.stdout)
+    steps = ["prepare", "train", "evaluate_baseline", "tune", "train_best", "evaluate", "compare", "export"]
+    assert [s["stage"] for s in again["stages"]] == steps
+    assert {s["status"] for s in again["stages"]} == {"cached"} and again["parent_run_id"] is None
+    assert again["stages"][-1]["summary"]["passed"] is True
+    final = {k.removeprefix("final_"): v for k, v in again["metrics"].items() if k.startswith("final_")}
+    onnx = {k.removeprefix("onnx_"): v for k, v in again["metrics"].items() if k.startswith("onnx_")}
+    assert {"rsum", "i2t_r1", "t2i_r10", "i2t_map"} <= set(onnx)
+    for name, value in onnx.items():
+        assert value == pytest.approx(final[name], abs=1e-6), name
+    retrained = again["stages"][4]
+    trial_values = {t["values"]["block_size"]: t["metric"] for t in again["tuned"]["trials"]}
+    assert sorted(trial_values) == [4, 8, 16] and again["tuned"]["metric"] == "rsum"
+    assert again["tuned"]["value"] == max(trial_values.values()) == trial_values[again["tuned"]["values"]["block_size"]]
+    test = again["verdict"]
+    assert test["metric"] == "rsum" and test["units"] == 150
+    assert test["difference"] == pytest.approx(again["metrics"]["final_rsum"] - again["metrics"]["baseline_rsum"])
+    assert test["ci_low"] <= test["difference"] <= test["ci_high"] and 0 < test["p_value"] <= 1
+    assert test["verdict"] == ("no significant difference" if test["p_value"] >= 0.05 else
+                               "significantly better" if test["difference"] > 0 else "significantly worse")  # fmt: skip
+    bundle = json.loads((quickstart / again["stages"][-1]["summary"]["path"] / "manifest.json").read_text())
+    assert bundle["source_run_id"] == retrained["run_id"], "the bundle is made from the final model"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{quickstart}/mlflow.db")
+    experiment = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([experiment.experiment_id])
+    by_id = {r.info.run_id: r for r in runs}
+    (parent,) = [r for r in runs if r.data.tags.get("gssf.stage") == "run"]
+    assert parent.info.status == "FINISHED"
+    assert all(parent.data.tags[f"gssf.stage.{step}"].startswith("ran ") for step in steps), "the first run ran all"
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id]
+    stages = sorted(r.data.tags["gssf.stage"] for r in children)
+    assert stages == ["compare", "evaluate", "evaluate", "export", "prepare", "train", "train", "tune"]
+    assert parent.data.metrics["final_rsum"] == parent.data.metrics["onnx_rsum"]
+    final_train = by_id[retrained["run_id"]]
+    trained_epochs = int(final_train.data.params["train.epochs"])
+    assert trained_epochs == 4, "the final model is trained with the [train] budget, not the tune's per-trial one"
+    assert parent.data.params["tune.retrain"] == "true" and parent.data.params["prepare.dataset"] == "synthetic"
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["quickstart"]
+    evaluations = sorted(r.info.run_name.split("-")[1] for r in children if r.data.tags["gssf.stage"] == "evaluate")
+    assert evaluations == ["baseline", "final"], "the baseline's and the final model's evaluations are told apart"
+    champion = client.get_model_version_by_alias("quickstart", CHAMPION_ALIAS)
+    assert int(champion.version) == 1, "the final model's bundle is the champion"
+    assert client.get_run(champion.run_id).data.tags["gssf.source_run"] == final_train.info.run_id
+    tune_run = next(r for r in children if r.data.tags["gssf.stage"] == "tune")
+    trials = [r for r in runs if r.data.tags.get(PARENT_TAG) == tune_run.info.run_id]
+    assert len(trials) == 3 and {r.info.status for r in trials} == {"FINISHED"}

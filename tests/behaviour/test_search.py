@@ -104,6 +104,23 @@ def test_the_manifest_names_the_bundle_by_content_and_checksums_its_files(here: 
         assert sha256_file(here / "indexes/quickstart" / name) == entry["sha256"]
     assert manifest["count"] == 150 and manifest["kind"] == "flat"
     assert (here / "indexes/quickstart/ids.txt").read_text().splitlines() == [str(i) for i in range(150)]
+    assert set(manifest["files"]) == {"index.faiss", "ids.txt", "captions.txt"}
+    assert manifest["gallery"]["captions"] == {"source": f"{DATA}/test_caps.txt", "per_row": 5}
+    assert (here / "indexes/quickstart/captions.txt").read_bytes() == (here / DATA / "test_caps.txt").read_bytes()
+
+
+def test_each_hit_shows_its_images_own_captions(here: Path) -> None:
+    """An index of a dataset's images answers with what each hit shows, so a person can judge the hits."""
+    lines = (here / DATA / "test_caps.txt").read_text().splitlines()
+    found = _ok(_invoke("search", "--index", "indexes/quickstart", "--text", "red square", "--k", "5", "--json"))
+    hits = found["queries"][0]["results"]
+    assert len(hits) == 5
+    assert all(hit["captions"] == lines[5 * hit["row"] : 5 * hit["row"] + 5] for hit in hits)
+    args = ["search", "--index", "indexes/quickstart", "--text", "red square", "--k", "3"]
+    shown = CliRunner().invoke(app, args, env={"COLUMNS": "300", "NO_COLOR": "1"})  # wide: a caption on one line
+    assert shown.exit_code == 0, shown.stderr
+    assert "captions" in shown.stdout.splitlines()[2]
+    assert all(caption in shown.stdout for hit in hits[:3] for caption in hit["captions"])
 
 
 def test_the_build_is_an_mlflow_run_with_its_figures(here: Path) -> None:
@@ -137,7 +154,7 @@ def test_flat_eval_has_recall_one_and_k_beyond_the_gallery_returns_the_whole_gal
     built = _ok(_invoke("index", "--bundle", BUNDLE, "--gallery", f"{DATA}/test_ims.npy", "--out", "indexes/e",
                         "--eval", "--eval-count", "20", "--json"))  # fmt: skip
     assert built["eval"]["recall_at_10"] == pytest.approx(1.0) and built["eval"]["queries"] == 20
-    found = _ok(_invoke("search", "--index", "indexes/e", "--text", "w0001 w0002", "--k", "1000000000", "--json"))
+    found = _ok(_invoke("search", "--index", "indexes/e", "--text", "red square", "--k", "1000000000", "--json"))
     assert sorted(hit["row"] for hit in found["queries"][0]["results"]) == list(range(150))
 
 
@@ -152,10 +169,13 @@ def test_embedded_gallery_and_vector_queries_match_the_encoded_ones(here: Path) 
     _ok(_invoke("index", "--bundle", BUNDLE, "--gallery", "emb.npy", "--embedded", "--ids", "ids.txt",
                 "--out", "indexes/emb", "--json"))  # fmt: skip
     by_vector = _ok(_invoke("search", "--index", "indexes/emb", "--vectors", "q.npy", "--embedded", "--json"))
+    plain = _invoke("search", "--index", "indexes/emb", "--vectors", "q.npy", "--embedded", "--k", "2")
+    assert plain.exit_code == 0 and "img-" in plain.stdout and "captions" not in plain.stdout, plain.stdout
     (here / "q3.txt").write_text("\n".join(captions) + "\n")
     by_text = _ok(_invoke("search", "--index", "indexes/quickstart", "--texts", "q3.txt", "--json"))
     for vector_query, text_query in zip(by_vector["queries"], by_text["queries"], strict=True):
         assert [h["id"] for h in vector_query["results"]] == [f"img-{h['row']}" for h in text_query["results"]]
+        assert not any("captions" in hit for hit in vector_query["results"]), "a plain array brings no captions"
         assert np.allclose([h["score"] for h in vector_query["results"]], [h["score"] for h in text_query["results"]],
                            atol=1e-5)  # fmt: skip
 
@@ -249,6 +269,10 @@ BAD = {
         ],
         "2 ids for a gallery of 150 rows",
     ),
+    "index: captions changed": (
+        lambda f: ["index", "--bundle", BUNDLE, "--gallery", _changed_captions(f), "--out", "indexes/x"],
+        "test_caps.txt: missing or changed since the dataset was prepared",
+    ),
     "index: ids twice": (
         lambda f: [
             "index",
@@ -299,20 +323,20 @@ BAD = {
         "e.txt: line 1: none of the words",
     ),
     "search: other bundle": (
-        lambda f: ["search", "--index", "indexes/quickstart", "--bundle", _other_bundle(f), "--text", "w0001"],
+        lambda f: ["search", "--index", "indexes/quickstart", "--bundle", _other_bundle(f), "--text", "red square"],
         "not the bundle index indexes/quickstart was built from",
     ),
     "search: bundle fails --check": (
-        lambda f: ["search", "--index", "indexes/quickstart", "--bundle", _tampered_bundle(f), "--text", "w0001"],
+        lambda f: ["search", "--index", "indexes/quickstart", "--bundle", _tampered_bundle(f), "--text", "red square"],
         "metric_head.onnx: checksum mismatch",
     ),
     "search: empty query": (lambda f: ["search", "--index", "indexes/quickstart", "--text", "  "], "empty query"),
     "search: unknown words only": (
-        lambda f: ["search", "--index", "indexes/quickstart", "--text", "a dog on a beach"],
-        "none of the words of 'a dog on a beach' is in the bundle's vocabulary",
+        lambda f: ["search", "--index", "indexes/quickstart", "--text", "zebras surfing"],
+        "none of the words of 'zebras surfing' is in the bundle's vocabulary",
     ),
     "search: unknown words in a file": (
-        lambda f: ["search", "--index", "indexes/quickstart", "--texts", _write("t.txt", "w0001\nzzz\n")],
+        lambda f: ["search", "--index", "indexes/quickstart", "--texts", _write("t.txt", "red square\nzzz\n")],
         "t.txt: line 2: none of the words",
     ),
     "search: vectors without --embedded": (
@@ -325,12 +349,15 @@ BAD = {
     ),
     "search: no query": (lambda f: ["search", "--index", "indexes/quickstart"], "give exactly one of --text"),
     "search: two queries": (
-        lambda f: ["search", "--index", "indexes/quickstart", "--text", "w0001", "--texts", "q.txt"],
+        lambda f: ["search", "--index", "indexes/quickstart", "--text", "red square", "--texts", "q.txt"],
         "give exactly one of --text, --texts, --vectors (got --text, --texts)",
     ),
-    "search: no index": (lambda f: ["search", "--index", "indexes/nope", "--text", "w0001"], "no such index folder"),
+    "search: no index": (
+        lambda f: ["search", "--index", "indexes/nope", "--text", "red square"],
+        "no such index folder",
+    ),
     "search: changed index": (
-        lambda f: ["search", "--index", _changed_index(f), "--text", "w0001"],
+        lambda f: ["search", "--index", _changed_index(f), "--text", "red square"],
         "index.faiss: checksum mismatch",
     ),
     "index: --force on a folder that is not an index": (
@@ -373,14 +400,24 @@ BAD = {
         "huge.npy: row 2 becomes NaN or Inf through the bundle",
     ),
     "search: a parameter of another kind": (
-        lambda f: ["search", "--index", "indexes/quickstart", "--text", "w0001", "--nprobe", "3"],
+        lambda f: ["search", "--index", "indexes/quickstart", "--text", "red square", "--nprobe", "3"],
         "--nprobe does not apply to --kind flat",
     ),
     "search: k zero": (
-        lambda f: ["search", "--index", "indexes/quickstart", "--text", "w0001", "--k", "0"],
+        lambda f: ["search", "--index", "indexes/quickstart", "--text", "red square", "--k", "0"],
         "search.k",
     ),
 }
+
+
+def _changed_captions(folder: Path) -> str:
+    """The quickstart's test split in a copy of its dataset folder whose captions file was edited since."""
+    changed = folder / "data/changed"
+    if not changed.exists():
+        shutil.copytree(folder / DATA, changed)
+        with open(changed / "test_caps.txt", "a") as fh:
+            fh.write("a red square\n")
+    return "data/changed/test_ims.npy"
 
 
 def _victim(folder: Path) -> str:

@@ -61,20 +61,26 @@ def test_help_shows_the_config_defaults(gssf: Callable[..., Result]) -> None:
 
 
 def help_rows(text: str) -> dict[str, str]:
-    """Each row of rich help's panels, its wrapped lines joined, keyed by its first name (``--mlp``); a row starts
-    at the panel's edge (after a required ``*``), its continuation lines in the help column."""
+    """Each row of the help's panels, its wrapped lines joined, keyed by each of its names (``-h`` and ``--help``
+    for ``-h, --help``; ``--mlp`` for ``--mlp / --no-mlp``); a row starts at the panel's edge, its continuation
+    lines in the help column."""
     rows: dict[str, str] = {}
-    current = None
+    current: list[str] = []
     for line in text.splitlines():
         body = line[1:].rstrip("│ ")
         cells = body.split()
         if not line.startswith("│") or not cells:
-            current = None
+            current = []
         elif len(body) - len(body.lstrip()) <= 6:
-            current = cells[1] if cells[0] == "*" and len(cells) > 1 else cells[0]
-            rows[current] = " ".join(cells)
-        elif current is not None:
-            rows[current] += " " + " ".join(cells)
+            names = [cells[0].rstrip(",")]
+            if cells[0].endswith(",") and len(cells) > 1:
+                names.append(cells[1])
+            current = names
+            for name in names:
+                rows[name] = " ".join(cells)
+        else:
+            for name in current:
+                rows[name] += " " + " ".join(cells)
     return rows
 
 

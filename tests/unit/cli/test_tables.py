@@ -124,6 +124,7 @@ def test_trained_run_results_file(gssf: Gssf, workdir: Path) -> None:
     assert (doc["dataset"], doc["model"], doc["pretrained"]) == ("syn", "bdiag-d4", trained["run_id"])
     assert doc["dataset_info"] == {
         "name": "syn", "kind": "synthetic", "folder": "data/syn", "manifest_sha256": manifest_sha, "split": "test",
+        "classes": None,
         "protocol": "all", "sizes": {"images": 10, "texts": 50},
     }  # fmt: skip
     model = doc["model_info"]
@@ -198,3 +199,22 @@ def test_a_failed_write_leaves_the_earlier_file_and_no_temporary(
     with pytest.raises(UserInputError, match=r"--output .*r\.json: cannot write the results file \(No space left"):
         evaluation.write_results(target, {"a": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"] and json.loads(target.read_text()) == {"a": 1}
+
+
+def test_a_tuned_pipeline_says_which_setting_won_and_whether_the_final_model_is_better(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from gssf_cli.cli import tables
+
+    tuned = {"values": {"block_size": 16}, "metric": "rsum", "on": "dev", "value": 175.6,
+             "trials": [{"values": {"block_size": d}, "metric": m} for d, m in ((16, 175.6), (8, 173.3), (4, None))]}  # fmt: skip
+    verdict = {"units": 150, "unit": "image with its 5 captions", "line": "rsum -0.67 [-8.00, +6.40], p = 0.8858: n.s."}
+    stage = {"stage": "tune", "status": "ran", "run_id": "r" * 32, "seconds": 1.0, "summary": {}, "why": "first run"}
+    result = {"name": "q", "dry_run": False, "parent_run_id": "p" * 32, "stages": [stage], "seconds": 2.0,
+              "metrics": {}, "tuned": tuned, "verdict": verdict}  # fmt: skip
+    tables.print_pipeline(result, False)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "tune: block_size = 16 won (dev rsum 175.6 in its trial; 8: 173.3)" in text
+    assert (
+        "final vs baseline, paired over 150 test units (image with its 5 captions): rsum -0.67 [-8.00, +6.40]" in text
+    )

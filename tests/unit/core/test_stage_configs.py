@@ -31,10 +31,6 @@ def _refused(config: Any, message: str) -> None:
 def test_prepare() -> None:
     PrepareConfig(dataset="synthetic", out=Path("d")).validate()
     _refused(
-        PrepareConfig(dataset="synthetic", out=Path("d"), concepts=8, vocab_size=31),
-        r"prepare\.vocab_size: needs 4 words per concept .* at least 32; got 31",
-    )
-    _refused(
         PrepareConfig(dataset="digits", out=Path("d"), dev_fraction=0.5, test_fraction=0.5),
         "must leave data for training",
     )

@@ -12,7 +12,7 @@ import pytest
 
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.data import manifest as manifest_module
-from gssf_cli.data.manifest import FORMAT_VERSION, load_manifest, write_manifest
+from gssf_cli.data.manifest import FORMAT_VERSION, load_manifest, split_classes, split_label, write_manifest
 from tests.conftest import tiny_synthetic_args
 from tests.unit.stages.test_prepare import Gssf, _prepare_json
 
@@ -108,3 +108,23 @@ def test_load_manifest_catches_a_changed_file(gssf: Gssf, workdir: Path) -> None
     caps.write_text(caps.read_text().replace("w", "v", 1))
     with pytest.raises(UserInputError, match="checksum mismatch"):
         load_manifest(workdir / "data/syn")
+
+
+def test_a_split_says_whether_its_classes_were_trained_on() -> None:
+    manifest = {
+        "splits": {
+            "train": {"items": 6, "classes": [0, 1, 2]},
+            "dev": {"items": 2, "classes": [0, 2]},
+            "test": {"items": 4, "classes": [3, 4]},
+            "mixed": {"items": 2, "classes": [2, 3]},
+        }
+    }
+    labels = {split: split_label(manifest, split) for split in manifest["splits"]}
+    assert labels == {
+        "train": "train",
+        "dev": "dev (seen classes)",
+        "test": "test (unseen classes)",
+        "mixed": "mixed (partly seen classes)",
+    }
+    assert split_classes({"splits": {"train": {"images": 9}, "test": {"images": 3}}}, "test") is None
+    assert split_label({"splits": {}}, "test") == "test"

@@ -153,3 +153,28 @@ def test_verify_refuses_a_bundle_that_is_not_self_contained(made_bundle: Path, t
         verify_bundle(copy)
     message = str(caught.value)
     assert expected in message and len(message.splitlines()) == 1, message
+
+
+def test_a_bundle_serves_its_dataset_s_layout_and_refuses_other_shapes(made_bundle: Path, tmp_path: Path) -> None:
+    """The layout serving checks comes from the modalities the manifest records (the exporter writes the dataset's);
+    a request of another shape is refused before ONNX Runtime sees it."""
+    import numpy as np
+
+    from gssf_cli.core.errors import UserInputError
+    from gssf_cli.deploy.bundle import BundleModel
+    from gssf_cli.deploy.serving import Layout
+
+    with pytest.raises(UserInputError, match=r"manifest.json: records no preprocessing.modalities"):
+        _ = BundleModel.load(made_bundle).layout
+    modalities = {"image": {"type": "features", "shape": [4]}, "text": {"type": "captions", "vocab_size": 5}}
+    copy = _edited(made_bundle, tmp_path, lambda _, m: m["preprocessing"].update(modalities=modalities))
+    model = BundleModel.load(copy)
+    assert model.layout == Layout(images=(4,), texts=None, dim=4)
+    images = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_array_equal(model.predict({"images": images.tolist()})["image_embeddings"], images)
+    with pytest.raises(
+        UserInputError, match=r"images: expected an array \[N, 4\] \(each item \[4\]\), got shape \[2, 3\]"
+    ):
+        model.predict({"images": images[:, :3]})
+    with pytest.raises(UserInputError, match="images: 1 value"):
+        model.predict({"images": [[0.0, 1.0, float("nan"), 2.0]]})

@@ -14,7 +14,9 @@ def test_the_block_size_figure_draws_error_bars_over_seeds() -> None:
     trials = [_trial(i, block, seed, 250.0 + block + seed) for i, (block, seed) in enumerate(
         [(4, 0), (4, 1), (4, 2), (8, 0), (8, 1), (8, 2)]
     )]  # fmt: skip
-    plan = SimpleNamespace(mode="max", metric="rsum", base=SimpleNamespace(embed_dim=64, metric="bdiag"))
+    plan = SimpleNamespace(
+        mode="max", metric="rsum", base=SimpleNamespace(embed_dim=64, metric="bdiag", embeds_to_embed_dim=lambda: True)
+    )
     plan.tunes = lambda name: False
     figure = plots.block_size_figure(block_size_trials(trials), block_size_axes(plan))  # type: ignore[arg-type]
     try:

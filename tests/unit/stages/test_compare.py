@@ -180,6 +180,42 @@ def test_table_output(inside: Runs) -> None:
     for word in ("metric", "baseline", "difference", "95% CI", "p-value", "rsum", "t2i_meanr", "MLflow run"):
         assert word in text, word
     assert f"baseline: train-gssf-d4-{inside.a[:6]} ({inside.a})" in text
+    assert f"train-gssf-d4-{inside.b[:6]} vs baseline train-gssf-d4-{inside.a[:6]}" in text
+
+
+def test_names_label_the_groups_in_tables_and_json(inside: Runs) -> None:
+    """``--name LABEL=RUNS`` labels the argument given as RUNS (spaces aside) everywhere the label shows: the JSON,
+    its rows, the tables and the run's comparison.md; the others keep their run's name."""
+    args = ["compare", f"{inside.a},{inside.c}", inside.b, inside.c, "--name", f"gssf seeds={inside.a}, {inside.c}",
+            "--name", f"other | x={inside.b}", *FAST]  # fmt: skip
+    out = _ok(*args)
+    assert out["baseline"]["label"] == "gssf seeds"
+    assert [system["label"] for system in out["compared"]] == ["other | x", f"train-gssf-d4-{inside.c[:6]}"]
+    assert {row["compared"] for row in out["rows"]} == {"other | x", f"train-gssf-d4-{inside.c[:6]}"}
+    markdown = Tracker().client.download_artifacts(out["run_id"], "comparison.md", str(inside.root / "named"))
+    assert "| rsum | other \\| x |" in Path(markdown).read_text()
+    text = _invoke(*args).stdout
+    assert "other | x vs baseline gssf seeds" in text and f"baseline: gssf seeds ({inside.a}, {inside.c})" in text
+
+
+def test_a_seeds_run_is_labelled_by_its_name() -> None:
+    """A ``gssf train --seeds`` run stands for its finished train runs, and is labelled by its own name; a group
+    says how many more arguments it names."""
+    from types import SimpleNamespace
+
+    from gssf_cli.stages.compare import _resolve
+
+    def run(run_id: str, name: str, stage: str, status: str = "FINISHED") -> SimpleNamespace:
+        info = SimpleNamespace(run_id=run_id, run_name=name, status=status)
+        return SimpleNamespace(info=info, data=SimpleNamespace(tags={"gssf.stage": stage}))
+
+    runs = {"s": run("s", "seeds-gssf-d4-aaaaaa", "seeds"), "t": run("t", "train-gssf-d4-bbbbbb", "train"),
+            "u": run("u", "train-gssf-d4-cccccc", "train")}  # fmt: skip
+    children = [run("s1", "train-1", "train"), run("s2", "train-2", "train"), run("s3", "x", "train", "FAILED")]
+    tracker = SimpleNamespace(get_run=lambda ref, stage: runs[ref], child_runs=lambda run_id: children)
+    groups, labels = _resolve(tracker, CompareConfig(runs=("s", "t,u", "s,t")))  # type: ignore[arg-type]
+    assert [[r.info.run_id for r in group] for group in groups] == [["s1", "s2"], ["t", "u"], ["s1", "s2", "t"]]
+    assert labels == ["seeds-gssf-d4-aaaaaa", "train-gssf-d4-bbbbbb +1", "seeds-gssf-d4-aaaaaa +1"]
 
 
 def test_label_based_runs(inside: Runs) -> None:
@@ -212,6 +248,12 @@ BAD: dict[str, tuple[list[str], str]] = {
     "empty member": (["{a},", "{b}"], "an empty run id"),
     "confidence": (["{a}", "{b}", "--confidence", "1.5"], "compare.confidence: must be between 0 and 1"),
     "bootstrap": (["{a}", "{b}", "--bootstrap", "0"], "compare.bootstrap: must be at least 1"),
+    "name without =": (["{a}", "{b}", "--name", "gssf"], "--name 'gssf': give LABEL=RUNS"),
+    "name without runs": (["{a}", "{b}", "--name", "gssf="], "--name 'gssf=': give LABEL=RUNS"),
+    "name without label": (["{a}", "{b}", "--name", "={a}"], "the label must be one line of text"),
+    "name of no argument": (["{a}", "{b}", "--name", "x={c}"], "{c} is not one of the runs to compare ({a} {b})"),
+    "name given twice": (["{a}", "{b}", "--name", "x={a}", "--name", "y={a}"], "{a} is named twice ('x' and 'y')"),
+    "label given twice": (["{a}", "{b}", "--name", "x={a}", "--name", "x={b}"], "the label 'x' is given to two"),
 }
 
 
@@ -221,6 +263,7 @@ BAD: dict[str, tuple[list[str], str]] = {
 def test_bad_input_exits_2_and_leaves_nothing(inside: Runs, case: str, as_json: bool) -> None:
     template, expected = BAD[case]
     args = [arg.format(**inside.__dict__) for arg in template]
+    expected = expected.format(**inside.__dict__)
     before = _store_state(inside.root)
     result = _invoke("compare", *args, *(["--json"] if as_json else []))
     assert result.exit_code == 2, (result.stdout, result.stderr)

@@ -56,17 +56,18 @@ def test_synthetic_folder_matches_its_manifest(gssf: Gssf, workdir: Path) -> Non
 
 
 def test_synthetic_captions_name_their_images_concepts(gssf: Gssf, workdir: Path) -> None:
-    """Matching is learnable: captions of one image share words far more than captions of two images."""
+    """Matching is learnable: every caption names 2-3 concepts, all five captions of an image name at most its 3,
+    and five captions of five images name far more."""
+    from gssf_cli.data.synthetic import CONCEPTS_PER_IMAGE, grammar
+
     _prepare_json(gssf, *tiny_synthetic_args(), "--vocab-size", "300")
     caps = (workdir / "data/syn/train_caps.txt").read_text().splitlines()
-    sets = [set(c.split()) for c in caps]
-
-    def overlap(i: int, j: int) -> int:
-        return len(sets[i] & sets[j])
-
-    same = np.mean([overlap(5 * i, 5 * i + j) for i in range(40) for j in range(1, 5)])
-    other = np.mean([overlap(5 * i, 5 * ((i + 1) % 40)) for i in range(40)])
-    assert same > 2 * other
+    named = [set(grammar(6, 300).parse(caption)) for caption in caps]
+    assert all(len(concepts) >= 2 for concepts in named)
+    same = [set().union(*named[5 * i : 5 * i + 5]) for i in range(40)]
+    other = [set().union(*(named[5 * ((i + j) % 40) + j] for j in range(5))) for i in range(40)]
+    assert all(len(concepts) <= CONCEPTS_PER_IMAGE for concepts in same)
+    assert np.mean([len(concepts) for concepts in other]) > 1.5 * np.mean([len(concepts) for concepts in same])
 
 
 def test_digits_is_class_disjoint(gssf: Gssf, workdir: Path) -> None:

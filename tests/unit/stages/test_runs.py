@@ -33,3 +33,20 @@ def test_bad_references(tiny_syn: Path, workdir: Path) -> None:
         load_trained(tracker, "latest")
     with pytest.raises(UserInputError, match="unknown run 'nope'"):
         load_trained(tracker, "nope")
+
+
+def test_a_model_built_without_its_layout_embeds_but_serves_no_request(tiny_syn: Path) -> None:
+    """What serving checks a request against comes from the packed dataset manifest (``TrainedModel.load``); a
+    model built in code, to compare against, has none, and says so instead of serving unchecked input."""
+    import numpy as np
+
+    from gssf_cli.data.dataset import Dataset
+    from gssf_cli.modeling.model import build_model
+    from gssf_cli.stages.runs import TrainedModel
+
+    dataset = Dataset(tiny_syn)
+    model = TrainedModel(build_model(dataset, tiny_train_config(tiny_syn)), dataset.vocab)
+    assert model.encode_texts(["a dog"]).shape[0] == 1
+    with pytest.raises(UserInputError, match="built without its input layout"):
+        model.predict({"texts": ["a dog"]})
+    assert np.isfinite(model.encode_images(np.ones((1, 4, 8), np.float32))).all()

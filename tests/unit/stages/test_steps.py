@@ -23,7 +23,7 @@ def _pipeline(stages: tuple[str, ...] = ALL, retrain: bool = False, **tables: di
 def test_the_order_of_the_steps() -> None:
     assert steps.plan(_pipeline()) == ALL
     assert steps.plan(_pipeline(retrain=True)) == (
-        "prepare", "train", "evaluate_baseline", "tune", "train_best", "evaluate", "export",
+        "prepare", "train", "evaluate_baseline", "tune", "train_best", "evaluate", "compare", "export",
     )  # fmt: skip
     assert steps.plan(_pipeline(("prepare", "tune", "export"), retrain=True)) == (
         "prepare", "tune", "train_best", "export",

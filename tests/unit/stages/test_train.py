@@ -80,6 +80,9 @@ def test_digits_trains_a_single_tower(gssf: Gssf, workdir: Path) -> None:
     assert out["validation_metric"] == "map_at_r" and out["metrics"]["val_map_at_r"] > 0.3
     evaluation = json.loads(gssf("evaluate", "--run", out["run_id"], "--json").stdout)
     assert evaluation["task"] == "labels" and evaluation["precision_at_1"] > 0.5
+    assert evaluation["dataset_info"]["classes"] == "unseen", "digits' test classes are not trained on, and it says so"
+    shown = gssf("evaluate", "--run", out["run_id"]).stdout
+    assert "test split of classes unseen in training" in " ".join(shown.split())
 
 
 def test_distillation_runs(gssf: Gssf, syn: Path) -> None:

@@ -147,8 +147,9 @@ def test_real_mlflow_server(mlflow_server: str, workdir: Path, gssf: Callable[..
 
 
 def test_runs_look_native_in_the_mlflow_ui(workdir: Path) -> None:
-    """The experiment is classic ML (MLflow 3 otherwise opens it in GenAI mode), every run says who ran it, and
-    run names never repeat: ``<name>-<first characters of the run id>``."""
+    """The experiment is marked classic ML (the view MLflow 3.17 opens is the browser's choice: see
+    :data:`gssf_cli.tracking.tags.CLASSIC_ML`), every run says who ran it, and run names never repeat:
+    ``<name>-<first characters of the run id>``, also when a run is renamed once its caller knows more."""
     tracker = Tracker(experiment="native")
     with (
         tracker.start_run("train", run_name="train-gssf-d64") as first,
@@ -166,6 +167,9 @@ def test_runs_look_native_in_the_mlflow_ui(workdir: Path) -> None:
     tracker.end_run(trial.run_id, "KILLED")
     ended = tracker.client.get_run(trial.run_id)
     assert ended.info.status == "KILLED" and ended.data.tags[PARENT_TAG] == first.run_id
+    renamed = f"evaluate-final-gssf-d64-{second.run_id[:6]}"
+    assert tracker.rename_run(second.run_id, "evaluate-final-gssf-d64") == renamed
+    assert tracker.get_run(renamed).info.run_id == second.run_id
 
 
 def test_an_experiment_made_before_gets_its_kind(workdir: Path) -> None:

@@ -44,6 +44,7 @@ from gssf_cli.cli.options import (
 from gssf_cli.core.config import field_value, load_toml, resolve
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.stage_configs import (
+    RUN_REF,
     CompareConfig,
     EvaluateConfig,
     ExportConfig,
@@ -236,7 +237,7 @@ def train(
     settings: Settings,
     resume: Annotated[
         str | None,
-        typer.Option("--resume", metavar="RUN", help="Continue a run (id or 'latest') from its checkpoint."),
+        typer.Option("--resume", metavar="RUN", help=f"Continue a run ({RUN_REF}) from its checkpoint."),
     ] = None,
     seeds: Annotated[
         str | None,
@@ -336,7 +337,7 @@ def tune(
         typer.Option(
             "--resume",
             metavar="RUN",
-            help="Continue an interrupted tune run (id or 'latest') with its own saved settings (no setting flags).",
+            help=f"Continue an interrupted tune run ({RUN_REF}) with its own saved settings (no setting flags).",
         ),
     ] = None,
     json_output: JsonOption = False,

@@ -29,6 +29,9 @@ from gssf_cli.core.limits import (
     SimilarityName,
 )
 
+RUN_REF = "id, 8+ character prefix, name or 'latest'"
+"""What every option naming a run takes (what gssf prints can be passed back): written once for their help."""
+
 
 @dataclasses.dataclass(frozen=True)
 class PrepareConfig:
@@ -90,10 +93,10 @@ class EvaluateConfig:
         None,
         help=".npz with images+texts (cross-modal), features+labels, or queries/query_labels/gallery/gallery_labels.",
     )
-    run: str | None = setting(None, help="A trained run (id or 'latest'): evaluate it on its dataset.")
+    run: str | None = setting(None, help=f"A trained run ({RUN_REF}): evaluate it on its dataset.")
     head: str | None = setting(
         None,
-        help="With --embeddings: score them with this trained run's metric head (id or 'latest'); the arrays are what "
+        help=f"With --embeddings: score them with this trained run's metric head ({RUN_REF}); the arrays are what "
         "its head reads: features for --encoder identity runs (its adapters apply), else its towers' outputs.",
     )
     data: Path | None = setting(None, help="With --run: use this dataset folder instead.")
@@ -310,7 +313,7 @@ class ExportConfig:
     ``|ort - torch| <= atol + rtol * |torch|`` and test-split retrieval agrees (see :mod:`gssf_cli.deploy.bundle`).
     """
 
-    run: str = setting("latest", help="The trained run: id or 'latest'.")
+    run: str = setting("latest", help=f"The trained run: {RUN_REF}.")
     out: Path | None = setting(None, help="Bundle folder (default exports/<run id>).")
     opset: int = setting(20, help="ONNX opset (dynamo exporter, 18-23).", within=limits.OPSET)
     atol: float = setting(1e-5, help="Parity: absolute tolerance.", within=limits.NON_NEGATIVE)

@@ -591,30 +591,6 @@ class StageRun:
         self.set_tags({"gssf.registered_model": f"{registered_name}/{version.version}"})
         return int(version.version)
 
-    def log_onnx_model(
-        self, graph: Any, name: str, inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]
-    ) -> None:
-        """An ONNX graph (an ``onnx.ModelProto``) as an MLflow model under ``name``, served with the CPU provider.
-
-        ``inputs`` and ``outputs`` are the graph's, as :func:`gssf_cli.deploy.bundle.check_graph` describes them
-        (``{"name", "dtype", "shape"}``, a dynamic axis by name): its signature, which MLflow enforces (the ONNX
-        flavor checks nothing itself)."""
-        import mlflow.onnx
-
-        from gssf_cli.tracking import pyfunc_model
-
-        declared = pyfunc_model.signature({"inputs": inputs, "outputs": outputs}, checked_by_model=False)
-        mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
-        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
-            mlflow.onnx.log_model(
-                graph,
-                name=name,
-                onnx_execution_providers=["CPUExecutionProvider"],
-                pip_requirements=["onnxruntime", "numpy"],
-                save_as_external_data=False,
-                signature=declared,
-            )
-
     def download_artifacts(self, path: str, dst: Path) -> Path:
         return Path(self.client.download_artifacts(self.run_id, path, str(dst)))
 

@@ -58,14 +58,14 @@ def load(loader: str, folder: str | Path) -> Any:
     return getattr(importlib.import_module(module), cls).load(folder)
 
 
-def signature(io_schema: Mapping[str, Sequence[Mapping[str, Any]]], checked_by_model: bool = True) -> Any:
+def signature(io_schema: Mapping[str, Sequence[Mapping[str, Any]]]) -> Any:
     """A ``ModelSignature`` of tensor specs from ``{"inputs": [...], "outputs": [...]}``, each
     ``{"name", "dtype", "shape"}`` (``-1``, or an axis name, for a dynamic size).
 
-    ``checked_by_model`` marks it the way MLflow marks a signature from type hints: the scoring server passes a
-    request's ``inputs`` on unparsed and ``predict`` skips schema enforcement, because the model checks its input
-    itself (gssf's served models do, with one-line messages). Without it (an ONNX flavor model, which does not)
-    MLflow parses and enforces the schema."""
+    It is marked the way MLflow marks a signature from type hints: the scoring server then passes a request's
+    ``inputs`` on unparsed and ``predict`` skips schema enforcement, because the model checks its input itself
+    (gssf's served models do, with one-line messages); MLflow's own checks would coerce quoted numbers, answer a
+    wrong shape in its own words and refuse a request that gives one side only."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
@@ -78,7 +78,7 @@ def signature(io_schema: Mapping[str, Sequence[Mapping[str, Any]]], checked_by_m
         ])  # fmt: skip
 
     declared = ModelSignature(inputs=specs("inputs"), outputs=specs("outputs"))
-    declared._is_signature_from_type_hint = checked_by_model
+    declared._is_signature_from_type_hint = True
     return declared
 
 

@@ -61,9 +61,10 @@ while True:
     if len(alive) >= 2 or time.monotonic() > deadline:
         break
     time.sleep(0.3)
-print(json.dumps([{"id": n["NodeID"], "cpus": n["Resources"].get("CPU", 0)} for n in alive]))
+print("nodes:", json.dumps([{"id": n["NodeID"], "cpus": n["Resources"].get("CPU", 0)} for n in alive]))
 """
-"""Waits, as a driver of the cluster, until both nodes are alive: Ray's own view, not just open ports."""
+"""Waits, as a driver of the cluster, until both nodes are alive: Ray's own view, not just open ports. Its answer is
+the line that starts ``nodes:`` (Ray's processes may print log lines of their own to the same stdout)."""
 
 
 def _free_port() -> int:
@@ -168,8 +169,8 @@ class Cluster:
                                    env=self.env, capture_output=True, text=True, timeout=NODE_START_S + 60)  # fmt: skip
         except subprocess.TimeoutExpired:
             self.fail("asking the cluster for its nodes timed out")
-        lines = found.stdout.strip().splitlines()
-        nodes = json.loads(lines[-1]) if found.returncode == 0 and lines else []
+        answers = [line for line in found.stdout.splitlines() if line.startswith("nodes: ")]
+        nodes = json.loads(answers[-1].removeprefix("nodes: ")) if found.returncode == 0 and answers else []
         if [node["cpus"] for node in nodes] != [1, 1]:
             self.fail(f"expected two alive nodes with 1 CPU each, got {nodes or found.stderr[-2000:]}")
 

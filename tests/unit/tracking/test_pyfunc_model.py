@@ -178,14 +178,14 @@ def test_the_scoring_server_answers_a_good_request_as_sent(served: Any) -> None:
     assert status == 200 and answer["predictions"] == {"text_embeddings": [[4.0]]}
 
 
-def test_an_onnx_graph_s_signature_is_enforced_by_mlflow() -> None:
-    """A graph's own inputs (dynamic axes by name) as tensor specs MLflow checks: the ONNX flavor checks nothing."""
+def test_a_signature_declares_the_layout_and_leaves_the_checks_to_the_model() -> None:
+    """Dynamic axes by name become -1; the signature is marked so MLflow passes requests on for gssf to check."""
     graph = {
         "inputs": [{"name": "features", "dtype": "float32", "shape": ["batch", "regions", 32]}],
         "outputs": [{"name": "embeddings", "dtype": "float32", "shape": ["batch", 64]}],
     }
-    declared = signature(graph, checked_by_model=False)
+    declared = signature(graph)
     assert [(s.name, s.shape) for s in declared.inputs.inputs] == [("features", (-1, -1, 32))]
     assert [(s.name, s.shape) for s in declared.outputs.inputs] == [("embeddings", (-1, 64))]
-    assert not declared._is_signature_from_type_hint
+    assert declared._is_signature_from_type_hint
     assert io_schema(Sums.layout)["inputs"][0]["shape"] == [-1, 2]

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 from gssf_cli.core import metrics as registry
 from gssf_cli.core.config import default_of, from_dict, load_toml, to_dict
 from gssf_cli.core.errors import CheckFailedError, UserInputError
-from gssf_cli.core.files import MANIFEST
 from gssf_cli.core.stage_configs import CompareConfig, PipelineConfig, load_pipeline
 from gssf_cli.stages import cache, steps
 from gssf_cli.stages.steps import Links, check, stage_config
@@ -245,7 +244,7 @@ def _train(ctx: _Context, name: str = "train", config: Any = None) -> StageOutco
     def work() -> tuple[str | None, dict[str, Any], list[Path]]:
         result = train.run(config, ctx.tracker, ctx.parent_run_id, progress=ctx.progress)
         metric = result.validation_metric
-        on = _split_label(config.data, config.val_split)
+        on = steps.split_label_of(config.data, config.val_split)
         summary = {"on": on, "best_epoch": result.best_epoch, metric: result.metrics.get(f"val_{metric}")}
         return result.run_id, summary, [Path(result.out_dir) / "best"]
 
@@ -268,7 +267,7 @@ def _evaluate(ctx: _Context, name: str = "evaluate") -> StageOutcome:
             named = ctx.tracker.get_run(result.run_id).info.run_name
             ctx.tracker.rename_run(result.run_id, steps.evaluation_run_base(name, named))
         summary = {k: result.metrics[k] for k in registry.HEADLINE[result.task]}
-        on = _split_label(ctx.links.data, config.split or "test")
+        on = steps.split_label_of(ctx.links.data, config.split or "test")
         return result.run_id, {"on": on, **summary, "metrics": result.metrics}, []
 
     outcome, _ = ctx.step(
@@ -278,15 +277,6 @@ def _evaluate(ctx: _Context, name: str = "evaluate") -> StageOutcome:
     prefix = "baseline" if name == "evaluate_baseline" else "final"
     ctx.metrics.update({f"{prefix}_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     return outcome
-
-
-def _split_label(folder: Path | None, split: str) -> str:
-    """``test (unseen classes)`` on class-disjoint data, else the split's name (:func:`split_label`)."""
-    from gssf_cli.data.manifest import load_manifest, split_label
-
-    if folder is None or not (folder / MANIFEST).is_file():
-        return split
-    return split_label(load_manifest(folder, verify=False), split)
 
 
 def _gone(ctx: _Context, entry: dict[str, Any]) -> str | None:
@@ -306,7 +296,7 @@ def _tune(ctx: _Context) -> StageOutcome:
     def work() -> tuple[str | None, dict[str, Any], list[Path]]:
         result = tune.run(config, ctx.tracker, ctx.parent_run_id, ctx.progress is not None, base or None)
         val_split = base.get("val_split", default_of(steps.TrainConfig, "val_split"))
-        tuned = _winner(result, _split_label(config.data, val_split))
+        tuned = steps.tune_winner(result, steps.split_label_of(config.data, val_split))
         won = ", ".join(f"{k}={v}" for k, v in tuned["values"].items()) if tuned else None
         summary = {"won": won, "best": result.best, "best_config": result.best_config, "tuned": tuned}
         return result.run_id, summary, [Path(result.best_config)] if result.best_config else []
@@ -314,15 +304,6 @@ def _tune(ctx: _Context) -> StageOutcome:
     outcome, _ = ctx.step("tune", config, inputs, ("prepare",), work)
     ctx.links = steps.after_tune(ctx.links, outcome.summary.get("best_config"))
     return outcome
-
-
-def _winner(result: Any, on: str) -> dict[str, Any] | None:
-    """Which values of the tuned settings won, by what, against the other trials (:attr:`PipelineResult.tuned`)."""
-    if result.best is None:
-        return None
-    trials = [{"values": {k: t["values"].get(k) for k in result.tuned}, "metric": t["metric"]} for t in result.trials]
-    best = {k: result.best["values"].get(k) for k in result.tuned}
-    return {"values": best, "metric": result.metric, "on": on, "value": result.best["metric"], "trials": trials}
 
 
 def _compare(ctx: _Context) -> StageOutcome:
@@ -342,7 +323,7 @@ def _compare(ctx: _Context) -> StageOutcome:
         test = {key: row[key] for key in ("metric", "baseline", "other", "difference", "ci_low", "ci_high", "p_value")}
         verdict = "no significant difference" if row["verdict"] == "n.s." else f"significantly {row['verdict']}"
         test |= {"verdict": verdict, "units": result.units, "unit": result.unit}
-        test["line"] = _verdict_line(test)
+        test["line"] = steps.verdict_line(test)
         return result.run_id, {"verdict": test["line"], "test": test}, []
 
     outcome, _ = ctx.step("compare", config, inputs, ("train", "train_best"), work, lambda entry: _gone(ctx, entry))
@@ -350,19 +331,6 @@ def _compare(ctx: _Context) -> StageOutcome:
     if test:
         ctx.metrics.update({f"vs_baseline_{test['metric']}": test["difference"], "vs_baseline_p": test["p_value"]})
     return outcome
-
-
-def _verdict_line(test: dict[str, Any]) -> str:
-    """``rsum -0.67 [-8.00, +6.40], p = 0.8858: no significant difference`` (a compare table's row, one line)."""
-    from gssf_cli.evaluation.comparison import format_p, format_value
-
-    metric, p = test["metric"], format_p(test["p_value"])
-    low, high = (format_value(metric, test[k]) for k in ("ci_low", "ci_high"))
-    return (
-        f"{metric} {'+' if test['difference'] >= 0 else ''}{format_value(metric, test['difference'])} "
-        f"[{'+' if test['ci_low'] >= 0 else ''}{low}, {'+' if test['ci_high'] >= 0 else ''}{high}], "
-        f"p {p.replace('<', '< ') if p.startswith('<') else '= ' + p}: {test['verdict']}"
-    )
 
 
 def _train_best(ctx: _Context) -> StageOutcome:

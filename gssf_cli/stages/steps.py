@@ -177,6 +177,42 @@ def _run_of(entry: Mapping[str, Any] | None) -> str | None:
     return None if entry is None else entry.get("run_id")
 
 
+# How a step's outcome reads in the summary
+
+
+def split_label_of(folder: Path | None, split: str) -> str:
+    """``test (unseen classes)`` on class-disjoint data, else the split's name
+    (:func:`gssf_cli.data.manifest.split_label`)."""
+    from gssf_cli.data.manifest import load_manifest, split_label
+
+    if folder is None or not (folder / MANIFEST).is_file():
+        return split
+    return split_label(load_manifest(folder, verify=False), split)
+
+
+def tune_winner(result: Any, on: str) -> dict[str, Any] | None:
+    """Which values of the tuned settings won, by what, against the other trials (the pipeline result's
+    ``tuned``)."""
+    if result.best is None:
+        return None
+    trials = [{"values": {k: t["values"].get(k) for k in result.tuned}, "metric": t["metric"]} for t in result.trials]
+    best = {k: result.best["values"].get(k) for k in result.tuned}
+    return {"values": best, "metric": result.metric, "on": on, "value": result.best["metric"], "trials": trials}
+
+
+def verdict_line(test: dict[str, Any]) -> str:
+    """``rsum -0.67 [-8.00, +6.40], p = 0.8858: no significant difference`` (a compare table's row, one line)."""
+    from gssf_cli.evaluation.comparison import format_p, format_value
+
+    metric, p = test["metric"], format_p(test["p_value"])
+    low, high = (format_value(metric, test[k]) for k in ("ci_low", "ci_high"))
+    return (
+        f"{metric} {'+' if test['difference'] >= 0 else ''}{format_value(metric, test['difference'])} "
+        f"[{'+' if test['ci_low'] >= 0 else ''}{low}, {'+' if test['ci_high'] >= 0 else ''}{high}], "
+        f"p {p.replace('<', '< ') if p.startswith('<') else '= ' + p}: {test['verdict']}"
+    )
+
+
 def check(pipeline: PipelineConfig) -> None:
     """Resolve every stage's config before anything runs, so a typo fails in a second, not after training: each
     stage's table, tune's search space against its base train config (:func:`gssf_cli.training.tune_plan.check_search`,

@@ -95,3 +95,12 @@ def test_check_refuses_an_output_below_a_file_before_anything_runs(tmp_path: Pat
     with pytest.raises(UserInputError, match=r"prepare\.dataset: 'images' is not one of"):
         steps.check(_pipeline(("prepare",), prepare={"dataset": "images", "out": "d"}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"], "the check creates nothing"
+
+
+def test_the_verdict_reads_as_one_compare_row() -> None:
+    test = {"metric": "rsum", "difference": 2.666, "ci_low": -3.6, "ci_high": 8.93, "p_value": 0.4437,
+            "verdict": "no significant difference"}  # fmt: skip
+    assert steps.verdict_line(test) == "rsum +2.67 [-3.60, +8.93], p = 0.4437: no significant difference"
+    fraction = {"metric": "map_at_r", "difference": -0.0123, "ci_low": -0.02, "ci_high": -0.004, "p_value": 1e-6,
+                "verdict": "significantly worse"}  # fmt: skip
+    assert steps.verdict_line(fraction) == "map_at_r -0.0123 [-0.0200, -0.0040], p < 0.0001: significantly worse"

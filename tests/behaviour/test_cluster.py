@@ -396,6 +396,11 @@ def test_tune_through_ray_client_logs_each_trial_from_its_results(
     # Ray Client's default first wait of 5 s (then 10, 15: ~45 s in all, and one run failed there).
     env = {**cluster.env, "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "30", "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "60"}
     tuned = _gssf(_tune(data, address, tmp_path / "storage", store), tmp_path, env)
+    if tuned.returncode == 2 and "Initialization failure from server" in tuned.stderr:
+        # The head's proxier could not start this connection's client server in time (seen once in CI on 2 loaded
+        # cores): refused before anything ran, as it must be, so the command is tried once more.
+        assert _runs(store) == [], "a refused connection leaves no run"
+        tuned = _gssf(_tune(data, address, tmp_path / "storage", store), tmp_path, env)
     assert tuned.returncode == 0, tuned.stderr
     result = json.loads(tuned.stdout)
     assert [t["status"] for t in result["trials"]] == ["FINISHED", "FINISHED"]

@@ -87,6 +87,10 @@ class Page:
     def open(self, url: str) -> None:
         self.call("Page.navigate", url=url)
 
+    def reload(self) -> None:
+        """Load the page's document again (an ``open`` that changes only the ``#`` part does not)."""
+        self.call("Page.reload")
+
     def evaluate(self, expression: str) -> Any:
         answer = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         if "exceptionDetails" in answer:

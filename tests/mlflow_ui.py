@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gssf_cli.tracking.tags import CHAMPION_ALIAS as CHAMPION
-from gssf_cli.tracking.tags import CLASSIC_ML, EXPERIMENT_KIND_TAG, PARENT_TAG
+from gssf_cli.tracking.tags import CLASSIC_ML, EXPERIMENT_KIND_TAG, MODEL_TRAINING_VIEW, PARENT_TAG
 from tests.browser import Page, browser
 
 
@@ -154,17 +154,11 @@ def load_through_server(url: str, model_uri: str, folder: Path) -> dict[str, Any
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-MACHINE_LEARNING = "workflowType=machine_learning"
-"""The URL query that opens an experiment in MLflow 3.17's "Model training" view, whatever the browser picked
-before (see :data:`gssf_cli.tracking.tags.CLASSIC_ML`)."""
+MACHINE_LEARNING = f"workflowType={MODEL_TRAINING_VIEW}"
+"""The URL query of an experiment's page in MLflow 3.17's "Model training" view."""
 GENAI_ONLY = ("Token Usage", "Detect Issues", "Evaluation runs")
 """What only the GenAI view of an experiment shows."""
 LIST_LINK = "a[data-testid=experiment-list-item-link]"
-
-
-def runs_page(url: str, experiment_id: str) -> str:
-    """The address the README gives for the quickstart's runs: the experiment's runs table, in "Model training"."""
-    return f"{url}/#/experiments/{experiment_id}/runs?{MACHINE_LEARNING}"
 
 
 def browse_quickstart(
@@ -176,30 +170,32 @@ def browse_quickstart(
 ) -> None:
     """Walk the quickstart in a real headless Chromium (80 % zoom) as the README tells a user to, clicking as a
     user does and asserting what each page shows; with ``shots``, save the pages the README shows there as
-    ``mlflow-ui-{runs,run,models,registry,version}.png``. ``seen`` is what :func:`check_quickstart` read.
+    ``mlflow-ui-{runs,run,models,registry,version}.png``. ``seen`` is what :func:`check_quickstart` read; ``url``
+    is ``mlflow ui --app-name gssf`` (:mod:`gssf_cli.tracking.ui_app`).
 
-    In a fresh browser, as on a first visit: the README's address opens the runs table; the experiments list's
-    link opens the GenAI view (MLflow 3.17 ignores the experiment's kind: why the README says to pick "Model
-    training"); once that is picked, the same link opens the runs table, where the pipeline run holds every stage
+    In a fresh browser, as on a first visit: the experiments list's link opens the runs table ("Model training",
+    where MLflow's own server opens GenAI); a user who then picks GenAI with MLflow's switch keeps it across page
+    loads, and picking "Model training" again brings the runs table back, where the pipeline run holds every stage
     (``evaluate-baseline-…`` and ``evaluate-final-…`` told apart); the pipeline run's page shows its params and
     dataset; the Models tab the logged models; the registry version 1 with its alias and its signature.
     """
     experiment = f"#/experiments/{seen['experiment_id']}"
     with browser(chromium) as opened:
         page = opened.new_page()
-        page.open(runs_page(url, seen["experiment_id"]))
+        page.open(f"{url}/#/experiments")
+        href = page.click(LIST_LINK, "quickstart")
+        assert href == experiment, f"the experiments list links quickstart to {href}"
         _shows_runs_table(page, experiment, seen)
         page.click("button[aria-label=Close]")  # the assistant panel MLflow opens on a first visit
 
         page.open(f"{url}/#/experiments")
-        href = page.click(LIST_LINK, "quickstart")
-        assert href == experiment, f"the experiments list links quickstart to {href}"
+        page.wait_for_route("#/experiments")
+        page.click("[role=button]", "GenAI")
+        page.reload()
+        page.click(LIST_LINK, "quickstart")
         page.wait_for_route(f"{experiment}/")
         text = page.wait_for_text("Token Usage")
-        assert "workflowType=genai" in page.url(), (
-            "MLflow's experiments list no longer opens a never-switched browser in GenAI: the README can give the "
-            f"list's address without 'pick Model training'; {page.url()}\n{text[:1000]}"
-        )
+        assert "workflowType=genai" in page.url(), f"a user's pick of GenAI was not kept: {page.url()}\n{text[:1000]}"
 
         page.open(f"{url}/#/experiments")
         page.wait_for_route("#/experiments")

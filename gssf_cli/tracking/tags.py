@@ -14,11 +14,15 @@ SEEDS_STAGE = "seeds"
 takes such a run as the group of its children)."""
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CLASSIC_ML = "custom_model_development"
-"""gssf's experiments are classic ML (``EXPERIMENT_KIND_TAG``), as MLflow 3 marks them. The UI picks its view from
-this tag only while its "GenAI / Model training" switch is off; MLflow 3.17 ships it on, and then opens an
-experiment in the mode named by the URL (``?workflowType=machine_learning``) or else the mode last picked in that
-browser (``localStorage["mlflow.workflowType_v1"]``, GenAI when never picked) — nothing in the store or the server
-chooses it, so the README tells users to pick "Model training" once."""
+"""gssf's experiments are classic ML (``EXPERIMENT_KIND_TAG``), as MLflow 3 marks them. MLflow 3.17's UI ignores
+the tag while its "GenAI / Model training" switch is on (as it ships): it opens an experiment in the mode named by
+the URL (``?workflowType=machine_learning``) or else the one last picked in that browser (``MLFLOW_VIEW_KEY``),
+GenAI when never picked. ``mlflow ui --app-name gssf`` (:mod:`gssf_cli.tracking.ui_app`) serves the UI with "Model
+training" as that browser's default."""
+MLFLOW_VIEW_KEY = "mlflow.workflowType_v1"
+"""The browser's ``localStorage`` key where MLflow 3.17's UI keeps the view picked with its switch."""
+MODEL_TRAINING_VIEW = "machine_learning"
+"""The value of ``MLFLOW_VIEW_KEY`` (and of the URL's ``workflowType``) for the "Model training" view."""
 CHAMPION_ALIAS = "champion"
 """The registry alias of the newest exported version that passed its parity gate: ``models:/NAME@champion``
 stays the name of the bundle to serve while versions are added."""

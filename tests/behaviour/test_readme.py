@@ -7,7 +7,7 @@ test suite itself, synopses with placeholders, servers). A block without a marke
 grow a command nobody runs. The README's blocks run first, in a fresh folder. A doc that holds the line
 ``<!-- readme: runs after README.md, in the same folder -->`` runs its blocks next, in that same folder
 (docs/commands.md: its examples use the quickstart's dataset and bundle); every other doc runs its blocks in a
-fresh folder of its own. The README's onnxruntime snippet runs verbatim after the blocks. Then ``mlflow ui`` is started
+fresh folder of its own. The README's onnxruntime snippet runs verbatim after the blocks. Then ``mlflow ui --app-name gssf`` is started
 on the folder and what a user sees there is checked through its REST API (:mod:`tests.mlflow_ui`): a classic-ML
 experiment, distinct run names, nested stages, logged models (the trained one loaded through the server) and the
 registered bundle. ``GSSF_UI_SCREENSHOTS=tests/ui`` refreshes the README's screenshots. Every relative link of
@@ -136,12 +136,17 @@ def test_the_onnx_snippet_runs_verbatim(quickstart: Path) -> None:
     assert len(printed) == 3 and all(line.endswith(captions[int(line.split()[2].rstrip(","))]) for line in printed)
 
 
+UI_COMMAND = "mlflow ui --app-name gssf --backend-store-uri sqlite:///mlflow.db"
+"""How the README starts the MLflow UI (MLflow's server with gssf's app: :mod:`gssf_cli.tracking.ui_app`)."""
+
+
 def test_the_mlflow_ui_shows_the_quickstart(quickstart: Path) -> None:
     """What the README says a user sees in ``mlflow ui``: read through the REST API the UI calls, loaded through
     the server as ``models:/`` URIs (the trained model and the champion bundle), then seen in a real headless
     Chromium (:func:`tests.mlflow_ui.browse_quickstart`; it fails under CI without one, and is skipped elsewhere).
     ``GSSF_UI_SCREENSHOTS=tests/ui`` saves the pages the README shows there."""
-    with mlflow_ui(quickstart) as url:
+    assert UI_COMMAND in README.read_text(), f"the README no longer says to run `{UI_COMMAND}`"
+    with mlflow_ui(quickstart, 90.0, "ui", "mlflow.db", "--app-name", "gssf") as url:
         seen = check_quickstart(url)
         for uri in (f"models:/{seen['train_models'][-1]['model_id']}", f"models:/quickstart@{CHAMPION_ALIAS}"):
             shapes = load_through_server(url, uri, quickstart)

@@ -168,6 +168,8 @@ def print_evaluation(result: dict[str, Any], as_json: bool) -> None:
         if len(result.get("folds", [])) > 1:
             folds = "  ".join(f"{fold['rsum']:.1f}" for fold in result["folds"])
             stdout.print(f"rSum per fold: {folds}")
+        if result.get("shortlist"):
+            stdout.print(_shortlist_line(result["shortlist"]), highlight=False, markup=False)
     else:
         table = Table(title=f"label-based retrieval ({sizes})")
         table.add_column("metric")
@@ -187,6 +189,18 @@ def print_evaluation(result: dict[str, Any], as_json: bool) -> None:
         stdout.print(f"MLflow run {result['run_id']}")
 
 
+def _shortlist_line(shortlist: dict[str, Any]) -> str:
+    """What a shortlist evaluation is and missed, e.g. ``approximate: ... missed 54 of 1,000 (image→text) ...``."""
+    missed = ", ".join(
+        f"{shortlist['missed_top10'][d]:,} of {shortlist['of_top10'][d]:,} ({d}, {n:,} queries)"
+        for d, n in shortlist["audited_queries"].items()
+    )
+    return (
+        f"approximate: the top {shortlist['k']} by pooled embeddings re-scored by the interaction; "
+        f"exact top-10 items it missed: {missed}"
+    )
+
+
 def _measured(dataset: dict[str, Any], model: dict[str, Any]) -> str:
     """One line on what an evaluation measured: which model (or file), on which data."""
     if not dataset or not model:
@@ -194,6 +208,9 @@ def _measured(dataset: dict[str, Any], model: dict[str, Any]) -> str:
     if model.get("source") == "embeddings":
         return f"embeddings {model['path']} (sha256 {str(model['sha256'])[:12]}), {model['score']} scores"
     block = f", block size {model['block_size']}" if model.get("block_size") else ""
+    interaction = model.get("interaction", {}).get("kind", "none")
+    if interaction != "none":
+        block += f", {interaction} interaction"
     epoch = f", best epoch {model['best_epoch']}" if model.get("best_epoch") is not None else ""
     classes = f" of classes {dataset['classes']} in training" if dataset.get("classes") else ""
     return (

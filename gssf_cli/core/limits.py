@@ -125,6 +125,36 @@ ImageKind = Literal["regions", "global", "features"]
 IMAGE_KINDS: tuple[str, ...] = get_args(ImageKind)
 TextKind = Literal["captions", "features"]
 TEXT_KINDS: tuple[str, ...] = get_args(TextKind)
+Interaction = Literal["none", "scan-t2i", "scan-i2t", "maxsim"]
+INTERACTIONS: tuple[str, ...] = get_args(Interaction)
+"""How a pair is scored: ``none``, pooled embeddings through the metric head (the embedding-based family);
+otherwise from the towers' token outputs (the interaction-based family): SCAN's stacked cross attention, text to
+image or image to text, or late interaction (``maxsim``)."""
+GssfAt = Literal["relevance", "attention", "both"]
+GSSF_AT: tuple[str, ...] = get_args(GssfAt)
+"""Where SCAN's learned token similarity acts: the word-vs-attended relevance, the attention logits, or both."""
+Aggregate = Literal["lse", "mean"]
+AGGREGATES: tuple[str, ...] = get_args(Aggregate)
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """SCAN's published settings of one direction: attention sharpness λ₁ (``lambda_softmax``), LogSumExp λ₂
+    (``lambda_lse``) and the aggregate. From the SCAN authors' README (kuanghuei/SCAN, "Arguments used to train
+    Flickr30K models": t-i LSE ``--lambda_lse=6 --lambda_softmax=9``, i-t LSE ``--lambda_lse=5
+    --lambda_softmax=4``; both ``--agg_func=LogSumExp``, ``--raw_feature_norm clipped_l2norm``)."""
+
+    lambda_softmax: float
+    lambda_lse: float
+    aggregate: str = "lse"
+
+
+SCAN_SETTINGS: dict[str, ScanSettings] = {
+    "scan-t2i": ScanSettings(lambda_softmax=9.0, lambda_lse=6.0),
+    "scan-i2t": ScanSettings(lambda_softmax=4.0, lambda_lse=5.0),
+}
+"""The defaults of ``--lambda-softmax``, ``--lambda-lse`` and ``--aggregate`` by SCAN direction: the one place
+they are written."""
 
 
 def valid_block_sizes(dim: int) -> list[int]:
@@ -172,6 +202,8 @@ def check_registered_name(key: str, name: str) -> None:
         raise UserInputError(f"{key}: a registered model name has at most {MAX_REGISTERED_NAME} characters")
 
 
-def model_label(metric: str, block_size: int | None) -> str:
-    """What a run or model name says of a model: the metric head and its block size (``gssf-d64``, ``cosine``)."""
-    return f"{metric}-d{block_size}" if block_size else metric
+def model_label(metric: str, block_size: int | None, interaction: str = "none") -> str:
+    """What a run or model name says of a model: the interaction if any, the metric and its block size
+    (``gssf-d64``, ``cosine``, ``scan-t2i-gssf-d64``)."""
+    head = f"{metric}-d{block_size}" if block_size else metric
+    return head if interaction == "none" else f"{interaction}-{head}"

@@ -16,11 +16,15 @@ from gssf_cli.core import limits
 from gssf_cli.core.config import coerce, load_toml, setting
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.limits import (
+    SCAN_SETTINGS,
+    Aggregate,
     DatasetKind,
     Device,
     DistillKind,
     EncoderKind,
+    GssfAt,
     IndexKind,
+    Interaction,
     LossName,
     LrSchedule,
     Pooling,
@@ -112,6 +116,12 @@ class EvaluateConfig:
         False,
         help="Label-based: also mAP over each query's full ranking (sorts most of every row; MAP@R needs only the top R).",
     )
+    shortlist: int | None = setting(
+        None,
+        help="With --run of an interaction model: rank by the pooled embeddings and re-score each query's top K "
+        "with the interaction (approximate; says how many exact top-10 items it missed).",
+        within=limits.AT_LEAST_ONE,
+    )
     plots: bool = setting(True, help="Log plots to MLflow.")
     output: Path | None = setting(
         None,
@@ -127,6 +137,8 @@ class EvaluateConfig:
             raise UserInputError(
                 "--head RUN scores an --embeddings file with a run's metric head; with --run the run's own head scores"
             )
+        if self.shortlist is not None and self.run is None:
+            raise UserInputError("--shortlist K re-scores a trained interaction run's top K: give --run RUN")
         if not self.ks or any(k < 1 for k in self.ks):
             raise UserInputError(f"evaluate.ks: cut-offs must be positive integers, got {list(self.ks)}")
         self.check_output()
@@ -176,6 +188,34 @@ class TrainConfig:
     metric: SimilarityName = setting("gssf", help="Metric head:")
     block_size: int = setting(64, help="Block size d for bdiag/gssf (divides --embed-dim).", within=limits.AT_LEAST_ONE)
     metric_norm: ScoreNorm = setting("none", help="Score normalisation:")
+    interaction: Interaction = setting(
+        "none",
+        help="How a pair is scored: none (pooled embeddings through the metric head); from the towers' tokens, "
+        "with the metric as token similarity: scan-t2i, scan-i2t (SCAN's stacked cross attention), maxsim (late "
+        "interaction):",
+    )
+    gssf_at: GssfAt | None = setting(
+        None,
+        help="SCAN: where the learned similarity acts, word-vs-attended relevance, attention logits or both "
+        "(default relevance):",
+    )
+    aggregate: Aggregate | None = setting(
+        None, help="SCAN: relevances to one pair score by LogSumExp or mean (default lse):"
+    )
+    lambda_softmax: float | None = setting(
+        None,
+        help="SCAN: attention sharpness λ1 (default "
+        + ", ".join(f"{s.lambda_softmax:g} for {k}" for k, s in SCAN_SETTINGS.items())
+        + ").",
+        within=limits.POSITIVE,
+    )
+    lambda_lse: float | None = setting(
+        None,
+        help="SCAN: LogSumExp λ2 (default "
+        + ", ".join(f"{s.lambda_lse:g} for {k}" for k, s in SCAN_SETTINGS.items())
+        + ").",
+        within=limits.POSITIVE,
+    )
     embed_dim: int = setting(1024, help="Embedding size D.", within=limits.EMBED_DIM)
     encoder: EncoderKind = setting(
         "trained",
@@ -267,10 +307,38 @@ class TrainConfig:
             )
         if self.adapter and not self.head_only():
             raise UserInputError("--adapter applies to head-only training (--encoder identity or frozen)")
+        self._validate_interaction()
         if self.lr_decay_epoch is not None and self.lr_schedule != "step":
             raise UserInputError(
                 f"--lr-decay-epoch applies to --lr-schedule step (the {self.lr_schedule} schedule follows --epochs)"
             )
+
+    def _validate_interaction(self) -> None:
+        scan_only = {"--gssf-at": self.gssf_at, "--aggregate": self.aggregate, "--lambda-softmax": self.lambda_softmax,
+                     "--lambda-lse": self.lambda_lse}  # fmt: skip
+        given = [flag for flag, value in scan_only.items() if value is not None]
+        if given and self.interaction not in SCAN_SETTINGS:
+            what = "scores every token pair with the metric" if self.interaction == "maxsim" else "has no tokens"
+            raise UserInputError(
+                f"{given[0]} applies to SCAN (--interaction scan-t2i or scan-i2t), and --interaction "
+                f"{self.interaction} {what}: drop {given[0]}"
+            )
+        if self.interaction != "none" and self.head_only():
+            raise UserInputError(
+                f"--interaction {self.interaction} scores the towers' token outputs, and --encoder {self.encoder} "
+                "keeps no tokens: train the towers (--encoder trained)"
+            )
+
+    def scan(self) -> tuple[str, str, float, float]:
+        """SCAN's settings as this run uses them: ``(gssf_at, aggregate, lambda_softmax, lambda_lse)``, each the
+        value given or the published default of the direction (:data:`~gssf_cli.core.limits.SCAN_SETTINGS`)."""
+        published = SCAN_SETTINGS[self.interaction]
+        return (
+            self.gssf_at or "relevance",
+            self.aggregate or published.aggregate,
+            published.lambda_softmax if self.lambda_softmax is None else self.lambda_softmax,
+            published.lambda_lse if self.lambda_lse is None else self.lambda_lse,
+        )
 
     def on_ray(self) -> bool:
         """Whether training runs on Ray Train workers (several, or any on a cluster) instead of in this process."""
@@ -302,7 +370,7 @@ class TrainConfig:
         return self.block_size if self.uses_block_size() else None
 
     def model_label(self) -> str:
-        return limits.model_label(self.metric, self.head_block_size())
+        return limits.model_label(self.metric, self.head_block_size(), self.interaction)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,7 +90,12 @@ def predict(retriever: Retriever, model_input: Any) -> dict[str, np.ndarray]:
     if text_batch is not None:
         out["text_embeddings"] = retriever.encode_texts(text_batch)
     if len(out) == 2:
-        out["scores"] = retriever.scores(out["image_embeddings"], out["text_embeddings"])
+        assert image_batch is not None and text_batch is not None
+        from_inputs = getattr(retriever, "input_scores", None)
+        scores = from_inputs(image_batch, text_batch) if from_inputs is not None else None
+        out["scores"] = (
+            scores if scores is not None else retriever.scores(out["image_embeddings"], out["text_embeddings"])
+        )
     return out
 
 

@@ -259,23 +259,24 @@ def trained_units(
     full_map: bool = False,
 ) -> Units:
     """Units of a trained model on a split of its dataset: the split embedded on the CPU as ``gssf evaluate
-    --run`` embeds it (:func:`gssf_cli.modeling.model.embed_split`) and scored by the model's own metric head."""
+    --run`` embeds it (:func:`gssf_cli.modeling.model.split_scorer`) and scored as the model scores (its metric
+    head, or its interaction over every pair)."""
     import torch
 
-    from gssf_cli.modeling.model import embed_split
+    from gssf_cli.modeling.model import split_scorer
 
     split = dataset.split(split_name)
     with torch.no_grad():
-        images, texts = embed_split(model, split, torch.device("cpu"))
+        scorer = split_scorer(model, split, torch.device("cpu"))
     try:
         return embedding_units(
             split.task,
-            images,
-            texts,
+            scorer.images,
+            scorer.texts,
             split.labels if split.task == "labels" else None,
             captions_per_image=split.k,
             protocol=protocol,
-            score_fn=model.similarity.scores,
+            score_fn=scorer.score_fn,
             ks=ks,
             memory_budget_bytes=memory_budget_bytes,
             full_map=full_map,

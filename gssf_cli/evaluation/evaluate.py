@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     import torch
 
     from gssf_cli.data.dataset import Dataset
-    from gssf_cli.modeling.model import RetrievalModel
+    from gssf_cli.modeling.model import RetrievalModel, SplitScorer
 
 CROSS_MODAL = ("images", "texts")
 SELF_LABELS = ("features", "labels")
@@ -66,6 +66,9 @@ class EvaluateResult:
     dataset_info: dict[str, Any] = field(default_factory=dict)
     model_info: dict[str, Any] = field(default_factory=dict)
     output: str | None = None
+    shortlist: dict[str, Any] | None = None
+    """With ``--shortlist K``: K, that the metrics are approximate, and the exact top-10 items missed
+    (:meth:`gssf_cli.evaluation.shortlist.ShortlistReport.to_json`)."""
 
     def to_json(self) -> dict[str, Any]:
         """Flat metrics first (the documented keys), then context: what was measured, sizes, run."""
@@ -74,6 +77,8 @@ class EvaluateResult:
         if self.task == "cross_modal":
             out["protocol"] = self.protocol
             out["folds"] = self.folds
+        if self.shortlist is not None:
+            out["shortlist"] = self.shortlist
         out.update({"dataset_info": self.dataset_info, "model_info": self.model_info})
         if self.output is not None:
             out["output"] = self.output
@@ -137,7 +142,7 @@ def evaluate_model(
     """
     import torch
 
-    from gssf_cli.modeling.model import embed_split
+    from gssf_cli.modeling.model import split_scorer
 
     split = dataset.split(split_name)
     with torch.no_grad():
@@ -145,24 +150,22 @@ def evaluate_model(
             step(f"encode {split.num_images:,} images, {split.num_pairs:,} texts")
         elif step is not None:
             step(f"encode {split.num_images:,} items")
-        images, texts = embed_split(model, split, device)
+        scorer = split_scorer(model, split, device)
         if step is not None:
             step("score")
-        return _score_split(model, dataset, split_name, images, texts, protocol, ks, memory_budget_bytes)
+        return _score_split(scorer, dataset, split_name, protocol, ks, memory_budget_bytes)
 
 
 def _score_split(
-    model: RetrievalModel,
+    scorer: SplitScorer,
     dataset: Dataset,
     split_name: str,
-    images: torch.Tensor,
-    texts: torch.Tensor,
     protocol: str,
     ks: tuple[int, ...],
     memory_budget_bytes: int,
     full_map: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of a split's embeddings (images ``[N, D]``, texts ``[kN, D]``) under the model's metric head."""
+    """Metrics of a split under its model's scoring (:class:`~gssf_cli.modeling.model.SplitScorer`)."""
     from gssf_cli.evaluation import crossmodal, ranking
     from gssf_cli.evaluation import labels as label_metrics
 
@@ -170,18 +173,18 @@ def _score_split(
     try:
         if split.task == "cross_modal":
             return crossmodal.evaluate_cross_modal(
-                images,
-                texts,
+                scorer.images,
+                scorer.texts,
                 captions_per_image=split.k,
                 protocol=protocol,
-                score_fn=model.similarity.scores,
+                score_fn=scorer.score_fn,
                 ks=ks,
                 memory_budget_bytes=memory_budget_bytes,
             )
         return label_metrics.evaluate_labels(
-            images,
+            scorer.images,
             split.labels,
-            score_fn=model.similarity.scores,
+            score_fn=scorer.score_fn,
             ks=ks,
             memory_budget_bytes=memory_budget_bytes,
             full_map=full_map,
@@ -308,30 +311,44 @@ def _head_reader(head: RetrievalModel, path: Path, layout: str) -> Callable[[np.
 
 
 def evaluate_trained(model: RetrievalModel, dataset: Dataset, config: EvaluateConfig) -> Evaluation:
-    """Embed a split (``test`` unless ``config.split``) with a trained model and score it with its own head."""
+    """Embed a split (``test`` unless ``config.split``) with a trained model and score it as the model scores:
+    its metric head over pooled embeddings, or its interaction over token sets — exactly, every pair, unless
+    ``config.shortlist`` K asks to re-score only each query's top K by the pooled embeddings
+    (:mod:`gssf_cli.evaluation.shortlist`; the result then says what it missed)."""
     import torch
 
-    from gssf_cli.modeling.model import embed_split
+    from gssf_cli.modeling.model import split_scorer
 
     split_name = config.split or "test"
     split = dataset.split(split_name)
     started = time.perf_counter()
     budget = config.memory_budget_mb * 2**20
+    shortlist = None
     with torch.no_grad():
-        images, texts = embed_split(model, split, torch.device("cpu"))
-        outcome = dict(
-            _score_split(model, dataset, split_name, images, texts, config.protocol, config.ks, budget, config.full_map)
-        )
+        scorer = split_scorer(model, split, torch.device("cpu"))
+        if config.shortlist is not None:
+            from gssf_cli.evaluation.shortlist import shortlist_metrics
+
+            images, texts = scorer.pooled
+            outcome, report = shortlist_metrics(
+                images, texts, scorer.score_fn, k=config.shortlist, captions_per_image=split.k,
+                protocol=config.protocol, ks=config.ks,
+            )  # fmt: skip
+            shortlist = report.to_json()
+        else:
+            outcome = dict(
+                _score_split(scorer, dataset, split_name, config.protocol, config.ks, budget, config.full_map)
+            )
     seconds = round(time.perf_counter() - started, 3)
     folds = outcome.pop("folds", []) if dataset.task == "cross_modal" else []
     protocol = outcome.pop("protocol", None)
     metrics = {k: float(v) for k, v in outcome.items()}
     if dataset.task == "cross_modal":
         sizes = {"images": split.num_images, "texts": split.num_pairs}
-        arrays = {"images": images.numpy(), "texts": texts.numpy()}
+        arrays = {"images": scorer.images.numpy(), "texts": scorer.texts.numpy()}
     else:
         sizes = {"queries": split.num_images, "gallery": split.num_images}
-        arrays = {"features": images.numpy(), "labels": split.labels}
+        arrays = {"features": scorer.images.numpy(), "labels": split.labels}
     dataset_info = dataset_identity(dataset, split_name, protocol, sizes)
     result = EvaluateResult(
         dataset.task,
@@ -342,8 +359,10 @@ def evaluate_trained(model: RetrievalModel, dataset: Dataset, config: EvaluateCo
         seconds,
         dataset_info=dataset_info,
         model_info=model_identity(model),
+        shortlist=shortlist,
     )
-    return Evaluation(result, dataset.task, arrays, model.similarity.scores, "learned metric")
+    label = "learned metric" if model.interaction is None else f"{model.interaction.kind} interaction"
+    return Evaluation(result, dataset.task, arrays, scorer.score_fn, label)
 
 
 def dataset_identity(
@@ -372,7 +391,9 @@ def model_identity(model: RetrievalModel) -> dict[str, Any]:
 
     similarity = model.similarity
     encoder, adapter = encoder_kind(model.encoder)
+    interaction = model.interaction
     return {
+        "interaction": repr_fields(interaction) if interaction is not None else {"kind": "none"},
         "metric_head": similarity.name,
         "block_size": similarity.block_size,
         "embed_dim": similarity.dim,
@@ -381,6 +402,15 @@ def model_identity(model: RetrievalModel) -> dict[str, Any]:
         "adapter": adapter,
         "parameters": model.parameter_counts(),
     }
+
+
+def repr_fields(interaction: Any) -> dict[str, Any]:
+    """An interaction's settings as they score: kind, and for SCAN where the metric acts, the aggregate and λs."""
+    fields = {"kind": interaction.kind}
+    if interaction.kind != "maxsim":
+        fields |= {"gssf_at": interaction.gssf_at, "aggregate": interaction.aggregate,
+                   "lambda_softmax": interaction.lambda_softmax, "lambda_lse": interaction.lambda_lse}  # fmt: skip
+    return fields
 
 
 def file_identity(
@@ -448,7 +478,8 @@ def results_document(result: EvaluateResult, now: datetime.datetime | None = Non
     if model_info.get("source") == "embeddings":
         model, pretrained = f"embeddings-{model_info.get('score')}", Path(str(model_info.get("path"))).name
     else:
-        model = model_label(str(model_info.get("metric_head")), model_info.get("block_size"))
+        interaction = str(model_info.get("interaction", {}).get("kind", "none"))
+        model = model_label(str(model_info.get("metric_head")), model_info.get("block_size"), interaction)
         pretrained = str(model_info.get("train_run_id"))
     when = now or datetime.datetime.now(datetime.UTC)
     return {

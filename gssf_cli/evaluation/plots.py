@@ -95,6 +95,9 @@ class BlockSizeTrial:
     """It ran its whole budget (those make the mean ± std when sizes ran with several seeds)."""
     stopped_early: bool
     """The scheduler stopped it before its budget (drawn hollow)."""
+    family: str = "embedding"
+    """What scored pairs: ``embedding`` (pooled embeddings) or the interaction (``scan-t2i``, ...): with several
+    families in one search, each is a series of its own, against N = D/d as in the paper's Fig. 3."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ def block_size_figure(trials: Sequence[BlockSizeTrial], axes: BlockSizeAxes) -> 
     full budget, which is what that figure compares."""
     if not trials:
         return None
+    if len({t.family for t in trials}) > 1:
+        return _families_figure(trials, axes)
     from matplotlib.ticker import NullFormatter
 
     plt = _pyplot()
@@ -156,6 +161,51 @@ def block_size_figure(trials: Sequence[BlockSizeTrial], axes: BlockSizeAxes) -> 
     twin_handles, twin_labels = twin.get_legend_handles_labels()
     ax.legend(handles + twin_handles, labels + twin_labels, loc="best", fontsize="small")
     ax.set_title(f"block-size search, {axes.subject}")
+    fig.tight_layout()
+    return fig
+
+
+FAMILY_COLOURS = ("tab:blue", "tab:green", "tab:red", "tab:purple")
+
+
+def _families_figure(trials: Sequence[BlockSizeTrial], axes: BlockSizeAxes) -> Any:
+    """Both families of the GSSF paper in one figure: the metric against N = D/d (blocks; d = 1 is N = D, the
+    diagonal end), one series per family — its best per size, or the mean ± std of its finished trials when a
+    size ran with several seeds — every trial a dot in the family's colour (hollow if stopped early)."""
+    from matplotlib.ticker import NullFormatter
+
+    plt = _pyplot()
+    pick = max if axes.mode == "max" else min
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    blocks = sorted({axes.embed_dim // t.block_size for t in trials})
+    for family, colour in zip(sorted({t.family for t in trials}), FAMILY_COLOURS * 4, strict=False):
+        own = [t for t in trials if t.family == family]
+        sizes = sorted({t.block_size for t in own}, reverse=True)
+        n = [axes.embed_dim // size for size in sizes]
+        finished = {size: spread(t.metric for t in own if t.block_size == size and t.finished) for size in sizes
+                    if any(t.block_size == size and t.finished for t in own)}  # fmt: skip
+        if any(s.n > 1 for s in finished.values()):
+            shown = sorted(finished, reverse=True)
+            ax.errorbar([axes.embed_dim // size for size in shown], [finished[size].mean for size in shown],
+                        yerr=[finished[size].std for size in shown], color=colour, capsize=4,
+                        label=f"{family}, mean ± std")  # fmt: skip
+        else:
+            best = [pick(t.metric for t in own if t.block_size == size) for size in sizes]
+            ax.plot(n, best, color=colour, label=f"{family}, best per N")
+        for stopped in (False, True):
+            group = [t for t in own if t.stopped_early == stopped]
+            if group:
+                ax.scatter([axes.embed_dim // t.block_size for t in group], [t.metric for t in group], s=30,
+                           zorder=3, facecolors="white" if stopped else colour, edgecolors=colour)  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(blocks)
+    ax.set_xticklabels([str(b) for b in blocks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(f"blocks N = D/d (D = {axes.embed_dim}; N = D is the diagonal, N = 1 one dense block)")
+    ax.set_ylabel(f"{axes.metric} ({'higher' if axes.mode == 'max' else 'lower'} is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    ax.set_title(f"block-size search, embedding and interaction families ({axes.subject})")
     fig.tight_layout()
     return fig
 

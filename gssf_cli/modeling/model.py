@@ -22,6 +22,7 @@ from gssf_cli.data.dataset import Dataset, Split
 from gssf_cli.modeling import checkpoint as ckpt
 from gssf_cli.modeling.encoder_spec import EncoderSpec, build_encoder
 from gssf_cli.modeling.encoders import DualEncoder, HeadOnlyTower, SingleTower, l2_normalize, parameter_counts
+from gssf_cli.modeling.interaction import Interaction, TokenSets, make_interaction
 from gssf_cli.modeling.losses import make_objective
 from gssf_cli.modeling.similarity import Similarity, head_parameters, make_similarity
 
@@ -29,14 +30,39 @@ from gssf_cli.modeling.similarity import Similarity, head_parameters, make_simil
 class RetrievalModel(nn.Module):
     """Encoders ``[B, ...] -> [B, D]`` (L2-normalised) and a similarity ``[Bi, D] x [Bt, D] -> [Bi, Bt]``.
 
-    For label-based data one tower encodes both sides (anchors and positives are the same modality).
+    For label-based data one tower encodes both sides (anchors and positives are the same modality). With an
+    ``interaction`` (the interaction-based family), pairs are scored from the towers' token outputs instead
+    (:meth:`encode_image_tokens`, :meth:`encode_text_tokens`, :meth:`token_scores`), the similarity serving as
+    the token similarity; the pooled embeddings remain (a shortlist ranks by them).
     """
 
-    def __init__(self, encoder: nn.Module, similarity: Similarity, task: str) -> None:
+    def __init__(
+        self, encoder: nn.Module, similarity: Similarity, task: str, interaction: Interaction | None = None
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.similarity = similarity
         self.task = task
+        self.interaction = interaction
+
+    def encode_image_tokens(self, images: Tensor) -> Tensor:
+        """Regions ``[B, R, F]`` (or ``[B, F]``: one region) -> projected, L2-normalised regions ``[B, R, D]``."""
+        return l2_normalize(self.encoder.image.regions(images))  # type: ignore[union-attr,operator]
+
+    def encode_text_tokens(self, texts: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Token ids ``[B, L]`` -> per-word states ``[B, L, D]`` (L2-normalised, zero at padding) and the mask
+        ``[B, L]`` of valid words."""
+        states, mask = self.encoder.text.token_states(texts, lengths)  # type: ignore[union-attr,operator]
+        return l2_normalize(states) * mask.unsqueeze(-1).to(states.dtype), mask
+
+    def encode_tokens(self, images: Tensor, texts: Tensor, lengths: Tensor | None) -> TokenSets:
+        words, mask = self.encode_text_tokens(texts, lengths)
+        return TokenSets(self.encode_image_tokens(images), words, mask)
+
+    def token_scores(self, tokens: TokenSets) -> Tensor:
+        """``[Bi, Bt]``: every image of ``tokens`` against every caption, by the interaction."""
+        assert self.interaction is not None
+        return self.interaction(tokens.regions, tokens.words, tokens.mask)
 
     def encode_images(self, images: Tensor) -> Tensor:
         return self.encoder.encode_image(images)  # type: ignore[operator]
@@ -48,6 +74,11 @@ class RetrievalModel(nn.Module):
 
     def scores(self, images: Tensor, texts: Tensor) -> Tensor:
         return self.similarity.scores(images, texts)
+
+    def label(self) -> str:
+        """What run names say of this model (:func:`gssf_cli.core.limits.model_label`)."""
+        kind = self.interaction.kind if self.interaction is not None else "none"
+        return limits.model_label(self.similarity.name, self.similarity.block_size, kind)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per tower (``encoder_image``, ...), of the ``metric_head``, in ``total`` and ``trainable``
@@ -98,6 +129,13 @@ def manifest_spec(manifest: dict[str, Any], config: TrainConfig) -> EncoderSpec:
             config = frozen_config(config, manifest)  # not resolved yet (a tune's probe): read the run's towers
         settings = {name: getattr(config, name) for name in TOWER_SETTINGS}
         spec = EncoderSpec.from_manifest(manifest, **settings, encoder=config.encoder, adapter=config.adapter)
+    tokens = spec.task == "cross_modal" and spec.text_kind == "captions" and spec.image_kind in TOKEN_IMAGES
+    if config.interaction != "none" and not tokens:
+        data = "is label-based" if spec.task == "labels" else f"has {spec.image_kind} images and {spec.text_kind} texts"
+        raise UserInputError(
+            f"--interaction {config.interaction} aligns image regions with caption words, and {config.data} {data}: "
+            "use --interaction none (pooled embeddings), or a synthetic or precomp dataset"
+        )
     if config.uses_block_size() and not config.embeds_to_embed_dim():  # D is not embed_dim: validate() could not check
         try:
             limits.check_block_size(config.metric, spec.embed_dim, config.block_size)
@@ -107,6 +145,10 @@ def manifest_spec(manifest: dict[str, Any], config: TrainConfig) -> EncoderSpec:
                 f"--encoder {spec.encoder}: the head reads {source}, D = {spec.embed_dim}; {exc}"
             ) from None
     return spec
+
+
+TOKEN_IMAGES = ("regions", "global")
+"""Image inputs whose tower keeps token outputs (a global feature is one region)."""
 
 
 def head_dim(config: TrainConfig) -> int:
@@ -227,7 +269,10 @@ def build_model_for(manifest: dict[str, Any], config: TrainConfig) -> RetrievalM
     check_fits_memory(spec, config)
     encoder = build_encoder(spec)
     similarity = make_similarity(config.metric, spec.embed_dim, config.head_block_size(), norm=config.metric_norm)
-    return RetrievalModel(encoder, similarity, str(manifest["task"]))
+    interaction = make_interaction(
+        config.interaction, similarity, config.gssf_at, config.aggregate, config.lambda_softmax, config.lambda_lse
+    )
+    return RetrievalModel(encoder, similarity, str(manifest["task"]), interaction)
 
 
 def load_frozen_towers(model: RetrievalModel, config: TrainConfig) -> None:
@@ -393,6 +438,70 @@ def embed_split(
         texts.append(model.encode_texts(tokens.to(device), None if lengths is None else lengths.to(device)))
     model.train(was_training)
     return image_emb, torch.cat(texts)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitScorer:
+    """What the ranking code reads of a split under a model: ``images [N, ·]`` and ``texts [kN, ·]`` rows and
+    ``score_fn(image rows [b, ·], text rows [m, ·]) -> [b, m]``.
+
+    Why one shape for both families: metrics, protocols, per-query values and the tie rule are written once over
+    row blocks of S (:mod:`gssf_cli.evaluation.crossmodal`). For an embedding model the rows are the embeddings
+    ``[N, D]`` and the score is the metric head. For an interaction model they are row numbers ``[N, 1]`` into
+    the split's token sets (``tokens``), and the score function runs the interaction on the rows it is given, so
+    every image–caption pair is scored exactly and only a block of S is ever held. ``pooled``: pooled embeddings
+    ``(images [N, D], texts [kN, D])`` that a shortlist ranks by: an embedding model's own; for an interaction
+    model the L2-normalised mean of the unit tokens it compares (closer to its scores than the towers' pooling).
+    """
+
+    images: Tensor
+    texts: Tensor
+    score_fn: Any
+    pooled: tuple[Tensor, Tensor]
+    tokens: TokenSets | None = None
+
+
+def split_scorer(model: RetrievalModel, split: Split, device: torch.device, batch_size: int = 256) -> SplitScorer:
+    """The :class:`SplitScorer` of ``split`` under ``model``, embedded and scored on ``device``."""
+    if model.interaction is None:
+        images, texts = embed_split(model, split, device, batch_size)
+        return SplitScorer(images, texts, model.similarity.scores, (images, texts))
+    tokens = embed_split_tokens(model, split, device, batch_size)
+    interaction = model.interaction
+    pooled = (l2_normalize(tokens.regions.mean(dim=1)), l2_normalize(tokens.words.sum(dim=1)))
+
+    def score_fn(image_rows: Tensor, text_rows: Tensor) -> Tensor:
+        i, t = image_rows[:, 0].long(), text_rows[:, 0].long()
+        return interaction(tokens.regions[i], tokens.words[t], tokens.mask[t])
+
+    def rows(count: int) -> Tensor:
+        return torch.arange(count, dtype=torch.float32, device=tokens.regions.device).unsqueeze(1)
+
+    return SplitScorer(rows(split.num_images), rows(split.num_pairs), score_fn, pooled, tokens)
+
+
+@torch.no_grad()
+def embed_split_tokens(model: RetrievalModel, split: Split, device: torch.device, batch_size: int = 256) -> TokenSets:
+    """A cross-modal split's token sets on ``device``: regions ``[N, R, D]``, words ``[kN, L, D]`` padded to the
+    split's longest caption, and their mask ``[kN, L]``."""
+    was_training = model.training
+    model.eval()
+    regions = torch.cat(
+        [
+            model.encode_image_tokens(split.image_batch(np.arange(s, min(s + batch_size, split.num_images))).to(device))
+            for s in range(0, split.num_images, batch_size)
+        ]
+    )
+    parts: list[tuple[Tensor, Tensor]] = []
+    for start in range(0, split.num_pairs, batch_size):
+        tokens, lengths = split.text_batch(np.arange(start, min(start + batch_size, split.num_pairs)))
+        words, mask = model.encode_text_tokens(tokens.to(device), None if lengths is None else lengths.to(device))
+        parts.append((words, mask))
+    model.train(was_training)
+    longest = max(words.shape[1] for words, _ in parts)
+    words = torch.cat([nn.functional.pad(w, (0, 0, 0, longest - w.shape[1])) for w, _ in parts])
+    mask = torch.cat([nn.functional.pad(m, (0, longest - m.shape[1])) for _, m in parts])
+    return TokenSets(regions, words, mask)
 
 
 HEAD_READ_BATCH = 4096

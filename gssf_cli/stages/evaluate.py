@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from gssf_cli.core.config import to_dict
 from gssf_cli.core.errors import UserInputError
-from gssf_cli.core.limits import model_label
 from gssf_cli.core.stage_configs import EvaluateConfig
 from gssf_cli.evaluation import evaluate as evaluation
 from gssf_cli.evaluation.evaluate import EvaluateResult, load_embeddings
@@ -57,8 +56,13 @@ def _run_head(config: EvaluateConfig, tracker: Tracker, parent_run_id: str | Non
 
     assert config.head is not None and config.embeddings is not None
     train_run, model, _ = load_trained(tracker, config.head)
+    if model.interaction is not None:
+        raise UserInputError(
+            f"--head scores embeddings with a run's metric head, and run {train_run.info.run_name} scores token sets "
+            f"(--interaction {model.interaction.kind}): evaluate it with --run"
+        )
     outcome = _trained_by(tracker, train_run, evaluation.evaluate_file(config, model))
-    label = model_label(model.similarity.name, model.similarity.block_size)
+    label = model.label()
     with tracker.start_run(
         "evaluate",
         run_name=f"evaluate-{config.embeddings.stem}-{label}",
@@ -85,11 +89,16 @@ def _run_trained(config: EvaluateConfig, tracker: Tracker, parent_run_id: str | 
     from gssf_cli.stages.runs import load_trained
 
     train_run, model, dataset = load_trained(tracker, config.run or "latest", config.data)
+    if config.shortlist is not None and model.interaction is None:
+        raise UserInputError(
+            f"--shortlist re-scores with an interaction, and run {train_run.info.run_name} scores pooled embeddings "
+            "(--interaction none), exactly already: drop --shortlist"
+        )
     outcome = _trained_by(tracker, train_run, evaluation.evaluate_trained(model, dataset, config))
     split_name = config.split or "test"
     with tracker.start_run(
         "evaluate",
-        run_name=f"evaluate-{model_label(model.similarity.name, model.similarity.block_size)}-{split_name}",
+        run_name=f"evaluate-{model.label()}-{split_name}",
         parent_run_id=parent_run_id,
         tags={"gssf.source_run": train_run.info.run_id},
     ) as run_:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from gssf_cli import __version__
 from gssf_cli.core.config import to_dict
+from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.files import MANIFEST
 from gssf_cli.core.limits import model_label
 from gssf_cli.core.stage_configs import ExportConfig
@@ -58,6 +59,12 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
     else:
         check_writable(Path("exports"), "output folder exports", "--out")
     train_run, model, dataset = load_trained(tracker, config.run)
+    if model.interaction is not None:
+        raise UserInputError(
+            f"run {train_run.info.run_name} scores token sets (--interaction {model.interaction.kind}), and the ONNX "
+            "bundle holds pooled embeddings and a metric head only: export of interaction runs is not supported yet "
+            "(its model logged by `gssf train` serves it with PyTorch: mlflow.pyfunc.load_model)"
+        )
     run_id = train_run.info.run_id
     out = config.out or Path("exports") / run_id
     started = time.perf_counter()

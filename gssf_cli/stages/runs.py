@@ -128,6 +128,17 @@ class TrainedModel(Served):
     def scores(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
         return self.model.scores(torch.from_numpy(image_embeddings), torch.from_numpy(text_embeddings)).numpy()
 
+    @torch.no_grad()
+    def input_scores(self, images: np.ndarray, texts: Sequence[str] | np.ndarray) -> np.ndarray | None:
+        """``[N, M]`` scores from the inputs themselves when the model scores token sets (an interaction model:
+        its pooled embeddings cannot give them); None for an embedding model."""
+        if self.model.interaction is None or self.vocab is None:
+            return None
+        captions = TokenizedCaptions(list(texts), self.vocab)
+        tokens, lengths = captions.batch(np.arange(len(captions)))
+        sets = self.model.encode_tokens(torch.from_numpy(images), tokens, lengths)
+        return self.model.token_scores(sets).numpy()
+
     def _batched(self, rows: int, encode: Any) -> np.ndarray:
         """``[rows, D]`` from ``encode(slice)`` per batch of :data:`SERVE_BATCH` rows."""
         parts = [encode(slice(s, s + SERVE_BATCH)).numpy() for s in range(0, rows, SERVE_BATCH)]

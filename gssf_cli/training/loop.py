@@ -46,6 +46,7 @@ from gssf_cli.data.rankable import split_problem
 from gssf_cli.evaluation.evaluate import evaluate_model, load_embeddings
 from gssf_cli.modeling import checkpoint as ckpt
 from gssf_cli.modeling.distributed import Shard
+from gssf_cli.modeling.interaction import TokenSets
 from gssf_cli.modeling.model import (
     EmbeddedDataset,
     RetrievalModel,
@@ -183,6 +184,13 @@ class BatchStep(torch.nn.Module):
         ``ids [B]`` → the objective's parts over all ``B`` pairs (``loss`` and ``struct``). ``teachers``: this
         worker's rows of the distillation teachers (``[b, Fi]``, ``[b, Ft]``)."""
         batch, device = ids.shape[0], images.device
+        if self.model.interaction is not None:
+            scores = self._token_scores(images, texts, lengths, batch)
+            distill = None
+            if teachers is not None:
+                t_img, t_txt = (self.shard.gather(t, batch) for t in teachers)
+                distill = (scores, t_img, t_txt)
+            return self.objective(scores, ids, hardest=hardest, distill_inputs=distill)
         with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             local_images = self.model.encode_images(images).float()
             local_texts = self.model.encode_texts(texts, lengths).float()
@@ -196,6 +204,27 @@ class BatchStep(torch.nn.Module):
             student = scores if self.distill_on_metric else embedded_images @ embedded_texts.T
             distill = (student, t_img, t_txt)
         return self.objective(scores, ids, hardest=hardest, distill_inputs=distill)
+
+    def _token_scores(
+        self, images: torch.Tensor, texts: torch.Tensor, lengths: torch.Tensor | None, batch: int
+    ) -> torch.Tensor:
+        """``[B, B]`` interaction scores of the global batch from this worker's token sets. Workers pad their
+        words to the global batch's longest caption before the gather (their own batches' lengths differ); the
+        interaction's student scores are also what distillation reads."""
+        device = images.device
+        with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            local = self.model.encode_tokens(images, texts, lengths)
+        regions, words, mask = local.regions.float(), local.words.float(), local.mask
+        if self.shard.world > 1:
+            width = torch.full((words.shape[0],), words.shape[1], device=device)
+            longest = int(self.shard.gather(width, batch).max())
+            extra = longest - words.shape[1]
+            words = torch.nn.functional.pad(words, (0, 0, 0, extra))
+            mask = torch.nn.functional.pad(mask, (0, extra))
+            regions, words = self.shard.gather(regions, batch), self.shard.gather(words, batch)
+            mask = self.shard.gather(mask.float(), batch) > 0.5
+        with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            return self.model.token_scores(TokenSets(regions, words, mask)).float()
 
 
 class Trainer:

@@ -47,8 +47,9 @@ class TrialOutcome:
         return out
 
 
-def block_size_trials(outcomes: Sequence[TrialOutcome]) -> list[BlockSizeTrial]:
-    """The trials that reported a metric, as the rows of :func:`~gssf_cli.evaluation.plots.block_size_figure`."""
+def block_size_trials(outcomes: Sequence[TrialOutcome], base_interaction: str = "none") -> list[BlockSizeTrial]:
+    """The trials that reported a metric, as the rows of :func:`~gssf_cli.evaluation.plots.block_size_figure`,
+    each of the family its ``interaction`` (tuned, else ``base_interaction``) names."""
     return [
         BlockSizeTrial(
             block_size=int(o.values["block_size"]),
@@ -56,10 +57,16 @@ def block_size_trials(outcomes: Sequence[TrialOutcome]) -> list[BlockSizeTrial]:
             head_params=o.head_params or 0,
             finished=o.status == "FINISHED",
             stopped_early=o.status == "KILLED",
+            family=family_of(str(o.values.get("interaction", base_interaction))),
         )
         for o in outcomes
         if o.metric is not None
     ]
+
+
+def family_of(interaction: str) -> str:
+    """A trial's family as the block-size figure names it: ``embedding`` or the interaction."""
+    return "embedding" if interaction == "none" else interaction
 
 
 def block_size_axes(plan: TunePlan) -> BlockSizeAxes:
@@ -273,7 +280,9 @@ def write_outputs(
         written[BEST_CONFIG] = out_dir / Path(BEST_CONFIG).name
         written[BEST_CONFIG].write_text(dump_toml(trial_train_values(plan, best.values)), encoding="utf-8")
     figure = (
-        plots.block_size_figure(block_size_trials(ranked), block_size_axes(plan)) if plan.tunes("block_size") else None
+        plots.block_size_figure(block_size_trials(ranked, plan.base.interaction), block_size_axes(plan))
+        if plan.tunes("block_size")
+        else None
     )
     if figure is not None:
         written["plots/block_size.png"] = out_dir / "block_size.png"

@@ -104,6 +104,7 @@ def test_flags_arrive_as_config_values_and_absent_ones_as_none(
     assert resolved["cli"] == {
         "embeddings": Path("e.npz"), "run": None, "data": None, "protocol": None, "split": None, "ks": (1, 5),
         "metric": "x", "memory_budget_mb": 9, "full_map": None, "plots": False, "output": None, "head": None,
+        "shortlist": None,
     }  # fmt: skip
     gssf("tune", "--param", "lr", "--values", "1,2", "--base", "a=1", "--base", "b=2", "--config", "t.toml")
     assert resolved["cli"]["params"] == ("lr=1,2",)

@@ -59,7 +59,7 @@ def test_plan_checks_every_grid_combination(moduledir: Path) -> None:
 
 
 BAD_INVOCATIONS: list[tuple[list[str], str]] = [
-    (["--param", "blocksize=4"], "--param blocksize: unknown parameter; tunable: adapter, amp, batch_size, block_size"),
+    (["--param", "blocksize=4"], "--param blocksize: unknown parameter; tunable: adapter, aggregate, amp, batch_size, block_size"),
     (["--param", "block_size", "--values", "4,5,8"], "--param block_size=5: block size 5 does not divide the "
      "embedding size 32; valid block sizes: 1, 2, 4, 8, 16, 32"),
     (["--param", "block_size=divisors:64:128"], "no divisor of the embedding size 32 in [64, 128]"),

@@ -41,7 +41,10 @@ def test_param_specs() -> None:
 @pytest.mark.parametrize(
     ("item", "message"),
     [
-        ("blocksize=4", "--param blocksize: unknown parameter; tunable: adapter, aggregate, amp, batch_size, block_size,"),
+        (
+            "blocksize=4",
+            "--param blocksize: unknown parameter; tunable: adapter, aggregate, amp, batch_size, block_size,",
+        ),
         ("epochs=1,2", "--param epochs: not tunable, it is every trial's budget (--epochs)"),
         ("lr", "--param lr: give its values, e.g. --param lr=A,B,C"),
         ("lr=1e-3,x", "--param lr=1e-3,x: 'x' is not a number"),

@@ -401,7 +401,7 @@ short). The default batch holds ``3·4·R·L`` token pairs."""
 
 @dataclass
 class Spy:
-    """Counts the blocks that ``all_pairs`` scores (their sizes) and the calls to ``checkpoint``."""
+    """Counts the blocks that ``score_block`` scores (their sizes) and the calls to ``checkpoint``."""
 
     blocks: list[tuple[int, int]]
     checkpoints: int = 0
@@ -421,13 +421,13 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
 
 
 def watch_blocks(monkeypatch: pytest.MonkeyPatch, interaction: Interaction, record: Spy) -> None:
-    real_all_pairs: Callable[[Tensor, Tensor, Tensor], Tensor] = interaction.all_pairs
+    real_score_block: Callable[..., Tensor] = interaction.score_block
 
-    def counting_all_pairs(regions: Tensor, words: Tensor, mask: Tensor) -> Tensor:
+    def counting_score_block(regions: Tensor, learned: Any, region_gram: Any, words: Tensor, *rest: Any) -> Tensor:
         record.blocks.append((len(regions), len(words)))
-        return real_all_pairs(regions, words, mask)
+        return real_score_block(regions, learned, region_gram, words, *rest)
 
-    monkeypatch.setattr(interaction, "all_pairs", counting_all_pairs)
+    monkeypatch.setattr(interaction, "score_block", counting_score_block)
 
 
 @pytest.mark.parametrize("budget", BUDGETS)

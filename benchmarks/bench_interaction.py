@@ -63,7 +63,7 @@ from common import peak_rss_mib, report
 from gssf_cli.evaluation.crossmodal import evaluate_cross_modal
 from gssf_cli.evaluation.ranking import DEFAULT_MEMORY_BUDGET_BYTES, rows_per_chunk
 from gssf_cli.evaluation.shortlist import AUDIT_QUERIES, TOP, shortlist_metrics
-from gssf_cli.modeling.interaction import BLOCK_ELEMENTS, TokenSets, make_interaction
+from gssf_cli.modeling.interaction import BLOCK_ELEMENTS, TokenSets, block_shape, make_interaction
 from gssf_cli.modeling.model import RetrievalModel, SplitScorer, split_scorer
 from gssf_cli.modeling.similarity import GSSFSimilarity, make_similarity
 
@@ -201,13 +201,6 @@ def gemms(kind: str, metric: str) -> int:
     return 2 if kind != "maxsim" and metric != "cosine" else 1
 
 
-def interaction_blocks(images: int, captions: int, regions: int, length: int) -> tuple[int, int]:
-    """Images and captions per block, as :meth:`Interaction.forward` picks them (``BLOCK_ELEMENTS`` token pairs)."""
-    per_caption = max(1, BLOCK_ELEMENTS // max(1, regions * length))
-    images_per_block = max(1, min(images, per_caption))
-    return images_per_block, max(1, min(captions, per_caption // images_per_block))
-
-
 def token_gemm(tokens: TokenSets) -> None:
     """The anchor: every token similarity ``[N*R, D] x [D, kN*L]`` in the interaction's blocks, discarded."""
     regions, words = tokens.regions, tokens.words
@@ -217,7 +210,7 @@ def token_gemm(tokens: TokenSets) -> None:
     with torch.no_grad():
         for start in range(0, n, chunk):
             part = regions[start : start + chunk]
-            images_per_block, captions_per_block = interaction_blocks(part.shape[0], m, r, length)
+            images_per_block, captions_per_block = block_shape(part.shape[0], r, m, length)
             for i in range(0, part.shape[0], images_per_block):
                 left = part[i : i + images_per_block].reshape(-1, d)
                 for t in range(0, m, captions_per_block):
@@ -330,7 +323,7 @@ def measure_evaluation(sizes: dict[str, Any], repeats: int) -> tuple[list[dict[s
             f"{audited['missed_top10']['text→image']}/{audited['of_top10']['text→image']}."
         )
     one_gemm = best[f"exact {CASES[0]}"] / anchor
-    ib, cb = interaction_blocks(min(n, rows_per_chunk(m, 4, DEFAULT_MEMORY_BUDGET_BYTES)), m, r, length)
+    ib, cb = block_shape(min(n, rows_per_chunk(m, 4, DEFAULT_MEMORY_BUDGET_BYTES)), r, m, length)
     notes[1:1] = [
         f"anchor: [N*R, D] x [D, kN*L] in the interaction's blocks ({ib} images x {cb} captions, BLOCK_ELEMENTS = "
         f"{BLOCK_ELEMENTS:,}). exact {case_label(CASES[0])} / anchor = {one_gemm:.2f}x (target <= 1.5x); x/GEMM "

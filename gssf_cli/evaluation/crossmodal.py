@@ -53,7 +53,7 @@ CROSS_MODAL_PROTOCOLS = PROTOCOLS
 PROTOCOL_IMAGES = {"f30k-1k": 1_000, "coco-1k": 5_000, "coco-5k": 5_000}
 """Images in each protocol's test split."""
 COCO_1K_FOLD_IMAGES = 1_000
-POSITIVE_PASS_IMAGES = 128
+POSITIVE_PASS_IMAGES = 32
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def cross_modal_ranks(
     Why one pass: t2i needs columns of S, and a second pass over caption chunks would double the scoring
     cost. Instead each image-row block adds its column counts, compared against the positive score of each
     caption, which is known before the pass: gathered from ``scores``, or computed by a cheap pass over
-    matching ``[128, 128k]`` image/caption blocks with ``score_fn``. (With a score_fn that positive score may
+    matching ``[32, 32k]`` image/caption blocks with ``score_fn``. (With a score_fn that positive score may
     differ from the value inside the big block in the last bit; the self-comparison is subtracted exactly,
     so only a tie within one ulp could be judged differently from a one-shot matrix.)
 
@@ -138,7 +138,8 @@ def _positive_scores_from_matrix(scores: ArrayLike, k: int, dtype: torch.dtype) 
 
 def _positive_scores_from_embeddings(images: Tensor, texts: Tensor, k: int, score_fn: ScoreFn) -> Tensor:
     """``[kN]``: each caption scored against its own image, through small diagonal blocks of S so that the
-    extra work is ~128/N of the full scoring."""
+    extra work is ~32/N of the full scoring (an interaction scores every pair it is given, so this pass costs
+    it that share too)."""
     parts = []
     for start in range(0, images.shape[0], POSITIVE_PASS_IMAGES):
         stop = min(start + POSITIVE_PASS_IMAGES, images.shape[0])

@@ -34,7 +34,7 @@ from gssf_cli.evaluation.crossmodal import (
 )
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
-AUDIT_QUERIES = 200
+AUDIT_QUERIES = 100
 """Queries per direction whose exact top 10 is computed to count what the shortlist missed (all, when fewer)."""
 TOP = 10
 LIFT = 1e6
@@ -60,6 +60,7 @@ class ShortlistReport:
         }
 
 
+@torch.no_grad()
 def shortlist_metrics(
     images: Tensor,
     texts: Tensor,

@@ -30,6 +30,7 @@ Shapes: regions ``[Bi, R, D]`` (unit rows), words ``[Bt, L, D]`` (unit rows, zer
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -93,9 +94,7 @@ class Interaction(nn.Module):
         depends on one side only — the transformed regions, both Gram matrices — is computed once, not per block."""
         bi, r, _ = regions.shape
         bt, length, _ = words.shape
-        per_caption = max(1, BLOCK_ELEMENTS // max(1, r * length))
-        images_per_block = max(1, min(bi, per_caption))
-        captions_per_block = max(1, min(bt, per_caption // images_per_block))
+        images_per_block, captions_per_block = block_shape(bi, r, bt, length)
         words = words * mask.unsqueeze(-1).to(words.dtype)
         learned = self._learned(regions)
         region_gram, word_gram = self._grams(regions, words)
@@ -111,8 +110,8 @@ class Interaction(nn.Module):
         return torch.cat(rows, dim=0)
 
     def _learned(self, regions: Tensor) -> Tensor | None:
-        """The transformed regions ``[B, R, D]``, when the learned similarity is used anywhere and is not cosine."""
-        if self.metric.name == "cosine" or not (self.learned_in_attention() or self.learned_in_relevance()):
+        """The transformed regions ``[B, R, D]`` (None for cosine, whose transform is the identity)."""
+        if self.metric.name == "cosine":
             return None
         return self.metric.transform(regions)
 
@@ -233,6 +232,18 @@ class Interaction(nn.Module):
             f"kind={self.kind!r}, gssf_at={self.gssf_at!r}, aggregate={self.aggregate!r}, "
             f"lambda_softmax={self.lambda_softmax:g}, lambda_lse={self.lambda_lse:g}"
         )
+
+
+def block_shape(images: int, regions: int, captions: int, words: int) -> tuple[int, int]:
+    """Images and captions per block: about as many region rows as word columns in its GEMM (``√BLOCK_ELEMENTS``
+    each; a skinny ``[bi·R, D] × [D, L]`` block runs far below the GEMM's speed), within :data:`BLOCK_ELEMENTS`
+    token pairs (one pair at least), the spare going to the side that has more."""
+    side = math.isqrt(BLOCK_ELEMENTS)
+    per_image = max(1, BLOCK_ELEMENTS // max(1, regions * words))
+    captions_per_block = max(1, min(captions, side // max(1, words), per_image))
+    images_per_block = max(1, min(images, per_image // captions_per_block))
+    captions_per_block = max(1, min(captions, per_image // images_per_block))
+    return images_per_block, captions_per_block
 
 
 def _part(tensor: Tensor | None, rows: slice) -> Tensor | None:

@@ -470,6 +470,7 @@ def split_scorer(model: RetrievalModel, split: Split, device: torch.device, batc
     interaction = model.interaction
     pooled = (l2_normalize(tokens.regions.mean(dim=1)), l2_normalize(tokens.words.sum(dim=1)))
 
+    @torch.no_grad()  # a score for ranking: never a graph through the metric's weights
     def score_fn(image_rows: Tensor, text_rows: Tensor) -> Tensor:
         i, t = image_rows[:, 0].long(), text_rows[:, 0].long()
         return interaction(tokens.regions[i], tokens.words[t], tokens.mask[t])

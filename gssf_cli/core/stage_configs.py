@@ -525,6 +525,12 @@ def load_pipeline(path: Path) -> PipelineConfig:
     if retrain_epochs is not None:
         limits.AT_LEAST_ONE.check("tune.retrain_epochs", retrain_epochs)
     stages = tuple(s for s in PIPELINE_STAGES if s in listed)
+    interaction = tables.get("train", {}).get("interaction", "none")
+    if "export" in stages and interaction != "none":
+        raise UserInputError(
+            f"{path}: train.interaction = {interaction!r} with an [export] stage: export of interaction runs is not "
+            "supported yet (the ONNX bundle holds pooled embeddings and a head); drop [export] or the interaction"
+        )
     name = str(header.get("name", path.stem))
     return PipelineConfig(path, name, stages, tables, retrain, retrain_epochs, path.read_text())
 

@@ -1,6 +1,6 @@
 """Does a learned GSSF head beat cosine here? Every metric head on five built-in problems, three seeds each, tested.
 
-Run by ``nox -s experiments`` (about 25 minutes on 2 CPU cores; ``--quick``: a smoke run of a few minutes that
+Run by ``nox -s experiments`` (about 15 minutes on 2 CPU cores; ``--quick``: a smoke run of a few minutes that
 leaves the README alone). For each problem and head, ``gssf train --seeds 0,1,2`` (one run per seed, each keeping
 its best epoch by the dev split), then ``gssf compare COSINE HEAD`` on the **test** split: every head against
 the cosine head of the same problem, the three seeds' per-query values averaged, a paired bootstrap interval and
@@ -43,17 +43,17 @@ PROBLEMS: dict[str, dict[str, Any]] = {
     "synthetic captions": {
         "data": "synthetic",
         "what": "generated images (1,000 train / 250 test, 12 regions each) with 5 captions each, GRU text tower, "
-        "D = 128, 8 epochs",
-        "train": {"embed_dim": 128, "word_dim": 64, "epochs": 8},
+        "D = 128, 16 epochs",
+        "train": {"embed_dim": 128, "word_dim": 64, "epochs": 16},
         "heads": ["cosine", "bdiag d=16", "gssf d=16", "gssf d=16 + distillation"],
     },
     "synthetic captions, token level (SCAN t→i)": {
         "data": "synthetic",
         "what": "the same data and towers, pairs scored by SCAN's stacked cross attention over regions and words "
         "(`--interaction scan-t2i`, the metric as token similarity where SCAN takes the word-vs-attended relevance, "
-        "SCAN's λ₁ = 9, LogSumExp λ₂ = 6), 8 epochs; its last column tests it against the embedding model's cosine "
+        "SCAN's λ₁ = 9, LogSumExp λ₂ = 6), 16 epochs; its last column tests it against the embedding model's cosine "
         "head",
-        "train": {"embed_dim": 128, "word_dim": 64, "epochs": 8, "interaction": "scan-t2i"},
+        "train": {"embed_dim": 128, "word_dim": 64, "epochs": 16, "interaction": "scan-t2i"},
         "heads": ["cosine", "bdiag d=16", "gssf d=16"],
         "versus": "synthetic captions",
     },

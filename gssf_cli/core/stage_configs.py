@@ -323,6 +323,11 @@ class TrainConfig:
                 f"{given[0]} applies to SCAN (--interaction scan-t2i or scan-i2t), and --interaction "
                 f"{self.interaction} {what}: drop {given[0]}"
             )
+        if self.interaction != "none" and self.pooling != "mean":
+            raise UserInputError(
+                f"--pooling {self.pooling} pools the towers' tokens into embeddings, and --interaction "
+                f"{self.interaction} scores the tokens themselves: drop --pooling"
+            )
         if self.interaction != "none" and self.head_only():
             raise UserInputError(
                 f"--interaction {self.interaction} scores the towers' token outputs, and --encoder {self.encoder} "

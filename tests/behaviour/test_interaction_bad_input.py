@@ -96,6 +96,11 @@ def _export_interaction_run(w: Path, t: Template) -> list[str]:
 
 
 CASES: dict[str, tuple[Setup, str]] = {
+    "train: --pooling with an interaction": (
+        _train_with("--interaction", "scan-t2i", "--pooling", "attention"),
+        "--pooling attention pools the towers' tokens into embeddings, and --interaction scan-t2i scores the tokens "
+        "themselves: drop --pooling",
+    ),
     "train: --gssf-at with maxsim": (
         _train_with("--interaction", "maxsim", "--gssf-at", "attention"),
         "--gssf-at applies to SCAN (--interaction scan-t2i or scan-i2t), and --interaction maxsim scores every "

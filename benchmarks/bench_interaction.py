@@ -347,7 +347,8 @@ def train_step(kind: str, sizes: dict[str, Any]) -> Callable[[], None]:
     from gssf_cli.core.stage_configs import TrainConfig
     from gssf_cli.modeling.distributed import Shard
     from gssf_cli.modeling.model import build_model_for, build_objective, resolve_config
-    from gssf_cli.training.loop import BatchStep, make_optimizer
+    from gssf_cli.training.batch_step import BatchStep
+    from gssf_cli.training.loop import make_optimizer
 
     batch, regions, features = sizes["train_batch"], sizes["train_regions"], sizes["train_features"]
     low, high = sizes["train_words"]

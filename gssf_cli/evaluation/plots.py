@@ -120,7 +120,6 @@ def block_size_figure(trials: Sequence[BlockSizeTrial], axes: BlockSizeAxes) -> 
         return None
     if len({t.family for t in trials}) > 1:
         return _families_figure(trials, axes)
-    from matplotlib.ticker import NullFormatter
 
     plt = _pyplot()
 
@@ -149,13 +148,7 @@ def block_size_figure(trials: Sequence[BlockSizeTrial], axes: BlockSizeAxes) -> 
         )
     else:
         ax.plot(sizes, best, color="tab:blue", label=f"{axes.metric}, best per size")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes)
-    ax.set_xticklabels([str(s) for s in sizes])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(f"block size d (D = {axes.embed_dim})")
-    ax.set_ylabel(f"{axes.metric} ({'higher' if axes.mode == 'max' else 'lower'} is better)")
-    ax.grid(True, which="both", alpha=0.3)
+    _log2_axes(ax, sizes, f"block size d (D = {axes.embed_dim})", axes)
     twin = _parameter_axis(ax, sizes, params)
     handles, labels = ax.get_legend_handles_labels()
     twin_handles, twin_labels = twin.get_legend_handles_labels()
@@ -172,7 +165,6 @@ def _families_figure(trials: Sequence[BlockSizeTrial], axes: BlockSizeAxes) -> A
     """Both families of the GSSF paper in one figure: the metric against N = D/d (blocks; d = 1 is N = D, the
     diagonal end), one series per family — its best per size, or the mean ± std of its finished trials when a
     size ran with several seeds — every trial a dot in the family's colour (hollow if stopped early)."""
-    from matplotlib.ticker import NullFormatter
 
     plt = _pyplot()
     pick = max if axes.mode == "max" else min
@@ -197,17 +189,24 @@ def _families_figure(trials: Sequence[BlockSizeTrial], axes: BlockSizeAxes) -> A
             if group:
                 ax.scatter([axes.embed_dim // t.block_size for t in group], [t.metric for t in group], s=30,
                            zorder=3, facecolors="white" if stopped else colour, edgecolors=colour)  # fmt: skip
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(blocks)
-    ax.set_xticklabels([str(b) for b in blocks])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(f"blocks N = D/d (D = {axes.embed_dim}; N = D is the diagonal, N = 1 one dense block)")
-    ax.set_ylabel(f"{axes.metric} ({'higher' if axes.mode == 'max' else 'lower'} is better)")
-    ax.grid(True, which="both", alpha=0.3)
+    _log2_axes(ax, blocks, f"blocks N = D/d (D = {axes.embed_dim}; N = D is the diagonal, N = 1 one dense block)", axes)
     ax.legend(loc="best", fontsize="small")
     ax.set_title(f"block-size search, embedding and interaction families ({axes.subject})")
     fig.tight_layout()
     return fig
+
+
+def _log2_axes(ax: Any, ticks: list[int], xlabel: str, axes: BlockSizeAxes) -> None:
+    """A block-size figure's axes: x on a log2 scale with exactly ``ticks`` labelled, y the tuned metric."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{axes.metric} ({'higher' if axes.mode == 'max' else 'lower'} is better)")
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def _trial_dots(ax: Any, trials: Sequence[BlockSizeTrial]) -> None:

@@ -136,7 +136,8 @@ def _log(run_: StageRun, config: EvaluateConfig, outcome: evaluation.Evaluation)
     run_.log_dict(result.to_json(), "evaluation.json")
     if config.plots:
         from gssf_cli.evaluation import plots
+        from gssf_cli.evaluation.figures import figures
 
-        for artifact, figure in evaluation.figures(outcome, config.memory_budget_mb).items():
+        for artifact, figure in figures(outcome, config.memory_budget_mb).items():
             run_.log_figure(figure, artifact)
             plots.close(figure)

@@ -13,6 +13,7 @@ from gssf_cli.data.dataset import Dataset
 from gssf_cli.evaluation import evaluate as evaluation
 from gssf_cli.evaluation import plots
 from gssf_cli.evaluation.crossmodal import evaluate_cross_modal
+from gssf_cli.evaluation.figures import figures as evaluation_figures
 from gssf_cli.modeling.model import build_model
 from tests.conftest import tiny_train_config
 
@@ -50,7 +51,7 @@ def test_figures_for_both_tasks(tmp_path: Path) -> None:
     np.savez(tmp_path / "pairs.npz", images=rng.normal(size=(10, 8)), texts=rng.normal(size=(20, 8)))
     for name in ("labels", "pairs"):
         outcome = evaluation.evaluate_file(EvaluateConfig(embeddings=tmp_path / f"{name}.npz"))
-        figures = evaluation.figures(outcome, memory_budget_mb=16)
+        figures = evaluation_figures(outcome, memory_budget_mb=16)
         assert set(figures) == {"plots/score_distributions.png", "plots/recall_at_k.png"}
         for figure in figures.values():
             plots.close(figure)

@@ -112,18 +112,24 @@ def _train_task(shard: Shard, data: Path, overrides: dict[str, Any]) -> dict[str
         # and the runs part by ~1e-4 (seen on AVX-512). What this checks, distillation over the global batch, is
         # the same either way.
         pytest.param({"distill_weight": 0.5, "distill_use_metric": True, "distill_kind": "mse"}, id="distillation"),
+        # Token sets: each worker pads its words to the global batch's longest caption before the gather. SCAN's
+        # softmax (x9), LogSumExp (x6) and 1/|attended| amplify the float noise of GRUs run over other batch shapes:
+        # measured up to 2.8e-5 on the second epoch's loss and 2e-4 on a weight (the embedding model: 3e-8, 3e-7).
+        pytest.param({"interaction": "scan-t2i", "loss_rtol": 1e-4, "weight_atol": 1e-3}, id="interaction"),
     ],
 )
 def test_two_workers_train_as_one_process(tiny_syn: Path, tmp_path: Path, overrides: dict[str, Any]) -> None:
     """Same global batch and seed: the same losses and weights after a warm-up epoch and a hardest-negative one
     (each worker encodes half of each batch; negatives are mined over the whole of it)."""
+    overrides = dict(overrides)
+    loss_rtol, weight_atol = overrides.pop("loss_rtol", LOSS_RTOL), overrides.pop("weight_atol", WEIGHT_ATOL)
     one = _train_task(Shard(), tiny_syn, overrides)
     workers = _run_group(2, _train_task, (tiny_syn, overrides), tmp_path)
     for result in workers:
-        assert result["losses"] == pytest.approx(one["losses"], rel=LOSS_RTOL)
+        assert result["losses"] == pytest.approx(one["losses"], rel=loss_rtol)
         assert result["weights"].keys() == one["weights"].keys()
         for key, value in one["weights"].items():
-            torch.testing.assert_close(result["weights"][key], value, atol=WEIGHT_ATOL, rtol=0)
+            torch.testing.assert_close(result["weights"][key], value, atol=weight_atol, rtol=0)
 
 
 def test_amp_trains_in_bfloat16_on_cpu_close_to_float32(tiny_syn: Path) -> None:

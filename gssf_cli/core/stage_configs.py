@@ -172,6 +172,11 @@ the head is all that learns and it must move far from the identity: at 1× it le
 epoch 1, rSum 15.0 as cosine), at 40× 178.6, at 100× 193.9 ± 3.9 (stable over seeds), at 200× 204.4."""
 
 
+def _scan_defaults(setting: str) -> str:
+    """SCAN's published default of ``setting`` per direction, for a flag's help: ``9 for scan-t2i, 4 for ...``."""
+    return ", ".join(f"{getattr(published, setting):g} for {kind}" for kind, published in SCAN_SETTINGS.items())
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How ``gssf train`` learns encoders and a metric head.
@@ -204,16 +209,12 @@ class TrainConfig:
     )
     lambda_softmax: float | None = setting(
         None,
-        help="SCAN: attention sharpness λ1 (default "
-        + ", ".join(f"{s.lambda_softmax:g} for {k}" for k, s in SCAN_SETTINGS.items())
-        + ").",
+        help=f"SCAN: attention sharpness λ1 (default {_scan_defaults('lambda_softmax')}).",
         within=limits.POSITIVE,
     )
     lambda_lse: float | None = setting(
         None,
-        help="SCAN: LogSumExp λ2 (default "
-        + ", ".join(f"{s.lambda_lse:g} for {k}" for k, s in SCAN_SETTINGS.items())
-        + ").",
+        help=f"SCAN: LogSumExp λ2 (default {_scan_defaults('lambda_lse')}).",
         within=limits.POSITIVE,
     )
     embed_dim: int = setting(1024, help="Embedding size D.", within=limits.EMBED_DIM)
@@ -333,17 +334,6 @@ class TrainConfig:
                 f"--interaction {self.interaction} scores the towers' token outputs, and --encoder {self.encoder} "
                 "keeps no tokens: train the towers (--encoder trained)"
             )
-
-    def scan(self) -> tuple[str, str, float, float]:
-        """SCAN's settings as this run uses them: ``(gssf_at, aggregate, lambda_softmax, lambda_lse)``, each the
-        value given or the published default of the direction (:data:`~gssf_cli.core.limits.SCAN_SETTINGS`)."""
-        published = SCAN_SETTINGS[self.interaction]
-        return (
-            self.gssf_at or "relevance",
-            self.aggregate or published.aggregate,
-            published.lambda_softmax if self.lambda_softmax is None else self.lambda_softmax,
-            published.lambda_lse if self.lambda_lse is None else self.lambda_lse,
-        )
 
     def on_ray(self) -> bool:
         """Whether training runs on Ray Train workers (several, or any on a cluster) instead of in this process."""

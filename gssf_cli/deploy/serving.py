@@ -70,6 +70,11 @@ class Retriever(Protocol):
         """``[N, D] x [M, D]`` → ``[N, M]`` learned similarities."""
         ...
 
+    def input_scores(self, images: np.ndarray, texts: Sequence[str] | np.ndarray) -> np.ndarray | None:
+        """``[N, M]`` scores from the inputs themselves, for a model whose pooled embeddings cannot give them (an
+        interaction model); None when :meth:`scores` of the embeddings is the answer."""
+        ...
+
 
 def predict(retriever: Retriever, model_input: Any) -> dict[str, np.ndarray]:
     """The pyfunc ``predict``: embeddings of what was given, and scores when both sides were. Both sides are
@@ -91,8 +96,7 @@ def predict(retriever: Retriever, model_input: Any) -> dict[str, np.ndarray]:
         out["text_embeddings"] = retriever.encode_texts(text_batch)
     if len(out) == 2:
         assert image_batch is not None and text_batch is not None
-        from_inputs = getattr(retriever, "input_scores", None)
-        scores = from_inputs(image_batch, text_batch) if from_inputs is not None else None
+        scores = retriever.input_scores(image_batch, text_batch)
         out["scores"] = (
             scores if scores is not None else retriever.scores(out["image_embeddings"], out["text_embeddings"])
         )
@@ -126,6 +130,10 @@ class Served:
 
     def io_schema(self) -> dict[str, list[dict[str, Any]]]:
         return io_schema(self.layout)  # type: ignore[attr-defined]
+
+    def input_scores(self, images: np.ndarray, texts: Sequence[str] | np.ndarray) -> np.ndarray | None:
+        """None: the embeddings' :meth:`Retriever.scores` is the answer (a model scoring token sets overrides)."""
+        return None
 
 
 def _as_mapping(model_input: Any) -> Mapping[str, Any]:

@@ -391,7 +391,7 @@ def model_identity(model: RetrievalModel) -> dict[str, Any]:
     encoder, adapter = encoder_kind(model.encoder)
     interaction = model.interaction
     return {
-        "interaction": repr_fields(interaction) if interaction is not None else {"kind": "none"},
+        "interaction": interaction.settings() if interaction is not None else {"kind": "none"},
         "metric_head": similarity.name,
         "block_size": similarity.block_size,
         "embed_dim": similarity.dim,
@@ -400,15 +400,6 @@ def model_identity(model: RetrievalModel) -> dict[str, Any]:
         "adapter": adapter,
         "parameters": model.parameter_counts(),
     }
-
-
-def repr_fields(interaction: Any) -> dict[str, Any]:
-    """An interaction's settings as they score: kind, and for SCAN where the metric acts, the aggregate and λs."""
-    fields = {"kind": interaction.kind}
-    if interaction.kind != "maxsim":
-        fields |= {"gssf_at": interaction.gssf_at, "aggregate": interaction.aggregate,
-                   "lambda_softmax": interaction.lambda_softmax, "lambda_lse": interaction.lambda_lse}  # fmt: skip
-    return fields
 
 
 def file_identity(

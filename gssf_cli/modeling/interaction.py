@@ -31,7 +31,7 @@ Shapes: regions ``[Bi, R, D]`` (unit rows), words ``[Bt, L, D]`` (unit rows, zer
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -225,13 +225,15 @@ class Interaction(nn.Module):
             scaled = scaled.masked_fill(~mask, float("-inf"))
         return torch.logsumexp(scaled, dim=-1) / self.lambda_lse
 
-    def extra_repr(self) -> str:
+    def settings(self) -> dict[str, Any]:
+        """What scores a pair: the kind, and for SCAN where the metric acts, the aggregate and the λs."""
         if self.kind == "maxsim":
-            return f"kind={self.kind!r}"
-        return (
-            f"kind={self.kind!r}, gssf_at={self.gssf_at!r}, aggregate={self.aggregate!r}, "
-            f"lambda_softmax={self.lambda_softmax:g}, lambda_lse={self.lambda_lse:g}"
-        )
+            return {"kind": self.kind}
+        return {"kind": self.kind, "gssf_at": self.gssf_at, "aggregate": self.aggregate,
+                "lambda_softmax": self.lambda_softmax, "lambda_lse": self.lambda_lse}  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.settings().items())
 
 
 def block_shape(images: int, regions: int, captions: int, words: int) -> tuple[int, int]:

@@ -40,14 +40,24 @@ class BatchStep(torch.nn.Module):
         """This worker's rows (``images [b, ...]``, ``texts [b, ...]``, ``lengths [b]``) and the global batch's
         ``ids [B]`` → the objective's parts over all ``B`` pairs (``loss`` and ``struct``). ``teachers``: this
         worker's rows of the distillation teachers (``[b, Fi]``, ``[b, Ft]``)."""
-        batch, device = ids.shape[0], images.device
+        batch = ids.shape[0]
         if self.model.interaction is not None:
             scores = self._token_scores(images, texts, lengths, batch)
-            distill = None
-            if teachers is not None:
-                t_img, t_txt = (self.shard.gather(t, batch) for t in teachers)
-                distill = (scores, t_img, t_txt)
-            return self.objective(scores, ids, hardest=hardest, distill_inputs=distill)
+            pooled = None  # the interaction's scores are its only relations between the pairs
+        else:
+            scores, pooled = self._embedding_scores(images, texts, lengths, batch)
+        distill = None
+        if teachers is not None:
+            t_img, t_txt = (self.shard.gather(t, batch) for t in teachers)
+            student = scores if self.distill_on_metric or pooled is None else pooled[0] @ pooled[1].T
+            distill = (student, t_img, t_txt)
+        return self.objective(scores, ids, hardest=hardest, distill_inputs=distill)
+
+    def _embedding_scores(
+        self, images: torch.Tensor, texts: torch.Tensor, lengths: torch.Tensor | None, batch: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``[B, B]`` head scores of the global batch and its embeddings ``([B, D], [B, D])``."""
+        device = images.device
         with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             local_images = self.model.encode_images(images).float()
             local_texts = self.model.encode_texts(texts, lengths).float()
@@ -55,12 +65,7 @@ class BatchStep(torch.nn.Module):
         embedded_texts = self.shard.gather(local_texts, batch)
         with torch.autocast(device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             scores = self.model.scores(embedded_images, embedded_texts).float()
-        distill = None
-        if teachers is not None:
-            t_img, t_txt = (self.shard.gather(t, batch) for t in teachers)
-            student = scores if self.distill_on_metric else embedded_images @ embedded_texts.T
-            distill = (student, t_img, t_txt)
-        return self.objective(scores, ids, hardest=hardest, distill_inputs=distill)
+        return scores, (embedded_images, embedded_texts)
 
     def _token_scores(
         self, images: torch.Tensor, texts: torch.Tensor, lengths: torch.Tensor | None, batch: int

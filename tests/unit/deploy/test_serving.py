@@ -40,6 +40,9 @@ class Lengths:
     def scores(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
         return image_embeddings @ text_embeddings.T
 
+    def input_scores(self, images: np.ndarray, texts: Sequence[str] | np.ndarray) -> None:
+        return None  # an embedding model: scores come from the embeddings
+
 
 def test_predict_returns_what_was_given_and_scores_when_both_sides_are() -> None:
     images = np.ones((2, 3, 4), np.float32)

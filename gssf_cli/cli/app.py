@@ -532,7 +532,7 @@ def search(
     """
 
     def work() -> Any:
-        from gssf_cli.deploy.index_folder import run_search
+        from gssf_cli.deploy.indexes import run_search
 
         return run_search(resolve(SearchConfig, "search", {}, settings.values()))
 

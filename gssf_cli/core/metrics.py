@@ -74,9 +74,15 @@ RECALL_CUTOFFS: dict[str, tuple[str, ...]] = {
     "cross_modal": ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"),
     "labels": ("r_at_1", "r_at_5", "r_at_10"),
 }
-"""The top-K metrics two scorers must agree on exactly (ONNX parity)."""
+"""The top-K metrics of a task."""
 RANKING: dict[str, str] = {"cross_modal": "i2t_map", "labels": "map_at_r"}
 """The ranking-quality metric reported beside the cut-offs."""
+RANK_METRICS: dict[str, tuple[str, ...]] = {
+    "cross_modal": (*RECALL_CUTOFFS["cross_modal"], "i2t_medr", "t2i_medr", "i2t_meanr", "t2i_meanr", "i2t_map"),
+    "labels": (*RECALL_CUTOFFS["labels"], "precision_at_1", "r_precision", "map_at_r"),
+}
+"""Every metric a task's rankings alone decide: two scorers that rank alike agree on all of them exactly, so the ONNX
+parity gate demands that (a score drift that reorders one relevant item moves at least one of them)."""
 
 _CUTOFF = re.compile(r"^(?:(i2t|t2i)_r|r_at_)(\d+)$")
 

@@ -520,12 +520,6 @@ def load_pipeline(path: Path) -> PipelineConfig:
     if retrain_epochs is not None:
         limits.AT_LEAST_ONE.check("tune.retrain_epochs", retrain_epochs)
     stages = tuple(s for s in PIPELINE_STAGES if s in listed)
-    interaction = tables.get("train", {}).get("interaction", "none")
-    if "export" in stages and interaction != "none":
-        raise UserInputError(
-            f"{path}: train.interaction = {interaction!r} with an [export] stage: export of interaction runs is not "
-            "supported yet (the ONNX bundle holds pooled embeddings and a head); drop [export] or the interaction"
-        )
     name = str(header.get("name", path.stem))
     return PipelineConfig(path, name, stages, tables, retrain, retrain_epochs, path.read_text())
 
@@ -662,6 +656,11 @@ class IndexConfig:
     nprobe: int | None = setting(
         None, help="ivfpq: lists visited per query, stored as the index's default.", within=limits.AT_LEAST_ONE
     )
+    per_word: int | None = setting(
+        None,
+        help="Token index: regions each query word fetches as candidates, stored as the index's default.",
+        within=limits.AT_LEAST_ONE,
+    )
     eval: bool = setting(False, help="Measure recall@10 against exact search and the query latency.", flag="--eval")
     eval_queries: Path | None = setting(
         None, help="Queries for --eval: captions (.txt) or vectors (.npy); default: embeddings of gallery rows."
@@ -699,6 +698,13 @@ class SearchConfig:
     bundle: Path | None = setting(None, help="The bundle, if it moved since the index was built (checked by content).")
     ef_search: int | None = setting(None, help="hnsw: search depth (default: the index's).", within=limits.AT_LEAST_ONE)
     nprobe: int | None = setting(None, help="ivfpq: lists visited (default: the index's).", within=limits.AT_LEAST_ONE)
+    per_word: int | None = setting(
+        None, help="Token index: regions each query word fetches as candidates (default: the index's).",
+        within=limits.AT_LEAST_ONE,
+    )  # fmt: skip
+    eval: bool = setting(
+        False, help="Token index: recall@10 of the answers against exact search of the whole gallery.", flag="--eval"
+    )
 
     def validate(self) -> None:
         if self.index is None:

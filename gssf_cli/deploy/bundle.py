@@ -31,17 +31,40 @@ import numpy as np
 
 from gssf_cli.core.errors import UserInputError, first_line
 from gssf_cli.core.files import MANIFEST, manifest_digest, sha256_file
+from gssf_cli.core.limits import token_block_shape
 from gssf_cli.deploy.serving import Layout, Served
 
-BUNDLE_FORMAT = 2
-"""2: a ``files`` section checksums every file the bundle needs (1 covered the graphs only)."""
+BUNDLE_FORMAT = 3
+"""3: ``family`` — ``embedding`` or ``interaction`` (a token-level model: towers that also give tokens, and a scorer
+graph), with the interaction's settings; 2: a ``files`` section checksums every file the bundle needs (1 covered
+the graphs only)."""
+READABLE_FORMATS = (2, 3)
+"""Formats :func:`verify_bundle` reads: a format-2 bundle is an embedding bundle."""
 FAILED_SUFFIX = ".failed"
 GRAPHS: dict[str, tuple[str, ...]] = {
     "cross_modal": ("image_encoder", "text_encoder", "metric_head"),
     "labels": ("encoder", "metric_head"),
 }
-"""The graphs a bundle holds, per dataset task: what the exporter writes and what :func:`verify_bundle` expects."""
+"""The graphs an embedding bundle holds, per dataset task: what the exporter writes and what :func:`verify_bundle`
+expects."""
+INTERACTION_GRAPHS = ("image_encoder", "text_encoder", "metric_head", "scorer")
+"""The graphs an interaction bundle holds (cross-modal only): towers whose second output is the token set
+(``regions``: unit regions ``[N, R, D]``; ``words``: unit words ``[M, L, D]``, zero at padding), the metric head (the learned
+token similarity as a transform of the image side) and ``scorer`` (regions, words, lengths → ``[N, M]``)."""
+FAMILIES = ("embedding", "interaction")
 REQUIRED_KEYS = ("source_run_id", "task", "graphs", "files", "parity")
+
+
+def bundle_graphs(task: str, family: str) -> tuple[str, ...] | None:
+    """The graphs a bundle of ``task`` and ``family`` holds (None: no such bundle)."""
+    if family == "interaction":
+        return INTERACTION_GRAPHS if task == "cross_modal" else None
+    return GRAPHS.get(task)
+
+
+def bundle_family(manifest: dict[str, Any]) -> str:
+    """``embedding`` or ``interaction``; a format-2 manifest has no ``family`` and is an embedding bundle."""
+    return str(manifest.get("family", "embedding"))
 
 
 def failed_path(out: Path) -> Path:
@@ -130,7 +153,7 @@ def verify_bundle(folder: Path, *, full_check: bool = True) -> dict[str, Any]:
             f"{folder}: its parity gate failed (manifest.json records parity outside tolerance); not deployable"
         )
     task, graphs, files = manifest["task"], manifest["graphs"], manifest["files"]
-    _check_graph_set(manifest_path, task, graphs)
+    _check_graph_set(manifest_path, task, bundle_family(manifest), graphs)
     needed = {info["file"]: f"graph {name}" for name, info in graphs.items()}
     vocab = _vocab_file(manifest)
     if vocab is not None:
@@ -158,6 +181,8 @@ def verify_bundle(folder: Path, *, full_check: bool = True) -> dict[str, Any]:
     return {
         "path": str(folder),
         "task": task,
+        "family": bundle_family(manifest),
+        "bundle_format": manifest["bundle_format"],
         "graphs": sorted(graphs),
         "files": sorted(files),
         "source_run_id": manifest.get("source_run_id"),
@@ -166,11 +191,13 @@ def verify_bundle(folder: Path, *, full_check: bool = True) -> dict[str, Any]:
     }
 
 
-def _check_graph_set(manifest_path: Path, task: str, graphs: dict[str, Any]) -> None:
-    """The graphs a ``task`` bundle holds (:data:`GRAPHS`), no more and no fewer."""
-    expected = GRAPHS.get(task)
-    if expected is None:
+def _check_graph_set(manifest_path: Path, task: str, family: str, graphs: dict[str, Any]) -> None:
+    """The graphs a ``task`` bundle of ``family`` holds (:func:`bundle_graphs`), no more and no fewer."""
+    if task not in GRAPHS:
         raise UserInputError(f"{manifest_path}: unknown task {task!r} (expected one of {', '.join(GRAPHS)})")
+    expected = bundle_graphs(task, family)
+    if expected is None:
+        raise UserInputError(f"{manifest_path}: no {family} bundle exists for {task} data; export again")
     missing = [name for name in expected if name not in graphs]
     extra = sorted(set(graphs) - set(expected))
     if missing or extra:
@@ -179,7 +206,9 @@ def _check_graph_set(manifest_path: Path, task: str, graphs: dict[str, Any]) -> 
             if missing
             else (f"unexpected graph(s) {', '.join(extra)}")
         )
-        raise UserInputError(f"{manifest_path}: {what} (a {task} bundle holds {', '.join(expected)}); export again")
+        raise UserInputError(
+            f"{manifest_path}: {what} (a {task} {family} bundle holds {', '.join(expected)}); export again"
+        )
 
 
 def _checked_digests(paths: dict[str, Path], files: dict[str, Any]) -> dict[str, str]:
@@ -210,10 +239,10 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise UserInputError(f"{path}: unreadable bundle manifest ({exc})") from None
     if not isinstance(manifest, dict):
         raise UserInputError(f"{path}: not a bundle manifest (expected a JSON object)")
-    if "bundle_format" in manifest and manifest["bundle_format"] != BUNDLE_FORMAT:
+    if "bundle_format" in manifest and manifest["bundle_format"] not in READABLE_FORMATS:
         raise UserInputError(
-            f"{path}: bundle format {manifest['bundle_format']!r}, this gssf checks format {BUNDLE_FORMAT}; "
-            "export again"
+            f"{path}: bundle format {manifest['bundle_format']!r}, this gssf checks formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}; export again"
         )
     missing = [key for key in ("bundle_format", *REQUIRED_KEYS) if key not in manifest]
     if missing:
@@ -231,6 +260,12 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     )  # fmt: skip
     if not well_formed:
         raise UserInputError(f"{path}: malformed bundle manifest (graphs, files, parity or task); export again")
+    family = manifest.get("family", "embedding")
+    if family not in FAMILIES or (family == "interaction") != isinstance(manifest.get("interaction"), dict):
+        raise UserInputError(
+            f"{path}: malformed bundle manifest (family {family!r}, expected one of {', '.join(FAMILIES)}; an "
+            "interaction bundle records its interaction); export again"
+        )
     return manifest
 
 
@@ -274,6 +309,8 @@ class BundleModel(Served):
         self.folder = folder
         self.manifest = manifest
         self.task: str = manifest["task"]
+        self.family = bundle_family(manifest)
+        self.interaction: dict[str, Any] | None = manifest.get("interaction")
         self.digest = manifest_digest(folder)
         self.sessions = {name: open_session(folder / info["file"]) for name, info in manifest["graphs"].items()}
         vocab = _vocab_file(manifest)
@@ -342,3 +379,47 @@ class BundleModel(Served):
     def scores(self, image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> np.ndarray:
         """``metric_head(images) @ texts.T``: the learned similarity as an inner product, ``[N, M]``."""
         return np.asarray(self.transform(image_embeddings) @ np.asarray(text_embeddings, dtype=np.float32).T)
+
+    def encode_image_tokens(self, images: np.ndarray) -> np.ndarray:
+        """Interaction bundle: ``[N, R, F]`` (or ``[N, F]``: one region) → unit regions ``[N, R, D]``."""
+        feed = {"features": np.ascontiguousarray(images, dtype=np.float32)}
+        return np.asarray(self.sessions["image_encoder"].run(["regions"], feed)[0])
+
+    def encode_text_tokens(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Interaction bundle: ``M`` captions → unit words ``[M, L, D]`` (zero at padding) and ``lengths [M]``."""
+        assert self.vocab is not None
+        tokens, lengths = self.vocab.batch(list(captions))
+        words = self.sessions["text_encoder"].run(["words"], {"tokens": tokens, "lengths": lengths})[0]
+        return np.asarray(words), lengths
+
+    def pair_scores(self, regions: np.ndarray, words: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Interaction bundle: ``[N, M]`` pair scores of unit regions ``[N, R, D]`` against unit words ``[M, L, D]``
+        with ``lengths [M]``, by the ``scorer`` graph in blocks (:func:`score_token_sets`)."""
+        return score_token_sets(self.sessions["scorer"], regions, words, lengths)
+
+    def input_scores(self, images: np.ndarray, texts: Sequence[str] | np.ndarray) -> np.ndarray | None:
+        """An interaction bundle's pair scores from the inputs (its pooled embeddings cannot give them); None for
+        an embedding bundle, whose :meth:`scores` of the embeddings is the answer."""
+        if self.family != "interaction":
+            return None
+        return self.pair_scores(self.encode_image_tokens(images), *self.encode_text_tokens(list(texts)))
+
+
+def score_token_sets(scorer: Any, regions: np.ndarray, words: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``[N, M]`` from an interaction ``scorer`` session: unit regions ``[N, R, D]``, unit words ``[M, L, D]``,
+    ``lengths [M]``, scored in blocks of images × captions within the token-pair budget
+    (:func:`gssf_cli.core.limits.token_block_shape`, the blocks torch scores in), so memory stays bounded."""
+    regions = np.ascontiguousarray(regions, dtype=np.float32)
+    words = np.ascontiguousarray(words, dtype=np.float32)
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    (n, r, _), (m, length, _) = regions.shape, words.shape
+    out = np.empty((n, m), dtype=np.float32)
+    if n == 0 or m == 0:
+        return out
+    images_per_block, captions_per_block = token_block_shape(n, r, m, length)
+    for i in range(0, n, images_per_block):
+        for t in range(0, m, captions_per_block):
+            feed = {"regions": regions[i : i + images_per_block], "words": words[t : t + captions_per_block],
+                    "lengths": lengths[t : t + captions_per_block]}  # fmt: skip
+            out[i : i + images_per_block, t : t + captions_per_block] = scorer.run(None, feed)[0]
+    return out

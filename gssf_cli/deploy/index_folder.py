@@ -56,6 +56,8 @@ INDEX_FORMAT = 1
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.txt"
 CAPTIONS_FILE = "captions.txt"
+TOKENS_FILE = "tokens.npy"
+"""A token index's unit regions ``[N, R, D]`` (:mod:`gssf_cli.deploy.token_index`)."""
 EVAL_K = 10
 """``--eval`` measures recall@10: the cut-off retrieval papers and vector-search benchmarks report."""
 LATENCY_QUERIES = 100
@@ -223,6 +225,12 @@ def embed(bundle: BundleModel, gallery: Gallery, rows: slice | np.ndarray) -> np
 def text_queries(bundle: BundleModel, captions: list[str], where: Callable[[int], str]) -> np.ndarray:
     """Captions → text embeddings ``[Q, D]`` with the bundle's vocabulary and rule; a caption none of whose words
     the vocabulary knows is refused (it would search with ``<unk>`` alone). ``where(i)`` names caption i."""
+    check_captions(bundle, captions, where)
+    return bundle.encode_texts(captions)
+
+
+def check_captions(bundle: BundleModel, captions: list[str], where: Callable[[int], str]) -> None:
+    """Queries a bundle can encode: it takes captions, and each caption has a word its vocabulary knows."""
     if bundle.vocab is None:
         raise UserInputError(f"{bundle.folder}: this bundle's text side takes vectors, not captions; use --vectors")
     for i, caption in enumerate(captions):
@@ -233,7 +241,6 @@ def text_queries(bundle: BundleModel, captions: list[str], where: Callable[[int]
                 f"{where(i)}: none of the words of {caption!r} is in the bundle's vocabulary "
                 f"({len(bundle.vocab) - 4:,} words); nothing to search with"
             )
-    return bundle.encode_texts(captions)
 
 
 def vector_queries(bundle: BundleModel, path: Path, embedded: bool) -> np.ndarray:
@@ -286,20 +293,32 @@ class ExactTopK:
         self.rows = np.take_along_axis(merged_rows, order, axis=1)
 
 
-def build(config: IndexConfig, progress: Progress | None = None) -> BuiltIndex:
-    """Embed ``config.gallery`` with ``config.bundle`` in batches and build the faiss index folder.
-
-    Checks everything first (the bundle, the gallery's shape and values, the ids, the output folder, the index
-    parameters, ``--eval-queries``) so that bad input writes nothing; then trains the index on a seeded random
-    sample when the kind needs it (one extra pass over those rows), streams every row through the bundle into the
-    index (and, with ``--eval``, into the exact reference), and writes the folder through a staging folder.
-    """
+def build_inputs(config: IndexConfig) -> tuple[BundleModel, Gallery, Path]:
+    """What every index build checks first, writing nothing: the bundle (verified), the gallery's shape and
+    values against it, the ids, and the output folder: ``(bundle, gallery, out)``."""
     assert config.bundle is not None and config.gallery is not None
     bundle = BundleModel.load(config.bundle)
     gallery = open_gallery(config.gallery, bundle, config.embedded, config.ids)
     out = config.out if config.out is not None else default_out(config.bundle)
     check_output_folder(out, config.force)
     check_replaceable(out, {"the bundle": config.bundle, "the gallery": config.gallery, "the working folder": Path()})
+    return bundle, gallery, out
+
+
+def build(
+    config: IndexConfig, bundle: BundleModel, gallery: Gallery, out: Path, progress: Progress | None = None
+) -> BuiltIndex:
+    """Embed ``gallery`` with an embedding ``bundle`` in batches and build the faiss index folder at ``out``.
+
+    Checks the rest first (the index parameters, ``--eval-queries``) so that bad input writes nothing; then
+    trains the index on a seeded random sample when the kind needs it (one extra pass over those rows), streams
+    every row through the bundle into the index (and, with ``--eval``, into the exact reference), and writes the
+    folder through a staging folder.
+    """
+    if config.per_word is not None:
+        raise UserInputError(
+            f"--per-word applies to a token index (an interaction bundle); {config.bundle} is an embedding bundle"
+        )
     spec = search.index_spec(config.kind, bundle.dim, gallery.count, index_overrides(config))
     rng = np.random.default_rng(config.seed)
     queries = _eval_queries(config, bundle, gallery, rng) if config.eval else None
@@ -325,15 +344,23 @@ def build(config: IndexConfig, progress: Progress | None = None) -> BuiltIndex:
     timings["build_seconds"] = time.perf_counter() - started
     timings["embed_seconds"] = embed_seconds
     evaluation = measure(index, spec, queries, exact) if queries is not None and exact is not None else None
-    ids = gallery.ids if gallery.ids is not None else [str(row) for row in range(gallery.count)]
     with staged_folder(out, config.force) as staging:
         search.write_index(index, staging / INDEX_FILE)
-        (staging / IDS_FILE).write_text("".join(f"{value}\n" for value in ids), encoding="utf-8")
-        if gallery.captions is not None:
-            (staging / CAPTIONS_FILE).write_text("".join(f"{line}\n" for line in gallery.captions.lines), "utf-8")
-        manifest = _manifest(config, bundle, gallery, spec, staging, out, timings, evaluation)
+        names = write_rows(staging, gallery)
+        manifest = index_manifest(config, bundle, gallery, spec, staging, out, timings, evaluation, names)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return BuiltIndex(out.expanduser(), manifest)
+
+
+def write_rows(staging: Path, gallery: Gallery) -> tuple[str, ...]:
+    """Write what names the gallery's rows — ``ids.txt``, and ``captions.txt`` when it has captions — and return
+    the index folder's files so far (the index, the ids, the captions)."""
+    ids = gallery.ids if gallery.ids is not None else [str(row) for row in range(gallery.count)]
+    (staging / IDS_FILE).write_text("".join(f"{value}\n" for value in ids), encoding="utf-8")
+    if gallery.captions is None:
+        return (INDEX_FILE, IDS_FILE)
+    (staging / CAPTIONS_FILE).write_text("".join(f"{line}\n" for line in gallery.captions.lines), "utf-8")
+    return (INDEX_FILE, IDS_FILE, CAPTIONS_FILE)
 
 
 def check_replaceable(out: Path, inputs: Mapping[str, Path]) -> None:
@@ -400,7 +427,7 @@ def measure(index: Any, spec: search.IndexSpec, queries: np.ndarray, exact: Exac
     }
 
 
-def _manifest(
+def index_manifest(
     config: IndexConfig,
     bundle: BundleModel,
     gallery: Gallery,
@@ -409,10 +436,13 @@ def _manifest(
     out: Path,
     timings: dict[str, float],
     evaluation: dict[str, Any] | None,
+    names: tuple[str, ...],
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """An index folder's manifest: ``names`` are its files in ``staging`` (checksummed here), ``extra`` what a
+    kind of index adds (a token index: its family, regions per image, late-interaction defaults and usage)."""
     from gssf_cli import __version__
 
-    names = (INDEX_FILE, IDS_FILE, CAPTIONS_FILE) if gallery.captions is not None else (INDEX_FILE, IDS_FILE)
     files = {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
              for name in names}  # fmt: skip
     captions = gallery.captions
@@ -446,6 +476,7 @@ def _manifest(
         "eval": evaluation,
         "versions": {"gssf": __version__, "faiss": search.faiss_version()},
         "usage": "gssf search --index THIS --text 'a caption' (scores = metric_head(image) · text embedding)",
+        **(extra or {}),
     }
 
 
@@ -493,9 +524,19 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if missing:
         raise UserInputError(f"{path}: incomplete index manifest (no {', '.join(missing)}); rebuild it")
     files, bundle = manifest["files"], manifest["bundle"]
+    token_index = manifest.get("family", "embedding") == "interaction"
+    if token_index and not (
+        type(manifest.get("regions_per_image")) is int
+        and manifest["regions_per_image"] >= 1
+        and isinstance(manifest.get("late_interaction"), dict)
+        and type(manifest["late_interaction"].get("per_word")) is int
+    ):
+        raise UserInputError(
+            f"{path}: malformed token index manifest (regions_per_image, late_interaction); rebuild it"
+        )
     if not (
         isinstance(files, dict)
-        and set(files) - {CAPTIONS_FILE} == {INDEX_FILE, IDS_FILE}
+        and set(files) - {CAPTIONS_FILE} == {INDEX_FILE, IDS_FILE, *((TOKENS_FILE,) if token_index else ())}
         and all(isinstance(f, dict) and isinstance(f.get("sha256"), str) and type(f.get("bytes")) is int
                 for f in files.values())
         and isinstance(bundle, dict)
@@ -549,6 +590,7 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
     where = bundle_path if bundle_path is not None else Path(os.path.normpath(folder / recorded["path"]))
     if not where.is_dir():
         raise UserInputError(f"{where}: the bundle index {folder} was built from is not there; pass it with --bundle")
+    _check_family(folder, manifest, where)
     digest = manifest_digest(where) if (where / "manifest.json").is_file() else None
     if digest is not None and digest != recorded["digest"]:
         raise UserInputError(
@@ -561,7 +603,7 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
         raise UserInputError(f"{folder / MANIFEST}: kind and dim disagree with the index spec; rebuild it")
     if spec.dim != bundle.dim:
         raise UserInputError(f"{folder}: an index of dimension {spec.dim} for a bundle of dimension {bundle.dim}")
-    index = search.read_index(folder / INDEX_FILE, spec, manifest["count"])
+    index = search.read_index(folder / INDEX_FILE, spec, manifest["count"] * manifest.get("regions_per_image", 1))
     try:
         ids = text_lines((folder / IDS_FILE).read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -569,6 +611,22 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
     if len(ids) != manifest["count"]:
         raise UserInputError(f"{folder / IDS_FILE}: {len(ids):,} ids for an index of {manifest['count']:,} vectors")
     return OpenIndex(folder, manifest, spec, bundle, index, ids, captions_per_row(manifest))
+
+
+def _check_family(folder: Path, manifest: Mapping[str, Any], bundle: Path) -> None:
+    """The bundle is of the index's family: a token index holds an interaction bundle's regions, an embedding
+    index an embedding bundle's pooled vectors; searching one with the other's bundle is refused by name."""
+    try:
+        found = json.loads((bundle / MANIFEST).read_text()).get("family", "embedding")
+    except (OSError, ValueError, AttributeError):
+        return  # not a bundle: BundleModel.load says so in its own words
+    wanted = manifest.get("family", "embedding")
+    if found != wanted:
+        holds = "token sets of an interaction bundle" if wanted == "interaction" else "pooled embeddings"
+        raise UserInputError(
+            f"{bundle}: an {found} bundle, and index {folder} holds {holds}; pass the {wanted} bundle it was built "
+            "from with --bundle, or build an index from this one"
+        )
 
 
 def queries_of(opened: OpenIndex, config: SearchConfig) -> tuple[list[str], np.ndarray]:
@@ -594,23 +652,42 @@ class SearchResult:
     params: dict[str, int]
     seconds: float
     queries: list[dict[str, Any]]
+    eval: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "kind": self.kind, "k": self.k, "params": self.params,
-                "seconds": self.seconds, "queries": self.queries}  # fmt: skip
+                "seconds": self.seconds, "queries": self.queries} | ({"eval": self.eval} if self.eval else {})  # fmt: skip
 
 
-def run_search(config: SearchConfig) -> SearchResult:
-    """Answer ``config``'s queries from its index: per query, the ``k`` best gallery rows (rank, id, row,
+def run_search(opened: OpenIndex, config: SearchConfig) -> SearchResult:
+    """Answer ``config``'s queries from an embedding index: per query, the ``k`` best gallery rows (rank, id, row,
     score = the learned GSSF score, and the row's own captions when the index has them), best first; fewer than
     ``k`` when the gallery is smaller."""
-    assert config.index is not None
-    opened = open_index(config.index, config.bundle)
+    if config.eval or config.per_word is not None:
+        flag = "--eval" if config.eval else "--per-word"
+        raise UserInputError(
+            f"{flag} applies to a token index (built from an interaction bundle); {config.index} is an embedding "
+            "index, whose recall gssf index --eval measures"
+        )
     params = search.search_overrides(opened.spec, index_overrides(config))
     labels, vectors = queries_of(opened, config)
     started = time.perf_counter()
     scores, rows = search.search(opened.index, opened.spec, vectors, min(config.k, len(opened.ids)), params)
-    seconds = time.perf_counter() - started
+    return search_result(opened, config, labels, scores, rows, params, time.perf_counter() - started)
+
+
+def search_result(
+    opened: OpenIndex,
+    config: SearchConfig,
+    labels: list[str],
+    scores: np.ndarray,
+    rows: np.ndarray,
+    params: dict[str, int],
+    seconds: float,
+    evaluation: dict[str, Any] | None = None,
+) -> SearchResult:
+    """Each query's hits ``rows [Q, k]`` / ``scores [Q, k]`` (row -1: none) as the result, with the rows' ids and
+    their own captions when the index has them."""
     per_row = opened.captions_per_row
     captions = row_captions(opened.folder / CAPTIONS_FILE, rows[rows >= 0].tolist(), per_row) if per_row else {}
     results = [
@@ -625,7 +702,7 @@ def run_search(config: SearchConfig) -> SearchResult:
         }
         for label, row_list, score_list in zip(labels, rows, scores, strict=True)
     ]
-    return SearchResult(str(config.index), opened.spec.kind, config.k, params, round(seconds, 6), results)
+    return SearchResult(str(config.index), opened.spec.kind, config.k, params, round(seconds, 6), results, evaluation)
 
 
 def manifest_metrics(manifest: Mapping[str, Any]) -> dict[str, float]:

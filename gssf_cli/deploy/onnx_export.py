@@ -62,13 +62,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gssf_cli.core import metrics as registry
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.files import MANIFEST
 from gssf_cli.core.stage_configs import ExportConfig
+from gssf_cli.deploy import interaction_export, rank_gate
 from gssf_cli.deploy.bundle import (
     BUNDLE_FORMAT,
-    GRAPHS,
+    bundle_graphs,
     check_graph,
     failed_path,
     file_checksums,
@@ -90,8 +90,6 @@ from gssf_cli.modeling.similarity import Similarity
 if TYPE_CHECKING:
     from gssf_cli.data.dataset import Dataset, Split
     from gssf_cli.modeling.model import RetrievalModel
-
-TOP = 10
 
 
 class GlobalImageTower(nn.Module):
@@ -120,18 +118,27 @@ class MetricHead(nn.Module):
 
 def _towers(model: RetrievalModel, image_kind: str, task: str) -> dict[str, nn.Module]:
     """Graph name -> module with a single-tensor (or tokens+lengths) forward, as users will call it; the names
-    are :data:`GRAPHS` of ``task``."""
-    towers = export_towers(model.encoder)
-    if "features" in towers:
-        named = {"encoder": towers["features"]}
+    are the bundle's graphs (:func:`~gssf_cli.deploy.bundle.bundle_graphs` of ``task`` and the model's family)."""
+    family = "interaction" if model.interaction is not None else "embedding"
+    if model.interaction is not None:
+        tokens = interaction_export.token_towers(model, image_kind)
+        named = {name: tokens[name] for name in ("image_encoder", "text_encoder")}
+        named["metric_head"] = MetricHead(model.similarity.folded())
+        named["scorer"] = tokens["scorer"]
     else:
-        image = towers["image"]
-        if image_kind == "global":
-            image = GlobalImageTower(image)
-        named = {"image_encoder": image, "text_encoder": towers["text"]}
-    named["metric_head"] = MetricHead(model.similarity.folded())
-    if tuple(named) != GRAPHS.get(task):
-        raise RuntimeError(f"a {task} model exports graphs {', '.join(named)}, not the bundle's {GRAPHS.get(task)}")
+        towers = export_towers(model.encoder)
+        if "features" in towers:
+            named = {"encoder": towers["features"]}
+        else:
+            image = towers["image"]
+            if image_kind == "global":
+                image = GlobalImageTower(image)
+            named = {"image_encoder": image, "text_encoder": towers["text"]}
+        named["metric_head"] = MetricHead(model.similarity.folded())
+    if tuple(named) != bundle_graphs(task, family):
+        raise RuntimeError(
+            f"a {task} {family} model exports graphs {', '.join(named)}, not {bundle_graphs(task, family)}"
+        )
     for module in named.values():
         module.eval()
     return named
@@ -142,10 +149,30 @@ def _example(name: str, module: nn.Module, dim: int) -> tuple[tuple[Any, ...], d
     batch = torch.export.Dim("batch")
     if name == "metric_head":
         return (torch.randn(3, dim),), {"embeddings": {0: batch}}, ["embeddings"]
-    if isinstance(module, GlobalImageTower):
+    if name == "scorer":
+        return interaction_export.scorer_example(dim)
+    if isinstance(module, GlobalImageTower) or (
+        isinstance(module, interaction_export.TokenImageTower) and module.global_features
+    ):
         return (torch.randn(3, module.in_dim),), {"features": {0: batch}}, ["features"]
+    if isinstance(module, (interaction_export.TokenImageTower, interaction_export.TokenTextTower)):
+        module = module.tower
     example = export_example(module)
     return example.args, example.dynamic_shapes, example.input_names
+
+
+OUTPUT_NAMES = {"metric_head": ["transformed"], "scorer": ["scores"]}
+"""Graph outputs by graph; a tower's are ``embeddings`` (and ``tokens`` for an interaction bundle's towers)."""
+
+
+def _output_names(name: str, module: nn.Module) -> list[str]:
+    if name in OUTPUT_NAMES:
+        return OUTPUT_NAMES[name]
+    if isinstance(module, interaction_export.TokenImageTower):
+        return interaction_export.IMAGE_OUTPUTS
+    if isinstance(module, interaction_export.TokenTextTower):
+        return interaction_export.TEXT_OUTPUTS
+    return ["embeddings"]
 
 
 def export_graph(name: str, module: nn.Module, dim: int, path: Path, opset: int) -> dict[str, Any]:
@@ -161,7 +188,7 @@ def export_graph(name: str, module: nn.Module, dim: int, path: Path, opset: int)
             dynamo=True,
             dynamic_shapes=shapes,
             input_names=input_names,
-            output_names=["embeddings" if name != "metric_head" else "transformed"],
+            output_names=_output_names(name, module),
             opset_version=opset,
             verbose=False,
         )
@@ -229,14 +256,27 @@ def _write_into(
     split = dataset.split(config.split)
     with torch.no_grad():
         parity: dict[str, Any] = {"graphs": _graph_parity(towers, sessions, split, config, model.similarity.dim)}
-        parity["retrieval"] = _retrieval_parity(model, towers, sessions, split, config)
+        if model.interaction is not None:
+            regions, words, lengths = interaction_export.split_token_sample(model, split, config.parity_batch, 64)
+            check = lambda got, expected: rank_gate.allclose_report(got, expected, config.atol, config.rtol)  # noqa: E731
+            scorer = towers["scorer"]
+            assert isinstance(scorer, interaction_export.TokenScorer)
+            checks = interaction_export.scorer_parity(scorer, sessions["scorer"], regions, words, lengths, check)
+            parity["graphs"]["scorer"] = _merge_checks(checks)
+            torch_scores, ort_scores = interaction_export.split_scores(model, sessions, split)
+        else:
+            torch_scores, ort_scores = _embedding_split_scores(model, sessions, split)
+        parity["retrieval"] = rank_gate.rank_parity(split, torch_scores, ort_scores, config.atol, config.rtol)
     parity["passed"] = gate_passed(parity)
     preprocessing = _preprocessing(dataset, staging)
     files = file_checksums(staging)
     for info in graphs.values():
         info["sha256"] = files[info["file"]]["sha256"]
+    family = "interaction" if model.interaction is not None else "embedding"
     manifest = {
         "bundle_format": BUNDLE_FORMAT,
+        "family": family,
+        **({"interaction": model.interaction.settings()} if model.interaction is not None else {}),
         "source_run_id": source_run_id,
         "task": dataset.task,
         "dataset": {"name": dataset.name, "manifest_sha256": dataset.digest},
@@ -247,11 +287,19 @@ def _write_into(
         "encoders": encoders_note(model),
         "files": files,
         "preprocessing": preprocessing,
-        "usage": "scores = metric_head(image_embeddings) @ text_embeddings.T",
+        "usage": USAGE[family],
         "parity": parity,
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest
+
+
+USAGE = {
+    "embedding": "scores = metric_head(image_embeddings) @ text_embeddings.T",
+    "interaction": "scores = scorer(image_encoder(images).tokens, text_encoder(tokens, lengths).tokens, lengths); "
+    "metric_head(region) · word is the learned token similarity",
+}
+"""What a bundle's manifest says its graphs compute, by family."""
 
 
 ENCODER_NOTES = {
@@ -320,16 +368,6 @@ def _preprocessing(dataset: Dataset, bundle: Path) -> dict[str, Any]:
     return info
 
 
-def _allclose_report(ort_out: np.ndarray, torch_out: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
-    diff = np.abs(ort_out - torch_out)
-    rel = diff / np.maximum(np.abs(torch_out), 1e-12)
-    return {
-        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
-        "max_rel_diff": float(rel.max()) if rel.size else 0.0,
-        "passed": bool(np.all(diff <= atol + rtol * np.abs(torch_out))),
-    }
-
-
 def _graph_inputs(name: str, split: Split, rows: np.ndarray) -> dict[str, np.ndarray]:
     if name == "text_encoder":
         texts, lengths = split.text_batch(rows)
@@ -347,7 +385,7 @@ def _graph_parity(
     n_images = split.num_images
     small, large = 1, min(config.parity_batch, n_images)
     for name, module in towers.items():
-        if name == "metric_head":
+        if name in ("metric_head", "scorer"):
             continue
         checks = []
         if name == "text_encoder":
@@ -359,10 +397,14 @@ def _graph_parity(
             batches = [np.arange(small), np.arange(large)]
         for rows in batches:
             inputs = _graph_inputs(name, split, rows)
-            expected = module(*(torch.from_numpy(v) for v in inputs.values())).numpy()
-            got = sessions[name].run(None, inputs)[0]
+            out = module(*(torch.from_numpy(v) for v in inputs.values()))
+            expected = [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+            got = sessions[name].run(None, inputs)
+            reports = [
+                rank_gate.allclose_report(g, e, config.atol, config.rtol) for g, e in zip(got, expected, strict=True)
+            ]
             checks.append({"batch": len(rows), **({"length": int(inputs["tokens"].shape[1])} if "tokens" in inputs else {}),
-                           **_allclose_report(got, expected, config.atol, config.rtol)})  # fmt: skip
+                           **_merge_checks(reports, keep=False)})  # fmt: skip
         report[name] = _merge_checks(checks)
     head = towers["metric_head"]
     checks = []
@@ -372,17 +414,18 @@ def _graph_parity(
         )
         expected = head(embeddings).numpy()
         got = sessions["metric_head"].run(None, {"embeddings": embeddings.numpy()})[0]
-        checks.append({"batch": batch, **_allclose_report(got, expected, config.atol, config.rtol)})
+        checks.append({"batch": batch, **rank_gate.allclose_report(got, expected, config.atol, config.rtol)})
     report["metric_head"] = _merge_checks(checks)
     return report
 
 
-def _merge_checks(checks: list[dict[str, Any]]) -> dict[str, Any]:
+def _merge_checks(checks: list[dict[str, Any]], keep: bool = True) -> dict[str, Any]:
+    """The worst of several checks (of one graph's sizes, or of one call's outputs), and the checks with ``keep``."""
     return {
         "max_abs_diff": max(c["max_abs_diff"] for c in checks),
         "max_rel_diff": max(c["max_rel_diff"] for c in checks),
         "passed": all(c["passed"] for c in checks),
-        "checks": checks,
+        **({"checks": checks} if keep else {}),
     }
 
 
@@ -394,12 +437,10 @@ def _ort_embeddings(sessions: dict[str, Any], name: str, split: Split, count: in
     return np.concatenate(outs)
 
 
-def _retrieval_parity(
-    model: RetrievalModel, towers: dict[str, nn.Module], sessions: dict[str, Any], split: Split, config: ExportConfig
-) -> dict[str, Any]:
-    """Whole-split retrieval through ONNX Runtime (head(images) @ texts.T) against PyTorch's own scores."""
-    from gssf_cli.evaluation import crossmodal
-    from gssf_cli.evaluation import labels as label_metrics
+def _embedding_split_scores(
+    model: RetrievalModel, sessions: dict[str, Any], split: Split
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(torch scores, ONNX Runtime scores)`` of the whole split: head(images) @ texts.T on both sides."""
     from gssf_cli.modeling.model import embed_split
 
     torch_images, torch_texts = embed_split(model, split, torch.device("cpu"))
@@ -410,46 +451,7 @@ def _retrieval_parity(
     else:
         ort_images = ort_texts = _ort_embeddings(sessions, "encoder", split, split.num_images)
     ort_head = sessions["metric_head"].run(None, {"embeddings": ort_images})[0]
-    ort_scores = ort_head @ ort_texts.T
-    if split.task == "cross_modal":
-        torch_metrics = crossmodal.evaluate_cross_modal(scores=torch_scores, captions_per_image=split.k)
-        ort_metrics = crossmodal.evaluate_cross_modal(scores=ort_scores, captions_per_image=split.k)
-    else:
-        torch_metrics = label_metrics.evaluate_labels(None, split.labels, scores=torch_scores)
-        ort_metrics = label_metrics.evaluate_labels(None, split.labels, scores=ort_scores)
-        np.fill_diagonal(torch_scores, -np.inf)
-        np.fill_diagonal(ort_scores, -np.inf)
-    keys = list(registry.RECALL_CUTOFFS[split.task])
-    same_metrics = all(abs(torch_metrics[k] - ort_metrics[k]) < 1e-9 for k in keys)
-    keys.append(registry.RANKING[split.task])
-    finite = np.isfinite(torch_scores)
-    top_torch = np.argsort(-torch_scores, axis=1, kind="stable")[:, :TOP]
-    top_ort = np.argsort(-ort_scores, axis=1, kind="stable")[:, :TOP]
-    identical = (top_torch == top_ort).all(axis=1)
-    explained = np.array([
-        same or _near_tie(torch_scores[i], top_torch[i], top_ort[i], config.atol)
-        for i, same in enumerate(identical)
-    ])  # fmt: skip
-    return {
-        "queries": len(identical),
-        "top10_identical": float(identical.mean()),
-        "top10_equal_up_to_ties": float(explained.mean()),
-        "metrics_torch": {k: torch_metrics[k] for k in keys},
-        "metrics_onnx": {k: ort_metrics[k] for k in keys},
-        "max_abs_score_diff": float(np.abs(ort_scores[finite] - torch_scores[finite]).max()),
-        "passed": bool(same_metrics and explained.all()),
-    }
-
-
-def _near_tie(scores: np.ndarray, a: np.ndarray, b: np.ndarray, atol: float) -> bool:
-    """Two top-K lists differ only in the order (or at the cut) of items whose scores are within ``atol``."""
-    if set(a.tolist()) != set(b.tolist()):
-        boundary = scores[a[-1]]
-        outsiders = set(a.tolist()) ^ set(b.tolist())
-        if any(abs(scores[i] - boundary) > 2 * atol for i in outsiders):
-            return False
-    mismatch = a != b
-    return bool(np.all(np.abs(scores[a[mismatch]] - scores[b[mismatch]]) <= 2 * atol))
+    return torch_scores, ort_head @ ort_texts.T
 
 
 def parity_metrics(parity: dict[str, Any]) -> dict[str, float]:

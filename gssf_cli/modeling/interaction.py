@@ -30,7 +30,6 @@ Shapes: regions ``[Bi, R, D]`` (unit rows), words ``[Bt, L, D]`` (unit rows, zer
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import torch
@@ -38,17 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from gssf_cli.core.limits import INTERACTIONS, SCAN_SETTINGS
+from gssf_cli.core.limits import INTERACTIONS, SCAN_SETTINGS, TOKEN_BLOCK_ELEMENTS, token_block_shape
 from gssf_cli.modeling.similarity import Similarity
 
 LEAKY_SLOPE = 0.1
 """SCAN's clipped_l2norm: ``LeakyReLU(0.1)`` before the L2 norm."""
 EPS = 1e-8
-BLOCK_ELEMENTS = 2**20
-"""Token-pair similarities ``Bi·Bt·R·L`` one block holds (4 MiB each as float32; a block keeps about six such
-tensors alive): the bound on the working set, in training and evaluation alike. Measured at 200 images × 36
-regions against 1,000 captions × 12 words, D = 1024 (2 cores): 2^20 was the fastest of 2^19–2^22, both for the
-bare GEMM and for SCAN over it."""
+BLOCK_ELEMENTS = TOKEN_BLOCK_ELEMENTS
+"""Token pairs ``Bi·Bt·R·L`` one block holds (4 MiB each as float32; a block keeps about six such tensors alive)."""
 
 
 class TokenSets(NamedTuple):
@@ -237,15 +233,8 @@ class Interaction(nn.Module):
 
 
 def block_shape(images: int, regions: int, captions: int, words: int) -> tuple[int, int]:
-    """Images and captions per block: about as many region rows as word columns in its GEMM (``√BLOCK_ELEMENTS``
-    each; a skinny ``[bi·R, D] × [D, L]`` block runs far below the GEMM's speed), within :data:`BLOCK_ELEMENTS`
-    token pairs (one pair at least), the spare going to the side that has more."""
-    side = math.isqrt(BLOCK_ELEMENTS)
-    per_image = max(1, BLOCK_ELEMENTS // max(1, regions * words))
-    captions_per_block = max(1, min(captions, side // max(1, words), per_image))
-    images_per_block = max(1, min(images, per_image // captions_per_block))
-    captions_per_block = max(1, min(captions, per_image // images_per_block))
-    return images_per_block, captions_per_block
+    """Images and captions per block within :data:`BLOCK_ELEMENTS` (:func:`gssf_cli.core.limits.token_block_shape`)."""
+    return token_block_shape(images, regions, captions, words, BLOCK_ELEMENTS)
 
 
 def _part(tensor: Tensor | None, rows: slice) -> Tensor | None:

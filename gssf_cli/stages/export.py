@@ -19,9 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from gssf_cli import __version__
 from gssf_cli.core.config import to_dict
-from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.files import MANIFEST
-from gssf_cli.core.limits import model_label
 from gssf_cli.core.stage_configs import ExportConfig
 from gssf_cli.deploy.bundle import verify_bundle
 from gssf_cli.tracking.tags import CHAMPION_ALIAS
@@ -59,19 +57,13 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
     else:
         check_writable(Path("exports"), "output folder exports", "--out")
     train_run, model, dataset = load_trained(tracker, config.run)
-    if model.interaction is not None:
-        raise UserInputError(
-            f"run {train_run.info.run_name} scores token sets (--interaction {model.interaction.kind}), and the ONNX "
-            "bundle holds pooled embeddings and a metric head only: export of interaction runs is not supported yet "
-            "(its model logged by `gssf train` serves it with PyTorch: mlflow.pyfunc.load_model)"
-        )
     run_id = train_run.info.run_id
     out = config.out or Path("exports") / run_id
     started = time.perf_counter()
     written = onnx_export.write_bundle(model, dataset, out, config, run_id)
     seconds = time.perf_counter() - started
     graphs, parity = written.manifest["graphs"], written.manifest["parity"]
-    label = model_label(written.manifest["metric"]["name"], written.manifest["metric"]["block_size"])
+    label = model.label()
     model_id, registered = None, None
     with tracker.start_run(
         "export", run_name=f"export-{label}", parent_run_id=parent_run_id, tags={"gssf.source_run": run_id}

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from gssf_cli.core.config import to_dict
 from gssf_cli.core.files import MANIFEST
 from gssf_cli.core.stage_configs import IndexConfig
-from gssf_cli.deploy import index_folder
+from gssf_cli.deploy import index_folder, indexes
 
 if TYPE_CHECKING:
     from gssf_cli.tracking.adapter import Tracker
@@ -38,7 +38,7 @@ def run(
     parent_run_id: str | None = None,
 ) -> IndexResult:
     """Build ``config``'s index, then record it as an ``index`` run."""
-    built = index_folder.build(config, progress)
+    built = indexes.build(config, progress)
     manifest = built.manifest
     tags = {"gssf.bundle.digest": manifest["bundle"]["digest"], "gssf.index.path": str(built.path)}
     if manifest["bundle"]["source_run_id"]:

@@ -91,10 +91,6 @@ def _head_of_interaction_run(w: Path, t: Template) -> list[str]:
     return ["evaluate", "--embeddings", "e.npz", "--head", t.interaction_run]
 
 
-def _export_interaction_run(w: Path, t: Template) -> list[str]:
-    return ["export", "--onnx", "--run", t.interaction_run]
-
-
 CASES: dict[str, tuple[Setup, str]] = {
     "train: --pooling with an interaction": (
         _train_with("--interaction", "scan-t2i", "--pooling", "attention"),
@@ -129,11 +125,6 @@ CASES: dict[str, tuple[Setup, str]] = {
         _head_of_interaction_run,
         "--head scores embeddings with a run's metric head, and run {interaction_name} scores token sets "
         "(--interaction scan-t2i): evaluate it with --run",
-    ),
-    "export: an interaction run": (
-        _export_interaction_run,
-        "run {interaction_name} scores token sets (--interaction scan-t2i), and the ONNX bundle holds pooled "
-        "embeddings and a metric head only: export of interaction runs is not supported yet",
     ),
 }
 

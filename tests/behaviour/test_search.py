@@ -182,7 +182,7 @@ def test_embedded_gallery_and_vector_queries_match_the_encoded_ones(here: Path) 
 
 def test_an_interrupted_build_leaves_nothing(here: Path) -> None:
     from gssf_cli.core.stage_configs import IndexConfig
-    from gssf_cli.deploy.index_folder import build
+    from gssf_cli.deploy.indexes import build
 
     def interrupt(done: int) -> None:
         raise KeyboardInterrupt

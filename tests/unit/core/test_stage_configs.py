@@ -154,7 +154,6 @@ def test_load_pipeline(tmp_path: Path) -> None:
         ('[pipeline]\nstages = ["train", "deploy"]\n', "pipeline.stages must list stages among"),
         ('[pipeline]\nstages = ["tune"]\n', r"pipeline.stages lists tune but there is no \[tune\] table"),
         ("[tune]\nretrain_epochs = 0\n", r"tune\.retrain_epochs: must be at least 1"),
-        ('[train]\ninteraction = "scan-t2i"\n[export]\n', "export of interaction runs is not supported yet"),
     ],
 )
 def test_load_pipeline_refuses(tmp_path: Path, text: str, message: str) -> None:

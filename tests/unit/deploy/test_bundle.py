@@ -136,7 +136,7 @@ EDITS: dict[str, tuple[Callable[[Path, dict], Any], str]] = {
     "not-json": (lambda c, m: (m.clear(), (c / "manifest.json").write_text("{")), "unreadable bundle manifest"),
     "no-files": (lambda c, m: m.pop("files"), "manifest.json: incomplete bundle manifest (no files)"),
     "no-format": (lambda c, m: m.pop("bundle_format"), "incomplete bundle manifest (no bundle_format)"),
-    "old-format": (lambda c, m: m.update(bundle_format=1), "bundle format 1, this gssf checks format 2"),
+    "old-format": (lambda c, m: m.update(bundle_format=1), "bundle format 1, this gssf checks formats 2, 3"),
     "files-not-a-dict": (lambda c, m: m.update(files=["vocab.json"]), "malformed bundle manifest"),
     "no-manifest": (lambda c, m: (m.clear(), (c / "manifest.json").unlink()), "no manifest.json"),
 }

@@ -366,23 +366,32 @@ def print_export(result: dict[str, Any], as_json: bool) -> None:
     for column in ("graph", "checks", "max |ort - torch|", "max relative", "within tolerance"):
         table.add_column(column, justify="left" if column == "graph" else "right")
     for name, graph in parity["graphs"].items():
-        sizes = ", ".join(f"B={c['batch']}" + (f" L={c['length']}" if "length" in c else "") for c in graph["checks"])
+        sizes = ", ".join(_check_size(c) for c in graph["checks"])
         table.add_row(
             name, sizes, f"{graph['max_abs_diff']:.2e}", f"{graph['max_rel_diff']:.2e}", _yes(graph["passed"])
         )
     _print_table(table)
     retrieval = parity["retrieval"]
-    keys = list(retrieval["metrics_torch"])
     compare = Table(title=f"retrieval on {retrieval['queries']:,} queries: PyTorch vs ONNX Runtime")
-    compare.add_column("")
-    for key in keys:
-        compare.add_column(key, justify="right")
-    compare.add_row("torch", *(f"{retrieval['metrics_torch'][k]:.4g}" for k in keys))
-    compare.add_row("onnxruntime", *(f"{retrieval['metrics_onnx'][k]:.4g}" for k in keys))
+    for column in ("metric", "torch", "onnxruntime", "same"):
+        compare.add_column(column, justify="left" if column == "metric" else "right")
+    different = set(retrieval.get("metrics_different", []))
+    for key, value in retrieval["metrics_torch"].items():
+        same = "up to ties" if key in different else "yes"
+        compare.add_row(key, f"{value:.6g}", f"{retrieval['metrics_onnx'][key]:.6g}", same)
     _print_table(compare)
+    changed = retrieval.get("relevant_ranks_changed")
+    ranks = (
+        ""
+        if changed is None
+        else (
+            f"; {changed} relevant item(s) moved, {retrieval['relevant_ranks_changed_beyond_ties']} beyond float32 ties"
+        )
+    )
     stdout.print(
         f"top-10 lists identical for {100 * retrieval['top10_identical']:.1f}% of queries "
-        f"({100 * retrieval['top10_equal_up_to_ties']:.1f}% up to near-ties); retrieval {_yes(retrieval['passed'])}"
+        f"({100 * retrieval['top10_equal_up_to_ties']:.1f}% up to near-ties){ranks}; retrieval "
+        f"{_yes(retrieval['passed'])}"
     )
     if result["passed"]:
         where = f"bundle in [bold]{result['path']}[/]"
@@ -394,6 +403,13 @@ def print_export(result: dict[str, Any], as_json: bool) -> None:
     if result.get("registered"):
         registered = result["registered"]
         stdout.print(f"registered as [bold]models:/{registered['name']}/{registered['version']}[/]")
+
+
+def _check_size(check: dict[str, Any]) -> str:
+    """A parity check's input size: ``B=16 L=12`` for a tower, ``8×5 R=11 L=9`` (images × captions) for a scorer."""
+    if "batch" not in check:
+        return f"{check['images']}×{check['captions']} R={check['regions']} L={check['length']}"
+    return f"B={check['batch']}" + (f" L={check['length']}" if "length" in check else "")
 
 
 def print_bundle_check(result: dict[str, Any], as_json: bool) -> None:

@@ -467,7 +467,7 @@ class TuneConfig:
             raise UserInputError("tune.storage: must name a folder or a URI")
 
 
-PIPELINE_STAGES: tuple[str, ...] = ("prepare", "train", "evaluate", "tune", "export")
+PIPELINE_STAGES: tuple[str, ...] = ("prepare", "train", "evaluate", "tune", "export", "index")
 PIPELINE_KEYS: tuple[str, ...] = ("name", "stages")
 
 
@@ -520,6 +520,11 @@ def load_pipeline(path: Path) -> PipelineConfig:
     if retrain_epochs is not None:
         limits.AT_LEAST_ONE.check("tune.retrain_epochs", retrain_epochs)
     stages = tuple(s for s in PIPELINE_STAGES if s in listed)
+    if "index" in stages and "export" not in stages:
+        raise UserInputError(f"{path}: [index] indexes the bundle that [export] writes: add an [export] table")
+    for key in ("bundle", "force"):
+        if key in tables.get("index", {}):
+            raise UserInputError(f"{path}: index.{key}: set by the pipeline (the bundle [export] writes, replaced)")
     name = str(header.get("name", path.stem))
     return PipelineConfig(path, name, stages, tables, retrain, retrain_epochs, path.read_text())
 

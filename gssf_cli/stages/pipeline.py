@@ -1,4 +1,4 @@
-"""Stage ``run``: a pipeline file chains prepare → train → evaluate → tune → export under one parent run.
+"""Stage ``run``: a pipeline file chains prepare → train → evaluate → tune → export → index under one parent run.
 
 A pipeline file holds one table per stage (see :class:`gssf_cli.core.stage_configs.PipelineConfig`); :func:`stage_config`
 builds each stage's config from its table and the links to the stages before it — the same function for the
@@ -364,6 +364,27 @@ def _export(ctx: _Context) -> StageOutcome:
     outcome, _ = ctx.step("export", config, {"model": ctx.links.model}, (steps.model_step(ctx.pipeline),), work)
     onnx = outcome.summary.pop("metrics", {})
     ctx.metrics.update({f"onnx_{k}": float(v) for k, v in onnx.items()})
+    ctx.links = steps.after_export(ctx.links, outcome.summary.get("path"))
+    return outcome
+
+
+def _index(ctx: _Context) -> StageOutcome:
+    """The exported bundle's gallery as an index folder (a token index for an interaction bundle)."""
+    from gssf_cli.stages import index
+
+    config = stage_config(ctx.pipeline, "index", ctx.links)
+    gallery = config.gallery
+    inputs = {"bundle": steps.folder_digest(ctx.links.bundle),
+              "gallery": cache.digest([gallery]) if gallery is not None and gallery.is_file() else None}  # fmt: skip
+
+    def work() -> tuple[str | None, dict[str, Any], list[Path]]:
+        result = index.run(config, ctx.tracker, parent_run_id=ctx.parent_run_id)
+        recall = (result.manifest.get("eval") or {}).get("recall_at_10")
+        summary = {"path": result.path, "kind": result.manifest["kind"], "count": result.manifest["count"],
+                   **({"recall_at_10": recall} if recall is not None else {})}  # fmt: skip
+        return result.run_id, summary, [Path(result.path)]
+
+    outcome, _ = ctx.step("index", config, inputs, ("export",), work)
     return outcome
 
 
@@ -376,4 +397,5 @@ _STEPS: dict[str, Callable[[_Context], StageOutcome]] = {
     "evaluate": _evaluate,
     "compare": _compare,
     "export": _export,
+    "index": _index,
 }

@@ -8,7 +8,8 @@ Steps, in order: ``prepare``, ``train``, then with ``[tune] retrain = true`` ``e
 model, for comparison), ``tune``, ``train_best`` (the best trial's config with the ``[train]`` budget),
 ``evaluate`` of that final model and ``compare`` (the paired test of the final model against the baseline, as
 ``gssf compare`` runs it, so the summary can say whether the tuned model is really better); ``export`` always
-acts on the final model.
+acts on the final model, and ``index`` indexes the bundle ``export`` wrote (its gallery, unless ``[index]``
+names one: the prepared dataset's test images).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from gssf_cli.core.files import MANIFEST, manifest_digest
 from gssf_cli.core.stage_configs import (
     EvaluateConfig,
     ExportConfig,
+    IndexConfig,
     PipelineConfig,
     PrepareConfig,
     TrainConfig,
@@ -41,6 +43,7 @@ CONFIGS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "tune": TuneConfig,
     "export": ExportConfig,
+    "index": IndexConfig,
 }
 EVALUATIONS: dict[str, str] = {"evaluate_baseline": "baseline", "evaluate": "final"}
 """Which model each evaluation step measures, said in its run's name (``evaluate-baseline-…``,
@@ -61,6 +64,7 @@ class Links:
     prepare_run: str | None = None
     model: str | None = None
     best_config: str | None = None
+    bundle: str | None = None
 
 
 def retrains(pipeline: PipelineConfig) -> bool:
@@ -123,8 +127,30 @@ def stage_config(pipeline: PipelineConfig, stage: str, links: Links) -> Any:
         "evaluate": {**table, "run": links.train_run},
         "tune": {**data, **table},
         "export": {**table, "run": links.train_run, "force": True},
+        "index": {**_index_inputs(pipeline, links), **table, "bundle": _bundle_of(pipeline, links), "force": True},
     }[stage]
     return from_dict(CONFIGS[stage], values, stage)
+
+
+def _bundle_of(pipeline: PipelineConfig, links: Links) -> str:
+    """The bundle ``index`` reads: the one ``export`` wrote, else where it will write it (before it ran: its
+    ``out``, or ``exports/`` for a run not trained yet — what the up-front check can know)."""
+    if links.bundle is not None:
+        return links.bundle
+    out = pipeline.table("export").get("out")
+    return str(out) if isinstance(out, (str, Path)) else "exports"
+
+
+def _index_inputs(pipeline: PipelineConfig, links: Links) -> dict[str, Any]:
+    """``index``'s defaults from the pipeline: the gallery is the dataset's test images, the folder
+    ``indexes/<pipeline name>``."""
+    folder = dataset_folder(pipeline, links)
+    gallery = {"gallery": folder / "test_ims.npy"} if folder is not None else {}
+    return {**gallery, "out": Path("indexes") / pipeline.name}
+
+
+def after_export(links: Links, path: str | None) -> Links:
+    return replace(links, bundle=path)
 
 
 def prepared(pipeline: PipelineConfig) -> Path | None:
@@ -153,9 +179,14 @@ def final_values(pipeline: PipelineConfig, tune: TuneConfig, best: Mapping[str, 
 
 def dataset_digest(folder: Path | None) -> str | None:
     """The dataset's identity by content: its manifest's sha256 (which lists every file's), if it exists."""
-    if folder is None or not (folder / MANIFEST).is_file():
+    return folder_digest(folder)
+
+
+def folder_digest(folder: Path | str | None) -> str | None:
+    """A folder gssf wrote (a dataset, a bundle), by content: its manifest's sha256, if it exists."""
+    if folder is None or not (Path(folder) / MANIFEST).is_file():
         return None
-    return manifest_digest(folder)
+    return manifest_digest(Path(folder))
 
 
 def after_prepare(links: Links, out: Path, entry: Mapping[str, Any] | None) -> Links:
@@ -236,6 +267,8 @@ def check(pipeline: PipelineConfig) -> None:
         check_output_folder(configs["prepare"].out, force=True, option="[prepare] out")
     for runs_dir in runs_dirs:
         check_writable(runs_dir, f"the runs folder {runs_dir}", "[train] runs_dir")
+    if "index" in configs and configs["index"].out is not None:
+        check_output_folder(configs["index"].out, force=True, option="[index] out")
     if "export" in configs:
         out = configs["export"].out
         if out is not None:

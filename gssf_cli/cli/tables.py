@@ -429,25 +429,32 @@ def print_index(result: dict[str, Any], as_json: bool) -> None:
         return
     from gssf_cli.core.files import format_bytes
 
-    build = result["build"]
-    table = Table(title=f"{result['kind']} index of {result['count']:,} vectors, D = {result['dim']}")
+    build, evaluation = result["build"], result["eval"]
+    regions = result.get("regions_per_image")
+    what = f"{result['count']:,} vectors" if regions is None else f"{result['count']:,} images × {regions} regions"
+    tokens = "" if regions is None else "token "
+    table = Table(title=f"{result['kind']} {tokens}index of {what}, D = {result['dim']}")
+    late = regions is not None
     for column in (
         "build s",
         "embed s",
         "vectors/s",
         "index size",
-        *(("recall@10", "queries/s", "p50 ms") if result["eval"] else ()),
+        *(
+            (("recall@10", "queries/s", "× exact") if late else ("recall@10", "queries/s", "p50 ms"))
+            if evaluation
+            else ()
+        ),
     ):
         table.add_column(column, justify="right")
     row = [f"{build['build_seconds']:.2f}", f"{build['embed_seconds']:.2f}", f"{build['vectors_per_second']:,.0f}",
            format_bytes(result["files"]["index.faiss"]["bytes"])]  # fmt: skip
-    if result["eval"]:
-        evaluation = result["eval"]
-        row += [f"{evaluation['recall_at_10']:.4f}", f"{evaluation['queries_per_second']:,.0f}",
-                f"{evaluation['latency_ms_p50']:.3f}"]  # fmt: skip
+    if evaluation:
+        last = f"{evaluation['speedup_over_exact']:.1f}" if late else f"{evaluation['latency_ms_p50']:.3f}"
+        row += [f"{evaluation['recall_at_10']:.4f}", f"{evaluation['queries_per_second']:,.0f}", last]
     table.add_row(*row)
     _print_table(table)
-    params = {**result["spec"]["build"], **result["spec"]["search"]}
+    params = {**result["spec"]["build"], **result["spec"]["search"], **result.get("late_interaction", {})}
     if params:
         stdout.print("parameters: " + ", ".join(f"{key} {value}" for key, value in params.items()), highlight=False)
     bundle = result["bundle"]
@@ -471,6 +478,15 @@ def print_search(result: dict[str, Any], as_json: bool) -> None:
             captions = ("\n".join(escape(line) for line in hit.get("captions", ())),) if captioned else ()
             table.add_row(str(hit["rank"]), escape(hit["id"]), f"{hit['score']:.4f}", *captions)
         _print_table(table, keys=2)
+    evaluation = result.get("eval")
+    if evaluation:
+        stdout.print(
+            f"recall@10 against exact search over the whole gallery: {evaluation['recall_at_10']:.4f} "
+            f"({evaluation['queries']:,} queries; {evaluation['candidates_per_query']:,.1f} images re-scored per "
+            f"query, per_word {evaluation['per_word']}; {evaluation['queries_per_second']:,.0f} queries/s, "
+            f"{evaluation['speedup_over_exact']:.1f}× exact search's)",
+            highlight=False,
+        )
 
 
 def _yes(flag: bool) -> str:

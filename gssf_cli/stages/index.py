@@ -43,11 +43,13 @@ def run(
     tags = {"gssf.bundle.digest": manifest["bundle"]["digest"], "gssf.index.path": str(built.path)}
     if manifest["bundle"]["source_run_id"]:
         tags["gssf.source_run"] = str(manifest["bundle"]["source_run_id"])
+    tokens = "tokens-" if manifest.get("family") == "interaction" else ""
     with tracker.start_run(
-        "index", run_name=f"index-{manifest['kind']}", parent_run_id=parent_run_id, tags=tags
+        "index", run_name=f"index-{tokens}{manifest['kind']}", parent_run_id=parent_run_id, tags=tags
     ) as run_:
         run_.log_config("index", to_dict(config))
-        run_.log_params({**manifest["spec"]["build"], **manifest["spec"]["search"]}, prefix="spec.")
+        searched = {**manifest["spec"]["search"], **manifest.get("late_interaction", {})}
+        run_.log_params({**manifest["spec"]["build"], **searched}, prefix="spec.")
         run_.log_metrics(index_folder.manifest_metrics(manifest))
         run_.log_artifact(built.path / MANIFEST, "index")
     return IndexResult(str(built.path), run_.run_id, manifest)

@@ -154,6 +154,8 @@ def test_load_pipeline(tmp_path: Path) -> None:
         ('[pipeline]\nstages = ["train", "deploy"]\n', "pipeline.stages must list stages among"),
         ('[pipeline]\nstages = ["tune"]\n', r"pipeline.stages lists tune but there is no \[tune\] table"),
         ("[tune]\nretrain_epochs = 0\n", r"tune\.retrain_epochs: must be at least 1"),
+        ("[train]\n[index]\n", r"\[index\] indexes the bundle that \[export\] writes: add an \[export\] table"),
+        ('[export]\n[index]\nbundle = "x"\n', r"index\.bundle: set by the pipeline"),
     ],
 )
 def test_load_pipeline_refuses(tmp_path: Path, text: str, message: str) -> None:

@@ -106,6 +106,33 @@ def test_the_pipeline_run_carries_its_file_and_dataset_and_names_its_evaluation(
     assert int(tracker.client.get_model_version_by_alias("tiny", "champion").version) == 1
 
 
+def test_an_interaction_pipeline_exports_and_indexes_and_caches_each_step(gssf: Gssf, workdir: Path) -> None:
+    """``[train] interaction`` with ``[export]`` and ``[index]``: the chain exports an interaction bundle and
+    indexes the test images as a token index (its ``--eval`` recall in the summary); a second run is all cached;
+    a changed ``[index]`` setting re-runs the index step alone, and says why."""
+    import json
+
+    text = TINY.replace('[train]\n', '[train]\ninteraction = "maxsim"\n') + '\n[index]\neval = true\n'
+    (workdir / "p.toml").write_text(text)
+    first = gssf("run", "p.toml", "--json")
+    assert first.exit_code == 0, first.stderr
+    stages = {s["stage"]: s for s in json.loads(first.stdout)["stages"]}
+    assert [s["status"] for s in stages.values()] == ["ran"] * 5
+    assert stages["index"]["summary"]["path"] == "indexes/tiny" and stages["index"]["summary"]["count"] == 10
+    assert stages["index"]["summary"]["recall_at_10"] == 1.0  # 10 images: the default per_word reaches them all
+    manifest = json.loads((workdir / "indexes/tiny/manifest.json").read_text())
+    assert manifest["family"] == "interaction" and manifest["regions_per_image"] == 4
+    assert json.loads((workdir / "exports/tiny/manifest.json").read_text())["interaction"] == {"kind": "maxsim"}
+    again = gssf("run", "p.toml", "--json")
+    assert {s["status"] for s in json.loads(again.stdout)["stages"]} == {"cached"}
+    (workdir / "p.toml").write_text(text.replace("eval = true", "eval = true\nper_word = 2"))
+    changed = gssf("run", "p.toml", "--json")
+    assert changed.exit_code == 0, changed.stderr
+    statuses = {s["stage"]: s["status"] for s in json.loads(changed.stdout)["stages"]}
+    assert statuses == {"prepare": "cached", "train": "cached", "evaluate": "cached", "export": "cached", "index": "ran"}
+    assert "index: runs again" in changed.stderr
+
+
 def test_each_evaluation_says_which_model_it_measures() -> None:
     from gssf_cli.stages import steps
 

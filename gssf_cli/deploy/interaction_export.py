@@ -24,9 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from gssf_cli.deploy.bundle import score_token_sets
+from gssf_cli.deploy.rank_gate import allclose_report
 from gssf_cli.modeling.encoders import ImageEncoder, TextEncoder, l2_normalize
 
 if TYPE_CHECKING:
+    from gssf_cli.core.stage_configs import ExportConfig
     from gssf_cli.data.dataset import Split
     from gssf_cli.modeling.interaction import Interaction
     from gssf_cli.modeling.model import RetrievalModel
@@ -111,10 +113,12 @@ def scorer_example(dim: int) -> tuple[tuple[Tensor, ...], dict[str, Any], list[s
 
 
 def scorer_parity(
-    scorer: TokenScorer, session: Any, regions: Tensor, words: Tensor, lengths: Tensor, check: Any
+    model: RetrievalModel, scorer: TokenScorer, session: Any, split: Split, config: ExportConfig
 ) -> list[dict[str, Any]]:
-    """The scorer graph against torch on real token sets at two shapes: the first ``[n, R]`` images against the
-    first captions, and fewer images, regions and captions, each caption cut to its length's longest."""
+    """The scorer graph against torch on the split's own token sets at two shapes: the first ``parity_batch``
+    images against the first 64 captions, and fewer images, regions and captions, each set of captions cut to
+    its longest length."""
+    regions, words, lengths = split_token_sample(model, split, config.parity_batch, 64)
     checks = []
     for images, keep, captions in ((len(regions), regions.shape[1], len(words)),
                                    (max(1, len(regions) // 2), max(1, regions.shape[1] - 1), max(1, len(words) // 3))):  # fmt: skip
@@ -123,7 +127,7 @@ def scorer_parity(
         expected = scorer(*feed).numpy()
         got = session.run(None, dict(zip(("regions", "words", "lengths"), (v.numpy() for v in feed), strict=True)))[0]
         checks.append({"images": images, "regions": keep, "captions": captions, "length": length,
-                       **check(got, expected)})  # fmt: skip
+                       **allclose_report(got, expected, config.atol, config.rtol)})  # fmt: skip
     return checks
 
 

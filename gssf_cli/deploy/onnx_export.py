@@ -12,9 +12,11 @@ at several sizes, because the exporter can silently freeze an axis.
 
 Parity (always): on held-out test-split samples at two batch sizes and two caption lengths, every graph's
 output must satisfy ``|ort - torch| <= atol + rtol * |torch|``; and retrieval on the whole test split through
-ONNX Runtime must give the same R@K and the same top-10 lists as PyTorch (order differences only between
-items whose scores are within ``atol`` count as equal). The report goes into ``manifest.json`` and MLflow. A
-bundle whose gate failed is kept as ``<out>.failed`` (:func:`gssf_cli.deploy.bundle.failed_path`), never at ``<out>``.
+ONNX Runtime must rank as PyTorch does — the same top-10 lists and every rank metric, up to float32 ties
+(:mod:`gssf_cli.deploy.rank_gate`). An interaction model exports as an interaction bundle
+(:mod:`gssf_cli.deploy.interaction_export`: token towers and the scorer graph), gated the same way on its pair
+scores. The report goes into ``manifest.json`` and MLflow. A bundle whose gate failed is kept as ``<out>.failed``
+(:func:`gssf_cli.deploy.bundle.failed_path`), never at ``<out>``.
 
 ONNX export (torch 2.13, onnxscript 0.7; verified by the tests, which run ONNX Runtime at two batch/length
 sizes): :func:`export_example` gives the example inputs and export arguments for a tower, then ::
@@ -119,7 +121,7 @@ class MetricHead(nn.Module):
 def _towers(model: RetrievalModel, image_kind: str, task: str) -> dict[str, nn.Module]:
     """Graph name -> module with a single-tensor (or tokens+lengths) forward, as users will call it; the names
     are the bundle's graphs (:func:`~gssf_cli.deploy.bundle.bundle_graphs` of ``task`` and the model's family)."""
-    family = "interaction" if model.interaction is not None else "embedding"
+    family = _family(model)
     if model.interaction is not None:
         tokens = interaction_export.token_towers(model, image_kind)
         named = {name: tokens[name] for name in ("image_encoder", "text_encoder")}
@@ -162,7 +164,12 @@ def _example(name: str, module: nn.Module, dim: int) -> tuple[tuple[Any, ...], d
 
 
 OUTPUT_NAMES = {"metric_head": ["transformed"], "scorer": ["scores"]}
-"""Graph outputs by graph; a tower's are ``embeddings`` (and ``tokens`` for an interaction bundle's towers)."""
+"""Graph outputs by graph; a tower's are ``embeddings`` (then ``regions`` / ``words`` for an interaction bundle's)."""
+
+
+def _family(model: RetrievalModel) -> str:
+    """The bundle family a model exports as: ``interaction`` when it scores token sets, else ``embedding``."""
+    return "interaction" if model.interaction is not None else "embedding"
 
 
 def _output_names(name: str, module: nn.Module) -> list[str]:
@@ -257,11 +264,9 @@ def _write_into(
     with torch.no_grad():
         parity: dict[str, Any] = {"graphs": _graph_parity(towers, sessions, split, config, model.similarity.dim)}
         if model.interaction is not None:
-            regions, words, lengths = interaction_export.split_token_sample(model, split, config.parity_batch, 64)
-            check = lambda got, expected: rank_gate.allclose_report(got, expected, config.atol, config.rtol)  # noqa: E731
             scorer = towers["scorer"]
             assert isinstance(scorer, interaction_export.TokenScorer)
-            checks = interaction_export.scorer_parity(scorer, sessions["scorer"], regions, words, lengths, check)
+            checks = interaction_export.scorer_parity(model, scorer, sessions["scorer"], split, config)
             parity["graphs"]["scorer"] = _merge_checks(checks)
             torch_scores, ort_scores = interaction_export.split_scores(model, sessions, split)
         else:
@@ -272,7 +277,7 @@ def _write_into(
     files = file_checksums(staging)
     for info in graphs.values():
         info["sha256"] = files[info["file"]]["sha256"]
-    family = "interaction" if model.interaction is not None else "embedding"
+    family = _family(model)
     manifest = {
         "bundle_format": BUNDLE_FORMAT,
         "family": family,

@@ -261,11 +261,13 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     if not well_formed:
         raise UserInputError(f"{path}: malformed bundle manifest (graphs, files, parity or task); export again")
     family = manifest.get("family", "embedding")
-    if family not in FAMILIES or (family == "interaction") != isinstance(manifest.get("interaction"), dict):
-        raise UserInputError(
-            f"{path}: malformed bundle manifest (family {family!r}, expected one of {', '.join(FAMILIES)}; an "
-            "interaction bundle records its interaction); export again"
-        )
+    if family not in FAMILIES:
+        raise UserInputError(f"{path}: unknown bundle family {family!r} (expected one of {', '.join(FAMILIES)})")
+    if "family" in manifest and manifest["bundle_format"] < 3:
+        raise UserInputError(f"{path}: bundle format {manifest['bundle_format']} has no family (3 has); export again")
+    if (family == "interaction") != isinstance(manifest.get("interaction"), dict):
+        what = "records no interaction" if family == "interaction" else "records an interaction but no family"
+        raise UserInputError(f"{path}: malformed bundle manifest (an {family} bundle that {what}); export again")
     return manifest
 
 

@@ -298,6 +298,11 @@ def build_inputs(config: IndexConfig) -> tuple[BundleModel, Gallery, Path]:
     values against it, the ids, and the output folder: ``(bundle, gallery, out)``."""
     assert config.bundle is not None and config.gallery is not None
     bundle = BundleModel.load(config.bundle)
+    if config.embedded and bundle.family == "interaction":
+        raise UserInputError(
+            f"{config.bundle}: an interaction bundle indexes regions, so the gallery must be image-encoder inputs "
+            "[N, R, F]; drop --embedded"
+        )
     gallery = open_gallery(config.gallery, bundle, config.embedded, config.ids)
     out = config.out if config.out is not None else default_out(config.bundle)
     check_output_folder(out, config.force)

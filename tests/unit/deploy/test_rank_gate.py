@@ -165,7 +165,9 @@ LABELS = [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
 
 @pytest.mark.parametrize("task", ["cross_modal", "labels"])
 def test_equal_scores_pass_with_identical_metrics(task: str) -> None:
-    split, scores = (_cross_modal(), _matched_scores()) if task == "cross_modal" else (_labels(LABELS), _label_scores(LABELS))
+    split, scores = (
+        (_cross_modal(), _matched_scores()) if task == "cross_modal" else (_labels(LABELS), _label_scores(LABELS))
+    )
     report = rank_parity(split, scores, scores.copy(), ATOL, RTOL)
     assert report["passed"] is True
     assert report["metrics_torch"] == report["metrics_onnx"] and report["metrics_different"] == []

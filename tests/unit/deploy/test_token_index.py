@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.stage_configs import IndexConfig, SearchConfig
 from gssf_cli.deploy import bundle as bundle_module

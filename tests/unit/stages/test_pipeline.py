@@ -112,7 +112,7 @@ def test_an_interaction_pipeline_exports_and_indexes_and_caches_each_step(gssf: 
     a changed ``[index]`` setting re-runs the index step alone, and says why."""
     import json
 
-    text = TINY.replace('[train]\n', '[train]\ninteraction = "maxsim"\n') + '\n[index]\neval = true\n'
+    text = TINY.replace("[train]\n", '[train]\ninteraction = "maxsim"\n') + "\n[index]\neval = true\n"
     (workdir / "p.toml").write_text(text)
     first = gssf("run", "p.toml", "--json")
     assert first.exit_code == 0, first.stderr
@@ -129,7 +129,13 @@ def test_an_interaction_pipeline_exports_and_indexes_and_caches_each_step(gssf: 
     changed = gssf("run", "p.toml", "--json")
     assert changed.exit_code == 0, changed.stderr
     statuses = {s["stage"]: s["status"] for s in json.loads(changed.stdout)["stages"]}
-    assert statuses == {"prepare": "cached", "train": "cached", "evaluate": "cached", "export": "cached", "index": "ran"}
+    assert statuses == {
+        "prepare": "cached",
+        "train": "cached",
+        "evaluate": "cached",
+        "export": "cached",
+        "index": "ran",
+    }
     assert "index: runs again" in changed.stderr
 
 

@@ -76,6 +76,8 @@ AT_LEAST_TWO = Range(2)
 POSITIVE = Range(0, low_inclusive=False)
 NON_NEGATIVE = Range(0)
 FRACTION = Range(0, 1, low_inclusive=False, high_inclusive=False)
+SHARE = Range(0, 1, high_inclusive=False)
+"""A share of items that may be none but not all: [0, 1)."""
 TEMPERATURE = Range(0.01, 1.0)
 """InfoNCE's τ and the distillation's learnable τ₂ live here; a learnable one is clamped to it."""
 MARGIN = NON_NEGATIVE
@@ -110,7 +112,7 @@ ENCODER_KINDS: tuple[str, ...] = get_args(EncoderKind)
 over the dataset's features or over a trained run's frozen encoders."""
 LrSchedule = Literal["cosine", "step", "constant"]
 LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
-DatasetKind = Literal["synthetic", "digits", "precomp", "features"]
+DatasetKind = Literal["synthetic", "digits", "precomp", "features", "imbalance"]
 DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
 IndexKind = Literal["flat", "hnsw", "ivfpq"]
 INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)

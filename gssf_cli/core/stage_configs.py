@@ -69,12 +69,43 @@ class PrepareConfig:
     min_word_count: int = setting(4, help="precomp: minimum count of a vocabulary word.", within=limits.AT_LEAST_ONE)
     dev_fraction: float = setting(0.1, help="features/digits: share of data for dev.", within=limits.FRACTION)
     test_fraction: float = setting(0.2, help="features: share of data for test.", within=limits.FRACTION)
+    caption_noise: float = setting(
+        0.0, help="Imbalance: share of caption words replaced by random vocabulary words.", within=limits.SHARE
+    )
+    caption_insufficiency: float = setting(
+        0.0, help="Imbalance: share of content words dropped (each caption keeps one).", within=limits.SHARE
+    )
+    region_noise: float = setting(
+        0.0, help="Imbalance: Gaussian noise on regions, in units of each region's RMS.", within=limits.NON_NEGATIVE
+    )
+    region_insufficiency: float = setting(
+        0.0, help="Imbalance: share of concept regions replaced by clutter.", within=limits.SHARE
+    )
+    imbalance_splits: tuple[str, ...] = setting(("train",), help="Imbalance: the splits it applies to, e.g. train,dev.")
+
+    def imbalanced(self) -> bool:
+        return any((self.caption_noise, self.caption_insufficiency, self.region_noise, self.region_insufficiency))
 
     def validate(self) -> None:
         if self.dev_fraction + self.test_fraction >= 1.0:
             raise UserInputError("prepare.dev_fraction + prepare.test_fraction: must leave data for training")
-        if self.dataset in ("precomp", "features") and self.source is None:
+        if self.dataset in ("precomp", "features", "imbalance") and self.source is None:
             raise UserInputError(f"--source is required for --dataset {self.dataset}: point it at your data")
+        if self.imbalanced() and self.dataset not in ("synthetic", "imbalance"):
+            raise UserInputError(
+                f"the imbalance options apply to --dataset synthetic, or to an existing image–caption dataset folder "
+                f"with --dataset imbalance --source DATA; not to --dataset {self.dataset}"
+            )
+        if self.dataset == "imbalance" and not self.imbalanced():
+            raise UserInputError(
+                "--dataset imbalance makes a dataset imbalanced: give --caption-noise, --caption-insufficiency, "
+                "--region-noise or --region-insufficiency"
+            )
+        unknown = sorted(set(self.imbalance_splits) - {"train", "dev", "test"})
+        if unknown or not self.imbalance_splits:
+            raise UserInputError(
+                f"--imbalance-splits: splits among train, dev, test (got {', '.join(unknown) or 'none'})"
+            )
 
 
 EmbeddingMetric = Literal["cosine", "dot"]

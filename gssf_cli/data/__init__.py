@@ -22,6 +22,7 @@ WRITERS: dict[str, str] = {
     "digits": "gssf_cli.data.digits:write_digits",
     "precomp": "gssf_cli.data.precomp:write_precomp",
     "features": "gssf_cli.data.features:write_features",
+    "imbalance": "gssf_cli.data.imbalance:write_imbalance",
 }
 """Dataset kind -> its writer, imported on first use (scikit-learn only for digits)."""
 

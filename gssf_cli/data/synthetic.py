@@ -348,7 +348,9 @@ def check_size(config: PrepareConfig, out: Path) -> None:
 
 def write_synthetic(config: PrepareConfig, folder: Path) -> dict[str, Any]:
     """Write each split's ``{split}_ims.npy`` ``[N, R, F]`` and ``{split}_caps.txt`` (``captions_per_image`` lines
-    per image, in image order), and the train captions' ``vocab.json``; return the manifest fields."""
+    per image, in image order), the latent truth — each image's concepts ``{split}_concepts.npy`` ``[N, 3]`` and
+    the concept each region shows ``{split}_region_concepts.npy`` ``[N, R]`` (-1: clutter), int16, which intra-modal
+    relevance and region insufficiency read — and the train captions' ``vocab.json``; return the manifest fields."""
     language = grammar(config.concepts, config.vocab_size)
     rng = np.random.default_rng(config.seed)
     dim, regions = config.region_dim, config.regions
@@ -362,11 +364,13 @@ def write_synthetic(config: PrepareConfig, folder: Path) -> dict[str, Any]:
     for split in SPLITS:
         n = counts[split]
         image_concepts = np.stack([rng.choice(config.concepts, CONCEPTS_PER_IMAGE, replace=False) for _ in range(n)])
-        ims = _regions(rng, image_concepts, looks, backgrounds, mixing, regions)
+        ims, region_concepts = _regions(rng, image_concepts, looks, backgrounds, mixing, regions)
         draws = rng.random((n, config.captions_per_image, DRAWS))
         captions = [language.caption(shown, row) for shown, rows in zip(image_concepts, draws, strict=True)
                     for row in rows]  # fmt: skip
         np.save(folder / f"{split}_ims.npy", ims)
+        np.save(folder / f"{split}_concepts.npy", image_concepts.astype(np.int16))
+        np.save(folder / f"{split}_region_concepts.npy", region_concepts)
         (folder / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
         if split == "train":
             train_captions = captions
@@ -394,8 +398,9 @@ def _regions(
     backgrounds: np.ndarray,
     mixing: np.ndarray,
     regions: int,
-) -> np.ndarray:
-    """Region features ``[N, R, F]`` float32: concept regions first in random order, then clutter."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Region features ``[N, R, F]`` float32 in random order, and the concept each region shows ``[N, R]`` int16
+    (-1: clutter)."""
     n, k = image_concepts.shape
     dim = appearance.shape[1]
     out = np.empty((n, regions, dim))
@@ -407,4 +412,6 @@ def _regions(
     out += 0.5 * rng.normal(size=out.shape)
     order = np.argsort(rng.random((n, regions)), axis=1)
     out = np.take_along_axis(out, order[:, :, None], axis=1)
-    return np.maximum(out @ mixing, 0.0).astype(np.float32)
+    shows = np.full((n, regions), -1, dtype=np.int16)
+    shows[:, :shown] = image_concepts[:, :shown]
+    return np.maximum(out @ mixing, 0.0).astype(np.float32), np.take_along_axis(shows, order, axis=1)

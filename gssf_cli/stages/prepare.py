@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from gssf_cli.core.config import to_dict
 from gssf_cli.core.files import MANIFEST, check_output_folder, manifest_digest, staged_folder
 from gssf_cli.core.stage_configs import PrepareConfig
-from gssf_cli.data import synthetic, writer
+from gssf_cli.data import imbalance, synthetic, writer
 from gssf_cli.data.manifest import write_manifest
 from gssf_cli.data.rankable import check_prepared_splits
 
@@ -51,6 +51,10 @@ def run(config: PrepareConfig, tracker: Tracker | None = None, parent_run_id: st
     settings = {k: v for k, v in to_dict(config).items() if k not in ("out", "force")}
     with staged_folder(config.out, config.force) as staging:
         fields = writer(config.dataset)(config, staging)
+        if config.dataset == "synthetic" and config.imbalanced():
+            imbalanced = imbalance.Imbalance.of(config)
+            imbalance.check(fields, imbalanced, staging, str(config.out))
+            fields["imbalance"] = imbalance.apply(staging, fields, imbalanced, config.seed)
         check_prepared_splits(staging, {"kind": config.dataset, **fields})
         manifest = write_manifest(
             staging, {"name": config.out.name, "kind": config.dataset, **fields, "settings": settings}

@@ -140,6 +140,29 @@ def _precomp(workdir: Path, **kwargs: object) -> Path:
     return write_precomp(workdir / "src", **kwargs)  # type: ignore[arg-type]
 
 
+def _imbalance(*flags: str, dataset: str = "synthetic") -> Setup:
+    return lambda w: ["prepare", "--dataset", dataset, "--out", "data/x", *flags]
+
+
+def _region_insufficiency_without_a_record(w: Path) -> list[str]:
+    """A precomp dataset knows no concept regions: region insufficiency cannot know what to replace."""
+    from gssf_cli.core.stage_configs import PrepareConfig
+    from gssf_cli.stages import prepare
+
+    prepare.run(PrepareConfig(dataset="precomp", source=_precomp(w), out=w / "data/p"))
+    return [
+        "prepare",
+        "--dataset",
+        "imbalance",
+        "--source",
+        "data/p",
+        "--region-insufficiency",
+        "0.5",
+        "--out",
+        "data/x",
+    ]
+
+
 def _missing_source(w: Path) -> list[str]:
     return ["prepare", "--dataset", "precomp", "--source", "nowhere", "--out", "data/x"]
 
@@ -567,6 +590,27 @@ def _pipeline_not_utf8(w: Path) -> list[str]:
 CASES: dict[str, tuple[Setup, str]] = {
     # prepare
     "prepare: missing source": (_missing_source, "source nowhere not found"),
+    "prepare: a share of 1": (_imbalance("--caption-noise", "1"), "prepare.caption_noise: must be in [0, 1)"),
+    "prepare: a negative share": (
+        _imbalance("--region-insufficiency", "-0.1"),
+        "prepare.region_insufficiency: must be",
+    ),
+    "prepare: imbalance of digits": (
+        _imbalance("--caption-noise", "0.3", dataset="digits"),
+        "the imbalance options apply to --dataset synthetic",
+    ),
+    "prepare: imbalance with no knob": (
+        lambda w: ["prepare", "--dataset", "imbalance", "--source", "data/syn", "--out", "data/x"],
+        "--dataset imbalance makes a dataset imbalanced: give --caption-noise",
+    ),
+    "prepare: imbalance of an unknown split": (
+        _imbalance("--caption-noise", "0.3", "--imbalance-splits", "val"),
+        "--imbalance-splits: splits among train",
+    ),
+    "prepare: region insufficiency without a record": (
+        _region_insufficiency_without_a_record,
+        "--region-insufficiency needs to know which regions show a concept",
+    ),
     "prepare: wrong shape": (_wrong_shape, "dev_ims.npy: expected a 2-D or 3-D array, got shape [3, 2, 2, 2]"),
     "prepare: wrong dtype": (_wrong_dtype, "dev_ims.npy: expected floating-point values, got dtype int32"),
     "prepare: caption count": (_caption_count, "test_ims.npy: 4 images but 18 captions"),

@@ -43,10 +43,21 @@ def _write(folder: Path, seed: int = 0) -> dict:
 def test_the_writer_makes_every_split_at_the_sizes_asked(tmp_path: Path) -> None:
     fields = _write(tmp_path / "d")
     names = {p.name for p in (tmp_path / "d").iterdir()}
-    assert names == {f"{s}_{x}" for s in ("train", "dev", "test") for x in ("ims.npy", "caps.txt")} | {"vocab.json"}
+    kinds = ("ims.npy", "caps.txt", "concepts.npy", "region_concepts.npy")
+    assert names == {f"{s}_{x}" for s in ("train", "dev", "test") for x in kinds} | {"vocab.json"}
+    language = grammar(4, 16)
     for split, n in {"train": 6, "dev": 3, "test": 2}.items():
         ims = np.load(tmp_path / "d" / f"{split}_ims.npy")
         assert ims.shape == (n, 5, 4) and ims.dtype == np.float32 and (ims >= 0).all()
+        concepts = np.load(tmp_path / "d" / f"{split}_concepts.npy")
+        shows = np.load(tmp_path / "d" / f"{split}_region_concepts.npy")
+        assert concepts.shape == (n, 3) and shows.shape == (n, 5) and shows.dtype == np.int16
+        for image in range(n):  # each concept of an image on exactly one region, the rest clutter
+            assert sorted(shows[image][shows[image] >= 0].tolist()) == sorted(concepts[image].tolist())
+            assert (shows[image] == -1).sum() == 2
+        captions_of = (tmp_path / "d" / f"{split}_caps.txt").read_text().splitlines()
+        for image, caption in enumerate(captions_of):  # a caption names only its image's concepts
+            assert set(language.parse(caption)) <= set(concepts[image // 2].tolist())
         captions = (tmp_path / "d" / f"{split}_caps.txt").read_text().splitlines()
         assert len(captions) == 2 * n and all(captions)
         assert fields["splits"][split] == {"images": n, "captions": 2 * n}

@@ -23,23 +23,62 @@ def _pyplot() -> Any:
     return plt
 
 
-def score_distributions(positives: np.ndarray, negatives: np.ndarray, title: str) -> Any:
-    """Histograms of matching-pair and non-matching-pair scores (GSSF paper, Fig. 5).
+@dataclass(frozen=True)
+class ScoreSample:
+    """Scores of one system on a sample of a split's pairs: ``positives [P]`` (an image and its own captions,
+    or two items of one label) and ``negatives [M]`` (every other pair of the sampled rows); ``label`` names the
+    system in its panel, ``score`` what scored the pairs (the x axis)."""
 
-    Well-separated distributions mean a margin between positives and negatives; overlap is where
-    retrieval errors come from.
+    label: str
+    positives: np.ndarray
+    negatives: np.ndarray
+    score: str = "score"
+
+    def auc(self) -> float:
+        """P(a positive outscores a negative), ties half: 1 is a clean margin, 0.5 no separation at all."""
+        ordered = np.sort(self.negatives)
+        below = np.searchsorted(ordered, self.positives, side="left")
+        ties = np.searchsorted(ordered, self.positives, side="right") - below
+        return float((below + 0.5 * ties).sum() / (len(self.positives) * len(self.negatives)))
+
+    def d_prime(self) -> float:
+        """The gap between the means in pooled standard deviations: separation on any score's scale."""
+        spread = np.sqrt((self.positives.var() + self.negatives.var()) / 2)
+        return float((self.positives.mean() - self.negatives.mean()) / spread) if spread > 0 else float("nan")
+
+
+def similarity_distributions(samples: Sequence[ScoreSample], title: str) -> Any:
+    """Density histograms of positive- and negative-pair scores, one panel per system side by side (GSSF paper,
+    Fig. 5): the further apart the two, the wider the margin; where they overlap, retrieval errs.
+
+    Each panel has its own x axis (a learned metric need not score on cosine's scale) and says how well its
+    scores separate the pairs on a scale-free footing: AUC (P(positive > negative)) and d′ (the gap between
+    the means in pooled standard deviations), so panels compare whatever their scales.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    low = float(min(positives.min(), negatives.min()))
-    high = float(max(positives.max(), negatives.max()))
-    bins = np.linspace(low, high if high > low else low + 1.0, 60)
-    ax.hist(negatives, bins=bins, density=True, alpha=0.6, label=f"negative pairs (n={len(negatives):,})")
-    ax.hist(positives, bins=bins, density=True, alpha=0.6, label=f"positive pairs (n={len(positives):,})")
-    ax.set_xlabel("score")
-    ax.set_ylabel("density")
-    ax.set_title(title)
-    ax.legend()
+    columns = min(len(samples), 3)
+    rows = -(-len(samples) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows + 0.6), squeeze=False)
+    for ax, sample in zip(axes.ravel(), samples, strict=False):
+        low = float(min(sample.positives.min(), sample.negatives.min()))
+        high = float(max(sample.positives.max(), sample.negatives.max()))
+        bins = np.linspace(low, high if high > low else low + 1.0, 60)
+        for scores, name, colour in (
+            (sample.negatives, "negative", "tab:red"),
+            (sample.positives, "positive", "tab:blue"),
+        ):
+            ax.hist(
+                scores, bins=bins, density=True, alpha=0.55, color=colour, label=f"{name} pairs (n = {len(scores):,})"
+            )
+            mean = float(np.mean(scores))
+            ax.axvline(mean, color=colour, linestyle="--", linewidth=1.0, label=f"{name} mean {mean:.3g}")
+        ax.set_title(f"{sample.label}\nAUC {sample.auc():.3f}, d′ {sample.d_prime():.2f}", fontsize="small")
+        ax.set_xlabel(sample.score)
+        ax.set_ylabel("density")
+        ax.legend(fontsize="x-small", loc="best")
+    for ax in axes.ravel()[len(samples) :]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     return fig
 
@@ -65,23 +104,161 @@ def close(fig: Any) -> None:
     _pyplot().close(fig)
 
 
-def metric_heatmap(matrix: np.ndarray, name: str, max_channels: int = 256) -> Any:
-    """The learned W ⊙ U as a heatmap (GSSF paper, Fig. 4): where channels interact, and how strongly.
+HEATMAP_SIZE = 64
+"""Channels per side of the heatmap's regular-interval view (as the GSSF paper reduces its Fig. 4)."""
+MIN_BLOCK_PIXELS = 4
+"""Channels of each block the regular view must keep for its blocks to be read there (then their boundaries are
+drawn); with fewer, lines would come every pixel or two and a block shows at most a couple of its entries."""
+ZOOM_BLOCKS = 8
+"""Whole blocks the heatmap shows at full resolution when its regular view cannot: few enough to read each."""
 
-    Large D is shown as its top-left ``max_channels`` x ``max_channels`` corner so blocks stay visible.
+
+def metric_heatmap(
+    matrix: np.ndarray, name: str, block_size: int | None = None, run: str | None = None, size: int = HEATMAP_SIZE
+) -> Any:
+    """The learned W ⊙ U ``[D, D]`` of a metric head (GSSF paper, Fig. 4): which channels interact, how strongly.
+
+    The diagonal (near 1) and the entries off it (inside the blocks, often |w| of a few hundredths) are on scales
+    an order of magnitude apart, so each gets a panel and a symmetric colour scale of its own: a strip of the
+    diagonal ``w_mm`` and the matrix with its diagonal masked. Large D is reduced to ``size`` x ``size`` at
+    regular intervals (every s-th channel, s = ceil(D / size)), as the paper does; small D is shown whole.
+    Block boundaries (every d channels) are drawn where the view keeps at least ``MIN_BLOCK_PIXELS`` channels of
+    each block. Where it keeps fewer (d < 4s; for d < 2s no two channels of the view share a block, so its
+    off-diagonal is all zeros) a third panel shows a few whole blocks, picked at regular intervals along the
+    diagonal, at full resolution on the same scale, so what the blocks learned stays visible.
+
+    ``block_size``: d (``None`` for members without blocks: then d = 1 if nothing is off the diagonal, else D);
+    ``run``: what the title calls the run (its name and id).
     """
     plt = _pyplot()
-    shown = matrix[:max_channels, :max_channels]
-    limit = float(np.abs(shown).max()) or 1.0
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    image = ax.imshow(shown, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    corner = "" if shown.shape == matrix.shape else f" (first {shown.shape[0]} of {matrix.shape[0]} channels)"
-    ax.set_title(f"learned W ⊙ U, {name}{corner}")
-    ax.set_xlabel("text channel")
-    ax.set_ylabel("image channel")
-    fig.tight_layout()
+    dim = matrix.shape[0]
+    off = _off_diagonal(matrix)
+    block = block_size or (1 if not np.any(off) else dim)
+    stride = -(-dim // size)
+    picked = np.arange(0, dim, stride)
+    off_limit = float(np.abs(off).max()) or 1.0
+    zoom = _zoom_channels(dim, block, stride, size)
+    lines = 1 < block < dim and block >= MIN_BLOCK_PIXELS * stride
+    side, left, top, gap = 4.2, 2.75, 0.95, 1.0
+    bottom = 1.3 if zoom is not None and len(zoom[1]) > 4 else 0.7
+    width = left + side + (gap + side if zoom is not None else 0.0) + 1.4
+    height = bottom + side + top
+    fig = plt.figure(figsize=(width, height))
+
+    def box(x: float, w: float) -> Any:
+        return fig.add_axes((x / width, bottom / height, w / width, side / height))
+
+    _diagonal_strip(fig, box(1.35, 0.4), box(0.95, 0.15), np.diag(matrix), picked)
+    matrix_ax = box(left, side)
+    image = matrix_ax.imshow(
+        _masked_diagonal(matrix[np.ix_(picked, picked)]), cmap=_off_cmap(plt), vmin=-off_limit, vmax=off_limit,
+        interpolation="nearest",
+    )  # fmt: skip
+    starts = [-(-b * block // stride) for b in range(dim // block)] if lines and dim // block <= 8 else None
+    _channel_ticks(matrix_ax.xaxis, picked, starts)
+    _channel_ticks(matrix_ax.yaxis, picked, starts)
+    matrix_ax.set_ylabel("image channel m")
+    matrix_ax.set_xlabel("text channel n" + (f" (one in {stride} of {dim})" if stride > 1 else ""))
+    reduced = "" if stride == 1 else f"\n{len(picked)} x {len(picked)} at regular intervals"
+    if zoom is not None:
+        few = f"it keeps only {block // stride} channels of each block" if block >= 2 * stride else ""
+        reduced += f": {few or 'no two of its channels share a block'} (d = {block}, s = {stride})"
+    nothing = "" if np.any(off) else ": all zero, no channel interacts with another"
+    matrix_ax.set_title(f"off the diagonal (diagonal masked{nothing}){reduced}", fontsize="small")
+    if lines:
+        _block_lines(matrix_ax, [-(-b * block // stride) - 0.5 for b in range(1, dim // block)])
+    right = left + side
+    if zoom is not None:
+        _zoom_panel(box(right + gap, side), matrix, zoom, block, off_limit)
+        right += gap + side
+    fig.colorbar(image, cax=box(right + 0.25, 0.15)).set_label("w_mn, m ≠ n")
+    title = f"learned W ⊙ U, {name}: d = {block}, N = D/d = {dim // block} blocks, D = {dim}"
+    fig.suptitle(title + (f"\nrun {run}" if run else ""), fontsize="medium", y=1 - 0.12 / height, va="top")
     return fig
+
+
+def _diagonal_strip(fig: Any, ax: Any, cax: Any, diagonal: np.ndarray, picked: np.ndarray) -> None:
+    """The diagonal ``[D]`` at the view's channels ``picked`` as a column beside the matrix (its rows), on a
+    symmetric scale of its own; the title gives its range over all D channels."""
+    limit = float(np.abs(diagonal).max()) or 1.0
+    strip = ax.imshow(
+        diagonal[picked][:, None], cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest"
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"diagonal w_mm\n{diagonal.min():.3g} to {diagonal.max():.3g}", fontsize="small")
+    colorbar = fig.colorbar(strip, cax=cax)
+    cax.yaxis.set_ticks_position("left")
+    cax.yaxis.set_label_position("left")
+    colorbar.set_label("w_mm")
+
+
+def _zoom_panel(ax: Any, matrix: np.ndarray, zoom: tuple[np.ndarray, list[int], int], block: int, limit: float) -> None:
+    """Whole blocks (``zoom``: see :func:`_zoom_channels`) at full resolution, diagonal masked, on the
+    off-diagonal panel's scale ``±limit``; ticks name each block's channels."""
+    channels, blocks, per_block = zoom
+    ax.imshow(
+        _masked_diagonal(matrix[np.ix_(channels, channels)]), cmap=_off_cmap(_pyplot()), vmin=-limit, vmax=limit,
+        interpolation="nearest",
+    )  # fmt: skip
+    _block_lines(ax, [k * per_block - 0.5 for k in range(1, len(blocks))])
+    centres = [k * per_block + (per_block - 1) / 2 for k in range(len(blocks))]
+    names = [f"{b * block}–{(b + 1) * block - 1}" for b in blocks]
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_ticks(centres)
+        axis.set_ticklabels(names, fontsize="x-small")
+    if len(names) > 4:
+        ax.tick_params(axis="x", labelrotation=90)
+    ax.set_xlabel("text channels (one block each)")
+    dim = matrix.shape[0]
+    ax.set_title(
+        f"inside {len(blocks)} of the {dim // block} blocks\n(regular intervals, full resolution)", fontsize="small"
+    )
+
+
+def _off_diagonal(matrix: np.ndarray) -> np.ndarray:
+    return matrix - np.diag(np.diag(matrix))
+
+
+def _masked_diagonal(matrix: np.ndarray) -> np.ma.MaskedArray:
+    return np.ma.masked_array(matrix, mask=np.eye(len(matrix), dtype=bool))
+
+
+def _off_cmap(plt: Any) -> Any:
+    """The diverging map of the off-diagonal panels, the masked diagonal in grey (not white, which means 0)."""
+    return plt.get_cmap("RdBu_r").with_extremes(bad="0.75")
+
+
+def _zoom_channels(dim: int, block: int, stride: int, size: int) -> tuple[np.ndarray, list[int], int] | None:
+    """Channels of whole blocks (at most ``ZOOM_BLOCKS``, at most ``size`` channels, a block strided to fit when
+    d > ``size``) picked at regular intervals along the diagonal, the blocks, and channels kept per block;
+    ``None`` when the regular view already shows the inside of the blocks (d >= ``MIN_BLOCK_PIXELS`` s) or
+    there are no blocks."""
+    if not 1 < block < dim or block >= MIN_BLOCK_PIXELS * stride:
+        return None
+    step = -(-block // size)
+    count = max(1, min(size // block, ZOOM_BLOCKS))
+    blocks = sorted({int(b) for b in np.linspace(0, dim // block - 1, count).round()})
+    channels = np.concatenate([np.arange(b * block, (b + 1) * block, step) for b in blocks])
+    return channels, blocks, len(range(0, block, step))
+
+
+def _channel_ticks(axis: Any, picked: np.ndarray, positions: Sequence[int] | None = None) -> None:
+    """Ticks of a reduced view (at ``positions``, else every quarter and the last) labelled with the original
+    channel numbers."""
+    if positions is None:
+        step = max(1, len(picked) // 4)
+        positions = list(range(0, len(picked), step))
+        if len(picked) - 1 - positions[-1] >= step / 2:
+            positions.append(len(picked) - 1)
+    axis.set_ticks(positions)
+    axis.set_ticklabels([str(picked[p]) for p in positions])
+
+
+def _block_lines(ax: Any, positions: Sequence[float]) -> None:
+    for position in sorted(set(positions)):
+        ax.axhline(position, color="0.2", linewidth=0.6, alpha=0.6, gid="block boundary")
+        ax.axvline(position, color="0.2", linewidth=0.6, alpha=0.6, gid="block boundary")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ and computed before the MLflow run opens — runs that are not train runs, runs 
 a missing split, a protocol that does not fit — so bad input leaves no run and no file behind. The run then
 logs the config, the dataset, tags naming the compared runs, one metric per (statistic, metric, run), the
 table as ``comparison.json`` and ``comparison.md``, the per-query values as ``units.npz`` (plain float and
-integer arrays, readable with ``numpy.load(..., allow_pickle=False)``) and a forest plot.
+integer arrays, readable with ``numpy.load(..., allow_pickle=False)``), a forest plot and the score
+distributions of positive and negative pairs under each argument's (first) run, side by side.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gssf_cli.tracking.tags import SEEDS_STAGE
 
 if TYPE_CHECKING:
     from gssf_cli.data.dataset import Dataset
+    from gssf_cli.evaluation.plots import ScoreSample
     from gssf_cli.tracking.adapter import StageRun, Tracker
 
 DATASET_TAG = "gssf.dataset.manifest_sha256"
@@ -95,7 +97,7 @@ def run(config: CompareConfig, tracker: Tracker, parent_run_id: str | None = Non
     """Compare ``config.runs`` (the baseline first); the result goes to a ``compare`` run."""
     started = time.perf_counter()
     groups, passed = _resolve(tracker, config)
-    per_run, dataset = _units_of(tracker, config, groups)
+    per_run, dataset, samples = _units_of(tracker, config, groups)
     tracker.follow(groups[0][0])  # the compare run lands beside the baseline (unless --experiment says otherwise)
     labels = [named or default for named, default in zip(config.labels(), passed, strict=True)]
     systems = [
@@ -148,15 +150,22 @@ def run(config: CompareConfig, tracker: Tracker, parent_run_id: str | None = Non
     with start as run_:
         seconds = round(time.perf_counter() - started, 3)
         result = replace(result, seconds=seconds, run_id=run_.run_id)
-        _log(run_, config, dataset, result, outcome, systems, groups, per_run, averaged)
+        _log(run_, config, dataset, result, outcome, systems, groups, per_run, averaged, samples)
     return result
 
 
-def _units_of(tracker: Tracker, config: CompareConfig, groups: list[list[Any]]) -> tuple[dict[str, Units], Dataset]:
-    """Each run's units on ``config.split`` (a run named twice is embedded once), and the dataset they all share."""
+def _units_of(
+    tracker: Tracker, config: CompareConfig, groups: list[list[Any]]
+) -> tuple[dict[str, Units], Dataset, dict[str, ScoreSample]]:
+    """Each run's units on ``config.split`` (a run named twice is embedded once), the dataset they all share, and
+    with ``config.plots`` the scores of a sample of the split's pairs under each argument's first run (by run id;
+    its label is the run's until the figure names it)."""
+    from gssf_cli.evaluation.figures import trained_score_sample
     from gssf_cli.stages.runs import load_trained
 
     per_run: dict[str, Units] = {}
+    samples: dict[str, ScoreSample] = {}
+    firsts = {group[0].info.run_id for group in groups}
     dataset: Dataset | None = None
     for group in groups:
         for train_run in group:
@@ -174,9 +183,11 @@ def _units_of(tracker: Tracker, config: CompareConfig, groups: list[list[Any]]) 
                 memory_budget_bytes=config.memory_budget_mb * 2**20,
                 full_map=config.full_map,
             )
+            if config.plots and run_id in firsts:
+                samples[run_id] = trained_score_sample(model, loaded, config.split, run_id)
             del model
     assert dataset is not None
-    return per_run, dataset
+    return per_run, dataset, samples
 
 
 def _resolve(tracker: Tracker, config: CompareConfig) -> tuple[list[list[Any]], list[str]]:
@@ -274,6 +285,7 @@ def _log(
     groups: list[list[Any]],
     per_run: dict[str, Units],
     averaged: list[Units],
+    samples: dict[str, ScoreSample],
 ) -> None:
     run_.log_dataset(dataset.name, dataset.folder, dataset.digest, context=config.split)
     run_.log_config("compare", to_dict(config))
@@ -305,4 +317,14 @@ def _log(
             f"{dataset.name}, {config.split} split: compared - baseline, {round(100 * config.confidence)}% CI",
         )
         run_.log_figure(figure, "plots/comparison_forest.png")
+        plots.close(figure)
+        shown = [
+            replace(samples[system.runs[0]["run_id"]], label=system.label + (
+                f"\n(first of its {len(system.runs)} runs)" if len(system.runs) > 1 else ""))
+            for system in systems
+        ]  # fmt: skip
+        figure = plots.similarity_distributions(
+            shown, f"{dataset.name}, {config.split} split: scores of positive vs negative pairs"
+        )
+        run_.log_figure(figure, "plots/similarity_distributions.png")
         plots.close(figure)

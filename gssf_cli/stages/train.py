@@ -237,7 +237,9 @@ def _log_end(run_: StageRun, fitted: FitResult, model: RetrievalModel) -> None:
     if model.similarity.num_parameters() > 0:
         from gssf_cli.evaluation import plots
 
-        fig = plots.metric_heatmap(model.similarity.effective_matrix().detach().cpu().numpy(), model.similarity.name)
+        similarity = model.similarity
+        matrix = similarity.effective_matrix().detach().cpu().numpy()
+        fig = plots.metric_heatmap(matrix, similarity.name, block_size=similarity.block_size, run=run_.run_id)
         run_.log_figure(fig, "plots/metric_heatmap.png")
         plots.close(fig)
 

@@ -142,7 +142,9 @@ def test_the_compare_run_holds_the_table_the_units_and_a_plot(inside: Runs) -> N
     assert run.data.metrics[f"ci_low_rsum_{key}"] == pytest.approx(rsum["ci_low"])
     artifacts = {a.path for a in client.list_artifacts(out["run_id"])}
     assert {"comparison.json", "comparison.md", "units.npz", "units.txt", "plots", "config"} <= artifacts
-    assert {a.path for a in client.list_artifacts(out["run_id"], "plots")} == {"plots/comparison_forest.png"}
+    assert {a.path for a in client.list_artifacts(out["run_id"], "plots")} == {
+        "plots/comparison_forest.png", "plots/similarity_distributions.png",
+    }  # fmt: skip
     folder = Path(client.download_artifacts(out["run_id"], "", str(inside.root / "downloaded")))
     assert json.loads((folder / "comparison.json").read_text())["rows"] == out["rows"]
     assert "| rsum |" in (folder / "comparison.md").read_text()
@@ -162,6 +164,15 @@ def test_groups_of_seeds_are_averaged_per_query(inside: Runs) -> None:
         assert row["baseline"] == pytest.approx((one[metric]["baseline"] + other[metric]["baseline"]) / 2)
     same = _ok("compare", f"{inside.a},{inside.c}", f"{inside.c},{inside.a}", *FAST)
     assert all(row["difference"] == 0.0 and row["p_value"] == 1.0 for row in same["rows"])
+
+
+def test_the_score_distributions_take_each_arguments_first_run_whatever_the_task(inside: Runs) -> None:
+    """c is the second run of the first group and the first of the second: its scores are sampled for the figure
+    all the same; label-based runs draw theirs from same-label pairs."""
+    client = Tracker().client
+    for runs in ([f"{inside.a},{inside.c}", f"{inside.c},{inside.b}"], [inside.la, inside.lb]):
+        out = _ok("compare", *runs, "--bootstrap", "200", "--permutations", "200")
+        assert "plots/similarity_distributions.png" in {a.path for a in client.list_artifacts(out["run_id"], "plots")}
 
 
 def test_several_runs_each_against_the_baseline(inside: Runs) -> None:

@@ -117,9 +117,11 @@ DATASET_KINDS: tuple[str, ...] = get_args(DatasetKind)
 IndexKind = Literal["flat", "hnsw", "ivfpq"]
 INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
 """faiss index kinds of ``gssf index`` (built by :mod:`gssf_cli.deploy.search`, whose registry a test keeps equal)."""
-Protocol = Literal["all", "f30k-1k", "coco-1k", "coco-5k"]
+Protocol = Literal["all", "f30k-1k", "coco-1k", "coco-5k", "eccv", "cxc"]
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
-"""Cross-modal evaluation protocols (see :func:`gssf_cli.evaluation.crossmodal.evaluate_cross_modal`)."""
+"""Cross-modal evaluation protocols (see :func:`gssf_cli.evaluation.crossmodal.evaluate_cross_modal`; ``eccv`` and
+``cxc``, the COCO 5K test split against ECCV Caption's and CxC's extra positives, by
+:mod:`gssf_cli.evaluation.coco_protocols`)."""
 Task = Literal["cross_modal", "labels"]
 TASKS: tuple[str, ...] = get_args(Task)
 ImageKind = Literal["regions", "global", "features"]

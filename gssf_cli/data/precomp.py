@@ -4,6 +4,11 @@ Why care about memory: Flickr30K's train regions alone are ~8.5 GB. Arrays are m
 in chunks (shape, dtype, NaN/Inf); a valid array is hard-linked (or stream-copied) into the dataset folder,
 never loaded whole. Some releases repeat every image ``captions_per_image`` times to align rows with
 captions: that is detected (every group of rows identical) and the repeats are dropped in a stream.
+
+``{split}_ids.txt``, where a folder has it, is kept: the image id of each image (COCO's image ids in SCAN's
+``coco_precomp``, which ECCV Caption and CxC rank by, see :mod:`gssf_cli.evaluation.coco_protocols`). Real folders
+write one id per caption line (SCAN's ``testall_ids.txt``: 25,000 lines, each image's id on its 5 caption lines);
+one id per image is accepted too. The dataset folder always holds one id per image, one per line.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.files import check_float_array, iter_rows, link_or_copy, open_array
@@ -43,6 +49,9 @@ def write_precomp(config: PrepareConfig, folder: Path) -> dict[str, Any]:
         captions = read_captions(caps_path)
         n_images = _write_images(ims, ims_path, len(captions), k, folder / f"{split}_ims.npy")
         shutil.copyfile(caps_path, folder / f"{split}_caps.txt")
+        ids_path = source / f"{split}_ids.txt"
+        if ids_path.exists():
+            write_image_ids(folder / ids_path.name, read_image_ids(ids_path, n_images, k))
         captions_by_split[split] = captions
         splits[split] = {"images": n_images, "captions": len(captions)}
 
@@ -61,6 +70,48 @@ def write_precomp(config: PrepareConfig, folder: Path) -> dict[str, Any]:
         "source": str(source.resolve()),
         "seed": None,
     }
+
+
+def read_image_ids(path: Path, n_images: int, k: int) -> NDArray[np.int64]:
+    """The image id of each of ``n_images`` images ``[n_images]`` from ``path``: one non-negative integer per line,
+    either one line per image or one per caption (``k`` lines per image, in image order, all holding that image's
+    id). Anything else is a one-line :class:`UserInputError` naming the file."""
+    if not path.is_file():
+        raise UserInputError(f"{path}: not a file (image ids)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: not UTF-8 text; expected one integer image id per line") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip().isdigit() or not line.strip().isascii():
+            raise UserInputError(
+                f"{path}: line {number} is {line.strip()[:30]!r}, not an image id (a non-negative integer)"
+            )
+    try:
+        ids = np.array([int(line) for line in lines], dtype=np.int64)
+    except OverflowError:
+        raise UserInputError(f"{path}: an image id does not fit in 64 bits") from None
+    if len(ids) == n_images:
+        return ids
+    if k > 1 and len(ids) == k * n_images:
+        groups = ids.reshape(n_images, k)
+        differs = np.flatnonzero((groups != groups[:, :1]).any(axis=1))
+        if len(differs):
+            image = int(differs[0])
+            raise UserInputError(
+                f"{path}: lines {k * image + 1}-{k * image + k} (the captions of image {image}) hold different ids "
+                f"{sorted(set(groups[image].tolist()))}; one id per caption line must repeat its image's id"
+            )
+        return groups[:, 0].copy()
+    per_caption = f" or one per caption ({k * n_images:,})" if k > 1 else ""
+    raise UserInputError(
+        f"{path}: {len(ids):,} ids for {n_images:,} images; expected one id per image ({n_images:,}){per_caption}"
+    )
+
+
+def write_image_ids(path: Path, ids: NDArray[np.int64]) -> None:
+    """One id per image, one per line (the dataset folder's layout of ``{split}_ids.txt``)."""
+    path.write_text("".join(f"{int(i)}\n" for i in ids), encoding="utf-8")
 
 
 def _source_folder(source: Path | None) -> Path:

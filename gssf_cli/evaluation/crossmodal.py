@@ -52,6 +52,9 @@ from gssf_cli.evaluation.ranking import (
 CROSS_MODAL_PROTOCOLS = PROTOCOLS
 PROTOCOL_IMAGES = {"f30k-1k": 1_000, "coco-1k": 5_000, "coco-5k": 5_000}
 """Images in each protocol's test split."""
+RANKING_PROTOCOLS = ("all", *PROTOCOL_IMAGES)
+"""The protocols ranked here. The others (``eccv``, ``cxc``) rank a COCO test split by its COCO ids through the
+``eccv_caption`` package: :mod:`gssf_cli.evaluation.coco_protocols`, for ``gssf evaluate --run`` alone."""
 COCO_1K_FOLD_IMAGES = 1_000
 POSITIVE_PASS_IMAGES = 32
 
@@ -258,6 +261,11 @@ def protocol_folds(num_images: int, protocol: str) -> list[tuple[int, int]]:
     (:class:`RetrievalInputError`); ``all`` takes any."""
     if protocol not in CROSS_MODAL_PROTOCOLS:
         raise RetrievalInputError(f"unknown protocol {protocol!r}; choose one of {', '.join(CROSS_MODAL_PROTOCOLS)}")
+    if protocol not in RANKING_PROTOCOLS:
+        raise RetrievalInputError(
+            f"protocol {protocol} ranks COCO test images by their COCO ids, which only `gssf evaluate --run` reads (with "
+            f"no --shortlist); here use one of {', '.join(RANKING_PROTOCOLS)}"
+        )
     expected = PROTOCOL_IMAGES.get(protocol)
     if expected is not None and num_images != expected:
         raise RetrievalInputError(

@@ -207,9 +207,14 @@ def evaluate_file(config: EvaluateConfig, head: RetrievalModel | None = None) ->
     """Metrics of the embeddings file ``config.embeddings``: cosine or dot, per ``config.metric``; or, with
     ``head`` (a trained model: ``--head RUN``), scored by its metric head, the arrays read as that head reads
     them (:func:`gssf_cli.modeling.model.embed_for_head`: a head-only run's adapters apply)."""
-    from gssf_cli.evaluation import crossmodal, ranking
+    from gssf_cli.evaluation import coco_protocols, crossmodal, ranking
 
     assert config.embeddings is not None
+    if config.protocol in coco_protocols.PROTOCOLS:
+        raise UserInputError(
+            f"--protocol {config.protocol} ranks a COCO test split by its COCO ids, which an embeddings file does not "
+            f"carry: evaluate a run on a precomp COCO folder (--run RUN --split testall --protocol {config.protocol})"
+        )
     layout, arrays, split = _read_embeddings(config.embeddings, config.split)
     prepare: Callable[[np.ndarray, str], np.ndarray] = _normalise if config.metric == "cosine" else _as_float
     score_fn: Callable[..., Any] | None = None
@@ -315,9 +320,15 @@ def evaluate_trained(model: RetrievalModel, dataset: Dataset, config: EvaluateCo
     (:mod:`gssf_cli.evaluation.shortlist`; the result then says what it missed)."""
     import torch
 
+    from gssf_cli.evaluation import coco_protocols
     from gssf_cli.modeling.model import split_scorer
 
     split_name = config.split or "test"
+    coco = None
+    if config.protocol in coco_protocols.PROTOCOLS:
+        if config.shortlist is not None:
+            raise UserInputError(f"--protocol {config.protocol} ranks every pair exactly: drop --shortlist")
+        coco = coco_protocols.split_ids(dataset, split_name, config.protocol)
     split = dataset.split(split_name)
     started = time.perf_counter()
     budget = config.memory_budget_mb * 2**20
@@ -333,6 +344,11 @@ def evaluate_trained(model: RetrievalModel, dataset: Dataset, config: EvaluateCo
                 protocol=config.protocol, ks=config.ks,
             )  # fmt: skip
             shortlist = report.to_json()
+        elif coco is not None:
+            outcome = coco_protocols.evaluate_coco(
+                config.protocol, coco, scorer.images, scorer.texts, score_fn=scorer.score_fn, ks=config.ks,
+                memory_budget_bytes=budget,
+            )  # fmt: skip
         else:
             outcome = dict(
                 _score_split(scorer, dataset, split_name, config.protocol, config.ks, budget, config.full_map)

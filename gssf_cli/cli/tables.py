@@ -165,6 +165,8 @@ def print_evaluation(result: dict[str, Any], as_json: bool) -> None:
             )
         _print_table(table)
         stdout.print(f"rSum {result['rsum']:.2f}   i2t mAP {result['i2t_map']:.2f}")
+        for title, directions in EXTRA_TABLES:
+            _print_directions(result, title, directions)
         if len(result.get("folds", [])) > 1:
             folds = "  ".join(f"{fold['rsum']:.1f}" for fold in result["folds"])
             stdout.print(f"rSum per fold: {folds}")
@@ -187,6 +189,35 @@ def print_evaluation(result: dict[str, Any], as_json: bool) -> None:
         stdout.print(f"results written to [bold]{result['output']}[/]")
     if result.get("run_id"):
         stdout.print(f"MLflow run {result['run_id']}")
+
+
+EXTRA_TABLES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("ECCV Caption (machine- and human-verified positives)", (("eccv_i2t", "image→text"), ("eccv_t2i", "text→image"))),
+    ("CxC (Crisscrossed Captions positives)", (("cxc_i2t", "image→text"), ("cxc_t2i", "text→image"))),
+    ("intra-modal retrieval", (("i2i", "image→image"), ("t2t", "text→text"))),
+)
+"""Metrics an evaluation may add beside the cross-modal table: by the stricter COCO protocols (``--protocol eccv``,
+``cxc``) and within one modality (where the dataset says what is relevant), each a table of its directions."""
+COLUMN_LABELS = {"rprecision": "R-P", "map_at_r": "mAP@R"}
+
+
+def _print_directions(result: dict[str, Any], title: str, directions: tuple[tuple[str, str], ...]) -> None:
+    """A table of the metrics named ``{direction}_{column}`` in ``result`` (``r1`` → R@1, ``map_at_r`` → mAP@R), when
+    there are any."""
+    columns = list(dict.fromkeys(key.removeprefix(f"{prefix}_") for prefix, _ in directions for key in result
+                                 if key.startswith(f"{prefix}_") and isinstance(result[key], float)))  # fmt: skip
+    if not columns:
+        return
+    table = Table(title=title)
+    table.add_column("direction")
+    for column in columns:
+        label = COLUMN_LABELS.get(column, f"R@{column[1:]}" if column[1:].isdigit() else column)
+        table.add_column(label, justify="right")
+    for prefix, label in directions:
+        values = [result.get(f"{prefix}_{column}") for column in columns]
+        if any(v is not None for v in values):
+            table.add_row(label, *("" if v is None else f"{v:.2f}" for v in values))
+    _print_table(table)
 
 
 def _shortlist_line(shortlist: dict[str, Any]) -> str:

@@ -122,6 +122,8 @@ PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 """Cross-modal evaluation protocols (see :func:`gssf_cli.evaluation.crossmodal.evaluate_cross_modal`; ``eccv`` and
 ``cxc``, the COCO 5K test split against ECCV Caption's and CxC's extra positives, by
 :mod:`gssf_cli.evaluation.coco_protocols`)."""
+COCO_TRUTHS: tuple[str, ...] = ("eccv", "cxc")
+"""Protocols that judge a COCO 5K test split by other ground truths than COCO's (through ``eccv_caption``)."""
 Task = Literal["cross_modal", "labels"]
 TASKS: tuple[str, ...] = get_args(Task)
 ImageKind = Literal["regions", "global", "features"]

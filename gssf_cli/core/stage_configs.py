@@ -137,7 +137,9 @@ class EvaluateConfig:
     data: Path | None = setting(None, help="With --run: use this dataset folder instead.")
     protocol: Protocol = setting(
         "all",
-        help="Cross-modal protocol (f30k-1k: 1,000 test images; coco-1k: 5 folds of 1,000; coco-5k: 5,000 at once; all: the split as it is):",
+        help="Cross-modal protocol (f30k-1k: 1,000 test images; coco-1k: 5 folds of 1,000; coco-5k: 5,000 at once; "
+        "eccv, cxc: the COCO 5K test split against ECCV Caption's or CxC's positives, by its COCO ids; all: the split "
+        "as it is):",
     )
     split: str | None = setting(None, help="Use {split}_-prefixed keys of the file (default: test if present).")
     ks: tuple[int, ...] = setting((1, 5, 10), help="Cut-offs for R@K, e.g. 1,5,10.", flag="--k")

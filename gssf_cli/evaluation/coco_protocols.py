@@ -46,6 +46,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.limits import COCO_TRUTHS
 from gssf_cli.data.precomp import read_image_ids
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from gssf_cli.data.dataset import Dataset
     from gssf_cli.evaluation.ranking import ArrayLike, ScoreFn
 
-PROTOCOLS = ("eccv", "cxc")
+PROTOCOLS = COCO_TRUTHS
 """The protocols of this module (the others: :data:`gssf_cli.evaluation.crossmodal.RANKING_PROTOCOLS`)."""
 PACKAGE = "eccv_caption==0.1.0"
 """The package and version these protocols are computed by (pinned in pyproject.toml's ``all`` extra)."""

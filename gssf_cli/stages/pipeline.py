@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from gssf_cli.core import metrics as registry
 from gssf_cli.core.config import default_of, from_dict, load_toml, to_dict
 from gssf_cli.core.errors import CheckFailedError, UserInputError
+from gssf_cli.core.limits import COCO_TRUTHS
 from gssf_cli.core.stage_configs import CompareConfig, PipelineConfig, load_pipeline
 from gssf_cli.stages import cache, steps
 from gssf_cli.stages.steps import Links, check, stage_config
@@ -313,6 +314,8 @@ def _compare(ctx: _Context) -> StageOutcome:
 
     baseline = ctx.baseline or ctx.links
     protocol = stage_config(ctx.pipeline, "evaluate", ctx.links).protocol
+    if protocol in COCO_TRUTHS:
+        protocol = "coco-5k"  # the split they evaluate, by the per-query ranks compare pairs
     config = CompareConfig(runs=(baseline.train_run, ctx.links.train_run), protocol=protocol)
     inputs = {"baseline": baseline.model, "final": ctx.links.model}
 

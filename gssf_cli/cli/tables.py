@@ -167,6 +167,15 @@ def print_evaluation(result: dict[str, Any], as_json: bool) -> None:
         stdout.print(f"rSum {result['rsum']:.2f}   i2t mAP {result['i2t_map']:.2f}")
         for title, directions in EXTRA_TABLES:
             _print_directions(result, title, directions)
+        for side, source in (result.get("intra_modal") or {}).items():
+            what = "image→image" if side == "i2i" else "text→text"
+            stdout.print(
+                f"{what}: relevant = {source}"
+                if source
+                else f"{what}: not measured, the dataset says nothing of what is "
+                "relevant among its items (generated data records concepts)",
+                highlight=False,
+            )
         if len(result.get("folds", [])) > 1:
             folds = "  ".join(f"{fold['rsum']:.1f}" for fold in result["folds"])
             stdout.print(f"rSum per fold: {folds}")

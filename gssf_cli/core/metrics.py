@@ -66,6 +66,16 @@ _TABLE: tuple[Metric, ...] = (
     Metric("cxc_t2i_r1", "coco_test", True, "%", "CxC text→image recall at 1", PERCENT),
     Metric("cxc_t2i_r5", "coco_test", True, "%", "CxC text→image recall at 5", PERCENT),
     Metric("cxc_t2i_r10", "coco_test", True, "%", "CxC text→image recall at 10", PERCENT),
+    # Intra-modal retrieval (gssf_cli.evaluation.intramodal), beside cross-modal metrics where the dataset says what
+    # is relevant: task "intra_modal", so that no validation or tune metric names them.
+    Metric("i2i_r1", "intra_modal", True, "%", "image→image recall at 1 (a relevant item in the top 1)", PERCENT),
+    Metric("i2i_r5", "intra_modal", True, "%", "image→image recall at 5 (a relevant item in the top 5)", PERCENT),
+    Metric("i2i_r10", "intra_modal", True, "%", "image→image recall at 10 (a relevant item in the top 10)", PERCENT),
+    Metric("i2i_map_at_r", "intra_modal", True, "%", "image→image MAP@R (R = relevant items of the query)", PERCENT),
+    Metric("t2t_r1", "intra_modal", True, "%", "text→text recall at 1 (a relevant item in the top 1)", PERCENT),
+    Metric("t2t_r5", "intra_modal", True, "%", "text→text recall at 5 (a relevant item in the top 5)", PERCENT),
+    Metric("t2t_r10", "intra_modal", True, "%", "text→text recall at 10 (a relevant item in the top 10)", PERCENT),
+    Metric("t2t_map_at_r", "intra_modal", True, "%", "text→text MAP@R (R = relevant items of the query)", PERCENT),
     Metric("map_at_r", "labels", True, "fraction", "MAP@R (R = relevant items of the query)", FRACTION),
     Metric("map", "labels", True, "fraction", "mean average precision over the full ranking", FRACTION),
     Metric("precision_at_1", "labels", True, "fraction", "precision at 1", FRACTION),

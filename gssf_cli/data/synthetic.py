@@ -349,8 +349,9 @@ def check_size(config: PrepareConfig, out: Path) -> None:
 def write_synthetic(config: PrepareConfig, folder: Path) -> dict[str, Any]:
     """Write each split's ``{split}_ims.npy`` ``[N, R, F]`` and ``{split}_caps.txt`` (``captions_per_image`` lines
     per image, in image order), the latent truth — each image's concepts ``{split}_concepts.npy`` ``[N, 3]`` and
-    the concept each region shows ``{split}_region_concepts.npy`` ``[N, R]`` (-1: clutter), int16, which intra-modal
-    relevance and region insufficiency read — and the train captions' ``vocab.json``; return the manifest fields."""
+    the concept each region shows ``{split}_region_concepts.npy`` ``[N, R]`` (-1: clutter) and the concepts each
+    caption names ``{split}_caption_concepts.npy`` ``[kN, 3]``, int16, which intra-modal relevance and region
+    insufficiency read — and the train captions' ``vocab.json``; return the manifest fields."""
     language = grammar(config.concepts, config.vocab_size)
     rng = np.random.default_rng(config.seed)
     dim, regions = config.region_dim, config.regions
@@ -371,6 +372,7 @@ def write_synthetic(config: PrepareConfig, folder: Path) -> dict[str, Any]:
         np.save(folder / f"{split}_ims.npy", ims)
         np.save(folder / f"{split}_concepts.npy", image_concepts.astype(np.int16))
         np.save(folder / f"{split}_region_concepts.npy", region_concepts)
+        np.save(folder / f"{split}_caption_concepts.npy", _named(language, captions))
         (folder / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
         if split == "train":
             train_captions = captions
@@ -389,6 +391,15 @@ def write_synthetic(config: PrepareConfig, folder: Path) -> dict[str, Any]:
         "source": "generated",
         "seed": config.seed,
     }
+
+
+def _named(language: Grammar, captions: list[str]) -> np.ndarray:
+    """The concepts each caption names ``[M, 3]`` int16 (-1 pads): the latent truth of text→text relevance."""
+    named = np.full((len(captions), CONCEPTS_PER_IMAGE), -1, dtype=np.int16)
+    for row, caption in enumerate(captions):
+        concepts = language.parse(caption)
+        named[row, : len(concepts)] = concepts
+    return named
 
 
 def _regions(

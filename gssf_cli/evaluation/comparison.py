@@ -66,6 +66,8 @@ from gssf_cli.core import metrics as registry
 from gssf_cli.core.errors import UserInputError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from gssf_cli.data.dataset import Dataset
     from gssf_cli.evaluation.ranking import ArrayLike, LabelsLike, ScoreFn
     from gssf_cli.modeling.model import RetrievalModel
@@ -269,7 +271,7 @@ def trained_units(
     with torch.no_grad():
         scorer = split_scorer(model, split, torch.device("cpu"))
     try:
-        return embedding_units(
+        units = embedding_units(
             split.task,
             scorer.images,
             scorer.texts,
@@ -283,6 +285,23 @@ def trained_units(
         )
     except UserInputError as exc:
         raise UserInputError(f"{dataset.folder} ({split_name} split): {exc}") from None
+    if split.task != "cross_modal" or units.size != split.num_images:
+        return units
+    return with_intra_modal(units, dataset.folder, split_name, scorer.pooled, split.k)
+
+
+def with_intra_modal(units: Units, folder: Path, split: str, pooled: tuple[Any, Any], captions_per_image: int) -> Units:
+    """``units`` (one per image) with the split's intra-modal columns beside the cross-modal ones
+    (:func:`gssf_cli.evaluation.intramodal.unit_columns`), so that compare tests them like the others."""
+    from gssf_cli.evaluation.intramodal import split_intra_modal, unit_columns
+
+    images, texts = (_numpy(side) for side in pooled)
+    _, found, _ = split_intra_modal(folder, split, images, texts, captions_per_image)
+    columns = unit_columns(found, len(images), captions_per_image)
+    if not columns:
+        return units
+    values = np.hstack([units.values, np.stack(list(columns.values()), axis=1)])
+    return Units(units.task, (*units.metrics, *columns), values, units.ids, units.unit)
 
 
 def average_units(group: Sequence[Units]) -> Units:

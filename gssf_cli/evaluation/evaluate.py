@@ -67,6 +67,9 @@ class EvaluateResult:
     shortlist: dict[str, Any] | None = None
     """With ``--shortlist K``: K, that the metrics are approximate, and the exact top-10 items missed
     (:meth:`gssf_cli.evaluation.shortlist.ShortlistReport.to_json`)."""
+    intra_modal: dict[str, str | None] | None = None
+    """For a cross-modal run: each intra-modal side (``i2i``, ``t2t``) and what said what is relevant (None: nothing
+    in the dataset does, so that side is not measured; :mod:`gssf_cli.evaluation.intramodal`)."""
 
     def to_json(self) -> dict[str, Any]:
         """Flat metrics first (the documented keys), then context: what was measured, sizes, run."""
@@ -77,6 +80,8 @@ class EvaluateResult:
             out["folds"] = self.folds
         if self.shortlist is not None:
             out["shortlist"] = self.shortlist
+        if self.intra_modal is not None:
+            out["intra_modal"] = self.intra_modal
         out.update({"dataset_info": self.dataset_info, "model_info": self.model_info})
         if self.output is not None:
             out["output"] = self.output
@@ -353,6 +358,13 @@ def evaluate_trained(model: RetrievalModel, dataset: Dataset, config: EvaluateCo
             outcome = dict(
                 _score_split(scorer, dataset, split_name, config.protocol, config.ks, budget, config.full_map)
             )
+    intra_sources = None
+    if dataset.task == "cross_modal":
+        from gssf_cli.evaluation.intramodal import split_intra_modal
+
+        pooled_images, pooled_texts = (side.numpy() for side in scorer.pooled)
+        intra, _, intra_sources = split_intra_modal(dataset.folder, split_name, pooled_images, pooled_texts, split.k)
+        outcome.update(intra)
     seconds = round(time.perf_counter() - started, 3)
     folds = outcome.pop("folds", []) if dataset.task == "cross_modal" else []
     protocol = outcome.pop("protocol", None)
@@ -374,6 +386,7 @@ def evaluate_trained(model: RetrievalModel, dataset: Dataset, config: EvaluateCo
         dataset_info=dataset_info,
         model_info=model_identity(model),
         shortlist=shortlist,
+        intra_modal=intra_sources,
     )
     label = "learned metric" if model.interaction is None else f"{model.interaction.kind} interaction"
     return Evaluation(result, dataset.task, arrays, scorer.score_fn, label)

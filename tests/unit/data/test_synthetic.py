@@ -43,7 +43,7 @@ def _write(folder: Path, seed: int = 0) -> dict:
 def test_the_writer_makes_every_split_at_the_sizes_asked(tmp_path: Path) -> None:
     fields = _write(tmp_path / "d")
     names = {p.name for p in (tmp_path / "d").iterdir()}
-    kinds = ("ims.npy", "caps.txt", "concepts.npy", "region_concepts.npy")
+    kinds = ("ims.npy", "caps.txt", "concepts.npy", "region_concepts.npy", "caption_concepts.npy")
     assert names == {f"{s}_{x}" for s in ("train", "dev", "test") for x in kinds} | {"vocab.json"}
     language = grammar(4, 16)
     for split, n in {"train": 6, "dev": 3, "test": 2}.items():

@@ -28,7 +28,10 @@ from tests.unit.cli.test_options import help_rows
 
 CROSS_MODAL_TESTED = (
     "rsum", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_map", "i2t_meanr", "t2i_meanr",
+    "i2i_r1", "i2i_r5", "i2i_r10", "i2i_map_at_r", "t2t_r1", "t2t_r5", "t2t_r10", "t2t_map_at_r",
 )  # fmt: skip
+"""What compare tests of cross-modal runs on generated data: the cross-modal metrics, then the intra-modal ones
+(the data records concepts, so both sides have relevance)."""
 LABEL_TESTED = ("map_at_r", "precision_at_1", "r_precision", "r_at_1", "r_at_5", "r_at_10")
 FAST = ["--bootstrap", "2000", "--permutations", "2000", "--no-plots"]
 

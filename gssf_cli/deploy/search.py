@@ -135,8 +135,12 @@ def _ivfpq_defaults(dim: int, count: int) -> dict[str, int]:
     """
     nlist = max(1, min(round(4 * math.sqrt(count)), count // POINTS_PER_CENTROID))
     pq_bits = max(1, min(8, int(math.log2(max(count // POINTS_PER_CENTROID, 2)))))
-    nprobe = min(nlist, max(MIN_NPROBE, math.ceil(nlist / NPROBE_SHARE)))
-    return {"nlist": nlist, "pq_m": _pq_m_for(dim), "pq_bits": pq_bits, "nprobe": nprobe}
+    return {"nlist": nlist, "pq_m": _pq_m_for(dim), "pq_bits": pq_bits, "nprobe": default_nprobe(nlist)}
+
+
+def default_nprobe(nlist: int) -> int:
+    """nprobe = nlist / 64, at least 8 (and at most nlist): read from the index's own nlist, given or not."""
+    return min(nlist, max(MIN_NPROBE, math.ceil(nlist / NPROBE_SHARE)))
 
 
 def _pq_m_for(dim: int, dims_per_code: int = 4) -> int:
@@ -223,6 +227,8 @@ def index_spec(kind: str, dim: int, count: int, overrides: Mapping[str, int | No
     spec_kind = INDEX_KINDS[kind]
     defaults = spec_kind.defaults(dim, count)
     build = _apply_overrides(kind, spec_kind.build_params, defaults, overrides or {})
+    if "nprobe" in defaults and build.get("nlist") != defaults.get("nlist"):
+        defaults["nprobe"] = default_nprobe(build["nlist"])  # the rule follows an --nlist given
     search = _apply_overrides(kind, spec_kind.search_params, defaults, overrides or {})
     for name, value in {**build, **search}.items():
         _check_param(kind, name, value, dim, count)

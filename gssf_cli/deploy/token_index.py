@@ -39,8 +39,11 @@ if TYPE_CHECKING:
     from gssf_cli.core.stage_configs import IndexConfig, SearchConfig
 
 
-DEFAULT_PER_WORD = 32
-"""Regions each query word asks the index for (ColBERT's k′), when neither ``--per-word`` nor the index says."""
+DEFAULT_PER_WORD = 128
+"""Regions each query word asks the index for (ColBERT's k′), when neither ``--per-word`` nor the index says;
+capped at the index's regions. From ``benchmarks/bench_token_search.py`` (100,000 images × 36 regions, D = 128,
+scan-t2i over ivfpq): the largest measured setting that stays above 10× exact search's throughput (14.8×), with
+twice the recall of 32 — though no setting reached recall@10 0.95 on that data (see the benchmark's results)."""
 EXACT_IMAGES = 4096
 """Gallery images scored at a time by exact search (:func:`exact_top_k`): bounds the regions read at once."""
 
@@ -76,7 +79,7 @@ def candidates(
     """Each query's candidate images: the images of its words' ``per_word`` best regions, as sorted row ids."""
     owner = np.repeat(np.arange(len(queries)), queries.lengths)
     words = np.concatenate([queries.valid_words(q) for q in range(len(queries))])
-    _, rows = search.search(index, spec, words, per_word, params)
+    _, rows = search.search(index, spec, words, min(per_word, int(index.ntotal)), params)
     images = np.where(rows >= 0, rows // regions, -1)
     return [np.unique(found[found >= 0]) for found in (images[owner == q] for q in range(len(queries)))]
 

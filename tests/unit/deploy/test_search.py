@@ -237,3 +237,14 @@ def test_importing_the_module_loads_neither_faiss_nor_torch() -> None:
     code = "import sys, gssf_cli.deploy.search; print(sorted({'faiss', 'torch', 'mlflow'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_default_nprobe_follows_an_nlist_given() -> None:
+    """``--nlist`` alone: nprobe is the rule's for that nlist (nlist / 64, at least 8), not for the default nlist."""
+    from gssf_cli.deploy.search import default_nprobe, index_spec
+
+    default = index_spec("ivfpq", 64, 3_600_000)
+    assert default.search["nprobe"] == default_nprobe(default.build["nlist"]) == 119
+    given = index_spec("ivfpq", 64, 3_600_000, {"nlist": 1897})
+    assert given.build["nlist"] == 1897 and given.search["nprobe"] == 30
+    assert index_spec("ivfpq", 64, 3_600_000, {"nlist": 1897, "nprobe": 5}).search["nprobe"] == 5

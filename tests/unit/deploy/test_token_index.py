@@ -164,11 +164,6 @@ def test_k_beyond_the_gallery_is_capped(exported: Exported) -> None:
     np.testing.assert_allclose([hit["score"] for hit in hits], np.sort(every)[::-1], atol=EXACT, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: --per-word is not capped at the index's token count: candidates() asks faiss for per_word hits per "
-    "word, and faiss allocates [words, per_word] results (a MemoryError, exit 1, for --per-word 1000000000)",
-)
 def test_per_word_beyond_the_index_is_capped(exported: Exported, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--per-word`` above the regions in the index means every region (as ``--k`` above the gallery means every
     image), never a ``[words, per_word]`` allocation: the guard below stands in for the MemoryError that a real

@@ -214,8 +214,8 @@ def _scan_defaults(setting: str) -> str:
 class TrainConfig:
     """How ``gssf train`` learns encoders and a metric head.
 
-    Defaults follow the host frameworks (VSE∞/SGRAF): D = 1024, batch 128, AdamW at 5e-4 decayed x0.1
-    late in training, gradient clipping 2.0, hinge margin 0.2 with one warm-up epoch over all negatives.
+    Defaults follow the host frameworks (VSE∞/SGRAF): D = 1024, batch 128, AdamW at 5e-4 at their scale (left
+    unset, the rate follows the budget's optimizer steps: :func:`gssf_cli.core.limits.auto_lr`), gradient clipping 2.0, hinge margin 0.2 with one warm-up epoch over all negatives.
     Weight decay applies to the metric head only (an unconstrained W could otherwise win the fixed margin
     by growing). ``distill_weight`` > 0 adds structure-aware distillation with the raw input features as
     teachers, or the arrays of ``teacher`` (an .npz with ``images`` [N, Fi] and ``texts`` [kN, Ft] for the
@@ -278,7 +278,14 @@ class TrainConfig:
     gru_layers: int = setting(1, help="Layers of the caption GRU.", within=limits.AT_LEAST_ONE)
     epochs: int = setting(20, help="Epochs (numbered from 1 in output and MLflow).", within=limits.AT_LEAST_ONE)
     batch_size: int = setting(128, help="Pairs per batch (negatives come from the batch).", within=limits.AT_LEAST_TWO)
-    lr: float = setting(5e-4, help="AdamW learning rate.", within=limits.POSITIVE)
+    lr: float | None = setting(
+        None,
+        help=f"AdamW learning rate (default: by the budget's optimizer steps S = epochs x ceil(train pairs / "
+        f"batch size): {limits.AUTO_LR_SMALL:g} at S <= {limits.AUTO_LR_SMALL_STEPS:,}, {limits.AUTO_LR:g} at "
+        f"S >= {limits.AUTO_LR_PAPER_STEPS:,}, log-linear between; {limits.AUTO_LR:g} for label data and "
+        "head-only runs).",
+        within=limits.POSITIVE,
+    )
     head_lr_scale: float | None = setting(
         None,
         help="The metric head (and a head-only run's adapters) learns at this multiple of --lr (default: "

@@ -105,7 +105,7 @@ def run(
         ckpt.write_run_config(config.runs_dir / run_id, to_dict(config), dataset.digest)
         if tracker is not None and tracked is not None:
             if resume is None or not _start_logged(tracker, resume):
-                _log_start(tracked, trainer.config, dataset, trainer.model)
+                _log_start(tracked, trainer.config, dataset, trainer.model, trainer.lr_auto)
             if resume is not None:
                 _log_lost_epoch(tracker, tracked, trainer)
 
@@ -199,12 +199,17 @@ def run_seeds(
     )
 
 
-def _log_start(run_: StageRun, config: TrainConfig, dataset: Dataset, model: RetrievalModel) -> None:
+def _log_start(
+    run_: StageRun, config: TrainConfig, dataset: Dataset, model: RetrievalModel, lr_auto: bool = False
+) -> None:
+    """Config (the resolved one: ``train.lr`` is the rate used, ``gssf.lr`` says whether the budget chose it),
+    dataset and parameter counts; the ``gssf.task`` tag last, which marks the start as logged."""
     run_.log_config("train", to_dict(config))
     run_.log_dataset(
         dataset.name, dataset.folder, dataset.digest, context="training", tags={"kind": dataset.manifest["kind"]}
     )
     run_.log_params({f"params_{k}": v for k, v in model.parameter_counts().items()})
+    run_.set_tags({"gssf.lr": "auto" if lr_auto else "given"})
     run_.set_tags({"gssf.metric": config.metric, "gssf.task": dataset.task})
 
 

@@ -30,15 +30,16 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from gssf_cli.core import limits
 from gssf_cli.core import metrics as registry
-from gssf_cli.core.config import default_of, to_dict
+from gssf_cli.core.config import default_of, from_dict, to_dict
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.stage_configs import TrainConfig
 from gssf_cli.data.dataset import Dataset, Split
@@ -120,6 +121,57 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def budget_steps(config: TrainConfig, manifest: dict[str, Any]) -> int:
+    """The optimizer steps of ``config``'s budget on the dataset of ``manifest``: epochs × batches of train pairs."""
+    counts = manifest["splits"]["train"]
+    pairs = counts["captions"] if manifest["task"] == "cross_modal" else counts["items"]
+    return limits.optimizer_steps(config.epochs, pairs, config.batch_size)
+
+
+def resolve_lr(config: TrainConfig, manifest: dict[str, Any], resume_from: Path | None = None) -> TrainConfig:
+    """``config`` with the learning rate it trains at: ``lr`` when given; left unset (auto), the rate a resumed run
+    (``resume_from``, its checkpoint folder) started with, never recomputed (a later rule must not change a run
+    midway), else :func:`~gssf_cli.core.limits.auto_lr` of the budget's optimizer steps (:func:`budget_steps`)."""
+    if config.lr is not None:
+        return config
+    lr = saved_lr(resume_from) if resume_from is not None else None
+    if lr is None:
+        paired = manifest["task"] == "cross_modal"
+        lr = limits.auto_lr(budget_steps(config, manifest), paired=paired, head_only=config.head_only())
+    return replace(config, lr=lr)
+
+
+def resolve_lr_values(values: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Saved config ``values`` with the learning rate :func:`resolve_lr` gives them (a run's ``config.json`` is
+    written before the trainer resolves it); values that no longer make a config are returned as they are."""
+    if values.get("lr") is not None:
+        return values
+    try:
+        return to_dict(resolve_lr(from_dict(TrainConfig, dict(values), "train"), manifest))
+    except UserInputError:
+        return values
+
+
+def saved_lr(resume_from: Path) -> float | None:
+    """The learning rate a run resumed from the checkpoint folder ``resume_from`` trained at: its checkpoint's, else
+    (killed before its first) its ``config.json``'s; None when neither says (a damaged one is refused later)."""
+    with contextlib.suppress(UserInputError, OSError):
+        started = (
+            ckpt.saved_state(resume_from) if ckpt.recover(resume_from) else ckpt.read_run_config(resume_from.parent)
+        )
+        config = started.get("config") if isinstance(started, dict) else None
+        lr = config.get("lr") if isinstance(config, dict) else None
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+            return float(lr)
+    return None
+
+
+def learning_rate(config: TrainConfig) -> float:
+    """``config.lr``, which :func:`resolve_lr` has set by the time a trainer uses it; a config built by hand and
+    never resolved (a benchmark's optimizer) trains at :data:`~gssf_cli.core.limits.AUTO_LR`."""
+    return config.lr if config.lr is not None else limits.AUTO_LR
+
+
 def lr_at(config: TrainConfig, epoch: int, done: float = 0.0) -> float:
     """The learning rate at fraction ``done`` ∈ [0, 1) of epoch ``epoch`` (counted from 1), by ``lr_schedule``.
 
@@ -128,11 +180,12 @@ def lr_at(config: TrainConfig, epoch: int, done: float = 0.0) -> float:
     first step to 0 at the end of the last epoch, updated every batch; ``step`` is VSE's recipe, ``lr`` for epochs
     1 .. ``lr_decay_epoch`` (default half the epochs) and ``lr * lr_decay`` after; ``constant`` keeps ``lr``.
     """
+    lr = learning_rate(config)
     if config.lr_schedule == "cosine":
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1 + done) / config.epochs))
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1 + done) / config.epochs))
     if config.lr_schedule == "step":
-        return config.lr * (config.lr_decay if epoch > step_decay_epoch(config) else 1.0)
-    return config.lr
+        return lr * (config.lr_decay if epoch > step_decay_epoch(config) else 1.0)
+    return lr
 
 
 def step_decay_epoch(config: TrainConfig) -> int:
@@ -183,6 +236,9 @@ class Trainer:
         # What the dataset (and a frozen run) implies, written into the config that the checkpoints hold: the tower
         # shape, a head-only run's embedding size, a frozen run's tower settings (and checks of all of them).
         config = resolve_config(config, dataset.manifest, dataset.digest)
+        # An unset --lr becomes a number here, once (a resumed run keeps its own): what checkpoints and MLflow record.
+        self.lr_auto = config.lr is None
+        config = resolve_lr(config, dataset.manifest, resume_from)
         self.config, self.dataset = config, dataset
         check_validation_split(config, dataset)
         self.teacher = load_teacher(config, dataset)
@@ -208,7 +264,8 @@ class Trainer:
             # A run killed before its first checkpoint has only the config it started with: it starts again.
             started = None if ckpt.recover(resume_from) else ckpt.read_run_config(resume_from.parent)
             if started is not None:
-                started = {**started, "config": resolve_values(started.get("config", {}), dataset.manifest)}
+                values = resolve_values(started.get("config", {}), dataset.manifest)
+                started = {**started, "config": resolve_lr_values(values, dataset.manifest)}
                 check_resumable(started, config, dataset, str(resume_from.parent.name))
             else:
                 self.load_checkpoint(resume_from)
@@ -459,7 +516,7 @@ def make_optimizer(
         {"params": list(objective.parameters()), "weight_decay": 0.0, "lr_scale": OBJECTIVE_LR_SCALE},
     ]
     learned = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(learned, lr=config.lr, fused=fused) if learned else None
+    return torch.optim.AdamW(learned, lr=learning_rate(config), fused=fused) if learned else None
 
 
 OBJECTIVE_LR_SCALE = 20.0

@@ -27,6 +27,7 @@ from typer.testing import CliRunner, Result
 from gssf_cli.cli.app import app
 from gssf_cli.core.metrics import RANK_METRICS
 from gssf_cli.deploy.bundle import INTERACTION_GRAPHS, BundleModel
+from gssf_cli.deploy.token_index import DEFAULT_PER_WORD
 from tests.behaviour.test_bad_input import _runs_in_store, _snapshot
 from tests.conftest import tiny_synthetic_args
 
@@ -302,7 +303,7 @@ def test_index_and_search_by_late_interaction(here: Project) -> None:
     captions = _captions(here)
     found = _ok(_invoke("search", "--index", "indexes/scan", "--text", captions[7], "--k", "5", "--json"))
     hits = found["queries"][0]["results"]
-    assert [hit["rank"] for hit in hits] == [1, 2, 3, 4, 5] and found["params"]["per_word"] == 32
+    assert [hit["rank"] for hit in hits] == [1, 2, 3, 4, 5] and found["params"]["per_word"] == DEFAULT_PER_WORD
     rows = [hit["row"] for hit in hits]
     exact = BundleModel.load(here.folder / "exports/scan").input_scores(np.load(here.folder / GALLERY)[rows],
                                                                          [captions[7]])  # fmt: skip

@@ -29,6 +29,9 @@ SIDES = ("i2i", "t2t")
 KS = (1, 5, 10)
 BLOCK_ELEMENTS = 2**22
 """Query rows × items scored and ranked at a time: bounds memory whatever the split's size."""
+COUNT_BELOW = 16
+"""Rows with at most this many relevant items have their places counted, not sorted (:func:`_ranked_relevance`);
+the count holds ``[q, R, M]`` booleans, so blocks shrink by R then."""
 
 
 @dataclass(frozen=True)
@@ -105,20 +108,47 @@ def intra_modal(side: str, embeddings: np.ndarray, relevance: Relevance, ks: tup
     m = len(units)
     hits = {k: np.full(m, np.nan) for k in ks}
     ap = np.full(m, np.nan)
-    rows_per_block = max(1, BLOCK_ELEMENTS // max(m, 1))
+    rows_per_block = max(1, BLOCK_ELEMENTS // max(m * COUNT_BELOW, 1))
     for start in range(0, m, rows_per_block):
         rows = slice(start, min(start + rows_per_block, m))
         scores = units[rows] @ units.T
         scores[np.arange(scores.shape[0]), np.arange(rows.start, rows.stop)] = -np.inf
         relevant = relevance.block(rows)
-        order = np.lexsort((relevant, -scores), axis=1)
-        ranked = np.take_along_axis(relevant, order, axis=1)
         count = relevant.sum(axis=1)
+        ranked = _ranked_relevance(scores, relevant, int(count.max(initial=0)), max(ks))
         has = count > 0
         for k in ks:
             hits[k][rows] = np.where(has, 100.0 * ranked[:, :k].any(axis=1), np.nan)
         ap[rows] = np.where(has, 100.0 * _ap_at_r(ranked, count), np.nan)
     return IntraModal(side, hits, ap, relevance.source)
+
+
+def _ranked_relevance(scores: np.ndarray, relevant: np.ndarray, most: int, deepest_k: int) -> np.ndarray:
+    """``[q, depth]``: whether the item at each of the first ``depth = max(most, deepest_k)`` places of each row's
+    ranking is relevant, under the tie rule (non-relevant before relevant among equal scores, relevant items among
+    themselves by index). With few relevant items a row (:data:`COUNT_BELOW`) each one's place is counted —
+    ``#non-relevant scoring ≥ it + #relevant scoring > it (or equal, earlier)``, O(R·M) — instead of sorting the
+    row, O(M log M): at COCO's 25,000 captions with 4 relevant each, seconds instead of minutes."""
+    depth = min(max(most, deepest_k), scores.shape[1])
+    if most > COUNT_BELOW:
+        order = np.lexsort((relevant, -scores), axis=1)
+        return np.take_along_axis(relevant, order, axis=1)[:, :depth]
+    rows, columns = np.nonzero(relevant)
+    slot = np.arange(len(rows)) - np.repeat(
+        np.cumsum(relevant.sum(axis=1)) - relevant.sum(axis=1), relevant.sum(axis=1)
+    )
+    items = np.full((scores.shape[0], max(most, 1)), -1, dtype=np.int64)
+    items[rows, slot] = columns
+    mine = np.where(items >= 0, np.take_along_axis(scores, np.maximum(items, 0), axis=1), np.nan)  # [q, R]
+    ahead = ((scores[:, None, :] >= mine[:, :, None]) & ~relevant[:, None, :]).sum(axis=2)
+    before = (scores[:, None, :] > mine[:, :, None]) | (
+        (scores[:, None, :] == mine[:, :, None]) & (np.arange(scores.shape[1])[None, None, :] < items[:, :, None])
+    )
+    ahead += (before & relevant[:, None, :]).sum(axis=2)
+    ranked = np.zeros((scores.shape[0], depth), dtype=bool)
+    placed = (items >= 0) & (ahead < depth)
+    ranked[np.nonzero(placed)[0], ahead[placed]] = True
+    return ranked
 
 
 def _ap_at_r(ranked: np.ndarray, count: np.ndarray) -> np.ndarray:

@@ -40,17 +40,19 @@ def _reference(embeddings: np.ndarray, sets: np.ndarray, ks: tuple[int, ...]) ->
     return out | {"s_map_at_r": float(np.mean(aps))}
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     items=st.integers(3, 30),
     dim=st.integers(1, 4),
     levels=st.integers(1, 3),
     seed=st.integers(0, 10_000),
     block=st.sampled_from([1, 7, 2**22]),
+    count_below=st.sampled_from([0, 1, 16]),
 )
 def test_metrics_equal_a_slow_reference_ties_and_blocks_included(
-    items: int, dim: int, levels: int, seed: int, block: int
+    items: int, dim: int, levels: int, seed: int, block: int, count_below: int
 ) -> None:
+    """Both ways of ranking: rows sorted whole, and the places of few relevant items counted."""
     rng = np.random.default_rng(seed)
     # Small integers: every product is exact in float32 whatever the summation order, and ties are many.
     embeddings = rng.integers(-levels, levels + 1, size=(items, dim)).astype(np.float32)
@@ -58,6 +60,7 @@ def test_metrics_equal_a_slow_reference_ties_and_blocks_included(
     expected = _reference(embeddings, sets, (1, 5))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(intramodal, "BLOCK_ELEMENTS", block)
+        patch.setattr(intramodal, "COUNT_BELOW", count_below)
         got = intra_modal("s", embeddings, Relevance(sets, "test"), ks=(1, 5))
     assert got.metrics().keys() == expected.keys()
     for key, value in expected.items():

@@ -162,6 +162,19 @@ class Dataset:
     def has_split(self, name: str) -> bool:
         return name in self.manifest["splits"]
 
+    def split_content(self, name: str) -> dict[str, Any]:
+        """What measuring on split ``name`` reads, by content: the task, the modalities, and the checksums of the
+        split's files and of the vocabulary. Two datasets with equal ``split_content`` give every model the same
+        inputs on that split, whatever their other splits hold (an imbalanced train split, say)."""
+        files = self.manifest["files"]
+        read = sorted(f for f in files if f.startswith(f"{name}_") or f == "vocab.json")
+        return {
+            "task": self.task,
+            "captions_per_image": self.manifest.get("captions_per_image"),
+            "modalities": self.manifest["modalities"],
+            "files": {f: files[f]["sha256"] for f in read},
+        }
+
 
 def check_split_files(folder: Path, manifest: dict[str, Any], has_vocab: bool) -> None:
     """Every split's files agree with the manifest: present, readable, numeric (float features, integer labels),

@@ -3,12 +3,14 @@
 Accepted sources: a folder of ``.npy`` files or one ``.npz`` file, holding either split-prefixed arrays
 (``train_images`` + ``train_texts``, or ``train_features`` + ``train_labels``, likewise ``dev_``/``test_``)
 or unsplit ones (``images`` + ``texts``, or ``features`` + ``labels``). ``texts`` holds k rows per image in
-image order (k = 1 for CLIP-style pairs). Unsplit arrays are split with the seed: pairs by image,
-labelled data by class (train, dev and test classes are disjoint, the convention of the field). dev and test
+image order (k = 1 for CLIP-style pairs). Pairs may carry ``labels`` (``[N]`` integers, a class per image; split
+ones ``{split}_labels``): they say which items are relevant to each other for intra-modal retrieval and never
+train. Unsplit arrays are split with the seed: pairs by image, labelled data by class (train, dev and test classes are disjoint, the convention of the field). dev and test
 get at least the minimum a split needs to rank (2 images, or 2 classes: see :mod:`gssf_cli.data.rankable`)
 even when the fractions give fewer.
 
-Output: ``{split}_ims.npy`` + ``{split}_txts.npy`` (paired) or ``{split}_feats.npy`` + ``{split}_labels.npy``.
+Output: ``{split}_ims.npy`` + ``{split}_txts.npy`` (paired, with ``{split}_labels.npy`` when given) or
+``{split}_feats.npy`` + ``{split}_labels.npy``.
 ``.npy`` inputs are memory-mapped and linked, not loaded; ``.npz`` members are read (zip members cannot be
 memory-mapped).
 """
@@ -52,6 +54,11 @@ def write_features(config: PrepareConfig, folder: Path) -> dict[str, Any]:
         for key in names.values():
             if key not in arrays:
                 raise UserInputError(f"{source}: {key} is missing (needed beside {names[layout[0]]})")
+    if layout == PAIRED and any(name.endswith("labels") for name in arrays):
+        for split, names in (by_split or {"": {"images": "images"}}).items():
+            names["labels"] = f"{split}_labels" if split else "labels"
+            if names["labels"] not in arrays:
+                raise UserInputError(f"{source}: {names['labels']} is missing (labels are given for other images)")
 
     seed = None if by_split else config.seed
     if layout == PAIRED:
@@ -91,10 +98,15 @@ def _paired(
     source: Path,
 ) -> tuple[dict[str, Any], int]:
     ks = set()
-    for names in by_split.values() or [{"images": "images", "texts": "texts"}]:
+    labelled = "labels" in arrays
+    for names in by_split.values() or [
+        {"images": "images", "texts": "texts"} | ({"labels": "labels"} if labelled else {})
+    ]:
         images, texts = arrays[names["images"]], arrays[names["texts"]]
         check_float_array(images, f"{source}:{names['images']}", ndims=(2,))
         check_float_array(texts, f"{source}:{names['texts']}", ndims=(2,))
+        if "labels" in names:
+            _check_labels(arrays[names["labels"]], len(images), f"{source}:{names['labels']}", "image rows")
         if len(texts) % len(images):
             raise UserInputError(
                 f"{source}:{names['texts']}: {len(texts)} rows is not a multiple of the {len(images)} images"
@@ -117,6 +129,8 @@ def _paired(
         text_idx = (idx[:, None] * k + np.arange(k)).reshape(-1)
         np.save(folder / f"{split}_ims.npy", images[idx])
         np.save(folder / f"{split}_txts.npy", texts[text_idx])
+        if labelled:
+            np.save(folder / f"{split}_labels.npy", np.asarray(arrays["labels"])[idx].astype(np.int64))
         splits[split] = {"images": len(idx), "captions": len(text_idx)}
     return splits, k
 
@@ -132,14 +146,7 @@ def _labelled(
     for names in by_split.values() or [{"features": "features", "labels": "labels"}]:
         feats, labels = arrays[names["features"]], arrays[names["labels"]]
         check_float_array(feats, f"{source}:{names['features']}", ndims=(2,))
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise UserInputError(
-                f"{source}:{names['labels']}: expected a 1-D integer array, got {labels.dtype} shape {list(labels.shape)}"
-            )
-        if len(labels) != len(feats):
-            raise UserInputError(
-                f"{source}:{names['labels']}: {len(labels)} labels for {len(feats)} feature rows; they must match"
-            )
+        _check_labels(labels, len(feats), f"{source}:{names['labels']}", "feature rows")
     splits: dict[str, Any] = {}
     if by_split:
         for split, names in by_split.items():
@@ -157,6 +164,13 @@ def _labelled(
         np.save(folder / f"{split}_labels.npy", labels[idx])
         splits[split] = {"items": len(idx), "classes": len(chosen)}
     return splits
+
+
+def _check_labels(labels: np.ndarray, rows: int, where: str, what: str) -> None:
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserInputError(f"{where}: expected a 1-D integer array, got {labels.dtype} shape {list(labels.shape)}")
+    if len(labels) != rows:
+        raise UserInputError(f"{where}: {len(labels)} labels for {rows} {what}; they must match")
 
 
 def _split_indices(order: np.ndarray, config: PrepareConfig, minimum: int, what: str) -> dict[str, np.ndarray]:

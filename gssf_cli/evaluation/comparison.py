@@ -341,6 +341,26 @@ def _check_differences(differences: NDArray[Any]) -> NDArray[np.float64]:
     return np.ascontiguousarray(d)
 
 
+BOOTSTRAP_COPIES = 3
+"""Arrays of ``[resamples, columns]`` float64 alive at once at the bootstrap's peak: the means, and the sorted
+copy and the deviations that the quantiles and the standard error make of them."""
+
+
+def check_bootstrap_fits(resamples: int, columns: int, available: int | None = None) -> None:
+    """Refuse a bootstrap whose resample means (``[resamples, columns]`` float64, :data:`BOOTSTRAP_COPIES` at
+    once) would not fit in the memory available now (``available`` bytes, by default read from the machine), with
+    what it needs, instead of dying in the allocation."""
+    from gssf_cli.core.files import available_memory, format_bytes
+
+    available = available_memory() if available is None else available
+    needed = resamples * columns * 8 * BOOTSTRAP_COPIES
+    if available is not None and needed > available:
+        raise UserInputError(
+            f"compare: {resamples:,} bootstrap resamples of {columns} differences need {format_bytes(needed)} of "
+            f"memory, but this machine has {format_bytes(available)} available; lower --bootstrap"
+        )
+
+
 def bootstrap_means(differences: NDArray[Any], resamples: int, rng: np.random.Generator) -> NDArray[np.float64]:
     """``[resamples, C]``: the mean of each column of ``differences`` ``[N, C]`` over ``resamples`` bootstrap
     resamples of its rows (rows drawn with replacement, N per resample; one resample for all columns).
@@ -365,6 +385,11 @@ def bootstrap_means(differences: NDArray[Any], resamples: int, rng: np.random.Ge
     return out
 
 
+EXACT_MOST = 20
+"""The most non-zero differences a column may have for its sign-flip test to be enumerated (2^20 sign vectors,
+160 MiB of ±1 at most); beyond, ``permutations`` random ones are drawn, however many are asked for."""
+
+
 def sign_flip_pvalues(
     differences: NDArray[Any], permutations: int, rng: np.random.Generator
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
@@ -381,7 +406,7 @@ def sign_flip_pvalues(
     tolerance = _TIE_TOLERANCE * np.abs(d).sum(axis=0)
     p = np.ones(columns)
     exact = np.zeros(columns, dtype=bool)
-    exact_limit = math.floor(math.log2(permutations)) if permutations >= 1 else 0
+    exact_limit = min(math.floor(math.log2(permutations)), EXACT_MOST) if permutations >= 1 else 0
     sampled: list[int] = []
     for column in range(columns):
         nonzero = d[:, column][d[:, column] != 0]
@@ -498,6 +523,7 @@ def compare_units(
         raise UserInputError("bootstrap resamples and permutations must be at least 1")
     if not others:
         raise UserInputError("nothing to compare: give the baseline and at least one other run")
+    check_bootstrap_fits(bootstrap, len(baseline.metrics) * len(others))
     started = time.perf_counter()
     for units in others.values():
         check_paired(baseline, units)

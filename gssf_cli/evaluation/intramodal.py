@@ -7,6 +7,8 @@ testing that needs i2i and t2t metrics beside the cross-modal ones. Relevance co
 - generated data records each image's latent concepts (``{split}_concepts.npy`` ``[N, 3]``) and the concepts each
   caption names (``{split}_caption_concepts.npy`` ``[kN, 3]``, -1 padding): two items are relevant when they share
   a concept;
+- paired features with labels (``{split}_labels.npy`` ``[N]``, a class per image, its captions' too): two items are
+  relevant when they share the label;
 - otherwise the captions of one image are relevant to each other (t2t only; images have no relevance source).
 
 Scores are the cosine of the model's pooled, unit embeddings (``[M, D]``; for an interaction model the L2-normalised
@@ -57,11 +59,16 @@ def relevance_of(folder: Path, split: str, images: int, captions_per_image: int)
     captions' concepts, else from their images (see the module docstring)."""
     found: dict[str, Relevance] = {}
     concepts = _array(folder / f"{split}_concepts.npy", images)
+    labels = _array(folder / f"{split}_labels.npy", images)
     if concepts is not None:
         found["i2i"] = Relevance(concepts, "shared latent concept")
+    elif labels is not None:
+        found["i2i"] = Relevance(labels, "same label")
     named = _array(folder / f"{split}_caption_concepts.npy", images * captions_per_image)
     if named is not None:
         found["t2t"] = Relevance(named, "shared latent concept")
+    elif labels is not None:
+        found["t2t"] = Relevance(np.repeat(labels, captions_per_image, axis=0), "same label")
     else:
         own = np.repeat(np.arange(images), captions_per_image)[:, None]
         found["t2t"] = Relevance(own, "captions of the same image")
@@ -72,6 +79,8 @@ def _array(path: Path, rows: int) -> np.ndarray | None:
     if not path.is_file():
         return None
     array = np.load(path, allow_pickle=False)
+    if array.ndim == 1:
+        array = array[:, None]
     if array.ndim != 2 or array.shape[0] != rows or array.dtype.kind not in "iu":
         return None
     return array.astype(np.int64)

@@ -100,6 +100,31 @@ def recall_curve(curves: Mapping[str, Mapping[int, float]], title: str, ylabel: 
     return fig
 
 
+def epoch_curves(panels: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], title: str) -> Any:
+    """Per-epoch values of a few scalars, one panel each, side by side: ``panels[scalar][condition]`` holds one
+    sequence per seed (epoch 1 first). Each condition is a line, the mean over its seeds, with the seeds' range
+    shaded, so a reader sees both where a learned scalar goes and how much the seeds agree."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (scalar, conditions) in zip(axes[0], panels.items(), strict=True):
+        for index, (condition, seeds) in enumerate(conditions.items()):
+            length = min(len(values) for values in seeds)
+            rows = np.array([values[:length] for values in seeds], dtype=float)
+            epochs = np.arange(1, length + 1)
+            colour = colours[index % len(colours)]
+            ax.plot(epochs, rows.mean(axis=0), color=colour, label=condition)
+            if len(rows) > 1:
+                ax.fill_between(epochs, rows.min(axis=0), rows.max(axis=0), color=colour, alpha=0.2, linewidth=0)
+        ax.set_xlabel("epoch")
+        ax.set_title(scalar)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig: Any) -> None:
     _pyplot().close(fig)
 

@@ -9,7 +9,10 @@ per process per (path, size, mtime) (:func:`gssf_cli.data.manifest.file_sha256`)
 same dataset right after the check pays nothing more.
 
 The cache is one JSON file per pipeline, replaced atomically (temporary name, then rename), so an
-interrupted write leaves the previous cache.
+interrupted write leaves the previous cache. It is a file a person can edit, so it is read as untrusted input:
+an entry of the wrong shape, or one naming a file outside the places the pipeline writes to, is dropped with its
+reason (:attr:`Cache.dropped`), and an unreadable file counts as absent with its reason; the step then runs and
+says why. Nothing it names is ever followed outside those places.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gssf_cli import __version__
+from gssf_cli.core.errors import UserInputError, first_line
 from gssf_cli.data.manifest import file_sha256
 
 CACHE_DIR = Path(".gssf") / "pipelines"
@@ -105,18 +109,89 @@ def damage(recorded: Mapping[str, str], roots: Iterable[Path] = ()) -> str | Non
     return None
 
 
-class Cache:
-    """The entries of one pipeline, by step name: ``key``, ``run_id``, ``summary``, ``outputs``, ``metrics``."""
+ENTRY_FIELDS: dict[str, tuple[type, ...]] = {
+    "key": (str,),
+    "run_id": (str, type(None)),
+    "summary": (dict,),
+    "outputs": (dict,),
+    "roots": (list,),
+    "basis": (dict,),
+}
+"""What an entry holds, and the JSON types each field may take (``basis`` may be absent: older entries)."""
 
-    def __init__(self, name: str, folder: Path = CACHE_DIR) -> None:
+
+def entry_problem(entry: Any, allowed: Iterable[Path]) -> str | None:
+    """Why a cache entry cannot be used (one phrase), or None: its shape (:data:`ENTRY_FIELDS`; ``outputs``
+    maps paths to sha256 strings, ``roots`` lists paths) and every path it names lying under one of ``allowed``
+    (resolved folders), so that checking it never reads outside the places the pipeline writes to."""
+    if not isinstance(entry, dict):
+        return f"an entry is a {type(entry).__name__}, not an object"
+    for name, types in ENTRY_FIELDS.items():
+        if name not in entry and name != "basis":
+            return f"it has no {name!r}"
+        if name in entry and not isinstance(entry[name], types):
+            return f"its {name!r} is a {type(entry[name]).__name__}"
+    outputs, roots = entry["outputs"], entry["roots"]
+    if not all(isinstance(v, str) for v in outputs.values()) or not all(isinstance(r, str) for r in roots):
+        return "its outputs or roots are not paths with checksums"
+    places = [_resolved(place) for place in allowed]
+    for name in [*outputs, *roots]:
+        if not _inside(Path(os.path.abspath(name)), places):  # by its text first: nothing outside is touched
+            return f"it names {name}, outside the folders the pipeline writes to"
+        try:
+            resolved = Path(name).resolve()
+        except OSError as exc:
+            return f"it names {name}, which cannot be resolved ({first_line(exc)})"
+        if not _inside(resolved, places):
+            return f"it names {name}, a link to outside the folders the pipeline writes to"
+    return None
+
+
+def _resolved(place: Path) -> Path:
+    try:
+        return place.resolve()
+    except OSError:
+        return Path(os.path.abspath(place))
+
+
+def _inside(path: Path, places: list[Path]) -> bool:
+    return any(path.is_relative_to(place) for place in places)
+
+
+class Cache:
+    """The entries of one pipeline, by step name: ``key``, ``run_id``, ``summary``, ``outputs``, ``roots``,
+    ``basis``. ``allowed``: the folders its paths may lie in (the working folder and the ones the pipeline
+    names). What could not be used is in ``dropped`` (step name, or ``*`` for the whole file → reason)."""
+
+    def __init__(self, name: str, folder: Path = CACHE_DIR, allowed: Iterable[Path] = (Path(),)) -> None:
         self.path = folder / f"{name}.json"
         self.entries: dict[str, dict[str, Any]] = {}
-        if self.path.is_file():
-            try:
-                loaded = json.loads(self.path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                loaded = {}
-            self.entries = {k: v for k, v in loaded.items() if isinstance(v, dict)} if isinstance(loaded, dict) else {}
+        self.dropped: dict[str, str] = {}
+        if self.path.exists() and not self.path.is_file():
+            raise UserInputError(f"{self.path} is not a file: the pipeline cache cannot be written there; remove it")
+        if not self.path.is_file():
+            return
+        try:
+            loaded = json.loads(self.path.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self.dropped["*"] = f"{self.path} is not readable JSON ({first_line(exc)})"
+            return
+        except OSError as exc:
+            raise UserInputError(f"{self.path}: cannot read the pipeline cache ({first_line(exc)})") from None
+        if not isinstance(loaded, dict):
+            self.dropped["*"] = f"{self.path} holds a {type(loaded).__name__}, not an object of steps"
+            return
+        places = list(allowed)
+        for step, entry in loaded.items():
+            problem = entry_problem(entry, places)
+            if problem is None:
+                self.entries[step] = entry
+            else:
+                self.dropped[step] = f"its entry in {self.path} is unusable: {problem}"
+
+    def absent_because(self, step: str) -> str | None:
+        """Why ``step`` has no usable entry although the file may have held one (None: it never had one)."""
+        return self.dropped.get(step) or self.dropped.get("*")
 
     def get(self, step: str) -> dict[str, Any] | None:
         return self.entries.get(step)

@@ -1,10 +1,10 @@
 """Stage ``compare``: paired significance tests between trained runs, tracked as an MLflow run.
 
-The work is :mod:`gssf_cli.evaluation.comparison`'s: every run is embedded on the same split of the same dataset and
+The work is :mod:`gssf_cli.evaluation.comparison`'s: every run is embedded on the same split (byte for byte) and
 ranked under the same protocol (:func:`gssf_cli.evaluation.comparison.trained_units`), a comma-separated group of runs
 (several seeds of one configuration) is averaged per query, and each later argument is tested against the
 first (the baseline) on every metric: difference, bootstrap interval, sign-flip p-value. Everything is checked
-and computed before the MLflow run opens — runs that are not train runs, runs on different datasets or tasks,
+and computed before the MLflow run opens — runs that are not train runs, runs for different tasks or on different splits,
 a missing split, a protocol that does not fit — so bad input leaves no run and no file behind. The run then
 logs the config, the dataset, tags naming the compared runs, one metric per (statistic, metric, run), the
 table as ``comparison.json`` and ``comparison.md``, the per-query values as ``units.npz`` (plain float and
@@ -96,6 +96,7 @@ class CompareResult:
 def run(config: CompareConfig, tracker: Tracker, parent_run_id: str | None = None) -> CompareResult:
     """Compare ``config.runs`` (the baseline first); the result goes to a ``compare`` run."""
     started = time.perf_counter()
+    comparison.check_bootstrap_fits(config.bootstrap, len(config.groups()) - 1)  # at least one metric each
     groups, passed = _resolve(tracker, config)
     per_run, dataset, samples = _units_of(tracker, config, groups)
     tracker.follow(groups[0][0])  # the compare run lands beside the baseline (unless --experiment says otherwise)
@@ -216,42 +217,58 @@ def _resolve(tracker: Tracker, config: CompareConfig) -> tuple[list[list[Any]], 
             runs.append(found)
         groups.append(runs)
         labels.append(passed[0] + (f" +{len(passed) - 1}" if len(passed) > 1 else ""))
+    _check_distinct(groups)
     first = groups[0][0]
     for members in groups:
         for other in members:
-            for tag, what in ((DATASET_TAG, "datasets"), (TASK_TAG, "tasks")):
-                mine, theirs = first.data.tags.get(tag), other.data.tags.get(tag)
-                if mine is not None and theirs is not None and mine != theirs:
-                    raise UserInputError(
-                        f"runs {first.info.run_id} and {other.info.run_id} were trained on different {what} "
-                        f"({_describe(first, tag)} vs {_describe(other, tag)}): compare runs of one dataset"
-                    )
+            mine, theirs = first.data.tags.get(TASK_TAG), other.data.tags.get(TASK_TAG)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise UserInputError(
+                    f"runs {first.info.run_id} and {other.info.run_id} were trained for different tasks "
+                    f"({mine} vs {theirs}): compare runs of one dataset"
+                )
     return groups, labels
+
+
+def _check_distinct(groups: list[list[Any]]) -> None:
+    """Refuse a run repeated within an argument (it would weigh double in the group's mean) and two arguments
+    that are the same runs (a system tested against itself says nothing). Groups that share some runs are
+    allowed: they are different systems."""
+    seen: dict[frozenset[str], int] = {}
+    for position, members in enumerate(groups, start=1):
+        ids = [member.info.run_id for member in members]
+        repeated = next((run_id for run_id in ids if ids.count(run_id) > 1), None)
+        if repeated is not None:
+            raise UserInputError(f"run {repeated} is given twice in argument {position}: give each run once")
+        same = seen.setdefault(frozenset(ids), position)
+        if same != position:
+            what = f"run {ids[0]}" if len(ids) == 1 else f"the runs {', '.join(ids)}"
+            raise UserInputError(
+                f"arguments {same} and {position} are both {what}: a run compared with itself says nothing"
+            )
 
 
 def _is_train(found: Any) -> bool:
     return found.data.tags.get("gssf.stage") == "train" and found.info.status == "FINISHED"
 
 
-def _describe(train_run: Any, tag: str) -> str:
-    value = train_run.data.tags.get(tag, "?")
-    if tag == DATASET_TAG:
-        return f"{train_run.data.tags.get('gssf.dataset.name', 'dataset')} sha256 {value[:12]}"
-    return value
-
-
 def _same_dataset(known: Dataset | None, loaded: Dataset, run_id: str, split: str) -> Dataset:
-    """The dataset every run was loaded with: one content (manifest digest), and it has ``split``."""
+    """The dataset the runs are measured on: the first run's, which must have ``split``. A later run's dataset
+    may differ elsewhere (runs trained on an imbalanced copy of the train split, say) but must hold ``split``
+    byte for byte, with the same vocabulary and modalities, so that every run sees the same queries."""
     if known is None:
         if not loaded.has_split(split):
             raise UserInputError(
                 f"{loaded.folder}: no {split!r} split to compare on (has {', '.join(loaded.manifest['splits'])})"
             )
         return loaded
-    if loaded.digest != known.digest or loaded.task != known.task:
+    if loaded.digest != known.digest and (
+        not loaded.has_split(split) or loaded.split_content(split) != known.split_content(split)
+    ):
         raise UserInputError(
-            f"run {run_id} was trained on {loaded.folder} (sha256 {loaded.digest[:12]}), the first run on "
-            f"{known.folder} (sha256 {known.digest[:12]}): compare runs of one dataset"
+            f"run {run_id} was trained on {loaded.folder} (sha256 {loaded.digest[:12]}), whose {split!r} split "
+            f"differs from that of the first run's {known.folder} (sha256 {known.digest[:12]}): compare runs "
+            f"measured on one {split} split"
         )
     return known
 

@@ -34,7 +34,7 @@ from gssf_cli.core.limits import COCO_TRUTHS
 from gssf_cli.core.stage_configs import CompareConfig, PipelineConfig, load_pipeline
 from gssf_cli.stages import cache, steps
 from gssf_cli.stages.steps import Links, check, stage_config
-from gssf_cli.tracking.tags import FINAL_RUN_TAG, PIPELINE_STAGE
+from gssf_cli.tracking.tags import FINAL_RUN_TAG, PIPELINE_STAGE, STEP_KEY_TAG
 
 if TYPE_CHECKING:
     from gssf_cli.tracking.adapter import StageRun, Tracker
@@ -85,9 +85,8 @@ def run(
     if not isinstance(pipeline, PipelineConfig):
         pipeline = load_pipeline(pipeline)
     check(pipeline)
-    ctx = _Context(
-        tracker, pipeline, cache.Cache(pipeline.name), force, dry_run, progress, notify or (lambda line: None)
-    )
+    cached = cache.Cache(pipeline.name, allowed=steps.written_places(pipeline))
+    ctx = _Context(tracker, pipeline, cached, force, dry_run, progress, notify or (lambda line: None))
     started = time.perf_counter()
     if dry_run or not force:
         preview = ctx if dry_run else _Context(tracker, pipeline, ctx.cache, False, True, progress, ctx.notify)
@@ -198,6 +197,8 @@ class _Context:
         if entry is not None:
             self.notify(f"{name}: runs again: {why}")
         run_id, summary, outputs = work()
+        if run_id is not None:
+            self.tracker.run_handle(run_id).set_tags({STEP_KEY_TAG: key})
         entry = {"key": key, "basis": basis, "run_id": run_id, "summary": summary}
         entry["outputs"] = cache.fingerprint(outputs)
         entry["roots"] = [str(p) for p in outputs if p.is_dir()]
@@ -212,12 +213,30 @@ class _Context:
         if self.force:
             return "--force"
         if entry is None:
-            return "first run"
+            return self.cache.absent_because(name) or "first run"
         if upstream is not None:
             return f"{upstream} runs before it"
         if entry.get("key") != key:
             return cache.changes(entry.get("basis"), basis)
-        return cache.damage(entry.get("outputs", {}), [Path(r) for r in entry.get("roots", [])]) or valid(entry)
+        return (
+            cache.damage(entry.get("outputs", {}), [Path(r) for r in entry.get("roots", [])])
+            or self._untrusted_run(entry, key)
+            or valid(entry)
+        )
+
+    def _untrusted_run(self, entry: dict[str, Any], key: str) -> str | None:
+        """Why the run a cached entry names cannot stand for the step (None: it can): it must be in the store,
+        FINISHED, and carry this step's key (:data:`STEP_KEY_TAG`), so an entry edited to name another run —
+        or none, which would leave ``latest`` to pick one — never passes another model off as the cached one."""
+        run_id = entry.get("run_id")
+        if run_id is None:
+            return "its cache entry names no run"
+        status = self.tracker.run_status(run_id)
+        if status != "FINISHED":
+            return f"its run {run_id} is {status.lower() if status else 'no longer in the tracking store'}"
+        if self.tracker.client.get_run(run_id).data.tags.get(STEP_KEY_TAG) != key:
+            return f"its run {run_id} was not made by this step with these settings"
+        return None
 
 
 def _prepare(ctx: _Context) -> StageOutcome:

@@ -132,6 +132,20 @@ def stage_config(pipeline: PipelineConfig, stage: str, links: Links) -> Any:
     return from_dict(CONFIGS[stage], values, stage)
 
 
+def written_places(pipeline: PipelineConfig) -> list[Path]:
+    """The folders a pipeline's outputs may lie in: the working folder, and every path its stage tables name
+    (an absolute ``runs_dir``, say). The cache's paths are checked against these, never followed elsewhere."""
+    import typing
+
+    places = [Path()]
+    for stage in pipeline.stages:
+        hints = typing.get_type_hints(CONFIGS[stage])
+        for name, value in pipeline.table(stage).items():
+            if isinstance(value, str) and Path in (*typing.get_args(hints.get(name)), hints.get(name)):
+                places.append(Path(value))
+    return places
+
+
 def _bundle_of(pipeline: PipelineConfig, links: Links) -> str:
     """The bundle ``index`` reads: the one ``export`` wrote, else where it will write it (before it ran: its
     ``out``, or ``exports/`` for a run not trained yet — what the up-front check can know)."""

@@ -69,3 +69,39 @@ def test_arrays_of_neither_layout_are_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "x.npz", vectors=np.ones((4, 3), np.float32))
     with pytest.raises(UserInputError, match=r"found \['vectors'\]; expected images\+texts or features\+labels"):
         write_features(_config(tmp_path / "x.npz"), _out(tmp_path))
+
+
+def test_pairs_with_labels_keep_each_images_label_for_intra_modal_relevance(tmp_path: Path) -> None:
+    """Labels beside pairs follow their images through the split and become the split's i2i and t2t relevance
+    (an image's captions carry its label); split sources name them per split."""
+    from gssf_cli.evaluation.intramodal import relevance_of
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(30, 4)).astype(np.float32)
+    labels = np.arange(30) % 3
+    np.savez(tmp_path / "x.npz", images=images, texts=np.repeat(images, 2, axis=0), labels=labels)
+    out = _out(tmp_path)
+    write_features(_config(tmp_path / "x.npz"), out)
+    kept = np.load(out / "test_ims.npy")
+    expected = labels[[int(np.flatnonzero((images == row).all(axis=1))[0]) for row in kept]]
+    assert np.array_equal(np.load(out / "test_labels.npy"), expected)
+    sources = relevance_of(out, "test", len(kept), 2)
+    assert {side: r.source for side, r in sources.items()} == {"i2i": "same label", "t2t": "same label"}
+    same = expected[:, None] == expected[None, :]
+    np.fill_diagonal(same, False)
+    assert np.array_equal(sources["i2i"].block(slice(0, len(kept))), same)
+    assert np.array_equal(sources["t2t"].sets[::2, 0], expected)
+
+    split = {f"{s}_{n}": a for s in ("train", "dev", "test") for n, a in
+             (("images", images[:10]), ("texts", images[:10]), ("labels", labels[:10]))}  # fmt: skip
+    np.savez(tmp_path / "split.npz", **split)
+    (tmp_path / "split").mkdir()
+    write_features(_config(tmp_path / "split.npz"), tmp_path / "split")
+    assert np.array_equal(np.load(tmp_path / "split/dev_labels.npy"), labels[:10])
+    del split["dev_labels"]
+    np.savez(tmp_path / "partial.npz", **split)
+    with pytest.raises(UserInputError, match="dev_labels is missing"):
+        write_features(_config(tmp_path / "partial.npz"), tmp_path)
+    np.savez(tmp_path / "short.npz", images=images, texts=images, labels=labels[:-1])
+    with pytest.raises(UserInputError, match="29 labels for 30 image rows"):
+        write_features(_config(tmp_path / "short.npz"), tmp_path)

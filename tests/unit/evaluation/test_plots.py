@@ -185,3 +185,24 @@ def test_similarity_distributions_draw_one_panel_per_system_with_its_separation(
             assert "AUC" in ax.get_title() and "d′" in ax.get_title()
     finally:
         plots.close(figure)
+
+
+def test_epoch_curves_draw_each_conditions_seed_mean_with_its_range_in_a_panel_per_scalar() -> None:
+    from gssf_cli.evaluation import plots
+
+    panels = {
+        "λ": {"balanced": [[0.6, 0.5, 0.4], [0.8, 0.7, 0.6]], "noisy": [[0.6, 0.4], [0.2, 0.1, 0.0]]},
+        "τ": {"balanced": [[0.05, 0.04, 0.03], [0.05, 0.04, 0.03]], "noisy": [[0.05, 0.05], [0.05, 0.05, 0.05]]},
+    }
+    figure = plots.epoch_curves(panels, "distillation's learned scalars")
+    try:
+        lam, tau = figure.axes
+        assert [ax.get_title() for ax in (lam, tau)] == ["λ", "τ"]
+        balanced, noisy = lam.get_lines()
+        np.testing.assert_allclose(balanced.get_ydata(), [0.7, 0.6, 0.5])
+        np.testing.assert_allclose(noisy.get_xdata(), [1, 2])  # the seeds' common epochs
+        np.testing.assert_allclose(noisy.get_ydata(), [0.4, 0.25])
+        assert len(lam.collections) == 2, "each condition's range over its seeds is shaded"
+        assert [t.get_text() for t in lam.get_legend().get_texts()] == ["balanced", "noisy"]
+    finally:
+        plots.close(figure)

@@ -7,8 +7,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from typer.testing import Result
 
+from gssf_cli.core.errors import UserInputError
 from gssf_cli.stages import cache
 
 Gssf = Callable[..., Result]
@@ -64,16 +66,55 @@ def test_damage_says_what_changed(tmp_path: Path) -> None:
     assert cache.damage(recorded) == f"{root / 'graph.onnx'} is missing"
 
 
-def test_the_cache_file_round_trips_and_survives_damage(tmp_path: Path) -> None:
-    entries = cache.Cache("p", tmp_path)
-    assert entries.get("train") is None
-    entries.record("train", {"key": "k1", "run_id": "r1", "path": tmp_path})
-    assert cache.Cache("p", tmp_path).get("train") == {"key": "k1", "run_id": "r1", "path": str(tmp_path)}
-    assert [p.name for p in tmp_path.iterdir()] == ["p.json"], "no temporary file is left"
-    (tmp_path / "p.json").write_text('{"train": ')
-    assert cache.Cache("p", tmp_path).entries == {}, "an unreadable cache is an empty one: every stage runs"
-    (tmp_path / "p.json").write_text('{"train": 3, "evaluate": {"key": "k"}}')
-    assert cache.Cache("p", tmp_path).entries == {"evaluate": {"key": "k"}}
+def _entry(**changed: object) -> dict[str, object]:
+    return {"key": "k1", "run_id": "r1", "summary": {}, "outputs": {}, "roots": []} | changed
+
+
+def test_the_cache_file_round_trips_and_survives_damage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unusable cache — unreadable, of the wrong shape, naming paths outside the pipeline's folders — counts
+    as absent, each step with the reason; a folder where the cache belongs is refused in one line."""
+    monkeypatch.chdir(tmp_path)
+    entries = cache.Cache("p", Path("c"))
+    assert entries.get("train") is None and entries.absent_because("train") is None
+    entries.record("train", _entry(outputs={"runs/r1/best/model.pt": "ab"}, roots=["runs/r1/best"]))
+    assert cache.Cache("p", Path("c")).get("train") == _entry(
+        outputs={"runs/r1/best/model.pt": "ab"}, roots=["runs/r1/best"]
+    )
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["p.json"], "no temporary file is left"
+    damaged = {
+        b'{"train": ': "is not readable JSON",
+        b"\xff\xfe{}": "is not readable JSON",
+        b"[1, 2]": "holds a list, not an object of steps",
+    }
+    for text, why in damaged.items():
+        (tmp_path / "c/p.json").write_bytes(text)
+        read = cache.Cache("p", Path("c"))
+        assert read.entries == {} and why in str(read.absent_because("train")), text
+    shapes = {
+        "evaluate": 3,
+        "train": _entry(run_id=["r1"]),
+        "export": _entry(roots="/proc/1/cwd"),
+        "index": _entry(outputs={"/etc/passwd": "ab"}),
+        "prepare": _entry(roots=["../outside"]),
+        "tune": {"key": "k"},
+    }
+    (tmp_path / "c/p.json").write_text(json.dumps(shapes | {"compare": _entry()}))
+    read = cache.Cache("p", Path("c"))
+    assert read.entries == {"compare": _entry()}
+    assert {step: read.absent_because(step) for step in shapes} == {
+        "evaluate": "its entry in c/p.json is unusable: an entry is a int, not an object",
+        "train": "its entry in c/p.json is unusable: its 'run_id' is a list",
+        "export": "its entry in c/p.json is unusable: its 'roots' is a str",
+        "index": "its entry in c/p.json is unusable: it names /etc/passwd, outside the folders the pipeline writes to",
+        "prepare": "its entry in c/p.json is unusable: it names ../outside, outside the folders the pipeline writes to",
+        "tune": "its entry in c/p.json is unusable: it has no 'run_id'",
+    }
+    outside = _entry(roots=[str(tmp_path.parent / "runs")])
+    (tmp_path / "c/p.json").write_text(json.dumps({"train": outside}))
+    assert cache.Cache("p", Path("c"), allowed=[Path(), tmp_path.parent / "runs"]).get("train") == outside
+    (tmp_path / "c/q.json").mkdir()
+    with pytest.raises(UserInputError, match=r"^c/q.json is not a file: the pipeline cache cannot be written there"):
+        cache.Cache("q", Path("c"))
 
 
 CHAIN = """

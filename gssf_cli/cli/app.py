@@ -259,11 +259,11 @@ def train(
     def saved(tracker: Any, given: dict[str, Any]) -> dict[str, Any]:
         """The resumed run's config, read from the runs folder in effect now (flag, file, else the default)."""
         nonlocal resume_id
-        from gssf_cli.modeling.checkpoint import saved_config
+        from gssf_cli.stages.train import started_config
 
         resume_id = tracker.get_run(resume, stage="train").info.run_id
         try:
-            return saved_config(resume_id, field_value(TrainConfig, "runs_dir", given, "train"))
+            return started_config(tracker, resume_id, Path(field_value(TrainConfig, "runs_dir", given, "train")))
         except UserInputError as exc:
             raise UserInputError(f"--resume {resume} is run {resume_id}: {exc}") from None
 

@@ -117,8 +117,16 @@ def storage_path(storage: str) -> str:
     """Ray wants an absolute path or a URI; a relative folder is taken from the working directory."""
     if "://" in storage:
         return storage
-    path = Path(storage).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path = Path(storage).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".gssf-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserInputError(
+            f"tune.storage {storage}: Ray cannot keep its results there ({first_line(exc)}); name a writable folder"
+        ) from None
     return str(path)
 
 

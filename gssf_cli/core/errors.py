@@ -12,6 +12,16 @@ class UserInputError(ValueError):
     """Bad usage or bad input: the message names the problem and, where possible, the fix."""
 
 
+class DivergedError(UserInputError):
+    """Training diverged (a NaN or Inf loss, or a model whose embeddings are): the settings, not the data, are at
+    fault, so it is a one-line error (exit 2) that names the epoch and the setting to lower. ``detail``: what was
+    found, for a caller that knows the epoch to say it again."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail or message
+
+
 class CheckFailedError(RuntimeError):
     """The work ran but failed its own check (e.g. a parity gate): exit code 1."""
 

@@ -255,10 +255,8 @@ def evaluate_cross_modal(
     return summary
 
 
-def protocol_folds(num_images: int, protocol: str) -> list[tuple[int, int]]:
-    """The image ranges ``[(start, stop), ...]`` a protocol evaluates separately: five folds of 1,000 for
-    ``coco-1k``, the whole split otherwise. A protocol that names a test set size refuses any other
-    (:class:`RetrievalInputError`); ``all`` takes any."""
+def check_ranking_protocol(protocol: str) -> None:
+    """Refuse a protocol that is unknown, or that is not a ranking of the split (ECCV, CxC: COCO ids)."""
     if protocol not in CROSS_MODAL_PROTOCOLS:
         raise RetrievalInputError(f"unknown protocol {protocol!r}; choose one of {', '.join(CROSS_MODAL_PROTOCOLS)}")
     if protocol not in RANKING_PROTOCOLS:
@@ -266,6 +264,13 @@ def protocol_folds(num_images: int, protocol: str) -> list[tuple[int, int]]:
             f"protocol {protocol} ranks COCO test images by their COCO ids, which only `gssf evaluate --run` reads (with "
             f"no --shortlist); here use one of {', '.join(RANKING_PROTOCOLS)}"
         )
+
+
+def protocol_folds(num_images: int, protocol: str) -> list[tuple[int, int]]:
+    """The image ranges ``[(start, stop), ...]`` a protocol evaluates separately: five folds of 1,000 for
+    ``coco-1k``, the whole split otherwise. A protocol that names a test set size refuses any other
+    (:class:`RetrievalInputError`); ``all`` takes any."""
+    check_ranking_protocol(protocol)
     expected = PROTOCOL_IMAGES.get(protocol)
     if expected is not None and num_images != expected:
         raise RetrievalInputError(

@@ -32,7 +32,7 @@ import numpy as np
 
 from gssf_cli import __version__
 from gssf_cli.core import metrics as registry
-from gssf_cli.core.errors import UserInputError, first_line
+from gssf_cli.core.errors import DivergedError, UserInputError, first_line
 from gssf_cli.core.stage_configs import EvaluateConfig
 from gssf_cli.data.manifest import split_classes
 
@@ -154,9 +154,21 @@ def evaluate_model(
         elif step is not None:
             step(f"encode {split.num_images:,} items")
         scorer = split_scorer(model, split, device)
+        check_model_finite(scorer.pooled, split_name)
         if step is not None:
             step("score")
         return _score_split(scorer, dataset, split_name, protocol, ks, memory_budget_bytes)
+
+
+def check_model_finite(pooled: tuple[torch.Tensor, torch.Tensor], split_name: str) -> None:
+    """Refuse a model whose embeddings of a split (``images [N, D]``, ``texts [kN, D]``) hold NaN or Inf as a
+    diverged model (:class:`DivergedError`): the split was checked when it was read, so the model is at fault."""
+    import torch
+
+    for side, rows in zip(("image", "text"), pooled, strict=True):
+        if rows.numel() and not bool(torch.isfinite(rows).all()):
+            found = f"the model's {side} embeddings of the {split_name} split contain NaN or Inf"
+            raise DivergedError(f"{found}: the model diverged in training", found)
 
 
 def _score_split(
@@ -192,6 +204,9 @@ def _score_split(
             memory_budget_bytes=memory_budget_bytes,
             full_map=full_map,
         )
+    except ranking.NonFiniteScoresError:
+        found = f"the model's scores on the {split_name} split contain NaN or Inf"
+        raise DivergedError(f"{found}: the model diverged in training", found) from None
     except ranking.RetrievalInputError as exc:
         raise UserInputError(f"{dataset.folder} ({split_name} split): {exc}") from None
 

@@ -248,7 +248,7 @@ def embedding_blocks(queries: Tensor, gallery: Tensor, score_fn: ScoreFn, reuse:
         else:
             block = call_score_fn(score_fn, rows, columns)
         if check:
-            _check_block_finite(block, first_row, "score_fn output")
+            _check_block_finite(block, first_row, "score_fn output", NonFiniteScoresError)
         return block
 
     def candidates(rows: NDArray[np.int64], need: NDArray[np.int64]) -> Candidates:
@@ -294,9 +294,15 @@ def call_score_fn(score_fn: ScoreFn, queries: Tensor, gallery: Tensor) -> Tensor
     return block.detach().to(queries.dtype)
 
 
-def _check_block_finite(block: Tensor, start: int, what: str) -> None:
+class NonFiniteScoresError(RetrievalInputError):
+    """A score function gave NaN or Inf for finite inputs: the scorer (a model's head) is at fault, not the data."""
+
+
+def _check_block_finite(
+    block: Tensor, start: int, what: str, error: type[RetrievalInputError] = RetrievalInputError
+) -> None:
     if not _all_finite(block):
-        raise RetrievalInputError(f"{what} contain NaN or Inf (rows {start}..{start + block.shape[0] - 1})")
+        raise error(f"{what} contain NaN or Inf (rows {start}..{start + block.shape[0] - 1})")
 
 
 def tiles(block: Tensor) -> Iterator[tuple[int, Tensor]]:

@@ -95,7 +95,10 @@ class CompareResult:
 
 def run(config: CompareConfig, tracker: Tracker, parent_run_id: str | None = None) -> CompareResult:
     """Compare ``config.runs`` (the baseline first); the result goes to a ``compare`` run."""
+    from gssf_cli.evaluation.crossmodal import check_ranking_protocol
+
     started = time.perf_counter()
+    check_ranking_protocol(config.protocol)
     comparison.check_bootstrap_fits(config.bootstrap, len(config.groups()) - 1)  # at least one metric each
     groups, passed = _resolve(tracker, config)
     per_run, dataset, samples = _units_of(tracker, config, groups)

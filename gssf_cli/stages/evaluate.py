@@ -37,9 +37,7 @@ def run(config: EvaluateConfig, tracker: Tracker | None = None, parent_run_id: s
         if tracker is None:
             raise UserInputError("--head needs a tracking store to find the run")
         return _run_head(config, tracker, parent_run_id)
-    if tracker is not None:
-        _ = tracker.experiment_id
-    outcome = evaluation.evaluate_file(config)
+    outcome = evaluation.evaluate_file(config)  # the file is checked before the store is opened (or created)
     if tracker is None:
         return _write_output(config, outcome.result)
     with tracker.start_run(

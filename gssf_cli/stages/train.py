@@ -17,6 +17,7 @@ reopened whatever its status (a killed process leaves it RUNNING) and ends FINIS
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,9 +96,14 @@ def run(
             workers = stack.enter_context(train_workers.data_parallel(trainer.config))
         tracked: StageRun | None = None
         if tracker is not None:
+            started = json.dumps({"config": to_dict(config), "dataset_sha256": dataset.digest}, default=str)
             tracked = stack.enter_context(
                 tracker.start_run(
-                    "train", run_name=f"train-{config.model_label()}", parent_run_id=parent_run_id, resume_run_id=resume
+                    "train",
+                    run_name=f"train-{config.model_label()}",
+                    parent_run_id=parent_run_id,
+                    resume_run_id=resume,
+                    tags={STARTED_TAG: started} if len(started) <= STARTED_TAG_MOST else None,
                 )
             )
         run_id = tracked.run_id if tracked is not None else (resume or uuid.uuid4().hex)
@@ -123,6 +129,29 @@ def run(
             _log_end(tracked, fitted, trainer.model)
             model_id = log_served_model(tracked, config, fitted.out_dir / ckpt.BEST, dataset)
     return TrainResult.of(run_id, fitted, model_id)
+
+
+STARTED_TAG = "gssf.train.started"
+"""On a train run, from the moment it is created (the tags of MLflow's create call, one transaction): the JSON of
+the config and dataset digest it starts with, as the runs folder's ``config.json`` records them a moment later. A
+run killed between the two is still resumable (:func:`started_config` writes the file back from the tag)."""
+STARTED_TAG_MOST = 8000
+"""MLflow's longest tag value; a config whose JSON is longer (very long paths) relies on ``config.json`` alone."""
+
+
+def started_config(tracker: Tracker, run_id: str, runs_dir: Path) -> dict[str, Any]:
+    """The config train run ``run_id`` started with, to resume it: from its runs folder (last checkpoint, else
+    ``config.json``); when the run was killed before either was written, from :data:`STARTED_TAG`, whose
+    record is then written back to the folder so that the resumed run starts at epoch 1 like any other."""
+    from gssf_cli.modeling import checkpoint as ckpt
+
+    run_dir = runs_dir / run_id
+    if not (run_dir / ckpt.LAST).exists() and ckpt.read_run_config(run_dir) is None:
+        recorded = tracker.client.get_run(run_id).data.tags.get(STARTED_TAG)
+        if recorded is not None:
+            started = json.loads(recorded)
+            ckpt.write_run_config(run_dir, started["config"], started["dataset_sha256"])
+    return ckpt.saved_config(run_id, runs_dir)
 
 
 @dataclass(frozen=True)
@@ -230,15 +259,16 @@ def _log_lost_epoch(tracker: Tracker, run_: StageRun, trainer: Trainer) -> None:
 
 
 def _log_end(run_: StageRun, fitted: FitResult, model: RetrievalModel) -> None:
-    """Best checkpoint and config as artifacts; a heatmap of the learned W ⊙ U for learned metrics."""
+    """Best checkpoint and config as artifacts; a heatmap of the learned W ⊙ U for learned metrics. Safe to
+    repeat on a resumed run: artifacts are replaced, and each final metric is logged once."""
     from gssf_cli.modeling import checkpoint as ckpt
 
     best_state = fitted.best_state
     run_.log_artifacts(fitted.out_dir / ckpt.BEST, "checkpoint")
     run_.log_text(dump_toml({"train": best_state["config"]}), "config/train_resolved.toml")
-    run_.log_metrics(
-        {f"final_{k}": v for k, v in best_state["last_metrics"].items()} | {"best_epoch": best_state["best_epoch"]}
-    )
+    final = {f"final_{k}": v for k, v in best_state["last_metrics"].items()} | {"best_epoch": best_state["best_epoch"]}
+    logged = run_.logged_metrics()  # a resumed run whose final logging a kill cut short logs the rest, once
+    run_.log_metrics({k: v for k, v in final.items() if k not in logged})
     if model.similarity.num_parameters() > 0:
         from gssf_cli.evaluation import plots
 

@@ -85,9 +85,10 @@ def run(
     if config.address:
         check_reachable(config.address)
     check_outputs(config, plan)
+    storage = storage_path(config.storage)
     if tracker is not None:
         _ = tracker.experiment_id
-    search = tune_results.Search(config, plan, storage_path(config.storage), Path.cwd())
+    search = tune_results.Search(config, plan, storage, Path.cwd())
     return _search(search, tracker, progress, parent_run_id=parent_run_id)
 
 

@@ -479,6 +479,10 @@ class StageRun:
             batch = [mlflow.entities.Param(k, v) for k, v in items[start : start + 100]]
             self.client.log_batch(self.run_id, params=batch)
 
+    def logged_metrics(self) -> set[str]:
+        """The keys of the metrics this run has logged so far."""
+        return set(self.client.get_run(self.run_id).data.metrics)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         import time
 
@@ -549,6 +553,13 @@ class StageRun:
         mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
         # Created here, in the run's own experiment: mlflow would put it in the active (default) one.
         experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        # A resumed run whose last logging a kill cut short: its ready model stands; a half-logged one goes.
+        for earlier in self.client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND name = '{name}'"
+        ):
+            if str(earlier.status) == "READY":
+                return str(earlier.model_id)
+            self.client.delete_logged_model(earlier.model_id)
         logged = self.client.create_logged_model(experiment_id, name, source_run_id=self.run_id, tags=dict(tags or {}))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -40,7 +40,7 @@ import torch
 from gssf_cli.core import limits
 from gssf_cli.core import metrics as registry
 from gssf_cli.core.config import default_of, from_dict, to_dict
-from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.errors import DivergedError, UserInputError
 from gssf_cli.core.stage_configs import TrainConfig
 from gssf_cli.data.dataset import Dataset, Split
 from gssf_cli.data.rankable import split_problem
@@ -390,7 +390,13 @@ class Trainer:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
-                total_loss += float(parts["loss"].detach()) * len(pairs)
+                loss = float(parts["loss"].detach())
+                if not math.isfinite(loss):
+                    raise DivergedError(
+                        f"train diverged at epoch {epoch} (batch {index + 1} of {len(batches)}): the loss is {loss}; "
+                        f"lower --lr (the learning rate there was {lr_at(config, epoch, index / len(batches)):.3g})"
+                    )
+                total_loss += loss * len(pairs)
                 total_struct += float(parts["struct"]) * len(pairs)
                 seen += len(pairs)
                 advance(total_loss / seen, seen / max(time.perf_counter() - started, 1e-9))
@@ -439,11 +445,17 @@ class Trainer:
         split = self.config.val_split
         if not self.dataset.has_split(split):
             return {}
-        if self.progress is None:
-            metrics = evaluate_model(self.model, self.dataset, split, self.device)
-        else:
-            with self.progress.validation(f"validate on {split}", VALIDATION_STEPS) as step:
-                metrics = evaluate_model(self.model, self.dataset, split, self.device, step=step)
+        try:
+            if self.progress is None:
+                metrics = evaluate_model(self.model, self.dataset, split, self.device)
+            else:
+                with self.progress.validation(f"validate on {split}", VALIDATION_STEPS) as step:
+                    metrics = evaluate_model(self.model, self.dataset, split, self.device, step=step)
+        except DivergedError as exc:
+            epoch = self.epochs_done + 1
+            raise DivergedError(
+                f"train diverged by epoch {epoch}: {exc.detail}; lower --lr (the learning rate was {lr_at(self.config, epoch):.3g})"
+            ) from None
         return {k: float(v) for k, v in metrics.items() if isinstance(v, float)}
 
 

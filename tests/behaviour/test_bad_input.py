@@ -751,6 +751,10 @@ CASES: dict[str, tuple[Setup, str]] = {
     "tune: range inf": (_tune_with("--param", "lr=1e-4:inf:log"), "--param lr=1e-4:inf:log: 'inf' is not a finite"),
     "tune: base inf": (_tune_with("--param", "block_size=4,8", "--base", "lr=inf"), "base.lr: must be a finite"),
     "tune: storage below a file": (_tune_storage_below_a_file, "cannot create --storage sf/ray: sf is a file"),
+    "tune: storage in /proc": (
+        lambda w: [*TUNE, "--param", "block_size=4,8", "--storage", "/proc/gssf-ray"] if _dataset(w) else [],
+        "tune.storage /proc/gssf-ray: Ray cannot keep its results there",
+    ),
     "tune: runs folder below a file": (_tune_runs_below_a_file, "cannot create the runs folder rf/runs: rf is a file"),
     "tune: unknown param": (_tune_with("--param", "blok_size=4,8"), "--param blok_size: unknown parameter"),
     "tune: block size": (_tune_with("--param", "block_size=4,5"), "--param block_size=5: block size 5 does not"),

@@ -10,9 +10,11 @@ dead processes (their names carry the process id) before it starts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -62,7 +64,7 @@ def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
     if not os.access(parent, os.W_OK | os.X_OK):
         _remove_empty(created)
         raise UserInputError(f"cannot write to {parent}: permission denied; choose another --out")
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tag = f"{writer_id()}-{uuid.uuid4().hex[:8]}"
     staging = parent / f".{out.name}.partial-{tag}"
     try:
         staging.mkdir()
@@ -112,13 +114,47 @@ def _clean_dead_staging(out: Path) -> None:
 
 
 def _abandoned(path: Path, tag: str) -> bool:
-    """Left by a process that no longer runs (or, named without a process id, older than STALE_AFTER_S)."""
-    pid_text, _, rest = tag.partition("-")
-    if pid_text.isdigit() and rest:
-        return not held_by_another_process(int(pid_text))
+    """Left by a writer that no longer runs (:func:`writer_alive`; named without one, older than STALE_AFTER_S)."""
+    writer, _, rest = tag.partition("-")
+    alive = writer_alive(writer)
+    if alive is not None and rest:
+        return not alive
     if tag and "-" not in tag:
         return time.time() - _mtime(path) > STALE_AFTER_S
     return False
+
+
+@functools.lru_cache(maxsize=1)
+def machine_id() -> str:
+    """16 hex digits naming this machine's current boot: a hash of the host name, then of the kernel's boot id.
+    A writer's files carry it beside its process id (:func:`writer_id`), because a process id alone means
+    nothing on a folder that several hosts share, nor across a reboot."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return host + hashlib.sha256(boot.encode()).hexdigest()[:8]
+
+
+def writer_id(pid: int | None = None) -> str:
+    """``PID.MACHINE``: who writes a leftover-prone file, as its name records it (:func:`writer_alive` reads it)."""
+    return f"{os.getpid() if pid is None else pid}.{machine_id()}"
+
+
+def writer_alive(writer: str) -> bool | None:
+    """Whether the writer a name records (:func:`writer_id`, or a bare process id from older versions) may
+    still run: on another host, always (its processes cannot be seen from here, so they are never judged dead);
+    on this host before its last reboot, never; else while its process runs (:func:`held_by_another_process`).
+    None when ``writer`` names no writer."""
+    pid_text, _, machine = writer.partition(".")
+    if not pid_text.isdigit() or (machine and len(machine) != 16):
+        return None
+    if machine and machine[:8] != machine_id()[:8]:
+        return True
+    if machine and machine[8:] != machine_id()[8:]:
+        return False
+    return held_by_another_process(int(pid_text))
 
 
 def held_by_another_process(pid: int) -> bool:

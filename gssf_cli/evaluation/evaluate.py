@@ -33,6 +33,7 @@ import numpy as np
 from gssf_cli import __version__
 from gssf_cli.core import metrics as registry
 from gssf_cli.core.errors import DivergedError, UserInputError, first_line
+from gssf_cli.core.files import writer_id
 from gssf_cli.core.stage_configs import EvaluateConfig
 from gssf_cli.data.manifest import split_classes
 
@@ -535,7 +536,7 @@ def results_document(result: EvaluateResult, now: datetime.datetime | None = Non
 def write_results(path: Path, document: Mapping[str, Any]) -> None:
     """Write ``document`` as JSON at ``path`` atomically: into a temporary file in the same folder, then one
     rename, so that a reader never sees half a file and a failure leaves no file (and an earlier one as it was)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.name}.tmp-{writer_id()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(document, indent=2, default=str) + "\n")

@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from gssf_cli.core.config import default_of
 from gssf_cli.core.errors import UserInputError, first_line
-from gssf_cli.core.files import STALE_AFTER_S, held_by_another_process
+from gssf_cli.core.files import STALE_AFTER_S, writer_alive, writer_id
 from gssf_cli.core.stage_configs import TrainConfig
 
 LAST = "checkpoint"
@@ -270,7 +270,7 @@ class _Leftover:
 
 
 def _leftover_name(name: str, kind: str) -> str:
-    return f".{name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f".{name}.{kind}-{writer_id()}-{uuid.uuid4().hex[:8]}"
 
 
 def _leftovers(target: Path) -> list[_Leftover]:
@@ -284,11 +284,11 @@ def _leftovers(target: Path) -> list[_Leftover]:
             prefix = f".{target.name}.{kind}-"
             if not entry.name.startswith(prefix):
                 continue
-            pid_text, _, tag = entry.name[len(prefix) :].rpartition("-")
-            if pid_text.isdigit() and tag:
-                live = held_by_another_process(int(pid_text))
-                found.append(_Leftover(entry, kind, live, stale=not live))
-            elif not pid_text and tag:
+            writer, _, tag = entry.name[len(prefix) :].rpartition("-")
+            alive = writer_alive(writer)
+            if alive is not None and tag:
+                found.append(_Leftover(entry, kind, alive, stale=not alive))
+            elif not writer and tag:
                 found.append(_Leftover(entry, kind, live=False, stale=_older_than(entry, STALE_AFTER_S)))
     return found
 

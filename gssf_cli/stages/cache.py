@@ -17,11 +17,13 @@ says why. Nothing it names is ever followed outside those places.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,33 @@ def _resolved(place: Path) -> Path:
 
 def _inside(path: Path, places: list[Path]) -> bool:
     return any(path.is_relative_to(place) for place in places)
+
+
+@contextlib.contextmanager
+def pipeline_lock(name: str, folder: Path = CACHE_DIR) -> Iterator[None]:
+    """Hold ``NAME.lock`` beside the cache for a whole ``gssf run`` of pipeline ``name``, or refuse in one line
+    when another process holds it. Why: two runs of one pipeline in one folder write the same outputs
+    (``exports/NAME``...), and the later one's runs would record a bundle the earlier one wrote. The OS drops the
+    lock when its process dies, however it dies; the empty file stays."""
+    if sys.platform == "win32":
+        yield
+        return
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.lock"
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserInputError(
+                f"pipeline {name} is already running in this folder (another process holds {path}): wait for it "
+                "to end, then run it again"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class Cache:

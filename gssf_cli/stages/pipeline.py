@@ -21,6 +21,7 @@ what would run and why without running anything.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -85,6 +86,18 @@ def run(
     if not isinstance(pipeline, PipelineConfig):
         pipeline = load_pipeline(pipeline)
     check(pipeline)
+    with contextlib.nullcontext() if dry_run else cache.pipeline_lock(pipeline.name):
+        return _run(pipeline, tracker, force, progress, dry_run, notify)
+
+
+def _run(
+    pipeline: PipelineConfig,
+    tracker: Tracker,
+    force: bool,
+    progress: Progress | None,
+    dry_run: bool,
+    notify: Callable[[str], None] | None,
+) -> PipelineResult:
     cached = cache.Cache(pipeline.name, allowed=steps.written_places(pipeline))
     ctx = _Context(tracker, pipeline, cached, force, dry_run, progress, notify or (lambda line: None))
     started = time.perf_counter()
@@ -261,8 +274,14 @@ def _train(ctx: _Context, name: str = "train", config: Any = None) -> StageOutco
     inputs = {"dataset": steps.dataset_digest(config.data), "prepare": ctx.links.prepare_run}
     after = ("prepare", "tune") if name == "train_best" else ("prepare",)
 
+    key = cache.key(name, to_dict(config), inputs)
+
     def work() -> tuple[str | None, dict[str, Any], list[Path]]:
-        result = train.run(config, ctx.tracker, ctx.parent_run_id, progress=ctx.progress)
+        interrupted = _interrupted_train(ctx, key, config.runs_dir)
+        if interrupted is not None:
+            ctx.notify(f"{name}: resumes its interrupted run {interrupted} from its checkpoint")
+        result = train.run(config, ctx.tracker, ctx.parent_run_id, progress=ctx.progress, resume=interrupted,
+                           tags={STEP_KEY_TAG: key})  # fmt: skip
         metric = result.validation_metric
         on = steps.split_label_of(config.data, config.val_split)
         summary = {"on": on, "best_epoch": result.best_epoch, metric: result.metrics.get(f"val_{metric}")}
@@ -273,6 +292,25 @@ def _train(ctx: _Context, name: str = "train", config: Any = None) -> StageOutco
     if name == "train":
         ctx.baseline = ctx.links
     return outcome
+
+
+def _interrupted_train(ctx: _Context, key: str, runs_dir: Path) -> str | None:
+    """A train run this step started with these settings and inputs (its key, tagged from the run's creation)
+    that a kill ended — RUNNING with its process gone (this pipeline holds the folder's lock, so no live run of
+    it exists) or KILLED — and that its runs folder can resume; the newest, or None. A FAILED run is not
+    resumed: it would fail again."""
+    from gssf_cli.modeling import checkpoint as ckpt
+
+    found = ctx.tracker.client.search_runs(
+        [ctx.tracker.experiment_id], f"tags.`{STEP_KEY_TAG}` = '{key}'", order_by=["attributes.start_time DESC"]
+    )
+    for run in found:
+        folder = runs_dir / run.info.run_id
+        if run.info.status in ("RUNNING", "KILLED") and (
+            (folder / ckpt.LAST).exists() or ckpt.read_run_config(folder) is not None
+        ):
+            return str(run.info.run_id)
+    return None
 
 
 def _evaluate(ctx: _Context, name: str = "evaluate") -> StageOutcome:

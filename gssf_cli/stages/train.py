@@ -72,10 +72,12 @@ def run(
     parent_run_id: str | None = None,
     resume: str | None = None,
     progress: Progress | None = None,
+    tags: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train per ``config``; with ``resume`` (a run id), continue that run from its last checkpoint.
 
-    Without a tracker the run folder gets a random id (a plain, untracked training).
+    Without a tracker the run folder gets a random id (a plain, untracked training). ``tags`` go on a new run from
+    its creation (a pipeline's step key, so that a killed step can be found and resumed).
     """
     import uuid
 
@@ -103,7 +105,7 @@ def run(
                     run_name=f"train-{config.model_label()}",
                     parent_run_id=parent_run_id,
                     resume_run_id=resume,
-                    tags={STARTED_TAG: started} if len(started) <= STARTED_TAG_MOST else None,
+                    tags=(tags or {}) | ({STARTED_TAG: started} if len(started) <= STARTED_TAG_MOST else {}),
                 )
             )
         run_id = tracked.run_id if tracked is not None else (resume or uuid.uuid4().hex)

@@ -42,6 +42,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from gssf_cli import __version__  # noqa: E402
 from gssf_cli.core.config import dump_toml  # noqa: E402
 from gssf_cli.core.errors import RunInterrupted, UserInputError, first_line  # noqa: E402
+from gssf_cli.core.files import writer_alive, writer_id  # noqa: E402
 from gssf_cli.tracking.store import FIX_URI, check_store, resolve_tracking_uri, sqlite_path, store_lock  # noqa: E402
 from gssf_cli.tracking.tags import (  # noqa: E402
     CLASSIC_ML,
@@ -90,6 +91,13 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+WRITER_TAG = "gssf.writer"
+"""On every run gssf opens (or reopens): the process that writes it, as host, boot and process id
+(:func:`gssf_cli.core.files.writer_id`). A RUNNING run whose writer is gone was killed: the next command that opens
+a run in the store marks it so (:meth:`Tracker.end_dead_runs`)."""
+DEAD_REASON_TAG = "gssf.ended_by"
+
+
 def run_tags(stage: str, parent_run_id: str | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """What every gssf run carries: its stage, the gssf version, the git commit, and its parent if any."""
     tags = {
@@ -98,6 +106,7 @@ def run_tags(stage: str, parent_run_id: str | None = None, extra: Mapping[str, s
         "gssf.version": __version__,
         "mlflow.source.name": f"gssf {stage}",
         "mlflow.source.type": "LOCAL",
+        WRITER_TAG: writer_id(),
     }
     commit = git_commit()
     if commit:
@@ -130,6 +139,7 @@ class Tracker:
         self.experiment_chosen = experiment is not None or "MLFLOW_EXPERIMENT_NAME" in os.environ
         check_store(self.tracking_uri)
         self._experiment_id: str | None = None
+        self._swept = False
         if self.store_exists():
             self.client  # noqa: B018 -- a store that exists is opened (and checked) now; a new one at first use
 
@@ -197,9 +207,11 @@ class Tracker:
     ) -> Iterator[StageRun]:
         """Open a run for ``stage`` (or reopen ``resume_run_id``); it ends FINISHED, FAILED on an
         exception or when the stage called :meth:`StageRun.mark_failed`, or KILLED on Ctrl-C."""
+        self.end_dead_runs()
         if resume_run_id is not None:
             check_resumable(self.get_run(resume_run_id))
             self.client.update_run(resume_run_id, status="RUNNING")
+            self.client.set_tag(resume_run_id, WRITER_TAG, writer_id())
             yield from self._close_on_exit(StageRun(self.client, resume_run_id), stage)
             return
         handle = self.open_run(stage, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
@@ -216,6 +228,7 @@ class Tracker:
     ) -> StageRun:
         """Create a RUNNING run named ``<run_name or stage>-<short id>``; the caller ends it with :meth:`end_run`
         (a tune's trial runs live across callbacks, so no context manager can hold them)."""
+        self.end_dead_runs()
         all_tags = run_tags(stage, parent_run_id, tags)
         base = run_name or stage
         run = self.client.create_run(self.experiment_id, start_time=start_time_ms, tags=all_tags, run_name=base)
@@ -237,7 +250,25 @@ class Tracker:
     def reopen_run(self, run_id: str) -> StageRun:
         """Mark an ended run RUNNING again (a resumed tune's unfinished trials) and return a handle to it."""
         self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, WRITER_TAG, writer_id())
         return StageRun(self.client, run_id)
+
+    def end_dead_runs(self) -> list[str]:
+        """Mark KILLED every RUNNING run of the store whose writer (:data:`WRITER_TAG`) is gone — a driver,
+        pipeline or trial killed so hard that it could not end its run — and return their ids. Runs of writers on
+        other hosts are never judged dead; runs without the tag (not gssf's, or older) are left alone. Done once
+        per tracker, before it opens a run."""
+        if self._swept:
+            return []
+        self._swept = True
+        ended = []
+        for run in self.client.search_runs(self._experiment_ids(), "attributes.status = 'RUNNING'", max_results=1000):
+            writer = run.data.tags.get(WRITER_TAG)
+            if writer is not None and writer_alive(writer) is False:
+                self.client.set_tag(run.info.run_id, DEAD_REASON_TAG, "its process was gone when a later command ran")
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                ended.append(run.info.run_id)
+        return ended
 
     def _close_on_exit(self, handle: StageRun, stage: str) -> Iterator[StageRun]:
         try:

@@ -331,10 +331,34 @@ def test_leftovers_named_by_older_versions_are_recovered(tiny_syn: Path, workdir
 
 
 def test_a_run_without_checkpoint_or_config_cannot_resume(tiny_syn: Path, workdir: Path) -> None:
+    """Neither a checkpoint, nor ``config.json``, nor the config the run recorded at its creation (an older
+    run): nothing says how it started."""
+    from gssf_cli.stages.train import STARTED_TAG
+
     run_id = _killed_run(KILL_POINTS["validation of epoch 1"].arm, tiny_syn)
     (workdir / "runs" / run_id / ckpt.RUN_CONFIG).unlink()
+    Tracker().client.delete_tag(run_id, STARTED_TAG)
     result = _cli("train", "--resume", run_id)
     assert result.exit_code == 2 and "has no local checkpoint" in result.stderr
+
+
+def test_the_next_command_ends_a_killed_writers_run_killed(tiny_syn: Path, workdir: Path) -> None:
+    """A SIGKILLed train leaves its run RUNNING; the next command that opens a run in the store marks it KILLED
+    (and says why in a tag), while a RUNNING run of a writer on another host stays as it is. It still resumes."""
+    from gssf_cli.core.files import machine_id
+    from gssf_cli.tracking.adapter import DEAD_REASON_TAG, WRITER_TAG
+    from tests.conftest import tiny_synthetic_args
+
+    run_id = _killed_run(KILL_POINTS["validation of epoch 1"].arm, tiny_syn)
+    client = Tracker().client
+    elsewhere = "".join("1" if c == "0" else "0" for c in machine_id()[:8]) + machine_id()[8:]
+    other = client.create_run(client.get_run(run_id).info.experiment_id, tags={WRITER_TAG: f"1.{elsewhere}"})
+    assert _cli(*tiny_synthetic_args("data/next")).exit_code == 0
+    killed = client.get_run(run_id)
+    assert killed.info.status == "KILLED" and DEAD_REASON_TAG in killed.data.tags
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"
+    assert _cli("train", "--resume", run_id).exit_code == 0
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typer.testing import Result
 
 from tests.unit.stages.test_cache import CHAIN
@@ -82,3 +83,58 @@ def test_a_damaged_cache_is_named_treated_as_absent_and_never_followed_outside(g
     assert refused.exit_code == 2 and refused.stderr.strip().splitlines() == [
         "gssf: error: .gssf/pipelines/chain.json is not a file: the pipeline cache cannot be written there; remove it"
     ]
+
+
+def test_a_second_run_of_a_pipeline_in_its_folder_is_refused_while_the_first_holds_it(
+    gssf: Gssf, workdir: Path
+) -> None:
+    """Two ``gssf run`` of one pipeline in one folder used to both succeed, the second recording a bundle the
+    first wrote. While one runs (its lock held, here by this process), another is refused in one line and
+    opens no run; a dry run, which writes nothing, still answers."""
+    from gssf_cli.stages.cache import pipeline_lock
+    from gssf_cli.tracking.adapter import Tracker
+
+    (workdir / "chain.toml").write_text(CHAIN)
+    with pipeline_lock("chain"):
+        refused = gssf("run", "chain.toml")
+        assert refused.exit_code == 2
+        assert refused.stderr.strip().splitlines() == [
+            "gssf: error: pipeline chain is already running in this folder (another process holds "
+            ".gssf/pipelines/chain.lock): wait for it to end, then run it again"
+        ]
+        assert gssf("run", "chain.toml", "--dry-run").exit_code == 0
+    assert not Tracker().store_exists()
+
+
+def test_a_pipeline_killed_in_training_resumes_that_run_from_its_checkpoint(
+    gssf: Gssf, workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``gssf run`` killed in its train step's second epoch used to train again from scratch; run again, it
+    resumes the killed run (the same run id) from its first epoch's checkpoint and finishes it."""
+    from gssf_cli.tracking.adapter import Tracker
+    from gssf_cli.training.loop import Trainer
+    from tests.factories import write_feature_npz
+
+    write_feature_npz(workdir / "src.npz", paired=True, n=40, k=2)
+    (workdir / "chain.toml").write_text(CHAIN.replace("epochs = 1", "epochs = 3"))
+    real = Trainer._train_epoch
+    epochs: list[int] = []
+
+    def train_epoch(self: Trainer, epoch: int) -> dict[str, float]:
+        epochs.append(epoch)
+        if epochs == [1, 2]:
+            raise KeyboardInterrupt
+        return real(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", train_epoch)
+    assert gssf("run", "chain.toml").exit_code != 0
+    client = Tracker().client
+    [killed] = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`gssf.stage` = 'train'")
+    assert killed.info.status == "KILLED"
+    result = gssf("run", "chain.toml", "--json")
+    assert result.exit_code == 0, result.stderr
+    stages = {s["stage"]: s for s in json.loads(result.stdout)["stages"]}
+    assert stages["train"]["run_id"] == killed.info.run_id and stages["train"]["status"] == "ran"
+    assert f"train: resumes its interrupted run {killed.info.run_id} from its checkpoint" in result.stderr
+    assert epochs == [1, 2, 2, 3], "epoch 1 was not trained again"
+    assert client.get_run(killed.info.run_id).info.status == "FINISHED"

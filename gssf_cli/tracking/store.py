@@ -34,6 +34,18 @@ from gssf_cli.core.errors import UserInputError, first_line
 PROBE_CONNECT_TIMEOUT_S = 5.0
 PROBE_HTTP_TIMEOUT_S = 5.0
 STORE_LOCK_TIMEOUT_S = 300.0
+PROBE_API_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
+"""What the probe asks of a server after ``/health``: one page of experiments, the cheapest call that goes
+through MLflow's REST API and its backend store (a proxy or a broken store answers /health all the same)."""
+MLFLOW_HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+"""MLflow's HTTP client settings for gssf's commands, chosen, not inherited: MLflow's defaults (120 s per request,
+7 retries with backoff factor 2) make one call against a server that stopped answering take over ten minutes,
+and a server that fails its API 256 s. With these, a call gives up after at most 3 tries of 20 s plus 1 + 2 s of
+backoff (≈ 63 s); a run then ends FAILED and its local checkpoint resumes it. A variable the user set wins."""
 
 
 FIX_URI = "--tracking-uri / MLFLOW_TRACKING_URI"
@@ -65,6 +77,8 @@ def check_store(uri: str) -> None:
     a SQLite file whose folder is missing or unwritable."""
     scheme = urllib.parse.urlsplit(uri).scheme.lower()
     if scheme in ("http", "https"):
+        for name, value in MLFLOW_HTTP_SETTINGS.items():
+            os.environ.setdefault(name, value)
         probe_server(uri)
         return
     path = sqlite_path(uri)
@@ -123,6 +137,32 @@ def probe_server(uri: str) -> None:
                 f"({_os_reason(reason)}): {fix}"
             ) from None
         # Anything else (a TLS setting mlflow is configured for, a proxy quirk): let mlflow judge.
+        return
+    _probe_api(uri, fix)
+
+
+def _probe_api(uri: str, fix: str) -> None:
+    """The server's REST API must answer (:data:`PROBE_API_PATH`) within ``PROBE_HTTP_TIMEOUT_S`` and not with a
+    server error: one that answers ``/health`` but fails or hangs on its API is refused before any work."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}{PROBE_API_PATH}", timeout=PROBE_HTTP_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise UserInputError(
+                f"tracking server {uri} answers /health but its API fails (HTTP {exc.code}): {fix}"
+            ) from None
+    except http.client.HTTPException as exc:
+        raise UserInputError(
+            f"tracking server {uri} answers /health but not its API ({first_line(exc)}): {fix}"
+        ) from None
+    except OSError as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, (TimeoutError, ConnectionError)):
+            raise UserInputError(
+                f"tracking server {uri} answers /health but not its API within {PROBE_HTTP_TIMEOUT_S:g} s "
+                f"({_os_reason(reason)}): {fix}"
+            ) from None
 
 
 def _os_reason(exc: BaseException) -> str:

@@ -28,7 +28,7 @@ from gssf_cli.cluster.session import (
     short_temp_root,
 )
 from gssf_cli.core.config import to_dict
-from gssf_cli.core.errors import UserInputError
+from gssf_cli.core.errors import UserInputError, WorkerLostError
 from gssf_cli.core.stage_configs import TrainConfig
 
 if TYPE_CHECKING:
@@ -256,5 +256,12 @@ def _worker_error(error: BaseException) -> BaseException:
         cause = getattr(cause, "cause", None) or cause
         if isinstance(cause, UserInputError):
             return UserInputError(str(cause))
+        if any(mark in type(cause).__name__ for mark in LOST_WORKER_ERRORS):
+            return WorkerLostError(f"a training worker was lost ({error_line(cause)})")
         return RuntimeError(f"a training worker failed: {error_line(cause)}")
     return error
+
+
+LOST_WORKER_ERRORS = ("HealthCheck", "ActorDied", "ActorError", "NodeDied", "WorkerCrashed", "ActorUnavailable")
+"""Ray's ways of saying a worker's process or node is gone (``WorkerHealthCheckFailedError``, ``ActorDiedError``,
+``RayActorError``, ...), by the names of their types: a lost worker, not a failure of the training code."""

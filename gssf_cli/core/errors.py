@@ -26,6 +26,12 @@ class CheckFailedError(RuntimeError):
     """The work ran but failed its own check (e.g. a parity gate): exit code 1."""
 
 
+class WorkerLostError(CheckFailedError):
+    """A data-parallel training lost a worker (its process or node died, or stopped answering health checks): not
+    a bug, and not the user's input. One line (exit 1) that says so and, once the run is known, how to continue it
+    from its last checkpoint."""
+
+
 RESUME_COMMANDS = {"train": "gssf train --resume {run_id}", "tune": "gssf tune --resume {run_id}"}
 """The command that continues an interrupted run of each stage that can continue one."""
 

@@ -40,17 +40,17 @@ def load_trained(tracker: Tracker, run_ref: str, data: Path | None = None) -> tu
     runs_dir = Path(run_.data.params.get("train.runs_dir", default_of(TrainConfig, "runs_dir")))
     folder = runs_dir / run_id / ckpt.BEST
     ckpt.recover(folder)
-    if not folder.is_dir():
-        try:
-            folder = Path(tempfile.mkdtemp(prefix="gssf-ckpt-")) / ckpt.BEST
-            tracker.run_handle(run_id).download_artifacts("checkpoint", folder.parent)
-            (folder.parent / "checkpoint").rename(folder)
-        except Exception:
-            raise UserInputError(
-                f"run {run_id} has no checkpoint (not in {runs_dir / run_id} nor as an artifact)"
-            ) from None
-    saved = ckpt.load(folder)
-    ckpt.check_state(saved.state, folder / ckpt.STATE, ("config", "dataset_sha256"))
+    with tempfile.TemporaryDirectory(prefix="gssf-ckpt-") as downloaded:  # the run's copy, when best/ is gone
+        if not folder.is_dir():
+            try:
+                tracker.run_handle(run_id).download_artifacts("checkpoint", Path(downloaded))
+                folder = (Path(downloaded) / "checkpoint").rename(Path(downloaded) / ckpt.BEST)
+            except Exception:
+                raise UserInputError(
+                    f"run {run_id} has no checkpoint (not in {runs_dir / run_id} nor as an artifact)"
+                ) from None
+        saved = ckpt.load(folder)
+        ckpt.check_state(saved.state, folder / ckpt.STATE, ("config", "dataset_sha256"))
     values = dict(saved.state["config"])
     if data is not None:
         values["data"] = str(data)

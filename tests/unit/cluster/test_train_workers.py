@@ -63,3 +63,19 @@ def test_a_failed_training_worker_is_reported_by_its_own_error() -> None:
     assert str(error) == "a training worker failed: RuntimeError: CUDA out of memory"
     other = ValueError("no workers")
     assert _worker_error(other) is other
+
+
+def test_a_lost_training_worker_is_not_an_internal_error() -> None:
+    """A worker whose process or node died (Ray's health check fails) used to be reported as an internal error;
+    it is a :class:`WorkerLostError` (one line, exit 1), which the train stage completes with the resume command."""
+    from ray.train import WorkerGroupError
+
+    from gssf_cli.cluster.train_workers import _worker_error
+    from gssf_cli.core.errors import WorkerLostError
+
+    class WorkerHealthCheckFailedError(RuntimeError):
+        pass
+
+    error = _worker_error(WorkerGroupError("failed", {1: WorkerHealthCheckFailedError("worker 1 missed 3 polls")}))
+    assert isinstance(error, WorkerLostError)
+    assert str(error) == "a training worker was lost (WorkerHealthCheckFailedError: worker 1 missed 3 polls)"

@@ -543,6 +543,32 @@ def search(
     tables.print_search(result.to_json(), json_output)
 
 
+@app.command("ui", cls=Command)
+def ui(
+    ctx: typer.Context,
+    host: Annotated[
+        str, typer.Option("--host", help="Interface to serve on (loopback: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 5000,
+) -> None:
+    """Serve the MLflow UI of this store (mlflow ui --app-name gssf), opening in Model training.
+
+    The store is created or upgraded first under gssf's lock (mlflow.db.lock), so gssf commands started beside it
+    never race it on a fresh store; then MLflow's own server takes over this process (Ctrl-C stops it).
+    """
+
+    def work() -> list[str]:
+        from gssf_cli.tracking.store import ui_command
+
+        tracker = ctx.obj.tracker()
+        command = ui_command(tracker.tracking_uri, host, port)
+        _ = tracker.experiment_id
+        return command
+
+    command = guarded(ctx, work)
+    os.execv(command[0], command)
+
+
 @app.command("run", cls=Command)
 def run_pipeline(
     ctx: typer.Context,

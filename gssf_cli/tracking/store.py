@@ -72,6 +72,17 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(raw).absolute()
 
 
+def ui_command(uri: str, host: str, port: int) -> list[str]:
+    """The ``mlflow ui`` command line that serves the local store ``uri`` with gssf's app (the UI opening in
+    Model training; :mod:`gssf_cli.tracking.ui_app`) on ``host:port``. A server URI is refused: it has its UI."""
+    if urllib.parse.urlsplit(uri).scheme.lower() in ("http", "https"):
+        raise UserInputError(f"tracking store {uri} is a server, with its own UI: open {uri} in a browser")
+    if not 0 < port < 65536:
+        raise UserInputError(f"--port {port}: must be between 1 and 65535")
+    return [sys.executable, "-m", "mlflow", "ui", "--app-name", "gssf", "--backend-store-uri", uri,
+            "--host", host, "--port", str(port)]  # fmt: skip
+
+
 def check_store(uri: str) -> None:
     """Fail in seconds, in one line, on a store that cannot work: an http(s) server that does not answer, or
     a SQLite file whose folder is missing or unwritable."""

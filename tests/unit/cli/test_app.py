@@ -66,11 +66,12 @@ def test_resume_reads_the_saved_config_from_the_runs_dir_in_effect(
     monkeypatch.setattr("gssf_cli.cli.app.GlobalOptions.tracker", lambda self: tracker)
     calls = []
 
-    def saved_config(run_id: str, folder: Path) -> dict[str, Any]:
+    def started_config(given: Any, run_id: str, folder: Path) -> dict[str, Any]:
+        assert given is tracker
         calls.append((run_id, folder))
         raise UserInputError("stopped before training")
 
-    monkeypatch.setitem(sys.modules, "gssf_cli.modeling.checkpoint", types.SimpleNamespace(saved_config=saved_config))
+    monkeypatch.setattr("gssf_cli.stages.train.started_config", started_config)
     Path("t.toml").write_text(toml)
     result = gssf("train", "--resume", "latest", "--config", "t.toml", *args)
     assert result.exit_code == 2 and "stopped before training" in result.stderr

@@ -59,6 +59,58 @@ def _loopback_only() -> None:
         constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
 
 
+WRITER_FILE = ".gssf-writer"
+"""Inside each temporary folder gssf makes for Ray (``gssf-ray-*``, ``gssf-train-*``): the writer that made it
+(:func:`gssf_cli.core.files.writer_id`), so that a later command can tell a killed driver's folder from a live one."""
+TEMP_PREFIXES = ("gssf-ray-", "gssf-train-")
+
+
+def ray_temp_folder(prefix: str) -> str:
+    """A new temporary folder for Ray (``prefix`` one of :data:`TEMP_PREFIXES`), marked with its writer, after
+    sweeping away those of killed drivers (:func:`sweep_dead_temp_folders`)."""
+    from gssf_cli.core.files import writer_id
+
+    root = short_temp_root()
+    sweep_dead_temp_folders(root)
+    folder = tempfile.mkdtemp(prefix=prefix, dir=root)
+    Path(folder, WRITER_FILE).write_text(writer_id())
+    return folder
+
+
+def sweep_dead_temp_folders(root: str) -> list[str]:
+    """Remove the Ray folders under ``root`` whose writer is gone (a driver killed with SIGKILL cannot clean up),
+    and stop the processes still running from them (Ray's agents outlive a killed driver: their command lines
+    name the session folder). Folders of live writers, of other hosts, or without a writer file are left."""
+    from gssf_cli.core.files import writer_alive, writer_id
+
+    removed, mine = [], writer_id()
+    for prefix in TEMP_PREFIXES:
+        for folder in Path(root).glob(f"{prefix}*"):
+            try:
+                writer = (folder / WRITER_FILE).read_text().strip()
+            except OSError:
+                continue
+            if writer != mine and writer_alive(writer) is False:
+                _stop_processes_of(str(folder))
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(str(folder))
+    return removed
+
+
+def _stop_processes_of(folder: str) -> None:
+    """SIGKILL this user's processes whose command line names ``folder`` (Linux ``/proc``; elsewhere nothing)."""
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if entry.stat().st_uid != os.getuid() or int(entry.name) == os.getpid():
+                continue
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if folder in command:
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
 def short_temp_root() -> str:
     """Where Ray's session folder goes: the temporary folder if its path is short enough for Ray's sockets,
     else ``/tmp`` (a long ``TMPDIR`` made ``gssf tune`` fail with "AF_UNIX path too long")."""
@@ -182,7 +234,7 @@ def ray_session(address: str | None) -> Iterator[list[float]]:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
         else:
-            temp_dir = tempfile.mkdtemp(prefix="gssf-ray-", dir=short_temp_root())
+            temp_dir = ray_temp_folder("gssf-ray-")
             ray.init(
                 num_cpus=os.cpu_count() or 1,
                 include_dashboard=False,

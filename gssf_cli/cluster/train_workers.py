@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -25,7 +24,7 @@ from gssf_cli.cluster.session import (
     quiet_ray_logs,
     ray_environment,
     ray_session,
-    short_temp_root,
+    ray_temp_folder,
 )
 from gssf_cli.core.config import to_dict
 from gssf_cli.core.errors import UserInputError, WorkerLostError
@@ -189,7 +188,7 @@ def _scratch() -> Iterator[tuple[str, Any]]:
     gone afterwards, whatever happened."""
     from ray.util.queue import Queue
 
-    storage = tempfile.mkdtemp(prefix="gssf-train-", dir=short_temp_root())
+    storage = ray_temp_folder("gssf-train-")
     try:
         queue = Queue(actor_options={"num_cpus": 0})
         try:

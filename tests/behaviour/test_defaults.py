@@ -1,5 +1,6 @@
-"""The defaults train: ``gssf train`` given only ``--data``, ``--metric`` and ``--epochs`` lands within 5 % of a
-plain reference dual encoder on real data it was never tuned on, for a short and a long budget.
+"""The defaults train: ``gssf train`` given only ``--data``, ``--epochs`` and the issue's head and size (``--metric
+cosine --embed-dim 64``) lands within 5 % of a plain reference dual encoder on real data it was never tuned on, for
+a short and a long budget (20 and 60 epochs).
 
 The data: scikit-learn's bundled handwritten digits (1,797 real 8×8 scans) as a two-view retrieval problem —
 the top half of each digit (32 pixels) is the "image", the bottom half the "text", and each half must find its
@@ -116,9 +117,14 @@ def auto_lr_of(data: Path, epochs: int) -> float:
     return limits.auto_lr(budget_steps(TrainConfig(data=data, epochs=epochs), Dataset(data).manifest))
 
 
-@pytest.mark.parametrize("epochs", [20, 60])
-def test_defaults_reach_the_reference_dual_encoder(gssf: Gssf, halves: Path, epochs: int) -> None:
-    (ours, lr), reference = gssf_rsum(gssf, halves, epochs), cached_reference_rsum(halves, epochs)
+SMALL = ("--metric", "cosine", "--embed-dim", "64")
+"""The issue's setting: a cosine head at D = 64, every other setting default."""
+
+
+def test_defaults_reach_the_reference_dual_encoder(gssf: Gssf, halves: Path) -> None:
+    """60 epochs (600 optimizer steps); the 20-epoch budget is the next test's."""
+    epochs = 60
+    (ours, lr), reference = gssf_rsum(gssf, halves, epochs, *SMALL), cached_reference_rsum(halves, epochs)
     assert ours >= WITHIN * reference, f"gssf defaults {ours:.1f} vs reference {reference:.1f} test rSum"
     assert lr == pytest.approx(auto_lr_of(halves, epochs)) and lr > limits.AUTO_LR, "the run records the rate it used"
 
@@ -126,8 +132,7 @@ def test_defaults_reach_the_reference_dual_encoder(gssf: Gssf, halves: Path, epo
 def test_on_a_small_budget_the_rule_beats_the_paper_rate(gssf: Gssf, halves: Path) -> None:
     """The issue's head and size (cosine, D = 64) for 200 optimizer steps: the rule's 2e-3 against the paper's
     5e-4 (measured 350 against 313 test rSum; the reference 236)."""
-    small = ("--metric", "cosine", "--embed-dim", "64")
-    (ours, lr), (paper, _) = gssf_rsum(gssf, halves, 20, *small), gssf_rsum(gssf, halves, 20, *small, "--lr", "5e-4")
+    (ours, lr), (paper, _) = gssf_rsum(gssf, halves, 20, *SMALL), gssf_rsum(gssf, halves, 20, *SMALL, "--lr", "5e-4")
     reference = cached_reference_rsum(halves, 20)
     assert lr == limits.AUTO_LR_SMALL
     assert ours > paper, f"the rule's rate {ours:.1f} vs the paper's {paper:.1f} test rSum"

@@ -224,6 +224,7 @@ def store_lock(uri: str) -> Iterator[None]:
                 time.sleep(0.05)
         try:
             _refuse_half_migrated(path)
+            _refuse_newer_schema(path)
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
@@ -258,4 +259,37 @@ def _refuse_half_migrated(path: Path) -> None:
             f"table{'s' if len(leftovers) > 1 else ''} {', '.join(leftovers)}): copy the file aside, then restore "
             "a backup or repair it with "
             f"sqlite3 {path} '{repairs}' and `mlflow db upgrade sqlite:///{path}`"
+        )
+
+
+def known_schema_revisions() -> set[str] | None:
+    """The store schema revisions the installed MLflow knows (its alembic migration files, read without importing
+    MLflow), or None where they cannot be found."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlflow")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    versions = Path(next(iter(spec.submodule_search_locations))) / "store" / "db_migrations" / "versions"
+    found = {file.name.split("_", 1)[0] for file in versions.glob("*.py") if not file.name.startswith("_")}
+    return found or None
+
+
+def _refuse_newer_schema(path: Path) -> None:
+    """A store whose schema revision this MLflow does not know was written by a newer MLflow: MLflow itself calls it
+    "out-of-date" and asks for ``mlflow db upgrade``, which cannot help. Say what happened before it is opened."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=20)) as db:
+            rows = db.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.DatabaseError:
+        return  # no schema yet (a new store), or not one MLflow made: MLflow says which
+    known = known_schema_revisions()
+    found = [str(row[0]) for row in rows]
+    if known is not None and found and not set(found) <= known:
+        raise UserInputError(
+            f"tracking store {path} has schema revision {found[0]}, which the installed MLflow does not know: a "
+            "newer MLflow wrote it; upgrade MLflow (pip install -U mlflow), or point "
+            f"{FIX_URI} elsewhere; the file is left as it is"
         )

@@ -155,7 +155,8 @@ class DataParallel:
 
     def _torch_trainer(self, trainer: Trainer, out_dir: Path, resume: Path | None, storage: str, queue: Any) -> Any:
         """Ray Train's ``TorchTrainer`` for ``trainer``'s run: ``config.workers`` workers of ``worker_threads()``
-        CPUs (and a GPU each on CUDA), each running :func:`_train_worker`; no restart on failure."""
+        CPUs (and a GPU each on CUDA), each running :func:`_train_worker`; up to ``config.max_failures`` restarts of
+        the group after a lost worker, each from the run's last checkpoint (:func:`_resume_point`)."""
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -176,7 +177,9 @@ class DataParallel:
                 num_workers=config.workers, use_gpu=self.gpu, resources_per_worker={"CPU": config.worker_threads()}
             ),
             run_config=RunConfig(
-                name=f"gssf-train-{out_dir.name}", storage_path=storage, failure_config=FailureConfig(max_failures=0)
+                name=f"gssf-train-{out_dir.name}",
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=config.max_failures),
             ),
         )
 
@@ -243,9 +246,22 @@ def _train_worker(loop: dict[str, Any]) -> None:
 
         device = get_device()
     progress = _QueueProgress(loop["queue"]) if shard.primary else None
-    resume = None if loop["resume"] is None else Path(loop["resume"])
+    resume = _resume_point(loop)
     trainer = Trainer(config, Dataset(config.data), resume_from=resume, progress=progress, shard=shard, device=device)
     trainer.fit(Path(loop["out_dir"]))
+
+
+def _resume_point(loop: dict[str, Any]) -> Path | None:
+    """Where a worker starts: the run folder's last checkpoint when there is one — a resumed run's, or the one an
+    earlier attempt of this group wrote before Ray Train restarted it (``--max-failures``) — else the beginning.
+    Every worker reads the same folder and none repairs it (the primary's next save does), so all see the same
+    state and the restarted group continues as one."""
+    from gssf_cli.modeling import checkpoint as ckpt
+
+    last = Path(loop["out_dir"]) / ckpt.LAST
+    if (last / ckpt.STATE).is_file():
+        return last
+    return None if loop["resume"] is None else Path(loop["resume"])
 
 
 def _worker_error(error: BaseException) -> BaseException:

@@ -336,10 +336,21 @@ class TrainConfig:
     address: str | None = setting(
         None, help="Run the workers on a running Ray cluster (HOST:6379 or ray://HOST:10001) instead of a local Ray."
     )
+    max_failures: int = setting(
+        0,
+        help="With --workers: restarts of the worker group, from the last checkpoint, after a lost worker "
+        "(0: the run ends FAILED and --resume continues it).",
+        within=limits.NON_NEGATIVE,
+    )
     val_split: str = setting("dev", help="Split that picks the best epoch.")
     runs_dir: Path = setting(Path("runs"), help="Where run folders (checkpoints) are written.")
 
     def validate(self) -> None:
+        if self.max_failures > 0 and self.workers < 2:
+            raise UserInputError(
+                f"train.max_failures: restarts a group of data-parallel workers; with --workers {self.workers} "
+                "there is none (a single-process run resumes with --resume)"
+            )
         if self.uses_block_size() and self.embeds_to_embed_dim():
             limits.check_block_size(self.metric, self.embed_dim, self.block_size)
         if (self.encoder == "frozen") != (self.encoder_run is not None):

@@ -552,7 +552,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     optimizer.load_state_dict({**state, "param_groups": groups})
 
 
-PLACEMENT = ("workers", "address", "device", "threads")
+PLACEMENT = ("workers", "address", "device", "threads", "max_failures")
 """Settings that say where a run trains, not what it learns: a run may resume with other values (a run trained on a
 GPU resumes on a CPU; the data-parallel step is the single-process one), equal up to float rounding."""
 

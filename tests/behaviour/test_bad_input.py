@@ -751,6 +751,10 @@ CASES: dict[str, tuple[Setup, str]] = {
     "tune: range inf": (_tune_with("--param", "lr=1e-4:inf:log"), "--param lr=1e-4:inf:log: 'inf' is not a finite"),
     "tune: base inf": (_tune_with("--param", "block_size=4,8", "--base", "lr=inf"), "base.lr: must be a finite"),
     "tune: storage below a file": (_tune_storage_below_a_file, "cannot create --storage sf/ray: sf is a file"),
+    "train: max failures without workers": (
+        lambda w: ["train", "--data", str(_dataset(w)), "--max-failures", "1"],
+        "train.max_failures: restarts a group of data-parallel workers; with --workers 1 there is none",
+    ),
     "tune: storage in /proc": (
         lambda w: [*TUNE, "--param", "block_size=4,8", "--storage", "/proc/gssf-ray"] if _dataset(w) else [],
         "tune.storage /proc/gssf-ray: Ray cannot keep its results there",

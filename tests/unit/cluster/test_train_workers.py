@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from gssf_cli.cluster.train_workers import precheck
 from gssf_cli.core.errors import UserInputError
@@ -79,3 +81,21 @@ def test_a_lost_training_worker_is_not_an_internal_error() -> None:
     error = _worker_error(WorkerGroupError("failed", {1: WorkerHealthCheckFailedError("worker 1 missed 3 polls")}))
     assert isinstance(error, WorkerLostError)
     assert str(error) == "a training worker was lost (WorkerHealthCheckFailedError: worker 1 missed 3 polls)"
+
+
+def test_a_restarted_worker_group_continues_from_the_runs_last_checkpoint(tmp_path: Path) -> None:
+    """With ``--max-failures``, Ray Train restarts the group by calling every worker's function again with the
+    same arguments: each then starts from the checkpoint an earlier attempt wrote, and a group that never wrote
+    one starts where the run does (the beginning, or the resumed checkpoint)."""
+    from gssf_cli.cluster.train_workers import DataParallel, _resume_point
+    from gssf_cli.modeling import checkpoint as ckpt
+
+    loop = {"out_dir": str(tmp_path), "resume": None}
+    assert _resume_point(loop) is None
+    assert _resume_point(loop | {"resume": "elsewhere/checkpoint"}) == Path("elsewhere/checkpoint")
+    model = torch.nn.Linear(2, 2)
+    ckpt.save(tmp_path / ckpt.LAST, model, {"epoch": 1}, torch.optim.AdamW(model.parameters()))
+    assert _resume_point(loop) == tmp_path / ckpt.LAST
+    trainer = SimpleNamespace(config=TrainConfig(data=Path("d"), workers=2, max_failures=3), epochs_done=0)
+    built = DataParallel(trainer.config, gpu=False)._torch_trainer(trainer, tmp_path, None, str(tmp_path), None)
+    assert built.run_config.failure_config.max_failures == 3

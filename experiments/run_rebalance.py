@@ -76,11 +76,11 @@ def main() -> None:
                 print(f"{split}: {arm} trained ({len(seeds)} seeds)", flush=True)
         tests = _compare(runs, tracker)
     convergence = _convergence(tracker, runs, epochs)
-    figure = _figure(tracker, runs, len(seeds))
+    figure, lambdas = _figure(tracker, runs, len(seeds))
     minutes = (time.perf_counter() - started) / 60
     block = "\n\n".join(
-        [BEGIN, _table(tests), _verdict(tests), f"![{_FIGURE_ALT}]({FIGURE.as_posix()})", _note(seeds, epochs,
-         convergence, minutes) + "\n" + END]
+        [BEGIN, _table(tests), _verdict(tests), f"![{_FIGURE_ALT}]({FIGURE.as_posix()})", _lambda_line(lambdas),
+         _note(seeds, epochs, convergence, minutes) + "\n" + END]
     )  # fmt: skip
     print(block)
     if args.quick or args.no_readme:
@@ -153,8 +153,9 @@ def _convergence(tracker: Tracker, runs: dict[tuple[str, str], str], epochs: int
 _FIGURE_ALT = "Structure-aware distillation's learned λ and τ per epoch, on each train split"
 
 
-def _figure(tracker: Tracker, runs: dict[tuple[str, str], str], seeds: int) -> Any:
-    """λ and τ of the distilled runs per epoch: a line per train split (mean over seeds, range shaded)."""
+def _figure(tracker: Tracker, runs: dict[tuple[str, str], str], seeds: int) -> tuple[Any, dict[str, float]]:
+    """λ and τ of the distilled runs per epoch: a line per train split (mean over seeds, range shaded); and each
+    split's λ at the last epoch, the mean over its seeds."""
     panels: dict[str, dict[str, list[list[float]]]] = {"λ (distillation weight, learned)": {}, "τ (temperature)": {}}
     for (split, arm), run_id in runs.items():
         if arm != "distilled":
@@ -164,7 +165,19 @@ def _figure(tracker: Tracker, runs: dict[tuple[str, str], str], seeds: int) -> A
                 [m.value for m in sorted(tracker.client.get_metric_history(c.info.run_id, key), key=lambda m: m.step)]
                 for c in tracker.child_runs(run_id)
             ]
-    return plots.epoch_curves(panels, f"Structure-aware distillation's learned scalars, GSSF d = 16, {seeds} seeds")
+    lambdas = {split: float(np.mean([values[-1] for values in seeds_of])) for split, seeds_of in
+               next(iter(panels.values())).items()}  # fmt: skip
+    title = f"Structure-aware distillation's learned scalars, GSSF d = 16, {seeds} seeds"
+    return plots.epoch_curves(panels, title), lambdas
+
+
+def _lambda_line(lambdas: dict[str, float]) -> str:
+    """What the figure shows, in numbers: where λ ended on each train split."""
+    ends = ", ".join(f"{split} {value:.2f}" for split, value in lambdas.items())
+    return (
+        "λ weighs the two teachers' relations (1: the text teacher, bags of words; 0: the image teacher, mean "
+        f"regions) and learns which one the student follows. At the last epoch (mean over seeds): {ends}."
+    )
 
 
 def _cell(row: dict[str, Any], metric: str) -> str:

@@ -77,8 +77,8 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (real MLflow stores; no mocks of the tracked systems)."""
-    _run(session, "pytest", "-m", "not e2e and not cluster", "-n", _workers(), "--dist", "loadfile", *session.posargs,
-         env=QUIET_ENV)  # fmt: skip
+    _run(session, "pytest", "-m", "not e2e and not cluster", "-n", _workers(), "--dist", "loadfile", "--durations=12",
+         *session.posargs, env=QUIET_ENV)  # fmt: skip
 
 
 @nox.session(venv_backend="none")
@@ -88,8 +88,8 @@ def e2e(session: nox.Session) -> None:
     of the end-to-end files instead of a session of their own. Every local Ray that gssf starts has a fresh
     temporary folder of its own, where ``ray.init`` looks for a running cluster, so it never joins the test
     cluster."""
-    _run(session, "pytest", "-m", "e2e or cluster", "-n", _workers(), "--dist", "loadfile", *session.posargs,
-         env=QUIET_ENV)  # fmt: skip
+    _run(session, "pytest", "-m", "e2e or cluster", "-n", _workers(), "--dist", "loadfile", "--durations=12",
+         *session.posargs, env=QUIET_ENV)  # fmt: skip
 
 
 @nox.session(venv_backend="none")

@@ -118,11 +118,17 @@ def main() -> None:
     block = f"{BEGIN}\n{_table(rows)}\n\n{_note(seeds, minutes)}\n{END}"
     print(block)
     if not args.no_readme and not args.quick:
-        text = README.read_text()
-        if BEGIN not in text:
-            sys.exit("README.md has no experiments markers")
-        head, rest = text.split(BEGIN, 1)
-        README.write_text(head + block + rest.split(END, 1)[1])
+        replace_block(README, BEGIN, END, block)
+
+
+def replace_block(readme: Path, begin: str, end: str, block: str) -> None:
+    """Put ``block`` (which starts with ``begin`` and ends with ``end``) in place of the README's text between
+    those markers; a README without them stops the script."""
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        sys.exit(f"{readme.name} has no {begin} / {end} markers")
+    head, rest = text.split(begin, 1)
+    readme.write_text(head + block + rest.split(end, 1)[1])
 
 
 def _prepare(tmp: Path, tracker: Tracker) -> dict[str, Path]:

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from run_experiments import replace_block
 
 from gssf_cli.core.config import resolve
 from gssf_cli.core.stage_configs import CompareConfig, PrepareConfig, TrainConfig
@@ -90,11 +90,7 @@ def main() -> None:
         return
     (ROOT / FIGURE).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(ROOT / FIGURE, dpi=110)
-    text = README.read_text()
-    if BEGIN not in text:
-        sys.exit("README.md has no rebalance markers")
-    head, rest = text.split(BEGIN, 1)
-    README.write_text(head + block + rest.split(END, 1)[1])
+    replace_block(README, BEGIN, END, block)
 
 
 def _prepare(tmp: Path, tracker: Tracker) -> dict[str, Path]:

@@ -131,49 +131,34 @@ def probe_server(uri: str) -> None:
             ) from None
         except OSError as exc:
             raise UserInputError(f"tracking server {uri} is not reachable ({_os_reason(exc)}): {fix}") from None
+    answer = _http_get(f"{uri.rstrip('/')}/health")
+    if answer is None:
+        return  # not a failure gssf can name (a TLS setting mlflow is configured for, a proxy quirk): mlflow judges
+    if answer:
+        raise UserInputError(f"tracking server {uri} {answer.replace('{where}', 'on /health')}: {fix}")
+    answer = _http_get(f"{uri.rstrip('/')}{PROBE_API_PATH}")
+    if answer:  # a server that answers /health but fails or hangs on its API is refused before any work
+        raise UserInputError(
+            f"tracking server {uri} {answer.replace('{where}', 'on its API')} (its /health answers): {fix}"
+        )
+
+
+def _http_get(url: str) -> str | None:
+    """GET ``url`` within ``PROBE_HTTP_TIMEOUT_S``: "" when the server answered (any status below 500: a 401 or
+    404 may be auth or a proxy, and mlflow will say), else what went wrong, as a phrase with ``{where}`` to fill
+    in; None for a failure that is not the server's to judge here."""
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_HTTP_TIMEOUT_S):
-            pass
+        with urllib.request.urlopen(url, timeout=PROBE_HTTP_TIMEOUT_S):
+            return ""
     except urllib.error.HTTPError as exc:
-        # Any HTTP answer below 500 is a live server (a 401 or 404 may be auth or a proxy; mlflow will say).
-        if exc.code >= 500:
-            raise UserInputError(f"tracking server {uri} answers HTTP {exc.code} on /health: {fix}") from None
+        return f"answers HTTP {exc.code} {{where}}" if exc.code >= 500 else ""
     except http.client.HTTPException as exc:
-        raise UserInputError(f"tracking server {uri} does not speak HTTP ({first_line(exc)}): {fix}") from None
+        return f"does not speak HTTP {{where}} ({first_line(exc)})"
     except OSError as exc:  # URLError, timeouts, resets, TLS errors
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         if isinstance(reason, (TimeoutError, ConnectionError)):
-            raise UserInputError(
-                f"tracking server {uri} does not answer HTTP within {PROBE_HTTP_TIMEOUT_S:g} s "
-                f"({_os_reason(reason)}): {fix}"
-            ) from None
-        # Anything else (a TLS setting mlflow is configured for, a proxy quirk): let mlflow judge.
-        return
-    _probe_api(uri, fix)
-
-
-def _probe_api(uri: str, fix: str) -> None:
-    """The server's REST API must answer (:data:`PROBE_API_PATH`) within ``PROBE_HTTP_TIMEOUT_S`` and not with a
-    server error: one that answers ``/health`` but fails or hangs on its API is refused before any work."""
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}{PROBE_API_PATH}", timeout=PROBE_HTTP_TIMEOUT_S):
-            pass
-    except urllib.error.HTTPError as exc:
-        if exc.code >= 500:
-            raise UserInputError(
-                f"tracking server {uri} answers /health but its API fails (HTTP {exc.code}): {fix}"
-            ) from None
-    except http.client.HTTPException as exc:
-        raise UserInputError(
-            f"tracking server {uri} answers /health but not its API ({first_line(exc)}): {fix}"
-        ) from None
-    except OSError as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        if isinstance(reason, (TimeoutError, ConnectionError)):
-            raise UserInputError(
-                f"tracking server {uri} answers /health but not its API within {PROBE_HTTP_TIMEOUT_S:g} s "
-                f"({_os_reason(reason)}): {fix}"
-            ) from None
+            return f"does not answer HTTP {{where}} within {PROBE_HTTP_TIMEOUT_S:g} s ({_os_reason(reason)})"
+        return None
 
 
 def _os_reason(exc: BaseException) -> str:

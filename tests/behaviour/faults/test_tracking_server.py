@@ -59,8 +59,8 @@ def _hangs(handler: http.server.BaseHTTPRequestHandler) -> None:
 @pytest.mark.parametrize(
     ("api", "said"),
     [
-        (_fails, "answers /health but its API fails (HTTP 500)"),
-        (_hangs, f"answers /health but not its API within {PROBE_HTTP_TIMEOUT_S:g} s"),
+        (_fails, "answers HTTP 500 on its API (its /health answers)"),
+        (_hangs, f"does not answer HTTP on its API within {PROBE_HTTP_TIMEOUT_S:g} s (timed out) (its /health"),
     ],
     ids=["fails", "hangs"],
 )

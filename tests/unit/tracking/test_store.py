@@ -78,7 +78,7 @@ def test_server_that_accepts_but_never_answers_fails_fast(monkeypatch: pytest.Mo
         silent.listen(4)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
-        with pytest.raises(UserInputError, match=r"does not answer HTTP within 0.5 s \(timed out\)"):
+        with pytest.raises(UserInputError, match=r"does not answer HTTP on /health within 0.5 s \(timed out\)"):
             Tracker(url)
     assert time.monotonic() - started < 30
 

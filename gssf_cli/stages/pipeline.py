@@ -244,10 +244,10 @@ class _Context:
         run_id = entry.get("run_id")
         if run_id is None:
             return "its cache entry names no run"
-        status = self.tracker.run_status(run_id)
-        if status != "FINISHED":
-            return f"its run {run_id} is {status.lower() if status else 'no longer in the tracking store'}"
-        if self.tracker.client.get_run(run_id).data.tags.get(STEP_KEY_TAG) != key:
+        run = self.tracker.stored_run(run_id)
+        if run is None or run.info.status != "FINISHED":
+            return f"its run {run_id} is {run.info.status.lower() if run else 'no longer in the tracking store'}"
+        if run.data.tags.get(STEP_KEY_TAG) != key:
             return f"its run {run_id} was not made by this step with these settings"
         return None
 

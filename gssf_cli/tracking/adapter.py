@@ -424,13 +424,18 @@ class Tracker:
             self._experiment_id = str(run.info.experiment_id)
             self.experiment_name = self.client.get_experiment(self._experiment_id).name
 
-    def run_status(self, run_id: str) -> str | None:
-        """A run's status (FINISHED, FAILED, ...), or None when the store has no such run (or it is deleted)."""
+    def stored_run(self, run_id: str) -> Run | None:
+        """Run ``run_id`` as the store holds it, or None when it has no such run (or it is deleted)."""
         try:
             run = self.client.get_run(run_id)
         except MlflowException:
             return None
-        return None if run.info.lifecycle_stage == "deleted" else str(run.info.status)
+        return None if run.info.lifecycle_stage == "deleted" else run
+
+    def run_status(self, run_id: str) -> str | None:
+        """A run's status (FINISHED, FAILED, ...), or None when the store has no such run (or it is deleted)."""
+        run = self.stored_run(run_id)
+        return None if run is None else str(run.info.status)
 
     def metric_steps(self, run_id: str, key: str) -> list[int]:
         """The steps at which ``key`` was logged on a run, in order (e.g. the epochs a resumed run already has)."""

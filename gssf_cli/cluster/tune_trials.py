@@ -43,6 +43,16 @@ from gssf_cli.training.tune_plan import TunePlan
 from gssf_cli.training.tune_results import TrialLog, TrialOutcome, describe_values
 
 
+@contextlib.contextmanager
+def connected(address: str | None) -> Iterator[list[float]]:
+    """Ray, started (or the cluster at ``address`` joined) before the caller opens its tracked runs, so that a
+    cluster refusing the connection leaves no run behind; yields Ray's start-up seconds. :func:`run_trials` inside
+    uses this session."""
+    ray_environment(address)
+    with contextlib.redirect_stdout(sys.stderr), ray_session(address) as seconds:
+        yield seconds
+
+
 @dataclass(frozen=True)
 class RayRun:
     """What :func:`run_trials` saw: each trial, Ray's start-up seconds (0 if it was running), and whether

@@ -154,11 +154,11 @@ def _search(
 ) -> TuneResult:
     """Start (or, with ``resume_run_id``, continue) the search on Ray and log it: the part :func:`run` and
     :func:`resume` share once everything is checked."""
-    from gssf_cli.cluster.tune_trials import run_trials
+    from gssf_cli.cluster.tune_trials import connected, run_trials
 
     config, plan = search.config, search.plan
     started = time.perf_counter()
-    with contextlib.ExitStack() as stack:
+    with connected(config.address) as ray_seconds, contextlib.ExitStack() as stack:
         tune_run, trial_runs = _open_runs(stack, search, tracker, parent_run_id, resume_run_id)
         run_id = tune_run.run_id if tune_run is not None else uuid.uuid4().hex
         live = trial_runs if trial_runs is not None and not trial_runs.replay else None
@@ -198,7 +198,7 @@ def _search(
         storage=search.storage,
         seconds=round(seconds, 2),
         trial_seconds=round(sum(o.seconds for o in outcomes), 2),
-        ray_start_seconds=round(ray_run.ray_start_seconds, 2),
+        ray_start_seconds=round(ray_seconds[0] + ray_run.ray_start_seconds, 2),
     )
 
 

@@ -31,7 +31,7 @@ from typer._click import exceptions as click_errors  # no public path to its usa
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from gssf_cli.core.config import parse_int_list
-from gssf_cli.core.errors import CheckFailedError, RunInterrupted, UserInputError
+from gssf_cli.core.errors import CheckFailedError, DiskFullError, RunInterrupted, UserInputError, first_line
 
 T = typing.TypeVar("T")
 FULL_INSTALL_ONLY = frozenset({"torch", "mlflow", "ray", "onnx", "onnxscript", "safetensors", "sklearn", "matplotlib"})
@@ -422,7 +422,13 @@ class Failure:
     hint: str = ""
 
 
-_LABELS = {"usage": "error: ", "input": "error: ", "check_failed": "check failed: ", "internal": "internal error: "}
+_LABELS = {
+    "usage": "error: ",
+    "input": "error: ",
+    "check_failed": "check failed: ",
+    "disk_full": "disk full: ",
+    "internal": "internal error: ",
+}
 
 
 def report(failure: Failure, as_json: bool) -> int:
@@ -594,6 +600,11 @@ def guarded(ctx: typer.Context, work: Callable[[], T]) -> T:
         if debug:
             raise
         failure = Failure("input", str(exc), 2)
+    except DiskFullError as exc:
+        if debug:
+            raise
+        then = "" if "continue it with" in str(exc) else "; free space there, then run the command again"
+        failure = Failure("disk_full", f"{exc}{then}", 1)
     except CheckFailedError as exc:
         if debug:
             raise
@@ -613,8 +624,27 @@ def guarded(ctx: typer.Context, work: Callable[[], T]) -> T:
     except Exception as exc:
         if debug:
             raise
-        failure = internal_failure(exc)
+        failure = _disk_full_failure(exc, getattr(ctx.obj, "tracking_uri", None)) or internal_failure(exc)
     raise typer.Exit(report(failure, bool(ctx.params.get("json_output"))))
+
+
+def _disk_full_failure(exc: BaseException, tracking_uri: str | None) -> Failure | None:
+    """A full filesystem met where no library write named it (:func:`gssf_cli.core.files.writing`): SQLite's
+    store above all, which rolls the failed transaction back, so the store stays as it was."""
+    from gssf_cli.core.files import disk_full_line, is_disk_full
+    from gssf_cli.tracking.store import resolve_tracking_uri, sqlite_path
+
+    if not is_disk_full(exc):
+        return None
+    store = sqlite_path(resolve_tracking_uri(tracking_uri))
+    found = next((e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, OSError) and e.filename), None)
+    if "database or disk is full" in f"{exc} {exc.__cause__} {exc.__context__}".lower() and store is not None:
+        line = disk_full_line(store, "the tracking store kept what it held before (SQLite rolled the write back)")
+    elif isinstance(found, OSError):
+        line = disk_full_line(Path(str(found.filename)), first_line(found))
+    else:
+        line = f"no space left on a filesystem gssf writes to: {first_line(exc)}"
+    return Failure("disk_full", f"{line}; free space there, then run the command again", 1)
 
 
 def install_hint(extra: str) -> str:

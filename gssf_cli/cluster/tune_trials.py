@@ -8,7 +8,8 @@ from its last checkpoint via ``tune.get_checkpoint()``. A trial uses ``--cpus-pe
 workers instead. Trials never open the tracking store: a driver-side
 Tune callback passes each trial's start, epochs and end to a :class:`~gssf_cli.training.tune_results.TrialLog` as they happen
 (the tune stage logs them to MLflow), and prints them as plain progress lines on stderr. An interrupted search
-continues with ``Tuner.restore`` (``run_trials(..., resume=True)``).
+continues with ``Tuner.restore`` (``run_trials(..., resume=True)``); under ASHA, with the decisions
+:mod:`gssf_cli.cluster.durable_asha` kept, which Tune itself does not.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gssf_cli.cluster.durable_asha import REPLAYED, durable_asha
 from gssf_cli.cluster.session import (
     callbacks_run_here,
     error_line,
@@ -119,17 +121,14 @@ def _new_tuner(
 ) -> Any:
     """A Tuner for a new search: ``plan``'s space and scheduler (ASHA or FIFO), results under ``storage/name``."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     scheduler: Any = FIFOScheduler()
     if plan.scheduler == "asha":
-        scheduler = ASHAScheduler(
-            time_attr="training_iteration",
-            max_t=plan.base.epochs,
-            grace_period=min(config.grace_period, plan.base.epochs),
-            reduction_factor=config.reduction_factor,
-        )
+        folder = experiment_path(storage, name) if "://" not in storage else None
+        grace = min(config.grace_period, plan.base.epochs)
+        scheduler = durable_asha(folder, plan.base.epochs, grace, config.reduction_factor)
     return tune.Tuner(
         trainable,
         param_space=_search_space(plan),
@@ -181,7 +180,12 @@ class _Driver:
 
     def result(self, trial: Any, result: Mapping[str, Any]) -> None:
         epoch = result.get("epoch")
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or not math.isfinite(epoch):
+        if (
+            result.get(REPLAYED)
+            or isinstance(epoch, bool)
+            or not isinstance(epoch, (int, float))
+            or not math.isfinite(epoch)
+        ):
             return
         metrics = _result_metrics(result)
         value = metrics.get(self.plan.metric_key)
@@ -191,7 +195,7 @@ class _Driver:
             self._call(self.log.trial_result, str(trial.trial_id), int(epoch), metrics)
 
     def ended(self, trial: Any, error: str | None = None) -> None:
-        epochs = int((trial.last_result or {}).get("training_iteration") or 0)
+        epochs = int((trial.last_result or {}).get("epoch") or 0)
         status = tune_plan.trial_status(error is not None, epochs, self.plan.base.epochs)
         how = {"FAILED": f": {error}", "KILLED": f", stopped early after {epochs} of {self.plan.base.epochs} epochs"}
         self._say(trial, f"{status}{how.get(status, f' after {epochs} epochs')}")
@@ -350,7 +354,7 @@ def _train_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     from gssf_cli.core.config import from_dict
     from gssf_cli.data.dataset import Dataset
     from gssf_cli.modeling import checkpoint as ckpt
-    from gssf_cli.training.loop import Trainer, fit
+    from gssf_cli.training.loop import Trainer
 
     cpus = int(spec["cpus"])
     torch.set_num_threads(cpus)
@@ -377,10 +381,13 @@ def _train_trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
             checkpoint=tune.Checkpoint.from_directory(str(checkpoint_folder.parent)),
         )
 
-    if workers == 1:
-        fit(config, Dataset(config.data), out_dir, resume_from=resume_from, on_epoch_end=report)
-        return
     trainer = Trainer(config, Dataset(config.data), resume_from=resume_from)
+    if trainer.resumed_metrics:
+        # The epoch the checkpoint holds, once more: a scheduler decision lost with a killed driver is made again.
+        tune.report({**trainer.resumed_metrics, "epoch": trainer.epochs_done, "reported_at": time.time(), REPLAYED: 1})
+    if workers == 1:
+        trainer.fit(out_dir, on_epoch_end=report)
+        return
     DataParallel(config, gpu=config.device == "cuda").fit(trainer, out_dir, on_epoch_end=report)
 
 
@@ -389,7 +396,16 @@ def _result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
     Tune's own bookkeeping and the epoch number itself."""
     from ray.tune.result import AUTO_RESULT_KEYS
 
-    skip = {*AUTO_RESULT_KEYS, "done", "trial_id", "epoch", "reported_at", "experiment_tag", "should_checkpoint"}
+    skip = {
+        *AUTO_RESULT_KEYS,
+        "done",
+        "trial_id",
+        "epoch",
+        "reported_at",
+        "experiment_tag",
+        "should_checkpoint",
+        REPLAYED,
+    }
     return {
         str(k): float(v)
         for k, v in result.items()

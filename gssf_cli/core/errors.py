@@ -32,6 +32,12 @@ class WorkerLostError(CheckFailedError):
     from its last checkpoint."""
 
 
+class DiskFullError(CheckFailedError):
+    """A write found its filesystem full: neither a bug nor the user's input, and nothing already written is lost
+    (every write goes to a temporary name first). One line (exit 1) that names the filesystem and what to run
+    once space is freed."""
+
+
 RESUME_COMMANDS = {"train": "gssf train --resume {run_id}", "tune": "gssf tune --resume {run_id}"}
 """The command that continues an interrupted run of each stage that can continue one."""
 

@@ -10,6 +10,7 @@ dead processes (their names carry the process id) before it starts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gssf_cli.core.errors import UserInputError, first_line
+from gssf_cli.core.errors import DiskFullError, UserInputError, first_line
 
 CHUNK_BYTES = 64 * 2**20
 STALE_AFTER_S = 3600.0
@@ -67,12 +68,14 @@ def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
     tag = f"{writer_id()}-{uuid.uuid4().hex[:8]}"
     staging = parent / f".{out.name}.partial-{tag}"
     try:
-        staging.mkdir()
+        with writing(out, "nothing of it was written"):
+            staging.mkdir()
     except OSError as exc:
         _remove_empty(created)
         raise UserInputError(f"cannot write to {parent}: {exc.strerror}; choose another --out") from None
     try:
-        yield staging
+        with writing(out, "nothing of it is left"):
+            yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_empty(created)
@@ -82,6 +85,55 @@ def staged_folder(out: Path, force: bool = False) -> Iterator[Path]:
         out.rename(retired)
     staging.rename(out)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded", "database or disk is full", "os error 28")
+"""How a full filesystem shows in errors that are not an ``OSError`` of their own: safetensors' (``os error 28``),
+SQLite's through SQLAlchemy and MLflow (``database or disk is full``)."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from or during, is a full filesystem (or quota)."""
+    seen: set[int] = set()
+    found: BaseException | None = error
+    while found is not None and id(found) not in seen:
+        seen.add(id(found))
+        if isinstance(found, OSError) and found.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(words in str(found).lower() for words in DISK_FULL_WORDS):
+            return True
+        found = found.__cause__ or found.__context__
+    return False
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the filesystem ``path`` (or its nearest existing ancestor) is on."""
+    found = _nearest_existing(path.expanduser().absolute()) or Path("/")
+    while not os.path.ismount(found) and found != found.parent:
+        found = found.parent
+    return found
+
+
+def disk_full_line(path: Path, what: str) -> str:
+    """One line for a write to ``path`` that found its filesystem full: which filesystem, how much is free now."""
+    free = free_disk(path)
+    left = f" ({format_bytes(free)} free)" if free is not None else ""
+    return f"no space left on {mount_point(path)}{left} writing {path}: {what}"
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str) -> Iterator[None]:
+    """Turn a full filesystem met inside the block, however the writing library words it, into a
+    :class:`DiskFullError` naming the filesystem of ``path``; ``what``: what was (not) written."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        raise DiskFullError(disk_full_line(path, what)) from exc
 
 
 def _clean_dead_staging(out: Path) -> None:

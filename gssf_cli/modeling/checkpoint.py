@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from gssf_cli.core.config import default_of
 from gssf_cli.core.errors import UserInputError, first_line
-from gssf_cli.core.files import STALE_AFTER_S, writer_alive, writer_id
+from gssf_cli.core.files import STALE_AFTER_S, writer_alive, writer_id, writing
 from gssf_cli.core.stage_configs import TrainConfig
 
 LAST = "checkpoint"
@@ -109,6 +109,17 @@ def save(
     generator: torch.Generator | None = None,
 ) -> None:
     """Write a checkpoint folder atomically (replacing an existing one only once the new one is complete)."""
+    with writing(folder, "the checkpoint saved there before stays as it was"):
+        _save(folder, model, state, optimizer, generator)
+
+
+def _save(
+    folder: Path,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None,
+    generator: torch.Generator | None,
+) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     recover(folder)
     tmp = folder.with_name(_leftover_name(folder.name, "tmp"))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gssf_cli.core.config import dump_toml, to_dict
-from gssf_cli.core.errors import RESUME_COMMANDS, WorkerLostError
+from gssf_cli.core.errors import RESUME_COMMANDS, DiskFullError, WorkerLostError
 from gssf_cli.core.stage_configs import TrainConfig
 
 if TYPE_CHECKING:
@@ -123,16 +123,16 @@ def run(
                 tracked.log_metrics(metrics, step=epoch)
 
         out_dir = config.runs_dir / run_id
-        if workers is not None:
-            try:
+        try:
+            if workers is not None:
                 fitted = workers.fit(trainer, out_dir, on_epoch_end=log_epoch, progress=progress)
-            except WorkerLostError as lost:
-                raise WorkerLostError(
-                    f"{lost}: run {run_id} ended FAILED at its last checkpoint; continue it with: "
-                    f"{RESUME_COMMANDS['train'].format(run_id=run_id)}"
-                ) from None
-        else:
-            fitted = trainer.fit(out_dir, on_epoch_end=log_epoch)
+            else:
+                fitted = trainer.fit(out_dir, on_epoch_end=log_epoch)
+        except (WorkerLostError, DiskFullError) as lost:
+            raise type(lost)(
+                f"{lost}; run {run_id} ended FAILED at its last checkpoint; continue it with: "
+                f"{RESUME_COMMANDS['train'].format(run_id=run_id)}"
+            ) from None
         model_id = None
         if tracked is not None:
             _log_end(tracked, fitted, trainer.model)

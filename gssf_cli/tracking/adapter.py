@@ -31,7 +31,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # gssf shows its own progress; with tqdm
 # installed, MLflow's bars would land on stderr around gssf's one-line errors and JSON output
 
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+# MLflow logs every database error with its traceback (a full disk's "database or disk is full" too); gssf reports
+# each in one line, and --debug shows the traceback.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 import mlflow  # noqa: E402

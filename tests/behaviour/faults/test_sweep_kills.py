@@ -1,0 +1,150 @@
+"""``kill -9`` of the ``gssf tune`` driver at a random moment, then ``gssf tune --resume``: the sweep must end as an
+uninterrupted one with the same seeds ends — the same trials, the same metrics for each, the same best
+configuration — with no trial run twice to completion and no MLflow child run duplicated.
+
+Under ASHA (which stops trials on what the others reported) and under FIFO (a grid), one trial at a time, so that
+the uninterrupted sweep is one answer and not one of several orders. The moment of each kill is drawn uniformly
+between the tune run's creation and the uninterrupted sweep's length, from a seed printed on failure. CI kills each
+sweep once; ``GSSF_SWEEP_KILLS=10 nox -s tests -- tests/behaviour/faults/test_sweep_kills.py`` kills it ten times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gssf_cli.tracking.adapter import Tracker
+from tests.unit.stages.tune_helpers import prepare
+
+KILLS = int(os.environ.get("GSSF_SWEEP_KILLS", "1"))
+SWEEPS = {
+    "fifo": ["--param", "block_size=4,8,16", "--scheduler", "fifo"],
+    "asha": ["--param", "lr=0.003,0.00001,0.01,0.000001", "--scheduler", "asha", "--grace-period", "1",
+             "--reduction-factor", "2", "--base", "block_size=8"],
+}  # fmt: skip
+BASE = ["--epochs", "3", "--max-concurrent", "1", "--seed", "5", "--base", "embed_dim=32", "--base", "word_dim=16",
+        "--base", "batch_size=32", "--base", "metric=gssf"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What a finished sweep shows: per trial (keyed by its values), status, epochs and final metric; the best."""
+
+    trials: dict[str, tuple[str, int, float | None]]
+    best: str | None
+    seconds: float
+
+
+def _key(values: dict[str, Any]) -> str:
+    return json.dumps(values, sort_keys=True)
+
+
+def _sweep(result: dict[str, Any]) -> Sweep:
+    trials = {_key(t["values"]): (t["status"], t["epochs"], t["metric"]) for t in result["trials"]}
+    best = _key(result["best"]["values"]) if result["best"] else None
+    return Sweep(trials, best, result["seconds"])
+
+
+def _env(folder: Path) -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "120", "NO_COLOR": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"}
+
+
+def _tune(folder: Path, data: Path, scheduler: str) -> list[str]:
+    return [sys.executable, "-m", "gssf_cli", "tune", "--data", str(data), *SWEEPS[scheduler], *BASE,
+            "--storage", str(folder / "ray"), "--json"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return prepare(tmp_path_factory.mktemp("sweep") / "syn", train_images=300)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Sweep]:
+    found = {}
+    for scheduler in SWEEPS:
+        folder = tmp_path_factory.mktemp(f"uninterrupted-{scheduler}")
+        done = subprocess.run(_tune(folder, data, scheduler), cwd=folder, env=_env(folder), capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        found[scheduler] = _sweep(json.loads(done.stdout))
+    return found
+
+
+def _tune_runs(tracker: Tracker) -> list[Any]:
+    return tracker.client.search_runs([tracker.experiment_id], "tags.`gssf.stage` = 'tune'")
+
+
+def _kill_at(proc: subprocess.Popen[str], tracker: Tracker, delay: float) -> str:
+    """SIGKILL the driver ``delay`` seconds after its tune run appeared; what it had reached by then."""
+    deadline = time.monotonic() + 300
+    while not _tune_runs(tracker) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(delay)
+    if proc.poll() is not None:
+        return "finished before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    return f"killed {delay:.1f} s in"
+
+
+def _trial_epochs(path: Path) -> list[int]:
+    """The epochs a trial reported, in order, across every attempt (Ray appends on restore)."""
+    progress = path / "progress.csv"
+    if not progress.is_file():
+        return []
+    lines = progress.read_text().splitlines()
+    column = lines[0].split(",").index("epoch")
+    return [int(float(line.split(",")[column])) for line in lines[1:] if line.strip()]
+
+
+@pytest.mark.parametrize("scheduler", list(SWEEPS))
+def test_a_killed_sweep_resumes_to_the_uninterrupted_one(
+    scheduler: str, data: Path, uninterrupted: dict[str, Sweep], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    reference = uninterrupted[scheduler]
+    seed = random.randrange(10**6)
+    draw = random.Random(seed)
+    for kill in range(KILLS):
+        folder = tmp_path_factory.mktemp(f"killed-{scheduler}")
+        env, tracker = _env(folder), Tracker(tracking_uri=_env(folder)["MLFLOW_TRACKING_URI"])
+        proc = subprocess.Popen(_tune(folder, data, scheduler), cwd=folder, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            what = _kill_at(proc, tracker, draw.uniform(0.0, reference.seconds))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        where = f"{scheduler}, kill {kill + 1} of {KILLS} (seed {seed}): {what}"
+        (tune_run,) = _tune_runs(tracker)
+        if what.startswith("killed"):
+            resumed = subprocess.run([sys.executable, "-m", "gssf_cli", "tune", "--resume", tune_run.info.run_id,
+                                      "--json"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+            assert resumed.returncode == 0, f"{where}: {resumed.stderr[-2000:]}"
+            result = json.loads(resumed.stdout)
+        else:
+            result = json.loads(proc.stdout.read() if proc.stdout else "{}")
+        assert _sweep(result).trials == reference.trials, where
+        assert _sweep(result).best == reference.best, where
+        (tune_run,) = _tune_runs(tracker)
+        assert tune_run.info.status == "FINISHED", where
+        children = tracker.child_runs(tune_run.info.run_id)
+        assert len(children) == len(reference.trials), f"{where}: a trial run duplicated or missing"
+        assert {c.info.run_id for c in children} == {t["run_id"] for t in result["trials"]}, where
+        for trial, child in zip(sorted(result["trials"], key=lambda t: t["run_id"]),
+                                sorted(children, key=lambda c: c.info.run_id), strict=True):  # fmt: skip
+            assert child.info.status == trial["status"], where
+            steps = [m.step for m in tracker.client.get_metric_history(child.info.run_id, "val_rsum")]
+            assert steps == sorted(set(steps)) and len(steps) == trial["epochs"], f"{where}: epochs logged {steps}"
+            epochs = _trial_epochs(Path(trial["path"]))
+            assert epochs.count(trial["epochs"]) <= 1 or trial["epochs"] == 0, f"{where}: ran to the end twice"

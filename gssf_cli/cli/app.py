@@ -623,4 +623,7 @@ def main() -> None:
 
 def _terminate(signum: int, frame: types.FrameType | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one clean shutdown: a second TERM does not cut it short
+    from gssf_cli.core import stop
+
+    stop.request()  # asked again between batches, should this interrupt land in a finalizer and be dropped
     raise KeyboardInterrupt

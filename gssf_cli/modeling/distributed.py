@@ -46,7 +46,7 @@ class Shard:
 
     @property
     def primary(self) -> bool:
-        """The worker that validates, writes checkpoints and reports: rank 0."""
+        """The worker that writes checkpoints and reports: rank 0 (every worker validates)."""
         return self.rank == 0
 
     def sizes(self, batch: int) -> list[int]:

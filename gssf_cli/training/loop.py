@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from gssf_cli.core import limits
+from gssf_cli.core import limits, stop
 from gssf_cli.core import metrics as registry
 from gssf_cli.core.config import default_of, from_dict, to_dict
 from gssf_cli.core.errors import DivergedError, UserInputError
@@ -307,10 +307,12 @@ class Trainer:
         for epoch in range(first, config.epochs + 1):
             epoch_started = time.perf_counter()
             stats = self._train_epoch(epoch)
+            # Every worker validates (the same split, the same weights), so none waits in the next epoch's first
+            # collective while another validates: the group's timeout never has to cover a validation.
+            val = self._validate()
             if not primary:
                 self.epochs_done = epoch
                 continue
-            val = self._validate()
             history = {**stats, **{f"val_{k}": v for k, v in val.items()}}
             value = val.get(self.metric_name, -stats["loss"])
             if self.metric_name in val:
@@ -372,6 +374,7 @@ class Trainer:
         total_loss, total_struct, seen, started = 0.0, 0.0, 0, time.perf_counter()
         with self._epoch_progress(f"epoch {epoch}/{config.epochs}", len(batches)) as advance:
             for index, pairs in enumerate(batches):
+                stop.raise_if_requested()
                 self._set_lr(lr_at(config, epoch, index / len(batches)))
                 rows = shard.rows(len(pairs))
                 batch = split.training_batch(pairs, generator, rows)

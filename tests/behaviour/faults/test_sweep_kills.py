@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from gssf_cli.cluster.durable_asha import REPLAYED
 from gssf_cli.tracking.adapter import Tracker
 from tests.unit.stages.tune_helpers import prepare
 
@@ -99,13 +100,13 @@ def _kill_at(proc: subprocess.Popen[str], tracker: Tracker, delay: float) -> str
 
 
 def _trial_epochs(path: Path) -> list[int]:
-    """The epochs a trial reported, in order, across every attempt (Ray appends on restore)."""
-    progress = path / "progress.csv"
-    if not progress.is_file():
+    """The epochs a trial trained and reported, in order, across every attempt (Ray appends on restore); not the
+    epoch a restored trial reports again from its checkpoint (:data:`REPLAYED`)."""
+    results = path / "result.json"
+    if not results.is_file():
         return []
-    lines = progress.read_text().splitlines()
-    column = lines[0].split(",").index("epoch")
-    return [int(float(line.split(",")[column])) for line in lines[1:] if line.strip()]
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return [int(row["epoch"]) for row in rows if not row.get(REPLAYED)]
 
 
 @pytest.mark.parametrize("scheduler", list(SWEEPS))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +56,12 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _in_group(rank: int, world: int, port: int, task: Any, args: tuple[Any, ...], out: Path) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _in_group(
+    rank: int, world: int, port: int, task: Any, args: tuple[Any, ...], out: Path, timeout_s: float = 1800.0
+) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+    )
     try:
         torch.set_num_threads(1)
         torch.save(task(Shard.current(), *args), out / f"rank{rank}.pt")
@@ -67,9 +73,12 @@ def _in_group(rank: int, world: int, port: int, task: Any, args: tuple[Any, ...]
     os._exit(0)
 
 
-def _run_group(world: int, task: Any, args: tuple[Any, ...], out: Path) -> list[Any]:
-    """``task(shard, *args)`` in ``world`` processes of a gloo group on loopback; what each returned."""
-    mp.start_processes(_in_group, args=(world, _free_port(), task, args, out), nprocs=world, start_method="spawn")
+def _run_group(world: int, task: Any, args: tuple[Any, ...], out: Path, timeout_s: float = 1800.0) -> list[Any]:
+    """``task(shard, *args)`` in ``world`` processes of a gloo group on loopback (collectives time out after
+    ``timeout_s``); what each returned."""
+    mp.start_processes(
+        _in_group, args=(world, _free_port(), task, args, out, timeout_s), nprocs=world, start_method="spawn"
+    )
     return [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
 
 
@@ -143,3 +152,33 @@ def test_amp_trains_in_bfloat16_on_cpu_close_to_float32(tiny_syn: Path) -> None:
     first, second = full._train_epoch(1)["loss"], mixed._train_epoch(1)["loss"]
     assert second == pytest.approx(first, rel=0.05)
     assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
+
+
+VALIDATION_S = 4.0
+GROUP_TIMEOUT_S = 2.0
+
+
+def _slow_validation_task(shard: Shard, data: Path, out_dir: Path) -> int:
+    """Two epochs in which every validation takes :data:`VALIDATION_S`, longer than the group's timeout."""
+    from gssf_cli.data.dataset import Dataset
+    from gssf_cli.training import loop
+
+    validate = loop.evaluate_model
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(VALIDATION_S)
+        return validate(*args, **kwargs)
+
+    loop.evaluate_model = slow  # type: ignore[assignment]
+    trainer = loop.Trainer(tiny_train_config(data, epochs=2), Dataset(data), shard=shard)  # type: ignore[arg-type]
+    trainer.fit(out_dir)
+    return trainer.epochs_done
+
+
+def test_a_validation_longer_than_the_group_timeout_ends_no_run(tiny_syn: Path, tmp_path: Path) -> None:
+    """Every worker validates, so none waits in the next epoch's first collective while another validates: with
+    only rank 0 validating, rank 1 waited there past the group's timeout and the run ended."""
+    out = tmp_path / "results"
+    out.mkdir()
+    epochs = _run_group(2, _slow_validation_task, (tiny_syn, tmp_path / "run"), out, timeout_s=GROUP_TIMEOUT_S)
+    assert epochs == [2, 2]

@@ -26,6 +26,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from gssf_cli.cli.app import app
+from gssf_cli.cluster.durable_asha import REPLAYED
 from gssf_cli.core.config import resolve
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.core.stage_configs import TrainConfig, TuneConfig
@@ -197,12 +198,13 @@ def test_a_seed_axis_summarises_each_configuration_across_seeds(
 
 
 def _progress_epochs(trial_path: Path) -> list[int]:
-    """The epoch numbers a trial reported to Ray, in order (its ``progress.csv``), however training counts them."""
-    table = trial_path / "progress.csv"
+    """The epoch numbers a trial trained and reported to Ray, in order (its ``result.json``), however training
+    counts them; not the epoch a restored trial reports again from its checkpoint (:data:`REPLAYED`)."""
+    table = trial_path / "result.json"  # every key of every result (progress.csv keeps the first one's columns)
     if not table.exists():  # a trial that failed before its first epoch
         return []
-    rows = list(csv.DictReader(io.StringIO(table.read_text())))
-    return [int(float(row["epoch"])) for row in rows]
+    rows = [json.loads(line) for line in table.read_text().splitlines() if line.strip()]
+    return [int(row["epoch"]) for row in rows if not row.get(REPLAYED)]
 
 
 def _reported_epochs(child: Any) -> list[int]:

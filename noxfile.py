@@ -1,5 +1,5 @@
-"""Developer tasks. `nox` runs the default sessions (lint, typecheck, tests, e2e: which takes in the cluster tests), as
-CI does.
+"""Developer tasks. `nox` runs the default sessions (lint, typecheck, tests: every test, the end-to-end and cluster
+ones included, in one pool of workers), as CI does.
 
 Every session but ``bench`` uses one shared environment (``.nox/shared``): the project with its ``all,dev`` extras is
 installed once (about 2 GB: torch, mlflow, ray, onnx) and reinstalled only when ``pyproject.toml`` changes,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests", "e2e"]
+nox.options.sessions = ["lint", "typecheck", "tests"]
 
 SHARED = Path(".nox") / "shared"
 BENCH = Path(".nox") / "bench"
@@ -74,22 +74,39 @@ def typecheck(session: nox.Session) -> None:
     _run(session, "mypy")
 
 
+POOL = ["--dist", "loadfile", "--no-loadscope-reorder", "--durations=15"]
+"""Whole test files to each worker (files share module-scoped fixtures: a trained run, a finished tune, a cluster),
+in collection order: the longest files first (``tests/conftest.py``), the short ones filling the gaps."""
+
+
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """Unit and integration tests (real MLflow stores; no mocks of the tracked systems)."""
-    _run(session, "pytest", "-m", "not e2e and not cluster", "-n", _workers(), "--dist", "loadfile", "--durations=12",
-         *session.posargs, env=QUIET_ENV)  # fmt: skip
+    """Every test in one pool of workers: unit and integration tests (real MLflow stores; no mocks of the tracked
+    systems), the installed `gssf` end to end on tiny data (the README and docs/ included), the fault tests and the
+    cluster tests (see ``cluster``), which mostly wait for Ray processes to start and so fill the others' gaps. Every
+    local Ray that gssf starts has a fresh temporary folder of its own, where ``ray.init`` looks for a running
+    cluster, so it never joins the test cluster."""
+    _run(session, "pytest", "-n", _workers(), *POOL, *session.posargs, env=QUIET_ENV)
+
+
+@nox.session(venv_backend="none")
+def unit(session: nox.Session) -> None:
+    """The tests that run the library in this process or one `gssf` at a time (no README flow, no cluster)."""
+    _run(session, "pytest", "-m", "not e2e and not cluster", "-n", _workers(), *POOL, *session.posargs, env=QUIET_ENV)
 
 
 @nox.session(venv_backend="none")
 def e2e(session: nox.Session) -> None:
-    """The installed `gssf` command end to end on tiny data, as a user runs it, and the cluster tests (see
-    ``cluster``) in the same pool of workers: those mostly wait for Ray processes to start, so they fill the gaps
-    of the end-to-end files instead of a session of their own. Every local Ray that gssf starts has a fresh
-    temporary folder of its own, where ``ray.init`` looks for a running cluster, so it never joins the test
-    cluster."""
-    _run(session, "pytest", "-m", "e2e or cluster", "-n", _workers(), "--dist", "loadfile", "--durations=12",
-         *session.posargs, env=QUIET_ENV)  # fmt: skip
+    """The installed `gssf` command end to end on tiny data, as a user runs it, and the cluster tests."""
+    _run(session, "pytest", "-m", "e2e or cluster", "-n", _workers(), *POOL, *session.posargs, env=QUIET_ENV)
+
+
+@nox.session(venv_backend="none")
+def faults(session: nox.Session) -> None:
+    """The fault tests with their repetitions raised: ten random ``kill -9`` of a tune driver per scheduler (CI
+    runs one), then the rest of ``tests/behaviour/faults``."""
+    env = {**QUIET_ENV, "GSSF_SWEEP_KILLS": os.environ.get("GSSF_SWEEP_KILLS", "10")}
+    _run(session, "pytest", "tests/behaviour/faults", "-n", _workers(), *POOL, "-s", *session.posargs, env=env)
 
 
 @nox.session(venv_backend="none")
@@ -98,7 +115,7 @@ def cluster(session: nox.Session) -> None:
     --address` across both nodes, and through `ray://`) and Ray Train workers (`gssf train --workers 2`, `gssf tune --workers-per-trial 2`). One test file per xdist worker:
     each file starts a Ray of its own (the cluster's nodes declare 1 CPU each whatever the machine has), and most
     of their time is spent waiting for Ray processes to start, so two files share the cores well."""
-    _run(session, "pytest", "-m", "cluster", "-n", _workers(), "--dist", "loadfile", *session.posargs, env=QUIET_ENV)
+    _run(session, "pytest", "-m", "cluster", "-n", _workers(), *POOL, *session.posargs, env=QUIET_ENV)
 
 
 @nox.session(venv_backend="none")

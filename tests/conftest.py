@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,3 +68,32 @@ def tiny_train_config(data: Path, **overrides: object) -> object:
     values = {"data": data, "metric": "gssf", "block_size": 4, "embed_dim": 16, "word_dim": 8, "batch_size": 16,
               "epochs": 3, "lr": 0.003, "device": "cpu", **overrides}  # fmt: skip
     return from_dict(TrainConfig, values, "train")
+
+
+LONGEST_FILES = (
+    "tests/behaviour/test_readme.py",
+    "tests/behaviour/test_cluster.py",
+    "tests/behaviour/test_cluster_training.py",
+    "tests/unit/stages/test_tune.py",
+    "tests/behaviour/faults/test_sweep_kills.py",
+    "tests/unit/stages/test_evaluate_coco.py",
+    "tests/behaviour/faults/test_concurrency.py",
+    "tests/behaviour/faults/test_pipeline_cache.py",
+    "tests/behaviour/faults/test_kills.py",
+    "tests/behaviour/faults/test_full_disk.py",
+)
+"""Test files that take a minute or more on 2 cores, longest first (measured with ``--durations``). ``nox`` hands
+whole files to its workers in collection order (``--dist loadfile --no-loadscope-reorder``), so these go first and
+the many short files fill the gaps: the run ends when its longest file does, not one long file after the rest."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    root = Path(__file__).resolve().parent.parent
+
+    def order(item: pytest.Item) -> int:
+        with contextlib.suppress(ValueError):
+            return rank.get(str(item.path.relative_to(root)), len(rank))
+        return len(rank)
+
+    items.sort(key=order)  # stable: the order within a file, and of the other files, is kept

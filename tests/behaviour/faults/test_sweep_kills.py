@@ -5,7 +5,7 @@ configuration — with no trial run twice to completion and no MLflow child run 
 Under ASHA (which stops trials on what the others reported) and under FIFO (a grid), one trial at a time, so that
 the uninterrupted sweep is one answer and not one of several orders. The moment of each kill is drawn uniformly
 between the tune run's creation and the uninterrupted sweep's length, from a seed printed on failure. CI kills each
-sweep once; ``GSSF_SWEEP_KILLS=10 nox -s tests -- tests/behaviour/faults/test_sweep_kills.py`` kills it ten times.
+sweep once; ``nox -s faults`` kills it ten times (``GSSF_SWEEP_KILLS``), and prints where each kill landed.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from tests.unit.stages.tune_helpers import prepare
 
 KILLS = int(os.environ.get("GSSF_SWEEP_KILLS", "1"))
 SWEEPS = {
-    "fifo": ["--param", "block_size=4,8,16", "--scheduler", "fifo"],
-    "asha": ["--param", "lr=0.003,0.00001,0.01,0.000001", "--scheduler", "asha", "--grace-period", "1",
+    "fifo": ["--param", "block_size=4,8", "--scheduler", "fifo"],
+    "asha": ["--param", "lr=0.003,0.00001,0.01", "--scheduler", "asha", "--grace-period", "1",
              "--reduction-factor", "2", "--base", "block_size=8"],
 }  # fmt: skip
 BASE = ["--epochs", "3", "--max-concurrent", "1", "--seed", "5", "--base", "embed_dim=32", "--base", "word_dim=16",
@@ -149,3 +149,4 @@ def test_a_killed_sweep_resumes_to_the_uninterrupted_one(
             assert steps == sorted(set(steps)) and len(steps) == trial["epochs"], f"{where}: epochs logged {steps}"
             epochs = _trial_epochs(Path(trial["path"]))
             assert epochs.count(trial["epochs"]) <= 1 or trial["epochs"] == 0, f"{where}: ran to the end twice"
+        print(f"{where}: resumed, {len(children)} of {len(reference.trials)} trials accounted for, as uninterrupted")

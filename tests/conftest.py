@@ -74,6 +74,7 @@ LONGEST_FILES = (
     "tests/behaviour/test_readme.py",
     "tests/behaviour/test_cluster.py",
     "tests/behaviour/test_cluster_training.py",
+    "tests/behaviour/test_cluster_faults.py",
     "tests/unit/stages/test_tune.py",
     "tests/behaviour/faults/test_sweep_kills.py",
     "tests/unit/stages/test_evaluate_coco.py",

@@ -148,6 +148,39 @@ def check_reachable(address: str, timeout: float = 3.0) -> None:
             f"--address {address}: something listens there, but not Ray (no gRPC answer in {timeout:g} s); "
             "give the head node's GCS port (6379 by default) or its Ray Client port (ray://HOST:10001)"
         )
+    if not address.startswith("ray://") and _token_refused(f"{host}:{port}", timeout):
+        sent = "its token" if os.environ.get("RAY_AUTH_MODE") == "token" else "no token (RAY_AUTH_MODE is not token)"
+        raise UserInputError(
+            f"--address {address}: the Ray cluster refused {sent}; set RAY_AUTH_MODE=token and the cluster's token "
+            "in RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+        )
+
+
+def _token_refused(target: str, timeout: float) -> bool:
+    """Whether the GCS at ``target`` refuses this process's token (or its lack of one): one call of its cheapest
+    RPC with the metadata ``ray.init`` would send. Why: ``ray.init`` retries a refused token for about 30 s
+    before it gives up. Ray's token loader and stubs are not public API; where they moved, Ray's own refusal
+    (slower) still comes."""
+    import grpc
+
+    os.environ.update(RAY_ENV)  # before Ray is imported
+    try:
+        from ray._raylet import AuthenticationTokenLoader  # type: ignore[attr-defined]
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:
+        return False
+    loader = AuthenticationTokenLoader.instance()
+    metadata = tuple(loader.get_token_for_http_header().items()) if loader.has_token() else ()
+    channel = grpc.insecure_channel(target)
+    try:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        request = gcs_service_pb2.GetClusterIdRequest()  # type: ignore[attr-defined]
+        stub.GetClusterId(request, timeout=timeout, metadata=metadata)
+    except grpc.RpcError as exc:
+        return bool(exc.code() == grpc.StatusCode.UNAUTHENTICATED)
+    finally:
+        channel.close()
+    return False
 
 
 def _speaks_grpc(target: str, timeout: float) -> bool:

@@ -138,15 +138,23 @@ class DataParallel:
 
             thread = threading.Thread(target=run, name="gssf-ray-train", daemon=True)
             thread.start()
-            while thread.is_alive() or not queue.empty():
-                try:
-                    summary = queue.get(timeout=0.5)
-                except Empty:
-                    continue
-                if progress is not None:
-                    progress.epoch_done(summary)
-                if on_epoch_end is not None:
-                    on_epoch_end(summary.epoch, summary.metrics, out_dir / ckpt.LAST)
+            try:
+                while thread.is_alive() or not queue.empty():
+                    try:
+                        summary = queue.get(timeout=0.5)
+                    except Empty:
+                        continue
+                    if progress is not None:
+                        progress.epoch_done(summary)
+                    if on_epoch_end is not None:
+                        on_epoch_end(summary.epoch, summary.metrics, out_dir / ckpt.LAST)
+            except BaseException:
+                # The driver's side failed (a callback, Ctrl-C): without the queue the primary worker's next epoch
+                # fails, so Ray Train's run ends, and its thread with it, before this raises.
+                with contextlib.suppress(Exception):
+                    queue.shutdown(force=True)
+                thread.join()
+                raise
             thread.join()
         if failure:
             raise _worker_error(failure[0]) from failure[0]  # --debug shows the worker's own traceback

@@ -365,6 +365,29 @@ def test_an_address_where_nothing_listens_fails_in_seconds_with_no_run(
     assert not (tmp_path / "storage").exists()
 
 
+def test_a_refused_token_fails_in_seconds_with_no_run(
+    cluster: Cluster, dataset: tuple[Path, str], tmp_path: Path
+) -> None:
+    """A wrong token, or none: exit 2 with one line that says what to set, not ``ray.init``'s 30 s of retries, and
+    no run opened (the prepare run's store, as above), for a tune and for a data-parallel training alike."""
+    data, store = dataset
+    before = {r.info.run_id for r in _runs(store)}
+    wrong = {**cluster.env, "RAY_AUTH_TOKEN": "0" * 32}
+    unset = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    for env, sent in ((wrong, "its token"), (unset, "no token")):
+        for args in (_tune(data, cluster.address, tmp_path / "storage", store),
+                     _train(data, store, "--workers", "2", "--address", cluster.address)):  # fmt: skip
+            started = time.monotonic()
+            refused = _gssf(args, tmp_path, env, timeout=60)
+            seconds = time.monotonic() - started
+            assert refused.returncode == 2, refused.stderr
+            assert seconds < 10, f"took {seconds:.1f} s"
+            [line] = refused.stderr.strip().splitlines()
+            assert f"the Ray cluster refused {sent}" in line and "RAY_AUTH_TOKEN" in line, line
+    assert {r.info.run_id for r in _runs(store)} == before
+    assert not (tmp_path / "storage").exists()
+
+
 def test_tune_spreads_its_trials_over_both_nodes_and_only_the_driver_logs(
     cluster: Cluster, dataset: tuple[Path, str], tmp_path: Path
 ) -> None:

@@ -99,3 +99,25 @@ def test_a_restarted_worker_group_continues_from_the_runs_last_checkpoint(tmp_pa
     trainer = SimpleNamespace(config=TrainConfig(data=Path("d"), workers=2, max_failures=3), epochs_done=0)
     built = DataParallel(trainer.config, gpu=False)._torch_trainer(trainer, tmp_path, None, str(tmp_path), None)
     assert built.run_config.failure_config.max_failures == 3
+
+
+def test_a_failing_epoch_callback_ends_the_ray_train_run_before_it_raises(tiny_syn: Path, tmp_path: Path) -> None:
+    """The driver's epoch callback fails (a tune trial's report, once Tune stopped the trial): the error reaches the
+    caller, and Ray Train's run, with the thread that drives it, has ended by then — none is left training."""
+    import threading
+
+    from gssf_cli.cluster.train_workers import data_parallel
+    from gssf_cli.data.dataset import Dataset
+    from gssf_cli.training.loop import Trainer
+    from tests.conftest import tiny_train_config
+
+    config = tiny_train_config(tiny_syn, workers=2, epochs=3)
+    assert isinstance(config, TrainConfig)
+
+    def fail(epoch: int, metrics: dict[str, float], folder: Path) -> None:
+        raise RuntimeError(f"the log failed at epoch {epoch}")
+
+    with data_parallel(config) as workers:
+        with pytest.raises(RuntimeError, match="the log failed at epoch 1"):
+            workers.fit(Trainer(config, Dataset(tiny_syn)), tmp_path / "run", on_epoch_end=fail)
+        assert [t for t in threading.enumerate() if t.name == "gssf-ray-train"] == []

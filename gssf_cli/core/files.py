@@ -18,8 +18,9 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,45 @@ def sha256_file(path: Path) -> str:
         while block := fh.read(8 * 2**20):
             digest.update(block)
     return digest.hexdigest()
+
+
+STAMP_FIELDS = ("bytes", "mtime_ns", "ctime_ns", "inode")
+"""What a manifest records of a file beside its sha256 (:func:`file_entry`): while all of it is unchanged, the file
+is the one that was hashed. A write changes ``ctime_ns``, which no tool can set back, so a file changed in place is
+re-hashed (and caught) even if its size and mtime were kept; a copy or a move to another filesystem changes the
+inode, and is re-hashed once per process."""
+
+_VERIFIED: dict[tuple[int, int, int, int, int], str] = {}
+"""The files this process has hashed, by (device, inode, size, mtime, ctime): a long-lived process (a served model,
+a benchmark) checks each file once, not on every open."""
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """A manifest's record of ``path``: its sha256 and its stamp (:data:`STAMP_FIELDS`)."""
+    return {"sha256": sha256_file(path), **_stamp(path.stat())}
+
+
+def matches_entry(path: Path, entry: Mapping[str, Any]) -> bool:
+    """Whether ``path`` holds what a manifest's ``entry`` recorded, hashing it only when needed: not when its stamp
+    is the one recorded (an entry without one, from an older gssf, is always hashed), nor twice in one process."""
+    found = path.stat()
+    if found.st_size != entry.get("bytes"):
+        return False
+    stamp = _stamp(found)
+    if all(entry.get(name) == stamp[name] for name in STAMP_FIELDS):
+        return True
+    key = (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns)
+    if _VERIFIED.get(key) == entry.get("sha256"):
+        return True
+    digest = sha256_file(path)
+    if digest != entry.get("sha256"):
+        return False
+    _VERIFIED[key] = digest
+    return True
+
+
+def _stamp(found: os.stat_result) -> dict[str, int]:
+    return {"bytes": found.st_size, "mtime_ns": found.st_mtime_ns, "ctime_ns": found.st_ctime_ns, "inode": found.st_ino}
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from gssf_cli.core.errors import UserInputError, first_line
-from gssf_cli.core.files import MANIFEST, manifest_digest, sha256_file
+from gssf_cli.core.files import MANIFEST, manifest_digest, matches_entry, sha256_file
 from gssf_cli.core.limits import token_block_shape
 from gssf_cli.deploy.serving import Layout, Served
 
@@ -218,11 +218,11 @@ def _checked_digests(paths: dict[str, Path], files: dict[str, Any]) -> dict[str,
         path = paths[name]
         if not path.is_file():
             raise UserInputError(f"{path}: missing from the bundle; export again")
-        if path.stat().st_size != entry["bytes"] or (digest := sha256_file(path)) != entry["sha256"]:
+        if not matches_entry(path, entry):
             raise UserInputError(
                 f"{path}: checksum mismatch with manifest.json (file changed or truncated); export again"
             )
-        digests[name] = digest
+        digests[name] = str(entry["sha256"])
     return digests
 
 

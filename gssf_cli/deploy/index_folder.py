@@ -42,7 +42,9 @@ from gssf_cli.core.files import (
     MANIFEST,
     check_float_array,
     check_output_folder,
+    file_entry,
     manifest_digest,
+    matches_entry,
     open_array,
     sha256_file,
     staged_folder,
@@ -448,8 +450,7 @@ def index_manifest(
     kind of index adds (a token index: its family, regions per image, late-interaction defaults and usage)."""
     from gssf_cli import __version__
 
-    files = {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
-             for name in names}  # fmt: skip
+    files = {name: file_entry(staging / name) for name in names}
     captions = gallery.captions
     return {
         "index_format": INDEX_FORMAT,
@@ -589,7 +590,7 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
         path = folder / name
         if path.is_symlink() or not path.is_file():
             raise UserInputError(f"{path}: missing from the index folder; rebuild it")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        if not matches_entry(path, entry):
             raise UserInputError(f"{path}: checksum mismatch with manifest.json (file changed or truncated); rebuild")
     recorded = manifest["bundle"]
     where = bundle_path if bundle_path is not None else Path(os.path.normpath(folder / recorded["path"]))

@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from gssf_cli.cli.app import app
+from gssf_cli.core.errors import UserInputError
 from tests.behaviour.test_bad_input import _runs_in_store, _snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,6 +108,40 @@ def test_the_manifest_names_the_bundle_by_content_and_checksums_its_files(here: 
     assert set(manifest["files"]) == {"index.faiss", "ids.txt", "captions.txt"}
     assert manifest["gallery"]["captions"] == {"source": f"{DATA}/test_caps.txt", "per_row": 5}
     assert (here / "indexes/quickstart/captions.txt").read_bytes() == (here / DATA / "test_caps.txt").read_bytes()
+
+
+def test_an_index_is_hashed_once_per_process_and_a_file_changed_in_place_is_caught(
+    here: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest records each file's stamp (size, mtime, ctime, inode) beside its sha256: an index opened where
+    it was built is not re-hashed, a copy is hashed once per process, and a byte changed in place, with the size
+    and mtime put back, still fails the check (the write changed the ctime, which no tool can set back)."""
+    from gssf_cli.core import files
+    from gssf_cli.deploy.index_folder import open_index
+
+    hashed: list[str] = []
+    sha256 = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda path: hashed.append(Path(path).name) or sha256(path))
+    index_files = {"index.faiss", "ids.txt", "captions.txt"}
+
+    open_index(here / "indexes/quickstart")
+    assert index_files.isdisjoint(hashed), "an index where it was built is not re-hashed"
+    copy = tmp_path / "copy"
+    shutil.copytree(here / "indexes/quickstart", copy)
+    for _ in range(2):
+        open_index(copy, here / BUNDLE)
+    assert sorted(name for name in hashed if name in index_files) == sorted(index_files), "a copy: hashed once"
+
+    target = copy / "index.faiss"
+    before = target.stat()
+    with open(target, "r+b") as fh:
+        first = fh.read(1)
+        fh.seek(0)
+        fh.write(bytes([first[0] ^ 0xFF]))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(UserInputError, match=r"index\.faiss: checksum mismatch"):
+        open_index(copy, here / BUNDLE)
 
 
 def test_each_hit_shows_its_images_own_captions(here: Path) -> None:

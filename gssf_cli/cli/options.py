@@ -31,7 +31,14 @@ from typer._click import exceptions as click_errors  # no public path to its usa
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from gssf_cli.core.config import parse_int_list
-from gssf_cli.core.errors import CheckFailedError, DiskFullError, RunInterrupted, UserInputError, first_line
+from gssf_cli.core.errors import (
+    CheckFailedError,
+    DiskFullError,
+    RunInterrupted,
+    TrackingServerLostError,
+    UserInputError,
+    first_line,
+)
 
 T = typing.TypeVar("T")
 FULL_INSTALL_ONLY = frozenset({"torch", "mlflow", "ray", "onnx", "onnxscript", "safetensors", "sklearn", "matplotlib"})
@@ -427,6 +434,7 @@ _LABELS = {
     "input": "error: ",
     "check_failed": "check failed: ",
     "disk_full": "disk full: ",
+    "tracking_server": "tracking server: ",
     "internal": "internal error: ",
 }
 
@@ -605,6 +613,10 @@ def guarded(ctx: typer.Context, work: Callable[[], T]) -> T:
             raise
         then = "" if "continue it with" in str(exc) else "; free space there, then run the command again"
         failure = Failure("disk_full", f"{exc}{then}", 1)
+    except TrackingServerLostError as exc:
+        if debug:
+            raise
+        failure = Failure("tracking_server", str(exc), 1)
     except CheckFailedError as exc:
         if debug:
             raise
@@ -624,7 +636,11 @@ def guarded(ctx: typer.Context, work: Callable[[], T]) -> T:
     except Exception as exc:
         if debug:
             raise
-        failure = _disk_full_failure(exc, getattr(ctx.obj, "tracking_uri", None)) or internal_failure(exc)
+        failure = (
+            _disk_full_failure(exc, getattr(ctx.obj, "tracking_uri", None))
+            or _lost_server_failure(exc)
+            or internal_failure(exc)
+        )
     raise typer.Exit(report(failure, bool(ctx.params.get("json_output"))))
 
 
@@ -645,6 +661,15 @@ def _disk_full_failure(exc: BaseException, tracking_uri: str | None) -> Failure 
     else:
         line = f"no space left on a filesystem gssf writes to: {first_line(exc)}"
     return Failure("disk_full", f"{line}; free space there, then run the command again", 1)
+
+
+def _lost_server_failure(exc: BaseException) -> Failure | None:
+    """The tracking server stopped answering where no stage said what to continue (:func:`lost_server`)."""
+    from gssf_cli.tracking.store import lost_server
+
+    if (lost := lost_server(exc)) is None:
+        return None
+    return Failure("tracking_server", f"{lost[0]} stopped answering ({lost[1]}); run the command again once it does", 1)
 
 
 def install_hint(extra: str) -> str:

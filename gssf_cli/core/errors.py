@@ -38,6 +38,11 @@ class DiskFullError(CheckFailedError):
     once space is freed."""
 
 
+class TrackingServerLostError(CheckFailedError):
+    """The tracking server stopped answering (MLflow gave up on a request within its HTTP settings): exit 1, one
+    line that names the server and, for a training, how to continue the run once it answers."""
+
+
 RESUME_COMMANDS = {"train": "gssf train --resume {run_id}", "tune": "gssf tune --resume {run_id}"}
 """The command that continues an interrupted run of each stage that can continue one."""
 

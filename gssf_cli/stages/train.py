@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gssf_cli.core.config import dump_toml, to_dict
-from gssf_cli.core.errors import RESUME_COMMANDS, DiskFullError, WorkerLostError
+from gssf_cli.core.errors import RESUME_COMMANDS, DiskFullError, TrackingServerLostError, WorkerLostError
 from gssf_cli.core.stage_configs import TrainConfig
+from gssf_cli.tracking.store import lost_server
 
 if TYPE_CHECKING:
     from gssf_cli.cluster.train_workers import DataParallel
@@ -123,20 +124,27 @@ def run(
                 tracked.log_metrics(metrics, step=epoch)
 
         out_dir = config.runs_dir / run_id
+        resume_with = RESUME_COMMANDS["train"].format(run_id=run_id)
         try:
             if workers is not None:
                 fitted = workers.fit(trainer, out_dir, on_epoch_end=log_epoch, progress=progress)
             else:
                 fitted = trainer.fit(out_dir, on_epoch_end=log_epoch)
+            model_id = None
+            if tracked is not None:
+                _log_end(tracked, fitted, trainer.model)
+                model_id = log_served_model(tracked, config, fitted.out_dir / ckpt.BEST, dataset)
         except (WorkerLostError, DiskFullError) as lost:
             raise type(lost)(
-                f"{lost}; run {run_id} ended FAILED at its last checkpoint; continue it with: "
-                f"{RESUME_COMMANDS['train'].format(run_id=run_id)}"
+                f"{lost}; run {run_id} ended FAILED at its last checkpoint; continue it with: {resume_with}"
             ) from None
-        model_id = None
-        if tracked is not None:
-            _log_end(tracked, fitted, trainer.model)
-            model_id = log_served_model(tracked, config, fitted.out_dir / ckpt.BEST, dataset)
+        except Exception as exc:
+            if (lost_at := lost_server(exc)) is None:
+                raise
+            raise TrackingServerLostError(
+                f"{lost_at[0]} stopped answering ({lost_at[1]}); run {run_id} keeps its last checkpoint on disk; "
+                f"once the server answers, continue it with: {resume_with}"
+            ) from None
     return TrainResult.of(run_id, fitted, model_id)
 
 

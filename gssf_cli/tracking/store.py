@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import re
 import socket
 import sqlite3
 import sys
@@ -59,6 +60,30 @@ def default_tracking_uri(cwd: Path | None = None) -> str:
 def resolve_tracking_uri(flag: str | None = None) -> str:
     """``--tracking-uri`` wins over ``MLFLOW_TRACKING_URI``, which wins over the local SQLite default."""
     return flag or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+_GAVE_UP = re.compile(r"API request to (https?://[^/\s]+)\S* failed with exception (.*)", re.S)
+_WHY = (
+    ("timed out", "timed out"),
+    ("refused", "refused the connection"),
+    ("closed connection", "closed the connection"),
+    ("reset by peer", "reset the connection"),
+)
+
+
+def lost_server(error: BaseException) -> tuple[str, str] | None:
+    """``(server, why)`` when ``error``, or one it was raised from, is MLflow giving up on a request to a tracking
+    server (timed out, refused, cut off) within its HTTP settings (:data:`MLFLOW_HTTP_SETTINGS`); else None."""
+    found: BaseException | None = error
+    seen: set[int] = set()
+    while found is not None and id(found) not in seen:
+        seen.add(id(found))
+        if match := _GAVE_UP.search(str(found)):
+            detail = match.group(2).lower()
+            why = next((said for words, said in _WHY if words in detail), "failed")
+            return match.group(1), why
+        found = found.__cause__ or found.__context__
+    return None
 
 
 def sqlite_path(uri: str) -> Path | None:

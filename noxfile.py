@@ -104,9 +104,12 @@ def e2e(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def faults(session: nox.Session) -> None:
     """The fault tests with their repetitions raised: ten random ``kill -9`` of a tune driver per scheduler (CI
-    runs one), then the rest of ``tests/behaviour/faults``."""
+    runs one), in this process so that each kill's line is printed, then the rest of ``tests/behaviour/faults``."""
     env = {**QUIET_ENV, "GSSF_SWEEP_KILLS": os.environ.get("GSSF_SWEEP_KILLS", "10")}
-    _run(session, "pytest", "tests/behaviour/faults", "-n", _workers(), *POOL, "-s", *session.posargs, env=env)
+    sweeps = "tests/behaviour/faults/test_sweep_kills.py"
+    _run(session, "pytest", sweeps, "-s", *session.posargs, env=env)
+    _run(session, "pytest", "tests/behaviour/faults", "--deselect", sweeps, "-n", _workers(), *POOL, *session.posargs,
+         env=QUIET_ENV)  # fmt: skip
 
 
 @nox.session(venv_backend="none")

@@ -273,18 +273,30 @@ def _resume_point(loop: dict[str, Any]) -> Path | None:
 
 
 def _worker_error(error: BaseException) -> BaseException:
-    """A failed Ray Train run's first worker exception (a :class:`UserInputError` stays one), else ``error``."""
-    failures = getattr(error, "worker_failures", None) or {}
-    for cause in failures.values():
-        cause = getattr(cause, "cause", None) or cause
+    """What a failed Ray Train run says in one line: a worker's :class:`UserInputError` stays one; a lost worker —
+    whichever worker reported first, the lost one or a peer whose collective it cut — is a
+    :class:`WorkerLostError`; else the first worker's exception; ``error`` when no worker's is known."""
+    causes = [getattr(c, "cause", None) or c for c in (getattr(error, "worker_failures", None) or {}).values()]
+    for cause in causes:
         if isinstance(cause, UserInputError):
             return UserInputError(str(cause))
-        if any(mark in type(cause).__name__ for mark in LOST_WORKER_ERRORS):
+    for cause in causes:
+        if _lost(cause):
             return WorkerLostError(f"a training worker was lost ({error_line(cause)})")
-        return RuntimeError(f"a training worker failed: {error_line(cause)}")
+    if causes:
+        return RuntimeError(f"a training worker failed: {error_line(causes[0])}")
     return error
 
 
+def _lost(cause: BaseException) -> bool:
+    return any(mark in type(cause).__name__ for mark in LOST_WORKER_ERRORS) or any(
+        words in str(cause) for words in LOST_PEER_WORDS
+    )
+
+
+LOST_PEER_WORDS = ("Connection closed by peer", "Connection reset by peer", "caused by a remote worker crashing")
+"""How gloo words a collective that a dead worker cut (the surviving worker's error, which may reach the driver
+first): the peer was lost, not the training code at fault."""
 LOST_WORKER_ERRORS = ("HealthCheck", "ActorDied", "ActorError", "NodeDied", "WorkerCrashed", "ActorUnavailable")
 """Ray's ways of saying a worker's process or node is gone (``WorkerHealthCheckFailedError``, ``ActorDiedError``,
 ``RayActorError``, ...), by the names of their types: a lost worker, not a failure of the training code."""

@@ -30,7 +30,7 @@ from tests.behaviour.test_cluster import (
 
 pytestmark = pytest.mark.cluster
 
-EPOCHS = 12
+EPOCHS = 16
 
 
 def _tune(data: Path, nodes: Cluster, storage: Path, store: str) -> list[str]:
@@ -40,11 +40,15 @@ def _tune(data: Path, nodes: Cluster, storage: Path, store: str) -> list[str]:
 
 
 def _training_on_the_worker(nodes: Cluster, storage: Path) -> bool:
-    """Both trials have reported an epoch, and one of them trains on the worker node (by its worker's pid)."""
-    first_rows = [path.read_text().splitlines()[:1] for path in storage.glob("*/*/result.json")]
-    if len([row for row in first_rows if row]) < 2:
+    """Both trials have reported an epoch, and one of them trains on the worker node (by its worker's pid) with at
+    least a few epochs still to go, so that the node's death lands in the middle of it."""
+    tables = [path.read_text().splitlines() for path in storage.glob("*/*/result.json")]
+    if len([rows for rows in tables if rows]) < 2:
         return False
-    return any(nodes.node_of(int(json.loads(row[0])["pid"])) == ["worker"] for row in first_rows)
+    return any(
+        nodes.node_of(int(json.loads(rows[0])["pid"])) == ["worker"] and json.loads(rows[-1])["epoch"] <= EPOCHS - 4
+        for rows in tables
+    )
 
 
 def _raylet_of(nodes: Cluster, node: str) -> int:

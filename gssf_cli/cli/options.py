@@ -37,6 +37,7 @@ from gssf_cli.core.errors import (
     RunInterrupted,
     TrackingServerLostError,
     UserInputError,
+    error_chain,
     first_line,
 )
 
@@ -653,8 +654,9 @@ def _disk_full_failure(exc: BaseException, tracking_uri: str | None) -> Failure 
     if not is_disk_full(exc):
         return None
     store = sqlite_path(resolve_tracking_uri(tracking_uri))
-    found = next((e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, OSError) and e.filename), None)
-    if "database or disk is full" in f"{exc} {exc.__cause__} {exc.__context__}".lower() and store is not None:
+    chain = list(error_chain(exc))
+    found = next((e for e in chain if isinstance(e, OSError) and e.filename), None)
+    if store is not None and any("database or disk is full" in str(e).lower() for e in chain):
         line = disk_full_line(store, "the tracking store kept what it held before (SQLite rolled the write back)")
     elif isinstance(found, OSError):
         line = disk_full_line(Path(str(found.filename)), first_line(found))

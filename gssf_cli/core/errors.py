@@ -7,6 +7,8 @@ shows a traceback only with ``--debug``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class UserInputError(ValueError):
     """Bad usage or bad input: the message names the problem and, where possible, the fix."""
@@ -59,6 +61,17 @@ class RunInterrupted(KeyboardInterrupt):
     def __str__(self) -> str:
         then = f"; continue it with: {self.resume}" if self.resume else ""
         return f"interrupted: run {self.run_id} ended KILLED{then}"
+
+
+def error_chain(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and each error it was raised from or during (``__cause__``, else ``__context__``), once each: where
+    a library's wrapper (MLflow, SQLAlchemy, Ray) hides the error that says what happened."""
+    seen: set[int] = set()
+    found: BaseException | None = error
+    while found is not None and id(found) not in seen:
+        seen.add(id(found))
+        yield found
+        found = found.__cause__ or found.__context__
 
 
 def first_line(error: BaseException | str) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from gssf_cli.core.errors import DiskFullError, UserInputError, first_line
+from gssf_cli.core.errors import DiskFullError, UserInputError, error_chain, first_line
 
 CHUNK_BYTES = 64 * 2**20
 STALE_AFTER_S = 3600.0
@@ -135,16 +135,11 @@ SQLite's through SQLAlchemy and MLflow (``database or disk is full``)."""
 
 def is_disk_full(error: BaseException) -> bool:
     """Whether ``error``, or an error it was raised from or during, is a full filesystem (or quota)."""
-    seen: set[int] = set()
-    found: BaseException | None = error
-    while found is not None and id(found) not in seen:
-        seen.add(id(found))
-        if isinstance(found, OSError) and found.errno in DISK_FULL_ERRNOS:
-            return True
-        if any(words in str(found).lower() for words in DISK_FULL_WORDS):
-            return True
-        found = found.__cause__ or found.__context__
-    return False
+    return any(
+        (isinstance(found, OSError) and found.errno in DISK_FULL_ERRNOS)
+        or any(words in str(found).lower() for words in DISK_FULL_WORDS)
+        for found in error_chain(error)
+    )
 
 
 def mount_point(path: Path) -> Path:

@@ -30,7 +30,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from gssf_cli.core.errors import UserInputError, first_line
+from gssf_cli.core.errors import UserInputError, error_chain, first_line
 
 PROBE_CONNECT_TIMEOUT_S = 5.0
 PROBE_HTTP_TIMEOUT_S = 5.0
@@ -74,15 +74,10 @@ _WHY = (
 def lost_server(error: BaseException) -> tuple[str, str] | None:
     """``(server, why)`` when ``error``, or one it was raised from, is MLflow giving up on a request to a tracking
     server (timed out, refused, cut off) within its HTTP settings (:data:`MLFLOW_HTTP_SETTINGS`); else None."""
-    found: BaseException | None = error
-    seen: set[int] = set()
-    while found is not None and id(found) not in seen:
-        seen.add(id(found))
+    for found in error_chain(error):
         if match := _GAVE_UP.search(str(found)):
             detail = match.group(2).lower()
-            why = next((said for words, said in _WHY if words in detail), "failed")
-            return match.group(1), why
-        found = found.__cause__ or found.__context__
+            return match.group(1), next((said for words, said in _WHY if words in detail), "failed")
     return None
 
 

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -132,6 +133,68 @@ def unique_run_name(base: str, run_id: str) -> str:
     return f"{base}-{run_id[:SHORT_ID_LENGTH]}"
 
 
+CACHE_DIR_ENV = "GSSF_CACHE_DIR"
+"""Where gssf keeps its per-machine cache (the store schema template); default ``$XDG_CACHE_HOME/gssf`` or
+``~/.cache/gssf``."""
+
+
+def cache_dir() -> Path:
+    chosen = os.environ.get(CACHE_DIR_ENV)
+    if chosen:
+        return Path(chosen)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gssf"
+
+
+def schema_template() -> Path | None:
+    """An empty SQLite file holding MLflow's whole schema, at this MLflow version's newest revision, and no rows:
+    made once per machine and MLflow version (``mlflow-VERSION-schema.db`` in :func:`cache_dir`); ``None`` when it
+    cannot be made there (then MLflow creates each store itself, as it always can).
+
+    Why: MLflow creates a fresh SQLite store by running its whole chain of schema migrations, about a second of
+    CPU for every new folder's first command (and every test's). The template is what that chain produces, made
+    by MLflow's own ``_initialize_tables``; a store seeded from it is then opened by MLflow as an existing one:
+    it verifies the revision and creates experiment 0 with this store's artifact location.
+    """
+    template = cache_dir() / f"mlflow-{mlflow.__version__}-schema.db"
+    if template.is_file():
+        return template
+    from mlflow.store.db import utils as db_utils
+
+    initialize = getattr(db_utils, "_initialize_tables", None)
+    if initialize is None:
+        return None
+    staging = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        engine = db_utils.create_sqlalchemy_engine_with_retry(f"sqlite:///{staging}")
+        try:
+            initialize(engine)
+        finally:
+            engine.dispose()
+        os.replace(staging, template)
+    except Exception:  # noqa: BLE001 - a cache that cannot be made only costs the migration time it would save
+        with contextlib.suppress(OSError):
+            staging.unlink()
+        return None
+    return template
+
+
+def seed_sqlite_store(path: Path) -> None:
+    """Create the SQLite store ``path`` (absent or empty) as a copy of :func:`schema_template`, atomically; when
+    that cannot be done, leave ``path`` to MLflow, which creates it the long way (and reports a full disk or a
+    read-only folder in its own error, handled as before). Called under the store's lock."""
+    template = schema_template()
+    if template is None:
+        return
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(template, staging)
+        os.replace(staging, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            staging.unlink()
+
+
 class Tracker:
     """A connection to one tracking store and one experiment."""
 
@@ -151,6 +214,9 @@ class Tracker:
         before it logs anything leaves no store (no ``mlflow.db``, no lock) behind."""
         try:
             with store_lock(self.tracking_uri):
+                path = sqlite_path(self.tracking_uri)
+                if path is not None and not (path.is_file() and path.stat().st_size > 0):
+                    seed_sqlite_store(path)
                 # mlflow builds the store eagerly here: engine, schema creation or migration, experiment 0.
                 return MlflowClient(tracking_uri=self.tracking_uri)
         except MlflowException as exc:

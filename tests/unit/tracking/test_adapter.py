@@ -268,3 +268,46 @@ def test_an_interrupted_run_says_which_run_and_how_to_continue_it(workdir: Path)
     with pytest.raises(RunInterrupted) as caught, tracker.start_run("evaluate") as evaluated:
         raise KeyboardInterrupt
     assert str(caught.value) == f"interrupted: run {evaluated.run_id} ended KILLED"
+
+
+def _schema(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(path) as db:
+        return sorted(db.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL").fetchall())
+
+
+def test_a_store_seeded_from_the_template_is_the_store_mlflow_makes(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh store is a copy of the schema template (no migrations run), and holds exactly what MLflow's own
+    creation gives: the same tables, indexes and revision, and experiment 0 made by MLflow for this store."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv(tracking.CACHE_DIR_ENV, str(workdir / "cache"))
+    mlflow_made = workdir / "theirs" / "mlflow.db"
+    mlflow_made.parent.mkdir()
+    MlflowClient(f"sqlite:///{mlflow_made}").search_experiments()
+
+    seeded = workdir / "ours" / "mlflow.db"
+    seeded.parent.mkdir()
+    Tracker(f"sqlite:///{seeded}").client.search_experiments()
+    template = workdir / "cache" / f"mlflow-{tracking.mlflow.__version__}-schema.db"
+    assert template.is_file() and _schema(template) == _schema(mlflow_made) == _schema(seeded)
+    with sqlite3.connect(template) as db:
+        assert db.execute("SELECT COUNT(*) FROM experiments").fetchone() == (0,)
+    rows = "SELECT version_num, name, artifact_location FROM alembic_version, experiments"
+    with sqlite3.connect(mlflow_made) as theirs, sqlite3.connect(seeded) as ours:
+        assert ours.execute(rows).fetchall() == theirs.execute(rows).fetchall()
+        assert ours.execute(rows).fetchall()[0][1:] == ("Default", str(workdir / "mlruns" / "0"))
+    assert sorted(p.name for p in seeded.parent.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+
+
+def test_a_cache_that_cannot_be_written_leaves_the_store_to_mlflow(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (workdir / "cache").write_text("a file where the cache folder would go")
+    monkeypatch.setenv(tracking.CACHE_DIR_ENV, str(workdir / "cache"))
+    tracker = Tracker()
+    with tracker.start_run("run") as run:
+        run.log_metrics({"x": 1.0})
+    assert (workdir / "mlflow.db").is_file()
+    assert sorted(p.name for p in workdir.iterdir()) == ["cache", "mlflow.db", "mlflow.db.lock"]

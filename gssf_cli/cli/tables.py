@@ -500,6 +500,13 @@ def print_index(result: dict[str, Any], as_json: bool) -> None:
     bundle = result["bundle"]
     stdout.print(f"index in [bold]{result['path']}[/], from bundle {bundle['digest'][:12]} (train run "
                  f"{bundle['source_run_id']}); MLflow run {result['run_id']}", highlight=False)  # fmt: skip
+    if result.get("model_id"):
+        stdout.print(f"search model models:/{result['model_id']} (mlflow models serve answers captions with it)",
+                     highlight=False)  # fmt: skip
+    if result.get("registered"):
+        registered = result["registered"]
+        stdout.print(f"registered as [bold]models:/{registered['name']}/{registered['version']}[/] "
+                     f"(alias {registered['alias']})", highlight=False)  # fmt: skip
 
 
 def print_search(result: dict[str, Any], as_json: bool) -> None:

@@ -726,8 +726,17 @@ class IndexConfig:
         0, help="Seed of the training sample (ivfpq) and of the --eval queries.", within=limits.NON_NEGATIVE
     )
     force: bool = setting(False, help="Replace an existing index folder.", flag="--force")
+    log_model: bool = setting(
+        False, help="Also log the index and its bundle as an MLflow model that serves search (mlflow models serve).",
+        flag="--log-model",
+    )  # fmt: skip
+    register: str | None = setting(
+        None, help="Register the search model (implies --log-model) as a new version of this MLflow registered model."
+    )
 
     def validate(self) -> None:
+        if self.register is not None:
+            limits.check_registered_name("index.register", self.register)
         if self.bundle is None:
             raise UserInputError("give the bundle to embed with: --bundle exports/NAME")
         if self.gallery is None:

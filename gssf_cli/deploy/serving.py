@@ -88,7 +88,7 @@ def predict(retriever: Retriever, model_input: Any) -> dict[str, np.ndarray]:
     if texts is None:
         text_batch: Sequence[str] | np.ndarray | None = None
     else:
-        text_batch = _captions(texts) if layout.texts is None else _numbers(texts, "texts", layout.texts)
+        text_batch = captions(texts) if layout.texts is None else _numbers(texts, "texts", layout.texts)
     out: dict[str, np.ndarray] = {}
     if image_batch is not None:
         out["image_embeddings"] = retriever.encode_images(image_batch)
@@ -141,16 +141,16 @@ def _as_mapping(model_input: Any) -> Mapping[str, Any]:
     holding each list, or one item per row)."""
     columns = getattr(model_input, "columns", None)
     if columns is not None and not isinstance(model_input, Mapping):
-        model_input = {key: _column(model_input[key].tolist()) for key in columns}
+        model_input = {key: column(model_input[key].tolist()) for key in columns}
     if not isinstance(model_input, Mapping):
-        raise UserInputError(f"expected a mapping with {' and/or '.join(INPUT_KEYS)}, got {_describe(model_input)}")
+        raise UserInputError(f"expected a mapping with {' and/or '.join(INPUT_KEYS)}, got {describe(model_input)}")
     unknown = sorted(str(key) for key in set(model_input) - set(INPUT_KEYS))
     if unknown:
         raise UserInputError(f"unknown input keys {unknown}; expected {', '.join(INPUT_KEYS)}")
     return model_input
 
 
-def _column(values: list[Any]) -> Any:
+def column(values: list[Any]) -> Any:
     """One row holding a whole list (``{"texts": [[...]]}``), or one item per row."""
     if len(values) == 1 and isinstance(values[0], (list, tuple, np.ndarray)):
         return values[0]
@@ -189,19 +189,19 @@ def _numbers(value: Any, name: str, item: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def _captions(texts: Any) -> list[str]:
+def captions(texts: Any) -> list[str]:
     """A list of captions, refused unless a non-empty list (or 1-d array) of strings."""
     if isinstance(texts, str):
         raise UserInputError('texts: expected a list of captions, got one string; send ["..."] for one caption')
     if isinstance(texts, np.ndarray) and texts.ndim == 1:
         texts = texts.tolist()
     if not isinstance(texts, (list, tuple)):
-        raise UserInputError(f"texts: expected a list of captions, got {_describe(texts)}")
+        raise UserInputError(f"texts: expected a list of captions, got {describe(texts)}")
     if not texts:
         raise UserInputError("texts: no captions; give at least one or leave texts out")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise UserInputError(f"texts: item {i} is {_describe(text)}, not a caption; expected a list of strings")
+            raise UserInputError(f"texts: item {i} is {describe(text)}, not a caption; expected a list of strings")
     return list(texts)
 
 
@@ -214,7 +214,7 @@ def _kinds(array: np.ndarray) -> str:
     return "values that are not all numbers (nulls, objects or mixed types)"
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
     """One value of a request, in words (JSON's names: null, a string, a number, a list, a dict)."""
     if value is None:
         return "null"

@@ -273,3 +273,66 @@ def test_the_quickstart_pipeline_is_tracked_and_then_cached(quickstart: Path) ->
     tune_run = next(r for r in children if r.data.tags["gssf.stage"] == "tune")
     trials = [r for r in runs if r.data.tags.get(PARENT_TAG) == tune_run.info.run_id]
     assert len(trials) == 3 and {r.info.status for r in trials} == {"FINISHED"}
+
+
+def _loads_torch(port: int) -> list[str]:
+    """The processes serving on ``port`` (``mlflow models serve`` and its uvicorn workers) that mapped libtorch."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            serving = str(port) in command and ("mlflow" in command or "uvicorn" in command)
+            if serving and "libtorch" in (proc / "maps").read_text():
+                found.append(command)
+        except (OSError, UnicodeDecodeError):
+            continue
+    return found
+
+
+def test_search_is_served_over_http(quickstart: Path) -> None:
+    """docs/commands.md's ``gssf index --register quickstart-search``, served by ``mlflow models serve`` over real
+    HTTP on 127.0.0.1: the default k and a given k answer as ``gssf search`` does (hits.json: the same ids, scores
+    within 1e-5), every kind of bad request is a 400 with gssf's one line while the server stays up, a bounded
+    concurrent load is answered whole, and none of the server's processes loads torch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gssf_cli.deploy import served_search
+    from tests.serving import alive, invoke, model_server
+
+    hits = json.loads((quickstart / "scratch/hits.json").read_text())["queries"][0]
+    caption = hits["query"]
+    with model_server(quickstart, "models:/quickstart-search@champion") as url:
+        status, answer = invoke(url, {"inputs": {"texts": [caption]}})
+        assert status == 200, answer
+        found = answer["predictions"]
+        assert (
+            found["ids"] == [[hit["id"] for hit in hits["results"]]] and len(found["ids"][0]) == served_search.DEFAULT_K
+        )
+        assert found["rows"] == [[hit["row"] for hit in hits["results"]]]
+        assert max(abs(a - hit["score"]) for a, hit in zip(found["scores"][0], hits["results"], strict=True)) < 1e-5
+        status, answer = invoke(url, {"inputs": {"texts": [caption, "red square"], "k": 3}})
+        assert status == 200 and [len(row) for row in answer["predictions"]["ids"]] == [3, 3], answer
+        assert answer["predictions"]["ids"][0] == found["ids"][0][:3]
+        bad = {
+            "no texts": ({"k": 3}, "give the captions"),
+            "a bare string": ({"texts": caption}, "expected a list of captions"),
+            "an unknown word": ({"texts": ["zzzq"]}, "vocabulary"),
+            "k zero": ({"texts": [caption], "k": 0}, "k: expected a whole number from 1 to 1000"),
+            "k quoted": ({"texts": [caption], "k": "3"}, "k: expected a whole number"),
+            "too many": ({"texts": [caption] * (served_search.MAX_QUERIES + 1)}, "at most 1,024"),
+            "unknown key": ({"texts": [caption], "query": 1}, "unknown input keys"),
+        }
+        for name, (inputs, words) in bad.items():
+            status, answer = invoke(url, {"inputs": inputs})
+            message = str(answer.get("message", ""))
+            assert status == 400 and words in message and "\n" not in message, (name, status, answer)
+        assert alive(url)
+
+        def one(i: int) -> list[str]:
+            status, answer = invoke(url, {"inputs": {"texts": [caption], "k": 3}})
+            assert status == 200, answer
+            return list(answer["predictions"]["ids"][0])
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(ids == found["ids"][0][:3] for ids in pool.map(one, range(64)))
+        assert not _loads_torch(int(url.rsplit(":", 1)[1]))

@@ -266,6 +266,10 @@ BAD = {
         "metric_head.onnx: checksum mismatch",
     ),
     "index: no bundle": (lambda f: ["index", "--gallery", GALLERY], "--bundle exports/NAME"),
+    "index: registered name": (
+        lambda f: ["index", "--bundle", BUNDLE, "--gallery", GALLERY, "--out", "indexes/x", "--register", "a/b"],
+        "not a valid registered model name",
+    ),
     "index: missing bundle": (
         lambda f: ["index", "--bundle", "exports/nope", "--gallery", GALLERY, "--out", "indexes/x"],
         "not a gssf ONNX bundle",
@@ -577,3 +581,41 @@ def test_the_table_shows_queries_and_ids_literally(here: Path) -> None:
     assert shown.exit_code == 0, shown.stderr
     assert "query: [bold]" + caption.split()[0] in shown.stdout
     assert shown.stdout.count("[red]img ") == 3
+
+
+def test_a_logged_search_model_answers_as_gssf_search_does_without_torch(here: Path) -> None:
+    """``gssf index --register NAME`` logs the index and its bundle as one MLflow model (the run names it, the
+    registry's champion points at it); loaded back through MLflow it answers captions with the ids, rows and
+    scores ``gssf search --json`` gives, at the k asked or its default, with a gallery smaller than k giving all
+    of it, and refuses a bad request in one line. Serving it over HTTP: ``tests/behaviour/test_readme.py``."""
+    import mlflow
+
+    from gssf_cli.deploy import served_search
+    from gssf_cli.tracking.adapter import Tracker
+
+    built = _ok(_invoke("index", "--bundle", BUNDLE, "--gallery", GALLERY, "--kind", "hnsw", "--out",
+                        "indexes/served", "--register", "served-search", "--json"))  # fmt: skip
+    assert built["registered"] == {"name": "served-search", "version": 1, "alias": "champion"}
+    captions = (here / DATA / "test_caps.txt").read_text().splitlines()[:3]
+    Path("served-queries.txt").write_text("\n".join(captions) + "\n")
+    searched = _ok(_invoke("search", "--index", "indexes/served", "--texts", "served-queries.txt", "--k", "4",
+                           "--json"))["queries"]  # fmt: skip
+    mlflow.set_tracking_uri(Tracker().tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/served-search@champion")
+    answer = model.predict({"texts": captions, "k": 4})
+    assert answer["ids"].tolist() == [[hit["id"] for hit in query["results"]] for query in searched]
+    assert answer["rows"].tolist() == [[hit["row"] for hit in query["results"]] for query in searched]
+    expected = np.array([[hit["score"] for hit in query["results"]] for query in searched])
+    assert np.allclose(answer["scores"], expected, atol=1e-6)
+    assert model.predict({"texts": captions[:1]})["ids"].shape == (1, served_search.DEFAULT_K)
+    count = len(np.load(here / GALLERY, mmap_mode="r"))
+    assert model.predict({"texts": captions[:1], "k": served_search.MAX_K})["rows"].shape == (1, count)
+    with pytest.raises(Exception, match="k: expected a whole number") as refused:
+        model.predict({"texts": captions, "k": -1})
+    assert "\n" not in str(refused.value)
+    run = Tracker().client.get_run(built["run_id"])
+    assert run.outputs is not None and built["model_id"] in [m.model_id for m in run.outputs.model_outputs]
+    loaded = subprocess.run([sys.executable, "-c", "import sys, mlflow; mlflow.set_tracking_uri(sys.argv[1]); "
+                             "mlflow.pyfunc.load_model('models:/served-search/1'); print('torch' in sys.modules)",
+                             Tracker().tracking_uri], capture_output=True, text=True, cwd=here, timeout=120)  # fmt: skip
+    assert loaded.stdout.strip() == "False", loaded.stderr[-2000:]

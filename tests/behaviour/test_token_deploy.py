@@ -80,7 +80,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
                                "--json"))  # fmt: skip
         _ok(_invoke("export", "--onnx", "--run", embedding, "--out", "exports/emb", "--json"))
         index = _ok(_invoke("index", "--bundle", "exports/scan", "--gallery", GALLERY, "--out", "indexes/scan",
-                            "--eval", "--json"))  # fmt: skip
+                            "--eval", "--log-model", "--json"))  # fmt: skip
         _ok(_invoke("index", "--bundle", "exports/emb", "--gallery", GALLERY, "--out", "indexes/emb", "--json"))
     torch.set_num_threads(threads)
     yield Project(folder, scan, embedding, exported, index)
@@ -317,6 +317,21 @@ def test_index_and_search_by_late_interaction(here: Project) -> None:
     assert len(evaluated["queries"]) == 50
     shown = _invoke("search", "--index", "indexes/scan", "--text", captions[7], "--k", "3")
     assert shown.exit_code == 0 and captions[7].split()[0] in shown.stdout, shown.stderr
+
+
+def test_a_token_index_served_as_a_model_answers_as_gssf_search_does(here: Project) -> None:
+    """``--log-model`` on a token index: the logged model searches by late interaction as ``gssf search`` does."""
+    import mlflow
+
+    from gssf_cli.tracking.adapter import Tracker
+
+    captions = _captions(here)[:2]
+    mlflow.set_tracking_uri(Tracker().tracking_uri)
+    answer = mlflow.pyfunc.load_model(f"models:/{here.scan_index['model_id']}").predict({"texts": captions, "k": 3})
+    for caption, ids, scores in zip(captions, answer["ids"], answer["scores"], strict=True):
+        hits = _ok(_invoke("search", "--index", "indexes/scan", "--text", caption, "--k", "3", "--json"))
+        assert list(ids) == [hit["id"] for hit in hits["queries"][0]["results"]]
+        np.testing.assert_allclose(scores, [hit["score"] for hit in hits["queries"][0]["results"]], atol=1e-6)
 
 
 def test_a_token_index_is_searched_without_torch(here: Project) -> None:

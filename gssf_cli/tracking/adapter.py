@@ -172,7 +172,7 @@ def schema_template() -> Path | None:
         finally:
             engine.dispose()
         os.replace(staging, template)
-    except Exception:  # noqa: BLE001 - a cache that cannot be made only costs the migration time it would save
+    except Exception:  # a cache that cannot be made only costs the migration time it would save
         with contextlib.suppress(OSError):
             staging.unlink()
         return None

@@ -13,8 +13,17 @@ Measured in one run: the numpy anchor (``exact_search``: chunked GEMM + top-k, a
 the top-k) in this process, then each index kind in its own fresh subprocess (``--measure KIND``) that reads the
 gallery in batches from a temporary file and streams it into ``IndexBuilder`` (build = train + add), writes the
 index (its file size is the index's memory), and searches a batch of queries at k = 10 (QPS) and single queries
-(p50 latency) at several search-time settings. Peak RSS is the subprocess's VmHWM (``common.peak_rss_mib``),
+(p50 latency) at several search-time settings, in a second fresh subprocess (``--search KIND``) that reads the
+index back as ``gssf search`` does. Peak RSS is the subprocess's VmHWM (``common.peak_rss_mib``),
 reported whole and as the increase over its state after imports. Recall@10 is against ``exact_search``.
+
+A kind that keeps the gallery vectors beside its index (``ivfpq``, for ``refine``) writes them to ``vectors.npy``
+by plain writes while adding (as ``gssf index`` streams them) and opens them afresh, memory-mapped, for each
+setting; after each setting's searches the resident memory is read as anonymous (the index, the process's own
+allocations) and file-backed (the mapped vectors' pages touched, which the kernel may drop and re-read), each as
+the increase over the search process's state before it read the index (``common.resident_mib``). They are
+cumulative (the allocator keeps what earlier settings freed), so the sweep starts with the stored defaults (``{}``). The file was just written, so
+its pages are in the page cache: these are warm-cache figures.
 
 Run from the repository root:  python benchmarks/bench_search.py [--quick] [--count N] [--dim D] [--queries Q]
 """
@@ -37,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from common import peak_rss_mib, report
+from common import peak_rss_mib, report, resident_mib
 
 from gssf_cli.deploy import exact_search, search
 
@@ -56,7 +65,11 @@ LATENCY_QUERIES = 100
 SWEEPS: dict[str, list[dict[str, int]]] = {
     "flat": [{}],
     "hnsw": [{"ef_search": ef} for ef in (16, 32, 64, 96, 112, 128, 144, 160, 192, 256)],
-    "ivfpq": [{"nprobe": n} for n in (16, 32, 64, 128, 256)],
+    "ivfpq": [
+        {},
+        *({"nprobe": n, "refine": 0} for n in (16, 32, 64, 128, 256)),
+        *({"nprobe": n, "refine": r} for n in (32, 64, 96, 128, 192) for r in (2, 4, 8)),
+    ],
 }
 
 
@@ -136,8 +149,9 @@ def read_rows(path: Path, dim: int, start: int, stop: int) -> np.ndarray:
 
 def measure_kind(kind: str, work: Path, count: int, dim: int) -> dict[str, Any]:
     baseline = peak_rss_mib()
-    gallery_file, queries = work / "gallery.f32", np.load(work / "queries.npy")
+    gallery_file = work / "gallery.f32"
     spec = search.index_spec(kind, dim, count)
+    vectors_file = work / f"{kind}_vectors.npy" if search.INDEX_KINDS[kind].vectors_file else None
     builder = search.IndexBuilder(spec)
     seconds = {"train": 0.0, "add": 0.0}
     if builder.training_size:
@@ -147,42 +161,75 @@ def measure_kind(kind: str, work: Path, count: int, dim: int) -> dict[str, Any]:
         builder.train(sample)
         seconds["train"] = time.perf_counter() - start
         del sample
+    written = vectors_file.open("wb") if vectors_file is not None else None
+    if written is not None:
+        header = {"descr": "<f4", "fortran_order": False, "shape": (count, dim)}
+        np.lib.format.write_array_header_1_0(written, header)
     for first in range(0, count, GEN_ROWS):
         batch = read_rows(gallery_file, dim, first, min(count, first + GEN_ROWS))
         start = time.perf_counter()
         builder.add(batch)
+        if written is not None:
+            written.write(batch.tobytes())
         seconds["add"] += time.perf_counter() - start
+    if written is not None:
+        written.close()
     index = builder.finish()
     search.write_index(index, work / f"{kind}.faiss")
     index_bytes = os.path.getsize(work / f"{kind}.faiss")
-    results = []
-    for i, params in enumerate(SWEEPS[kind]):
-        chosen = search.search_overrides(spec, params)
-        start = time.perf_counter()
-        _, rows = search.search(index, spec, queries, K, chosen)
-        batch_s = time.perf_counter() - start
-        latencies = []
-        for q in queries[:LATENCY_QUERIES]:
-            start = time.perf_counter()
-            search.search(index, spec, q[None, :], K, chosen)
-            latencies.append(time.perf_counter() - start)
-        np.save(work / f"{kind}_{i}.npy", rows)
-        results.append({"params": chosen, "batch_s": batch_s, "p50_ms": 1e3 * statistics.median(latencies)})
     return {
         "spec": spec.to_json(),
         "train_s": seconds["train"],
         "add_s": seconds["add"],
         "index_mib": index_bytes / 2**20,
+        "vectors_mib": os.path.getsize(vectors_file) / 2**20 if vectors_file is not None else 0.0,
         "peak_rss_mib": peak_rss_mib(),
         "baseline_rss_mib": baseline,
-        "results": results,
     }
 
 
+def search_kind(kind: str, work: Path, count: int, dim: int) -> dict[str, Any]:
+    """The sweep of one kind's search settings in a fresh process that reads the written index back (as ``gssf
+    search`` does), so that its resident memory is the search's, not the build's."""
+    queries = np.load(work / "queries.npy")
+    spec = search.index_spec(kind, dim, count)
+    vectors_file = work / f"{kind}_vectors.npy" if search.INDEX_KINDS[kind].vectors_file else None
+    resident_before = resident_mib()
+    index = search.read_index(work / f"{kind}.faiss", spec, count)
+    loaded = resident_mib()
+    results = []
+    for i, params in enumerate(SWEEPS[kind]):
+        chosen = search.search_overrides(spec, params)
+        vectors = np.load(vectors_file, mmap_mode="r") if vectors_file is not None else None
+        start = time.perf_counter()
+        _, rows = search.search(index, spec, queries, K, chosen, vectors)
+        batch_s = time.perf_counter() - start
+        latencies = []
+        for q in queries[:LATENCY_QUERIES]:
+            start = time.perf_counter()
+            search.search(index, spec, q[None, :], K, chosen, vectors)
+            latencies.append(time.perf_counter() - start)
+        now = resident_mib()
+        del vectors
+        np.save(work / f"{kind}_{i}.npy", rows)
+        results.append({
+            "params": chosen,
+            "batch_s": batch_s,
+            "p50_ms": 1e3 * statistics.median(latencies),
+            "anon_mib": now.get("anon", np.nan) - resident_before.get("anon", np.nan),
+            "file_mib": now.get("file", np.nan) - resident_before.get("file", np.nan),
+        })  # fmt: skip
+    loaded_anon = loaded.get("anon", np.nan) - resident_before.get("anon", np.nan)
+    return {"results": results, "loaded_anon_mib": loaded_anon}
+
+
 def run_kind(kind: str, work: Path, count: int, dim: int) -> dict[str, Any]:
-    args = [sys.executable, __file__, "--measure", kind, "--work", str(work), "--count", str(count), "--dim", str(dim)]
-    done = subprocess.run(args, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    measured: dict[str, Any] = {}
+    for phase in ("--measure", "--search"):
+        args = [sys.executable, __file__, phase, kind, "--work", str(work), "--count", str(count), "--dim", str(dim)]
+        done = subprocess.run(args, check=True, capture_output=True, text=True)
+        measured |= json.loads(done.stdout.strip().splitlines()[-1])
+    return measured
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,11 +256,15 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1_000, help="queries in the batch (default 1,000)")
     parser.add_argument("--kinds", default=",".join(search.INDEX_KINDS), help="comma-separated kinds to measure")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--search", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     count = args.count or (QUICK_COUNT if args.quick else FULL_COUNT)
     if args.measure:
         print(json.dumps(measure_kind(args.measure, args.work, count, args.dim)))
+        return
+    if args.search:
+        print(json.dumps(search_kind(args.search, args.work, count, args.dim)))
         return
 
     model = synthetic_model(args.dim)
@@ -261,6 +312,9 @@ def table(
                 "build s": m["train_s"] + m["add_s"],
                 "train s": m["train_s"],
                 "index MiB": m["index_mib"],
+                "vectors MiB": m["vectors_mib"],
+                "RSS anon MiB": r["anon_mib"],
+                "RSS file MiB": r["file_mib"],
                 "peak RSS MiB": f"{m['peak_rss_mib']:.0f} (+{m['peak_rss_mib'] - m['baseline_rss_mib']:.0f})",
                 "batch s": r["batch_s"],
                 "QPS": q / r["batch_s"],
@@ -272,8 +326,14 @@ def table(
         f"flat / numpy GEMM time = {flat_s / gemm_s:.2f}x (target <= 1.5); flat / exact_search = {flat_s / exact_s:.2f}x.",
         *(f"{kind} build parameters: {m['spec']['build']}, stored search defaults: {m['spec']['search']}"
           for kind, m in measured.items() if m["spec"]["build"]),
+        *(f"{kind}: anonymous RSS with the index just read: +{m['loaded_anon_mib']:.1f} MiB"
+          for kind, m in measured.items()),
+        "RSS anon / file MiB = resident memory after the setting's searches, anonymous / file-backed (the "
+        "memory-mapped vectors' pages touched, warm cache), each the increase over the search subprocess's state "
+        "before reading the index, cumulative over the settings in the order listed; "
+        "vectors MiB = vectors.npy on disk (ivfpq, read for refine). "
         "build = train + add (reading the gallery file excluded); index MiB = the written file; peak RSS = VmHWM of "
-        "the kind's own subprocess (+ = increase over its start: after imports and loading the queries); "
+        "the kind's own build subprocess (+ = increase over its start, after imports); "
         f"p50 ms = median of {LATENCY_QUERIES} single-query searches; x flat = flat batch time / this batch time; "
         "numpy exact_search = chunked GEMM + top-k (the anchor and the recall truth), GEMM only = the same chunks "
         "without the top-k.",

@@ -58,6 +58,23 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resident_mib() -> dict[str, float]:
+    """This process's resident memory now, in MiB: ``anon`` (its own allocations: an index in RAM), ``file``
+    (file pages mapped and touched: libraries, and memory-mapped data the kernel may drop and re-read) and
+    ``peak`` (VmHWM, both together at their highest). Empty where ``/proc/self/status`` is unreadable."""
+    fields = {"RssAnon:": "anon", "RssFile:": "file", "VmHWM:": "peak"}
+    found: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                name, *rest = line.split()
+                if name in fields:
+                    found[fields[name]] = int(rest[0]) / 1024
+    except OSError:
+        pass
+    return found
+
+
 @contextmanager
 def competing_load(processes: int) -> Iterator[None]:
     """``processes`` busy-loop interpreters (one per core), stopped by pid on exit.

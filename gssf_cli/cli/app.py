@@ -497,8 +497,9 @@ def index(
 
     Each gallery row goes through the bundle's image encoder and metric head, so a caption's inner product with
     it is the learned GSSF score: flat is exact, hnsw and ivfpq approximate (--eval measures their recall@10
-    against exact search, and the latency). The folder holds the index, the ids and a manifest naming the bundle
-    by content; the build is an MLflow run.
+    against exact search, and the latency; ivfpq re-scores a --refine x k shortlist exactly). The folder holds the
+    index, the ids (ivfpq: the vectors that --refine reads, memory-mapped) and a manifest naming the bundle by
+    content; the build is an MLflow run.
     """
 
     def call(resolved: IndexConfig, tracker: Any) -> Any:

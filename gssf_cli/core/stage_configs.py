@@ -712,6 +712,11 @@ class IndexConfig:
     nprobe: int | None = setting(
         None, help="ivfpq: lists visited per query, stored as the index's default.", within=limits.AT_LEAST_ONE
     )
+    refine: int | None = setting(
+        None,
+        help="ivfpq: re-score refine x k candidates exactly from the stored vectors (0: off), stored as the default.",
+        within=limits.NON_NEGATIVE,
+    )
     per_word: int | None = setting(
         None,
         help="Token index: regions each query word fetches as candidates, stored as the index's default.",
@@ -763,6 +768,10 @@ class SearchConfig:
     bundle: Path | None = setting(None, help="The bundle, if it moved since the index was built (checked by content).")
     ef_search: int | None = setting(None, help="hnsw: search depth (default: the index's).", within=limits.AT_LEAST_ONE)
     nprobe: int | None = setting(None, help="ivfpq: lists visited (default: the index's).", within=limits.AT_LEAST_ONE)
+    refine: int | None = setting(
+        None, help="ivfpq: re-score refine x k candidates exactly (0: off; default: the index's).",
+        within=limits.NON_NEGATIVE,
+    )  # fmt: skip
     per_word: int | None = setting(
         None, help="Token index: regions each query word fetches as candidates (default: the index's).",
         within=limits.AT_LEAST_ONE,

@@ -8,6 +8,8 @@ torch (an import contract and a test hold this), so ``pip install "gssf[search]"
 An index folder (``indexes/NAME/``)::
 
     index.faiss     the faiss index (:mod:`gssf_cli.deploy.search`) over metric_head(image embeddings) [N, D]
+    vectors.npy     only for ``ivfpq``: those vectors themselves, float32 [N, D], memory-mapped at search time so
+                    that ``refine`` re-scores a shortlist exactly while the index in RAM holds only codes
     ids.txt         one id per gallery row, in row order (the row numbers unless ``--ids`` named others)
     captions.txt    only for a gallery that is a dataset's ``{split}_ims.npy``: its images' own captions, the
                     dataset's ``captions_per_image`` lines per row, in row order, which ``gssf search`` shows
@@ -15,7 +17,7 @@ An index folder (``indexes/NAME/``)::
     manifest.json   format, kind and parameters, count, D; the bundle it was built from (its digest, the sha256
                     of the bundle's manifest, which checksums every graph; its path relative to this folder);
                     the gallery (path, shape, sha256; its captions' source and count per row); sha256 and size of
-                    index.faiss, ids.txt and captions.txt; build figures
+                    index.faiss, ids.txt, captions.txt and vectors.npy; build figures
                     and, with ``--eval``, recall@10 against exact search and the query latency
 
 It is written through a staging folder (:func:`gssf_cli.core.files.staged_folder`): a build that fails or is
@@ -60,6 +62,9 @@ IDS_FILE = "ids.txt"
 CAPTIONS_FILE = "captions.txt"
 TOKENS_FILE = "tokens.npy"
 """A token index's unit regions ``[N, R, D]`` (:mod:`gssf_cli.deploy.token_index`)."""
+VECTORS_FILE = "vectors.npy"
+"""The index vectors ``[N, D]`` beside an index that holds only codes (``ivfpq``), read for ``refine``. An ivfpq
+folder of an older gssf has none: it opens, and searches with ``refine`` off, as it did."""
 EVAL_K = 10
 """``--eval`` measures recall@10: the cut-off retrieval papers and vector-search benchmarks report."""
 LATENCY_QUERIES = 200
@@ -320,8 +325,9 @@ def build(
 
     Checks the rest first (the index parameters, ``--eval-queries``) so that bad input writes nothing; then
     trains the index on a seeded random sample when the kind needs it (one extra pass over those rows), streams
-    every row through the bundle into the index (and, with ``--eval``, into the exact reference), and writes the
-    folder through a staging folder.
+    every row through the bundle into the index (and, with ``--eval``, into the exact reference; for ``ivfpq``,
+    into ``vectors.npy``, written memory-mapped in the staging folder so the gallery is never held whole), and
+    writes the folder through a staging folder.
     """
     if config.per_word is not None:
         raise UserInputError(
@@ -338,23 +344,40 @@ def build(
         builder.train(np.concatenate([embed(bundle, gallery, part) for part in _batches(sample, config.batch_size)]))
     timings["train_seconds"] = time.perf_counter() - started
     exact = ExactTopK(queries, EVAL_K) if queries is not None else None
+    keeps_vectors = search.INDEX_KINDS[spec.kind].vectors_file
     embed_seconds = 0.0
-    for start in range(0, gallery.count, config.batch_size):
-        tick = time.perf_counter()
-        vectors = embed(bundle, gallery, slice(start, start + config.batch_size))
-        embed_seconds += time.perf_counter() - tick
-        builder.add(vectors)
-        if exact is not None:
-            exact.update(vectors, start)
-        if progress is not None:
-            progress(len(vectors))
-    index = builder.finish()
-    timings["build_seconds"] = time.perf_counter() - started
-    timings["embed_seconds"] = embed_seconds
-    evaluation = measure(index, spec, queries, exact) if queries is not None and exact is not None else None
     with staged_folder(out, config.force) as staging:
+        stored = (
+            np.lib.format.open_memmap(
+                staging / VECTORS_FILE, mode="w+", dtype=np.float32, shape=(gallery.count, spec.dim)
+            )
+            if keeps_vectors
+            else None
+        )
+        for start in range(0, gallery.count, config.batch_size):
+            tick = time.perf_counter()
+            vectors = embed(bundle, gallery, slice(start, start + config.batch_size))
+            embed_seconds += time.perf_counter() - tick
+            builder.add(vectors)
+            if stored is not None:
+                stored[start : start + len(vectors)] = vectors
+            if exact is not None:
+                exact.update(vectors, start)
+            if progress is not None:
+                progress(len(vectors))
+        if stored is not None:
+            stored.flush()
+            del stored
+        index = builder.finish()
+        timings["build_seconds"] = time.perf_counter() - started
+        timings["embed_seconds"] = embed_seconds
+        evaluation = None
+        if queries is not None and exact is not None:
+            opened = np.load(staging / VECTORS_FILE, mmap_mode="r") if keeps_vectors else None
+            evaluation = measure(index, spec, queries, exact, opened)
+            del opened
         search.write_index(index, staging / INDEX_FILE)
-        names = write_rows(staging, gallery)
+        names = (*write_rows(staging, gallery), *((VECTORS_FILE,) if keeps_vectors else ()))
         manifest = index_manifest(config, bundle, gallery, spec, staging, out, timings, evaluation, names)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return BuiltIndex(out.expanduser(), manifest)
@@ -413,15 +436,18 @@ def _eval_queries(config: IndexConfig, bundle: BundleModel, gallery: Gallery, rn
     return queries[: config.eval_count]
 
 
-def measure(index: Any, spec: search.IndexSpec, queries: np.ndarray, exact: ExactTopK) -> dict[str, Any]:
-    """``--eval``: recall@10 of the index against exact search, batch throughput and single-query latency."""
+def measure(
+    index: Any, spec: search.IndexSpec, queries: np.ndarray, exact: ExactTopK, vectors: np.ndarray | None = None
+) -> dict[str, Any]:
+    """``--eval``: recall@10 of the index against exact search, batch throughput and single-query latency, at the
+    spec's search defaults (``vectors`` ``[N, D]``: what ``refine`` re-scores from)."""
     started = time.perf_counter()
-    _, found = search.search(index, spec, queries, EVAL_K)
+    _, found = search.search(index, spec, queries, EVAL_K, vectors=vectors)
     batch_seconds = time.perf_counter() - started
     latencies = []
     for query in queries[:LATENCY_QUERIES]:
         tick = time.perf_counter()
-        search.search(index, spec, query[None, :], EVAL_K)
+        search.search(index, spec, query[None, :], EVAL_K, vectors=vectors)
         latencies.append(time.perf_counter() - tick)
     milliseconds = 1000 * np.asarray(latencies)
     return {
@@ -512,6 +538,8 @@ class OpenIndex:
     index: Any
     ids: list[str]
     captions_per_row: int | None = None
+    vectors: np.ndarray | None = None
+    """``vectors.npy`` memory-mapped ``[count, D]`` float32 where the folder has it (ivfpq), else None."""
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -533,6 +561,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise UserInputError(f"{path}: incomplete index manifest (no {', '.join(missing)}); rebuild it")
     files, bundle = manifest["files"], manifest["bundle"]
     token_index = manifest.get("family", "embedding") == "interaction"
+    kind = search.INDEX_KINDS.get(manifest["kind"]) if isinstance(manifest["kind"], str) else None
+    optional = {CAPTIONS_FILE, *((VECTORS_FILE,) if kind is not None and kind.vectors_file and not token_index else ())}
     if token_index and not (
         type(manifest.get("regions_per_image")) is int
         and manifest["regions_per_image"] >= 1
@@ -544,7 +574,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         )
     if not (
         isinstance(files, dict)
-        and set(files) - {CAPTIONS_FILE} == {INDEX_FILE, IDS_FILE, *((TOKENS_FILE,) if token_index else ())}
+        and set(files) - optional == {INDEX_FILE, IDS_FILE, *((TOKENS_FILE,) if token_index else ())}
         and all(isinstance(f, dict) and isinstance(f.get("sha256"), str) and type(f.get("bytes")) is int
                 for f in files.values())
         and isinstance(bundle, dict)
@@ -611,6 +641,9 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
         raise UserInputError(f"{folder / MANIFEST}: kind and dim disagree with the index spec; rebuild it")
     if spec.dim != bundle.dim:
         raise UserInputError(f"{folder}: an index of dimension {spec.dim} for a bundle of dimension {bundle.dim}")
+    vectors = open_vectors(folder, manifest["count"], spec.dim) if VECTORS_FILE in manifest["files"] else None
+    if vectors is None and spec.search.get("refine", search.REFINE_OFF) != search.REFINE_OFF:
+        raise UserInputError(f"{folder / MANIFEST}: refine is on, but the folder lists no {VECTORS_FILE}; rebuild it")
     index = search.read_index(folder / INDEX_FILE, spec, manifest["count"] * manifest.get("regions_per_image", 1))
     try:
         ids = text_lines((folder / IDS_FILE).read_text(encoding="utf-8"))
@@ -618,7 +651,22 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
         raise UserInputError(f"{folder / IDS_FILE}: not UTF-8 text; rebuild the index") from None
     if len(ids) != manifest["count"]:
         raise UserInputError(f"{folder / IDS_FILE}: {len(ids):,} ids for an index of {manifest['count']:,} vectors")
-    return OpenIndex(folder, manifest, spec, bundle, index, ids, captions_per_row(manifest))
+    return OpenIndex(folder, manifest, spec, bundle, index, ids, captions_per_row(manifest), vectors)
+
+
+def open_vectors(folder: Path, count: int, dim: int) -> np.ndarray:
+    """``vectors.npy`` memory-mapped and checked against the manifest: ``[count, D]`` float32 (only the rows a
+    ``refine`` shortlists are ever read)."""
+    try:
+        vectors = np.load(folder / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{folder / VECTORS_FILE}: unreadable ({exc}); rebuild the index") from None
+    if vectors.shape != (count, dim) or vectors.dtype != np.float32:
+        raise UserInputError(
+            f"{folder / VECTORS_FILE}: holds {vectors.dtype} {list(vectors.shape)}, the manifest says float32 "
+            f"{[count, dim]}; rebuild the index"
+        )
+    return vectors
 
 
 def _check_family(folder: Path, manifest: Mapping[str, Any], bundle: Path) -> None:
@@ -678,9 +726,15 @@ def run_search(opened: OpenIndex, config: SearchConfig) -> SearchResult:
             "index, whose recall gssf index --eval measures"
         )
     params = search.search_overrides(opened.spec, index_overrides(config))
+    if params.get("refine", search.REFINE_OFF) != search.REFINE_OFF and opened.vectors is None:
+        raise UserInputError(
+            f"--refine {params['refine']}: {opened.folder} was built before gssf kept the vectors that refine "
+            "re-scores from; rebuild it with gssf index (or search with --refine 0)"
+        )
     labels, vectors = queries_of(opened, config)
     started = time.perf_counter()
-    scores, rows = search.search(opened.index, opened.spec, vectors, min(config.k, len(opened.ids)), params)
+    k = min(config.k, len(opened.ids))
+    scores, rows = search.search(opened.index, opened.spec, vectors, k, params, opened.vectors)
     return search_result(opened, config, labels, scores, rows, params, time.perf_counter() - started)
 
 
@@ -717,6 +771,8 @@ def manifest_metrics(manifest: Mapping[str, Any]) -> dict[str, float]:
     """The build (and ``--eval``) figures of a manifest as flat metrics for MLflow."""
     metrics = {key: float(value) for key, value in manifest["build"].items() if key != "seed"}
     metrics |= {"count": float(manifest["count"]), "index_bytes": float(manifest["files"][INDEX_FILE]["bytes"])}
+    if VECTORS_FILE in manifest["files"]:
+        metrics["vectors_bytes"] = float(manifest["files"][VECTORS_FILE]["bytes"])
     for key, value in (manifest.get("eval") or {}).items():
         if isinstance(value, (int, float)):
             metrics[f"eval_{key}"] = float(value)

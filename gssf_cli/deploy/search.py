@@ -3,14 +3,16 @@
 Why inner product: a bundle scores ``metric_head(images) @ texts.T``, so the gallery vectors are the metric head's
 outputs ``[N, D]`` (not unit norm; their norms vary) and a query is an L2-normalised text embedding ``[D]``. The
 best gallery rows for a query are those with the largest ``gallery_row · query``, whatever the index kind, and
-:func:`search` returns that score (exactly for ``flat`` and ``hnsw``; from the compressed codes for ``ivfpq``).
+:func:`search` returns that score (exactly for ``flat`` and ``hnsw``, and for ``ivfpq`` with ``refine`` on, which
+re-scores a shortlist from the gallery vectors memory-mapped; from the compressed codes for ``ivfpq`` with it off).
 ``hnsw`` searches the standard MIPS-to-L2 reduction of the gallery (:func:`_augment_gallery`): a graph over raw
 inner products with varying norms reached far lower recall.
 
 faiss is imported inside the functions, so ``import gssf_cli.deploy.search`` (and ``gssf --help``) costs numpy only.
 The index kinds live in :data:`INDEX_KINDS`; each names its build-time and search-time parameters, and
 :func:`index_spec` picks defaults for a gallery of a given size and dimension. The defaults were chosen from
-``benchmarks/bench_search.py`` (1,000,000 x 256, clustered, head-transformed vectors); see each ``_*_defaults``.
+``benchmarks/bench_search.py`` (clustered, head-transformed vectors, 1,000,000 x 256 and 100,000 x 256); see each
+``_*_defaults``.
 """
 
 from __future__ import annotations
@@ -37,8 +39,13 @@ PQ_POINTS_PER_CENTROID: Final = 64
 k-means runs on 4-dim vectors: 29 s for a 30,000-vector gallery on 2 cores, most of the ivfpq build)."""
 MIN_NPROBE: Final = 8
 """At least this many IVF lists are probed by default: on a small gallery one list may hold fewer than k rows."""
-NPROBE_SHARE: Final = 64
-"""Default nprobe = nlist / 64 (see :func:`_ivfpq_defaults` for the measurement)."""
+NPROBE_SHARE: Final = 10
+"""Default nprobe = nlist / 10 (see :func:`_ivfpq_defaults` for the measurement)."""
+REFINE_OFF: Final = 0
+"""``refine`` = 0: ``ivfpq`` answers from its codes alone (its scores carry the quantisation error). What an index
+written before ``refine`` existed searches with, and what a token index stores (it re-scores by late interaction)."""
+DEFAULT_REFINE: Final = 4
+"""Default ``refine`` of ``ivfpq`` (see :func:`_ivfpq_defaults` for the measurement)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,11 @@ class IndexKind:
     """The class ``faiss.read_index`` returns for this kind, checked when an index is read back."""
     mips_to_l2: bool = False
     """Store ``[x, sqrt(M² - |x|²)]`` and search with ``[q, 0]`` under L2 (see :func:`_augment_gallery`)."""
+    vectors_file: bool = False
+    """The index holds no full vectors, so an index folder keeps the gallery vectors ``[N, D]`` beside it for the
+    exact re-scoring of ``refine`` (see :func:`_refine`)."""
+    legacy_search: Mapping[str, int] = field(default_factory=dict)
+    """Search parameters a manifest of an older gssf lacks, with the value that searches as that gssf did."""
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -68,7 +80,8 @@ class IndexSpec:
     """What an index folder records about its faiss index, so that it can be rebuilt, checked and searched.
 
     ``build`` holds the build-time parameters (hnsw: ``m``, ``ef_construction``; ivfpq: ``nlist``, ``pq_m``,
-    ``pq_bits``; flat: none), ``search`` the default search-time ones (hnsw: ``ef_search``; ivfpq: ``nprobe``).
+    ``pq_bits``; flat: none), ``search`` the default search-time ones (hnsw: ``ef_search``; ivfpq: ``nprobe``,
+    ``refine``).
     """
 
     kind: str
@@ -81,7 +94,11 @@ class IndexSpec:
 
     @classmethod
     def from_json(cls, data: Any) -> IndexSpec:
-        """The spec a manifest recorded; a one-line :class:`UserInputError` if it is not one this version wrote."""
+        """The spec a manifest recorded; a one-line :class:`UserInputError` if it is not one this version wrote.
+
+        A spec of an older gssf that lacks a search parameter added since gets the value that keeps its behaviour
+        (:attr:`IndexKind.legacy_search`: an ``ivfpq`` spec without ``refine`` searches with it off).
+        """
         if not isinstance(data, Mapping):
             raise UserInputError(f"index spec: expected an object, got {type(data).__name__}")
         kind = _kind(data.get("kind"), "index spec: kind")
@@ -89,7 +106,10 @@ class IndexSpec:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
             raise UserInputError(f"index spec: dim must be a positive integer, got {dim!r}")
         build = _int_params(data.get("build", {}), INDEX_KINDS[kind].build_params, "index spec: build")
-        search = _int_params(data.get("search", {}), INDEX_KINDS[kind].search_params, "index spec: search")
+        stored = data.get("search", {})
+        if isinstance(stored, Mapping):
+            stored = {**INDEX_KINDS[kind].legacy_search, **stored}
+        search = _int_params(stored, INDEX_KINDS[kind].search_params, "index spec: search")
         for name, value in {**build, **search}.items():
             _check_param(kind, name, value, dim)
         return cls(kind, dim, build, search)
@@ -124,22 +144,36 @@ def _hnsw_defaults(dim: int, count: int) -> dict[str, int]:
 def _ivfpq_defaults(dim: int, count: int) -> dict[str, int]:
     """nlist ~ 4·sqrt(count), capped so that every list gets 39 training points; pq_m for ~4 dims per
     sub-quantizer (64 bytes per vector at D = 256); 8-bit codes where the gallery can train 256 centroids;
-    nprobe = nlist / 64 (at least 8).
+    nprobe = nlist / 10 (at least 8); refine = 4 (the best 4·k candidates by code re-scored exactly).
 
-    Measured by ``benchmarks/bench_search.py`` at 1,000,000 x 256 (nlist 4,000, pq_m 64): a 73 MiB index
-    (flat: 977 MiB), built in 77 s; recall@10 / QPS by nprobe: 16: 0.66 / 7,758; 32: 0.70 / 4,213;
-    64: 0.72 / 2,167; 128: 0.74 / 1,113; 256: 0.75 / 562. Recall plateaus near 0.75 because the codes, not the
-    lists, limit it: more probes stop paying after ~nlist/64, hence the default. At 200,000 vectors pq_m = 128
-    (2 dims per code, 128 bytes per vector) lifted recall@10 at nprobe 64 from 0.77 to 0.86: pass ``--pq-m`` for
-    a better trade, or use ``hnsw`` where memory allows (recall 0.95+).
+    Measured by ``benchmarks/bench_search.py --quick`` at 100,000 x 256 on 2 shared cores (Intel Xeon; 1,000
+    held-out queries, k = 10; nlist 1,265, pq_m 64; flat 277 QPS in the same run): index 8.4 MiB, vectors.npy
+    98 MiB (flat: 97.7 MiB), build 116 s. recall@10 / QPS with refine off, by nprobe: 16: 0.629 / 12,099;
+    32: 0.725 / 8,633; 64: 0.793 / 5,074; 128: 0.822 / 2,977; 256: 0.835 / 1,484 -- the codes cap it. With refine
+    2 / 4 / 8, by nprobe: 32: 0.785 / 0.791 / 0.792; 64: 0.886 / 0.899 / 0.902; 96: 0.923 / 0.939 / 0.943;
+    128: 0.941 / 0.959 / 0.963 (2,671 / 2,593 / 2,547 QPS); 192: 0.958 / 0.978 / 0.982 (1,881 / 1,687 / 1,755
+    QPS) -- refine lifts the cap, the lists probed then limit it, and refine costs little (nprobe 128: 2,977 QPS
+    off, 2,593 at refine 4). nprobe 128 with refine 4 is the smallest measured setting at recall >= 0.95; the
+    defaults (nprobe 127, refine 4) gave 0.958 at 2,622 QPS (9.5x flat), p50 0.35 ms. Memory of the search
+    process, over its start: anonymous (index and work space) +24.7 MiB, 24% of flat's +103.7 MiB; file-backed
+    +98 MiB of vectors.npy pages, the whole file, touched by the 1,000 queries' 40,000 shortlisted rows: page
+    cache the kernel may drop and re-read (cold: refine·k reads of 4·D bytes a query). The 1M figures of the
+    earlier defaults (nlist 4,000, nprobe 63, no refine: recall@10 0.72 at ~2,300 QPS, 73 MiB) were not
+    remeasured: there the rule gives nprobe 400 and refine 4, whose recall and QPS at 1M are unmeasured.
     """
     nlist = max(1, min(round(4 * math.sqrt(count)), count // POINTS_PER_CENTROID))
     pq_bits = max(1, min(8, int(math.log2(max(count // POINTS_PER_CENTROID, 2)))))
-    return {"nlist": nlist, "pq_m": _pq_m_for(dim), "pq_bits": pq_bits, "nprobe": default_nprobe(nlist)}
+    return {
+        "nlist": nlist,
+        "pq_m": _pq_m_for(dim),
+        "pq_bits": pq_bits,
+        "nprobe": default_nprobe(nlist),
+        "refine": DEFAULT_REFINE,
+    }
 
 
 def default_nprobe(nlist: int) -> int:
-    """nprobe = nlist / 64, at least 8 (and at most nlist): read from the index's own nlist, given or not."""
+    """nprobe = nlist / 10, at least 8 (and at most nlist): read from the index's own nlist, given or not."""
     return min(nlist, max(MIN_NPROBE, math.ceil(nlist / NPROBE_SHARE)))
 
 
@@ -158,6 +192,7 @@ _RULES: Final[dict[str, tuple[int, int]]] = {
     "pq_m": (1, 4096),
     "pq_bits": (1, 12),
     "nprobe": (1, 1 << 20),
+    "refine": (0, 1024),
 }
 """Inclusive ranges for every parameter; cross-checks against dim and count are in :func:`_check_param`."""
 
@@ -233,6 +268,12 @@ def index_spec(kind: str, dim: int, count: int, overrides: Mapping[str, int | No
     for name, value in {**build, **search}.items():
         _check_param(kind, name, value, dim, count)
     return IndexSpec(kind, dim, build, search)
+
+
+def refine_off(kind: str) -> dict[str, int]:
+    """The override that turns ``refine`` off for ``kind`` (none for a kind without it): for an index that keeps no
+    vectors to re-score from (a token index)."""
+    return {"refine": REFINE_OFF} if kind in INDEX_KINDS and "refine" in INDEX_KINDS[kind].search_params else {}
 
 
 def search_overrides(spec: IndexSpec, overrides: Mapping[str, int | None]) -> dict[str, int]:
@@ -318,13 +359,16 @@ INDEX_KINDS: Final[dict[str, IndexKind]] = {
         mips_to_l2=True,
     ),
     "ivfpq": IndexKind(
-        "approximate, memory-lean: inverted lists of product-quantised codes; memory pq_m bytes per vector",
+        "approximate, memory-lean: inverted lists of product-quantised codes, a shortlist re-scored exactly from "
+        "the vectors memory-mapped; memory pq_m bytes per vector (+ 4·D on disk)",
         exact=False,
         build_params=("nlist", "pq_m", "pq_bits"),
-        search_params=("nprobe",),
+        search_params=("nprobe", "refine"),
         defaults=_ivfpq_defaults,
         make=_make_ivfpq,
         faiss_class="IndexIVFPQ",
+        vectors_file=True,
+        legacy_search={"refine": REFINE_OFF},
     ),
 }
 
@@ -383,8 +427,10 @@ sample missed the gallery's very largest) still works, with its extra coordinate
 :func:`_augment_gallery`)."""
 NORM_SAMPLE: Final = 10_000
 """Sample size for the largest-norm estimate of ``hnsw``."""
-RERANK_QUERIES: Final = 1024
-"""Queries per chunk when ``hnsw`` results are re-scored from the stored vectors (bounds the gather)."""
+RESCORE_BYTES: Final = 8 << 20
+"""Bytes of candidate vectors gathered at a time when results are re-scored exactly (``hnsw``; ``ivfpq`` with
+``refine``): bounds the ``[Q, C, D]`` gather whatever the batch of queries. With 32 MiB gathers the benchmark's
+ivfpq search process kept 55 MiB of anonymous memory (the allocator keeps blocks that large), half of flat's."""
 RERANK_FACTOR: Final = 2
 """``hnsw`` re-scores the graph's best ``RERANK_FACTOR * k`` candidates by the true inner product (see
 :func:`_search_reduced`)."""
@@ -461,16 +507,24 @@ def read_index(path: Path, spec: IndexSpec, count: int) -> Any:
 
 
 def search(
-    index: Any, spec: IndexSpec, queries: np.ndarray, k: int, params: Mapping[str, int] | None = None
+    index: Any,
+    spec: IndexSpec,
+    queries: np.ndarray,
+    k: int,
+    params: Mapping[str, int] | None = None,
+    vectors: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best gallery rows for each query ``[Q, D]``: ``(scores [Q, k] float32, rows [Q, k] int64)``,
     best first, with ``scores = gallery[rows] · query``.
 
-    ``params`` are the search-time parameters (:func:`search_overrides`); ``None`` uses the spec's. Where fewer
-    than ``k`` rows exist (``k > ntotal``, or an approximate kind that reached fewer), the missing places hold
-    row ``-1`` and score ``-inf``. ``flat`` and ``hnsw`` give the inner product exactly (``hnsw`` re-scores its best
-    ``RERANK_FACTOR * k`` graph candidates from the stored vectors); ``ivfpq`` computes it from the compressed
-    codes, so its scores carry the quantisation error.
+    ``params`` are the search-time parameters (:func:`search_overrides`); ``None`` uses the spec's. ``vectors`` are
+    the gallery vectors ``[N, D]`` float32 (memory-mapped: only the shortlisted rows are read), which ``ivfpq``
+    needs when ``refine`` is on. Where fewer than ``k`` rows exist (``k > ntotal``, or an approximate kind that
+    reached fewer), the missing places hold row ``-1`` and score ``-inf``. ``flat`` and ``hnsw`` give the inner
+    product exactly (``hnsw`` re-scores its best ``RERANK_FACTOR * k`` graph candidates from the stored vectors),
+    and so does ``ivfpq`` with ``refine`` on (its best ``refine * k`` candidates by code, re-scored from
+    ``vectors``); with ``refine`` 0 ``ivfpq`` computes the score from the compressed codes, so it carries the
+    quantisation error.
     """
     if not _is_int(k) or k < 1:
         raise UserInputError(f"--k must be at least 1, got {k}")
@@ -480,10 +534,41 @@ def search(
     chosen = dict(spec.search) if params is None else dict(params)
     if INDEX_KINDS[spec.kind].mips_to_l2:
         return _search_reduced(index, batch, int(k), chosen["ef_search"])
+    refine = chosen.get("refine", REFINE_OFF)
+    if refine != REFINE_OFF:
+        return _refine(index, spec, batch, int(k), chosen, _checked_vectors(vectors, index, spec, refine))
     scores, rows = index.search(batch, int(k), params=_search_parameters(spec, chosen))
     scores = scores.astype(np.float32, copy=False)
     scores[rows < 0] = -np.inf
     return scores, rows.astype(np.int64, copy=False)
+
+
+def _checked_vectors(vectors: np.ndarray | None, index: Any, spec: IndexSpec, refine: int) -> np.ndarray:
+    if vectors is None:
+        raise UserInputError(
+            f"--refine {refine} re-scores from the gallery's stored vectors, and this index has none; rebuild it with "
+            "gssf index (or search with --refine 0)"
+        )
+    if vectors.shape != (index.ntotal, spec.dim) or vectors.dtype != np.float32:
+        raise UserInputError(
+            f"the stored vectors are {vectors.dtype} {list(vectors.shape)}, the index holds float32 "
+            f"[{index.ntotal}, {spec.dim}]; rebuild it"
+        )
+    return vectors
+
+
+def _refine(
+    index: Any, spec: IndexSpec, queries: np.ndarray, k: int, params: Mapping[str, int], vectors: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``ivfpq`` with ``refine``: its best ``refine * k`` candidates by code, re-scored by the true inner product
+    from ``vectors`` ``[N, D]``, best ``k`` kept.
+
+    Why: the codes, not the lists, cap ivfpq's recall (see :func:`_ivfpq_defaults`), yet the true neighbours are
+    nearly always among the code's best few ``k``; reading those rows (``refine * k * 4·D`` bytes per query, from
+    the page cache) restores the order while the index in memory stays ``pq_m`` bytes per vector.
+    """
+    _, candidates = index.search(queries, params["refine"] * k, params=_search_parameters(spec, params))
+    return _rescore(vectors, queries, candidates, k)
 
 
 def _search_reduced(index: Any, queries: np.ndarray, k: int, ef_search: int) -> tuple[np.ndarray, np.ndarray]:
@@ -498,13 +583,19 @@ def _search_reduced(index: Any, queries: np.ndarray, k: int, ef_search: int) -> 
     depth = RERANK_FACTOR * k
     parameters = _faiss().SearchParametersHNSW(efSearch=max(ef_search, depth))
     _, candidates = index.search(_augment_queries(queries), depth, params=parameters)
-    stored = _stored_vectors(index)
+    return _rescore(_stored_vectors(index)[:, : queries.shape[1]], queries, candidates, k)
+
+
+def _rescore(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates ``[Q, C]`` (row -1: none) re-scored as ``vectors[row] · query`` (``vectors`` ``[N, D]``, queries
+    ``[Q, D]``): the best ``k`` ``(scores [Q, k], rows [Q, k])``, gathered ``RESCORE_BYTES`` at a time."""
     scores = np.empty((queries.shape[0], k), dtype=np.float32)
     rows = np.empty((queries.shape[0], k), dtype=np.int64)
-    for start in range(0, queries.shape[0], RERANK_QUERIES):
-        part = slice(start, start + RERANK_QUERIES)
-        found = candidates[part]
-        exact = np.einsum("qcd,qd->qc", stored[np.maximum(found, 0), : queries.shape[1]], queries[part])
+    step = max(1, RESCORE_BYTES // (4 * queries.shape[1] * max(1, candidates.shape[1])))
+    for start in range(0, queries.shape[0], step):
+        part = slice(start, start + step)
+        found = candidates[part].astype(np.int64, copy=False)
+        exact = np.einsum("qcd,qd->qc", vectors[np.maximum(found, 0)], queries[part])
         exact[found < 0] = -np.inf
         scores[part], rows[part] = sorted_best(*top_k(exact, found, k))
     return scores, rows

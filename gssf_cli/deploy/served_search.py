@@ -85,7 +85,7 @@ def search_captions(
         per_word = int(opened.manifest["late_interaction"]["per_word"])
         return token_index.late_interaction(opened.bundle, opened.index, opened.spec, tokens, queries, k, per_word)
     vectors = index_folder.text_queries(opened.bundle, captions, where)
-    return search.search(opened.index, opened.spec, vectors, k)
+    return search.search(opened.index, opened.spec, vectors, k, vectors=opened.vectors)
 
 
 def _request(model_input: Any) -> Mapping[str, Any]:

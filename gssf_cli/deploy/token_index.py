@@ -15,6 +15,10 @@ A token index folder holds what an embedding index holds (:mod:`gssf_cli.deploy.
 over ``head(region)`` for every region of every image ``[N·R, D]``, plus ``tokens.npy``: the unit regions
 ``[N, R, D]`` float32 that re-scoring reads. Its manifest says ``"family": "interaction"``, the regions per image R
 (the token → image map: every gallery row has R regions), and the default ``per_word``.
+
+An ``ivfpq`` token index stores ``refine`` off and refuses ``--refine``: its candidates are already re-scored
+exactly, by the bundle's scorer over whole images, and it keeps no ``vectors.npy`` of ``head(region)`` to refine a
+region search from.
 """
 
 from __future__ import annotations
@@ -173,8 +177,10 @@ def build(
             f"{config.bundle}: an interaction bundle indexes regions, so the gallery must be image-encoder inputs "
             f"[N, R, F]; drop --embedded"
         )
+    _refuse_refine(config.refine)
     regions = 1 if gallery.rows.ndim == 2 else int(gallery.rows.shape[1])
-    spec = search.index_spec(config.kind, bundle.dim, gallery.count * regions, index_folder.index_overrides(config))
+    overrides = index_folder.index_overrides(config) | search.refine_off(config.kind)
+    spec = search.index_spec(config.kind, bundle.dim, gallery.count * regions, overrides)
     per_word = config.per_word or DEFAULT_PER_WORD
     rng = np.random.default_rng(config.seed)
     queries = _eval_queries(config, bundle, gallery, rng) if config.eval else None
@@ -218,6 +224,14 @@ def build(
         )
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return BuiltIndex(out.expanduser(), manifest)
+
+
+def _refuse_refine(refine: int | None) -> None:
+    if refine is not None:
+        raise UserInputError(
+            f"--refine {refine} applies to an embedding ivfpq index; a token index re-scores its candidates by late "
+            "interaction already"
+        )
 
 
 def _head_tokens(bundle: BundleModel, gallery: Gallery, rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -282,6 +296,7 @@ def run_search(opened: OpenIndex, config: SearchConfig) -> SearchResult:
             f"{opened.folder}: a token index is searched with captions (--text, --texts): its queries are words, "
             "and --vectors gives pooled vectors"
         )
+    _refuse_refine(config.refine)
     tokens = open_tokens(opened.folder, opened.manifest, opened.bundle.dim)
     captions = [config.text] if config.text is not None else read_captions(config.texts)  # type: ignore[arg-type]
     if not captions:

@@ -16,13 +16,13 @@ import pytest
 # verify_bundle on a small hand-made bundle (identity graphs, a real manifest layout): no export, no tracking
 
 
-def _identity_graph(path: Path, inputs: list[tuple[str, int]]) -> None:
+def _identity_graph(path: Path, inputs: list[tuple[str, int]], output: str = "embeddings") -> None:
     onnx = pytest.importorskip("onnx")
     helper = onnx.helper
     values = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT if t else onnx.TensorProto.INT64, ["batch", 4])
               for n, t in inputs]  # fmt: skip
-    out = helper.make_tensor_value_info("embeddings", values[0].type.tensor_type.elem_type, ["batch", 4])
-    graph = helper.make_graph([helper.make_node("Identity", [inputs[0][0]], ["embeddings"])], "g", values[:1], [out])
+    out = helper.make_tensor_value_info(output, values[0].type.tensor_type.elem_type, ["batch", 4])
+    graph = helper.make_graph([helper.make_node("Identity", [inputs[0][0]], [output])], "g", values[:1], [out])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     model.ir_version = 10
     onnx.save(model, str(path))
@@ -35,7 +35,9 @@ def _make_bundle(folder: Path, task: str = "cross_modal") -> Path:
     graphs: dict = {}
     for name in bundle.GRAPHS[task]:
         inputs = [("tokens", 0), ("lengths", 0)] if name == "text_encoder" else [("features", 1)]
-        _identity_graph(folder / f"{name}.onnx", inputs)
+        if name == "metric_head":  # fed by name, as BundleModel.transform does
+            inputs = [("embeddings", 1)]
+        _identity_graph(folder / f"{name}.onnx", inputs, "vectors" if name == "metric_head" else "embeddings")
         graphs[name] = {"file": f"{name}.onnx", "inputs": [{"name": n} for n, _ in inputs]}
     preprocessing: dict = {}
     if task == "cross_modal":

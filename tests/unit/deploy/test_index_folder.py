@@ -1,25 +1,37 @@
 """The index folder's own rules, without a bundle: ids files, where an index goes, what ``--out`` may replace,
-the metrics a manifest reports, and the captions a dataset's gallery brings (builds and searches on a real bundle:
-``tests/behaviour/test_search.py``)."""
+the metrics a manifest reports, the captions a dataset's gallery brings, and the vectors an ivfpq folder keeps for
+``refine`` (on a hand-made identity bundle; builds and searches on a real bundle: ``tests/behaviour/test_search.py``)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from gssf_cli.core.errors import UserInputError
-from gssf_cli.core.files import MANIFEST
+from gssf_cli.core.files import MANIFEST, file_entry
+from gssf_cli.core.stage_configs import IndexConfig, SearchConfig
+from gssf_cli.deploy import search
 from gssf_cli.deploy.index_folder import (
+    IDS_FILE,
+    INDEX_FILE,
+    VECTORS_FILE,
+    SearchResult,
+    build,
+    build_inputs,
     check_replaceable,
     default_out,
     gallery_captions,
+    open_index,
     read_ids,
     read_manifest,
     row_captions,
+    run_search,
     text_lines,
 )
 
@@ -136,3 +148,106 @@ def test_an_index_manifest_lists_captions_with_their_count_per_row_or_neither(tm
     }.items():
         with pytest.raises(UserInputError, match=r"malformed index manifest \(captions.txt"):
             read_manifest(_index_manifest(tmp_path / name.replace(" ", "-"), **changes))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ivfpq keeps its vectors for refine (an identity bundle of D = 4, so the index vectors are the gallery's rows)
+
+
+@dataclass(frozen=True)
+class Built:
+    bundle: Path
+    gallery: np.ndarray
+    queries: Path
+    ivfpq: Path
+    flat: Path
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    from tests.unit.deploy.test_bundle import _make_bundle
+
+    root = tmp_path_factory.mktemp("refine")
+    bundle = _make_bundle(root / "bundle")
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((8, 4)).astype(np.float32)
+    gallery = centres[rng.integers(8, size=2_000)] + 0.3 * rng.standard_normal((2_000, 4)).astype(np.float32)
+    np.save(root / "gallery.npy", gallery)
+    np.save(root / "queries.npy", gallery[:6] + 0.1)
+    folders = {}
+    for kind in ("ivfpq", "flat"):
+        config = IndexConfig(bundle=bundle, gallery=root / "gallery.npy", kind=kind, embedded=True, out=root / kind)
+        model, opened, out = build_inputs(config)
+        folders[kind] = build(config, model, opened, out).path
+    return Built(bundle, gallery, root / "queries.npy", folders["ivfpq"], folders["flat"])
+
+
+def _search(built: Built, folder: Path, **settings: Any) -> SearchResult:
+    config = SearchConfig(index=folder, vectors=built.queries, embedded=True, k=5, **settings)
+    return run_search(open_index(folder, built.bundle), config)
+
+
+def _copy(folder: Path, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    return copy, json.loads((copy / MANIFEST).read_text())
+
+
+def test_an_ivfpq_folder_keeps_its_vectors_and_answers_with_their_exact_products(built: Built) -> None:
+    manifest = read_manifest(built.ivfpq)
+    assert set(manifest["files"]) == {INDEX_FILE, IDS_FILE, VECTORS_FILE}
+    assert manifest["spec"]["search"]["refine"] == search.DEFAULT_REFINE
+    np.testing.assert_array_equal(np.load(built.ivfpq / VECTORS_FILE), built.gallery)
+    opened = open_index(built.ivfpq, built.bundle)
+    assert isinstance(opened.vectors, np.memmap) and opened.vectors.shape == (2_000, 4)
+    queries = np.load(built.queries)
+    for query, hits in zip(queries, _search(built, built.ivfpq).queries, strict=True):
+        rows = [hit["row"] for hit in hits["results"]]
+        scores = [hit["score"] for hit in hits["results"]]
+        np.testing.assert_allclose(scores, built.gallery[rows] @ query, rtol=1e-6, atol=1e-6)
+    assert set(read_manifest(built.flat)["files"]) == {INDEX_FILE, IDS_FILE}
+
+
+def test_a_vectors_file_changed_in_place_or_of_another_shape_is_refused(built: Built, tmp_path: Path) -> None:
+    copy, manifest = _copy(built.ivfpq, tmp_path)
+    vectors = np.load(copy / VECTORS_FILE, mmap_mode="r+")
+    vectors[7, 1] += 1.0
+    vectors.flush()
+    del vectors
+    with pytest.raises(UserInputError, match=r"vectors.npy: checksum mismatch with manifest.json"):
+        open_index(copy, built.bundle)
+    np.save(copy / VECTORS_FILE, built.gallery[:, :3])
+    manifest["files"][VECTORS_FILE] = file_entry(copy / VECTORS_FILE)
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserInputError, match=r"holds float32 \[2000, 3\], the manifest says float32 \[2000, 4\]"):
+        open_index(copy, built.bundle)
+
+
+def test_an_ivfpq_folder_from_before_refine_searches_with_it_off(built: Built, tmp_path: Path) -> None:
+    copy, manifest = _copy(built.ivfpq, tmp_path)
+    (copy / VECTORS_FILE).unlink()
+    del manifest["files"][VECTORS_FILE]
+    del manifest["spec"]["search"]["refine"]
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    opened = open_index(copy, built.bundle)
+    assert opened.vectors is None and opened.spec.search["refine"] == search.REFINE_OFF
+    assert _search(built, copy).params == {"nprobe": manifest["spec"]["search"]["nprobe"], "refine": 0}
+    with pytest.raises(UserInputError, match=r"--refine 4: .* was built before gssf kept the vectors") as caught:
+        _search(built, copy, refine=4)
+    assert "\n" not in str(caught.value)
+    manifest["spec"]["search"]["refine"] = 4
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserInputError, match=r"refine is on, but the folder lists no vectors.npy; rebuild it"):
+        open_index(copy, built.bundle)
+
+
+def test_refine_on_a_flat_index_is_refused_in_one_line(built: Built, tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match=r"--refine does not apply to --kind flat") as caught:
+        _search(built, built.flat, refine=2)
+    assert "\n" not in str(caught.value)
+    config = IndexConfig(bundle=built.bundle, gallery=tmp_path / "g.npy", kind="flat", embedded=True, refine=2,
+                         out=tmp_path / "x")  # fmt: skip
+    np.save(config.gallery, built.gallery[:50])  # type: ignore[arg-type]
+    with pytest.raises(UserInputError, match=r"--refine does not apply to --kind flat"):
+        build(config, *build_inputs(config))
+    assert not (tmp_path / "x").exists()

@@ -6,6 +6,7 @@ on ONNX Runtime, numpy and faiss alone (the CLI end to end: ``tests/behaviour/te
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,3 +262,25 @@ def test_open_tokens_refuses_regions_that_disagree_with_the_manifest(exported: E
     with pytest.raises(UserInputError, match=r"tokens.npy: holds float32 \[64, 4, 16\], the manifest says float32 "
                                              r"\[64, 5, 16\]; rebuild the index"):  # fmt: skip
         token_index.open_tokens(exported.index, manifest, exported.bundle.dim)
+
+
+def test_an_ivfpq_token_index_stores_refine_off_and_refuses_refine(
+    exported: Exported, tiny_syn: Path, tmp_path: Path
+) -> None:
+    """Its candidates are re-scored by late interaction already, and it keeps no vectors.npy to refine from."""
+    config = IndexConfig(bundle=exported.bundle.folder, gallery=tiny_syn / "train_ims.npy", kind="ivfpq",
+                         out=tmp_path / "ivfpq")  # fmt: skip
+    built = indexes.build(config)
+    assert built.manifest["spec"]["search"]["refine"] == 0
+    assert index_folder.VECTORS_FILE not in built.manifest["files"]
+    opened = index_folder.open_index(built.path)
+    assert opened.vectors is None
+    found = token_index.run_search(opened, SearchConfig(index=built.path, text=exported.captions[0], k=3))
+    assert found.params["refine"] == 0 and len(found.queries[0]["results"]) == 3
+    for ask in (
+        lambda: token_index.run_search(opened, SearchConfig(index=built.path, text=exported.captions[0], refine=2)),
+        lambda: indexes.build(dataclasses.replace(config, refine=2, out=tmp_path / "refined")),
+    ):
+        with pytest.raises(UserInputError, match=r"--refine 2 applies to an embedding ivfpq index; a token index"):
+            ask()
+    assert not (tmp_path / "refined").exists()

@@ -84,8 +84,8 @@ def search_captions(
         tokens = token_index.open_tokens(opened.folder, opened.manifest, opened.bundle.dim)
         per_word = int(opened.manifest["late_interaction"]["per_word"])
         return token_index.late_interaction(opened.bundle, opened.index, opened.spec, tokens, queries, k, per_word)
-    vectors = index_folder.text_queries(opened.bundle, captions, where)
-    return search.search(opened.index, opened.spec, vectors, k, vectors=opened.vectors)
+    queries = index_folder.text_queries(opened.bundle, captions, where)
+    return search.search(opened.index, opened.spec, queries, k, vectors=opened.vectors)
 
 
 def _request(model_input: Any) -> Mapping[str, Any]:

@@ -586,14 +586,14 @@ def test_the_table_shows_queries_and_ids_literally(here: Path) -> None:
 def test_a_logged_search_model_answers_as_gssf_search_does_without_torch(here: Path) -> None:
     """``gssf index --register NAME`` logs the index and its bundle as one MLflow model (the run names it, the
     registry's champion points at it); loaded back through MLflow it answers captions with the ids, rows and
-    scores ``gssf search --json`` gives, at the k asked or its default, with a gallery smaller than k giving all
+    scores ``gssf search --json`` gives (ivfpq: its refine reads the vectors the model carries), at the k asked or its default, with a gallery smaller than k giving all
     of it, and refuses a bad request in one line. Serving it over HTTP: ``tests/behaviour/test_readme.py``."""
     import mlflow
 
     from gssf_cli.deploy import served_search
     from gssf_cli.tracking.adapter import Tracker
 
-    built = _ok(_invoke("index", "--bundle", BUNDLE, "--gallery", GALLERY, "--kind", "hnsw", "--out",
+    built = _ok(_invoke("index", "--bundle", BUNDLE, "--gallery", GALLERY, "--kind", "ivfpq", "--out",
                         "indexes/served", "--register", "served-search", "--json"))  # fmt: skip
     assert built["registered"] == {"name": "served-search", "version": 1, "alias": "champion"}
     captions = (here / DATA / "test_caps.txt").read_text().splitlines()[:3]

@@ -11,7 +11,6 @@ gallery item are skipped: they count in no mean, and are reported as ``num_skipp
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +45,7 @@ from gssf_cli.evaluation.ranking import (
     score_matrix_shape,
     tile_workers,
     tiles,
+    torch_threads,
 )
 
 
@@ -324,7 +324,7 @@ def _label_stats_top(
     map_at_r, r_precision = np.zeros(num_queries), np.zeros(num_queries)
     relevant = (gallery.count[query_codes] - int(depth.excludes_self)).numpy()
     codes = query_codes.numpy()
-    with tile_workers(torch.device("cpu")) as workers, _torch_threads(1 if workers.size > 1 else None):
+    with tile_workers(torch.device("cpu")) as workers, torch_threads(1 if workers.size > 1 else None):
         budget_rows = rows_per_chunk(blocks.num_columns, blocks.element_size, memory_budget_bytes // workers.size)
         cache_rows = max(ranking.MIN_SCORE_ROWS, ranking.SCORE_TILE_ELEMENTS // blocks.num_columns)
         rows = ranking.STREAM_QUERY_ROWS if blocks.candidates is not None else max(1, min(budget_rows, cache_rows))
@@ -353,20 +353,6 @@ def _label_stats_top(
         torch.from_numpy(first_rank), torch.zeros(num_queries, dtype=torch.float64),
         torch.from_numpy(map_at_r), torch.from_numpy(r_precision),
     )  # fmt: skip
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``threads`` for the duration (None: left alone), then restored."""
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _top_positions(

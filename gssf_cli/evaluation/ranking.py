@@ -5,7 +5,8 @@ and argsorts every query's row, which needs O(N·M) memory and costs more than c
 only needs *counts* of gallery items scoring at or above each positive of the query:
 
 - cross-modal (few positives: the k captions of an image, the one image of a caption): k + 1 vectorised
-  compare-and-count passes over cache-sized tiles, no sorting at all;
+  compare-and-count passes over cache-sized tiles, no sorting at all; from embeddings on CPU each tile is a
+  stripe of scores counted as soon as it is computed (:attr:`RowBlocks.stripe`);
 - label-based (many positives: a whole class): MAP@R, R-precision, P@1 and R@K only need each query's top
   max(R, K). An exact lower bound of that depth, read off the maxima of the row's columns when the row is
   viewed as a few stripes, leaves a few hundred candidates, and only those are sorted (one uint64 key each). Full mAP (``full_map=True``) needs
@@ -59,6 +60,7 @@ SCORE_TILE_ELEMENTS = 2**22
 MIN_SCORE_ROWS = 64
 STRIPE_COLUMNS = 4096
 STREAM_QUERY_ROWS = 256
+STREAM_IMAGE_ROWS = 512
 STRIPE_COLUMNS_PER_NEEDED = 8
 _MAX_COMPARE_PASSES = 8
 _PARALLEL_SORT_ELEMENTS = 2**18
@@ -208,6 +210,11 @@ class RowBlocks:
     candidates: Callable[[NDArray[np.int64], NDArray[np.int64]], Candidates] | None = None
     """Given query rows ``[b]`` and their depths ``[b]``: their top candidates (:func:`stream_top`) without
     materialising their rows; None where rows are cheaper read from a ready matrix."""
+    stripe: Callable[[int, int, int, int], Tensor] | None = None
+    """``stripe(start, stop, first_column, last_column)``: the scores of rows ``start .. stop - 1`` against
+    gallery columns ``first_column .. last_column - 1``, ``[stop - start, last_column - first_column]``, computed
+    on demand so that a caller can reduce them while they are in cache; None for a ready matrix. With
+    ``reuse`` the block is overwritten by the calling thread's next one."""
 
     def chunks(self, memory_budget_bytes: int) -> Iterator[tuple[int, Tensor]]:
         """``(first_row, block)`` top to bottom, each as many rows as fit the budget."""
@@ -260,6 +267,7 @@ def embedding_blocks(queries: Tensor, gallery: Tensor, score_fn: ScoreFn, reuse:
         queries.element_size(),
         lambda start, stop: scores(queries[start:stop], gallery, start),
         candidates if reuse else None,
+        lambda start, stop, first, last: scores(queries[start:stop], gallery[first:last], start),
     )
 
 
@@ -445,6 +453,22 @@ def _scratch_scores(shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
         buffer = torch.empty(size, dtype=dtype)
         _thread_scratch.scores = buffer
     return buffer[:size].view(shape)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` for the duration (None: left alone), then restored.
+
+    Why: worker threads that each run their own small GEMM must not also each start an OpenMP team."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Workers:

@@ -166,6 +166,26 @@ def test_cross_modal_chunked_equals_unchunked(problem: tuple[np.ndarray, int], b
     assert evaluate_cross_modal(scores=s, captions_per_image=k, memory_budget_bytes=budget) == whole
 
 
+@FAST
+@given(cross_modal_matrices(), st.sampled_from([1, 2, 3, 512]), st.sampled_from([1, 2, 3, 5, 4096]))
+def test_streamed_caption_stripes_equal_the_reference(problem: tuple[np.ndarray, int], rows: int, stripe: int) -> None:
+    """Embeddings scored a stripe of captions at a time, stripes starting at each image range's own captions
+    and wrapping around: every boundary (ties across it, a last stripe narrower than the others, a range whose
+    first stripe reaches the last column) leaves the ranks those of the whole matrix. One-hot images against
+    score-valued captions make the inner products the problem's scores exactly."""
+    s, k = problem
+    images, texts = torch.eye(s.shape[0]), torch.from_numpy(s.T.copy())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(retrieval, "STREAM_IMAGE_ROWS", rows)
+        patch.setattr(retrieval, "STRIPE_COLUMNS", stripe)
+        got = cross_modal_ranks(images, texts, captions_per_image=k)
+    i2t, t2i, aps = reference_cross_modal_ranks(s, k)
+    assert got.i2t.tolist() == i2t and got.t2i.tolist() == t2i
+    np.testing.assert_allclose(got.i2t_ap.numpy(), aps, rtol=1e-12)
+    whole = cross_modal_ranks(scores=s, captions_per_image=k)
+    assert torch.equal(got.i2t_ap, whole.i2t_ap)
+
+
 def test_numpy_torch_and_float64_inputs_agree() -> None:
     rng = np.random.default_rng(2)
     images = rng.normal(size=(6, 4))

@@ -80,10 +80,10 @@ def search_captions(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(scores [Q, k], rows [Q, k])`` for captions against either family of index, at its stored settings."""
     if opened.bundle.family == "interaction":
-        queries = token_index.caption_queries(opened.bundle, captions, where)
+        words = token_index.caption_queries(opened.bundle, captions, where)
         tokens = token_index.open_tokens(opened.folder, opened.manifest, opened.bundle.dim)
         per_word = int(opened.manifest["late_interaction"]["per_word"])
-        return token_index.late_interaction(opened.bundle, opened.index, opened.spec, tokens, queries, k, per_word)
+        return token_index.late_interaction(opened.bundle, opened.index, opened.spec, tokens, words, k, per_word)
     queries = index_folder.text_queries(opened.bundle, captions, where)
     return search.search(opened.index, opened.spec, queries, k, vectors=opened.vectors)
 

@@ -655,18 +655,22 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
 
 
 def open_vectors(folder: Path, count: int, dim: int) -> np.ndarray:
-    """``vectors.npy`` memory-mapped and checked against the manifest: ``[count, D]`` float32 (only the rows a
-    ``refine`` shortlists are ever read)."""
+    """``vectors.npy`` memory-mapped ``[count, D]`` float32 (only the rows a ``refine`` shortlists are ever read)."""
+    return mapped_array(folder / VECTORS_FILE, (count, dim))
+
+
+def mapped_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 ``.npy`` of an index folder, memory-mapped (never unpickled) and checked against the ``shape`` its
+    manifest states; one line naming the file otherwise."""
     try:
-        vectors = np.load(folder / VECTORS_FILE, mmap_mode="r", allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise UserInputError(f"{folder / VECTORS_FILE}: unreadable ({exc}); rebuild the index") from None
-    if vectors.shape != (count, dim) or vectors.dtype != np.float32:
+        raise UserInputError(f"{path}: unreadable ({exc}); rebuild the index") from None
+    if array.shape != shape or array.dtype != np.float32:
         raise UserInputError(
-            f"{folder / VECTORS_FILE}: holds {vectors.dtype} {list(vectors.shape)}, the manifest says float32 "
-            f"{[count, dim]}; rebuild the index"
+            f"{path}: holds {array.dtype} {list(array.shape)}, the manifest says float32 {list(shape)}; rebuild the index"
         )
-    return vectors
+    return array
 
 
 def _check_family(folder: Path, manifest: Mapping[str, Any], bundle: Path) -> None:

@@ -278,14 +278,7 @@ def _eval_queries(config: IndexConfig, bundle: BundleModel, gallery: Gallery, rn
 
 def open_tokens(folder: Path, manifest: dict[str, Any], dim: int) -> np.ndarray:
     """``tokens.npy`` memory-mapped and checked against the manifest: ``[count, regions_per_image, D]`` float32."""
-    tokens = np.load(folder / TOKENS_FILE, mmap_mode="r", allow_pickle=False)
-    expected = (manifest["count"], manifest["regions_per_image"], dim)
-    if tokens.shape != expected or tokens.dtype != np.float32:
-        raise UserInputError(
-            f"{folder / TOKENS_FILE}: holds {tokens.dtype} {list(tokens.shape)}, the manifest says float32 "
-            f"{list(expected)}; rebuild the index"
-        )
-    return tokens
+    return index_folder.mapped_array(folder / TOKENS_FILE, (manifest["count"], manifest["regions_per_image"], dim))
 
 
 def run_search(opened: OpenIndex, config: SearchConfig) -> SearchResult:

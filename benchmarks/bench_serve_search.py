@@ -5,8 +5,8 @@ data), a GSSF model trained briefly and exported, a gallery of ``--count`` image
 embeddings plus noise, so that captions have matches) indexed by each ``--kinds`` with ``--register``.
 
 What it measures, per kind:
-- **start-up**: ``mlflow.pyfunc.load_model`` of the registered search model (reading and checking the index
-  and the bundle once), and the server's time from launch to its first ``/ping``;
+- **start-up**: a fresh interpreter's imports and ``mlflow.pyfunc.load_model`` of the registered search model
+  (reading and checking the index and the bundle once), and the server's time from launch to its first ``/ping``;
 - **in process, warm**: one caption per ``predict`` call, k = 10, after a warm-up: p50 and p99 latency
   (tokenising, the text encoder on ONNX Runtime, the search, the ids) and the queries per second;
 - **over HTTP on 127.0.0.1**: the server (uvicorn's default workers) driven by 1, 8 and 32 concurrent clients,
@@ -89,10 +89,20 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 
 def in_process(folder: Path, kind: str, captions: list[str]) -> dict[str, Any]:
+    """The warm figures, measured in a fresh interpreter (``--in-process KIND``) so that every kind's start-up
+    includes the imports a new process pays."""
+    args = [sys.executable, __file__, "--in-process", kind, "--folder", str(folder)]
+    done = subprocess.run(args, capture_output=True, text=True, env=_env(folder))
+    if done.returncode:
+        raise SystemExit(f"in-process {kind} failed:\n{done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def warm_queries(folder: Path, kind: str, captions: list[str]) -> dict[str, Any]:
+    started = time.perf_counter()
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
-    started = time.perf_counter()
     model = mlflow.pyfunc.load_model(f"models:/search-{kind}/1")
     load_seconds = time.perf_counter() - started
     for caption in captions[:20]:
@@ -175,7 +185,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_COUNT:,} gallery rows")
     parser.add_argument("--count", type=int, default=None)
     parser.add_argument("--kinds", default="flat,hnsw")
+    parser.add_argument("--in-process", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.in_process:
+        captions = (args.folder / "data/q/test_caps.txt").read_text().splitlines()
+        print(json.dumps(warm_queries(args.folder, args.in_process, captions)))
+        return
     count = args.count or (QUICK_COUNT if args.quick else FULL_COUNT)
     kinds = args.kinds.split(",")
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as work:

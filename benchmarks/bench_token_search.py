@@ -228,11 +228,11 @@ def measure_kind(
 
 
 def nprobe_for(nlist: int) -> int:
-    """The package's nprobe rule (nlist / 64, at least 8) applied to ``nlist``: ``gssf index --nlist`` alone keeps
-    the nprobe of the default nlist for the gallery's size (4x this one at 3.6M regions), so it is passed too."""
+    """The package's nprobe rule applied to ``nlist`` (:func:`gssf_cli.deploy.search.default_nprobe`), passed
+    with ``--nlist`` explicitly."""
     from gssf_cli.deploy import search
 
-    return min(nlist, max(search.MIN_NPROBE, math.ceil(nlist / search.NPROBE_SHARE)))
+    return search.default_nprobe(nlist)
 
 
 def measure_exact(model: str, work: Path, tag: str) -> dict[str, Any]:

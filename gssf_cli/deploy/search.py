@@ -39,8 +39,10 @@ PQ_POINTS_PER_CENTROID: Final = 64
 k-means runs on 4-dim vectors: 29 s for a 30,000-vector gallery on 2 cores, most of the ivfpq build)."""
 MIN_NPROBE: Final = 8
 """At least this many IVF lists are probed by default: on a small gallery one list may hold fewer than k rows."""
-NPROBE_SHARE: Final = 10
-"""Default nprobe = nlist / 10 (see :func:`_ivfpq_defaults` for the measurement)."""
+NPROBE_PER_ROOT: Final = 4
+"""Default nprobe = 4·sqrt(nlist) (see :func:`_ivfpq_defaults` for the measurement): the lists a query must visit
+to reach recall@10 0.95 after refine grew like sqrt(nlist), not like nlist (about 128 lists at both 100,000 and
+1,000,000 vectors, of 1,265 and 4,000)."""
 REFINE_OFF: Final = 0
 """``refine`` = 0: ``ivfpq`` answers from its codes alone (its scores carry the quantisation error). What an index
 written before ``refine`` existed searches with, and what a token index stores (it re-scores by late interaction)."""
@@ -144,22 +146,20 @@ def _hnsw_defaults(dim: int, count: int) -> dict[str, int]:
 def _ivfpq_defaults(dim: int, count: int) -> dict[str, int]:
     """nlist ~ 4·sqrt(count), capped so that every list gets 39 training points; pq_m for ~4 dims per
     sub-quantizer (64 bytes per vector at D = 256); 8-bit codes where the gallery can train 256 centroids;
-    nprobe = nlist / 10 (at least 8); refine = 4 (the best 4·k candidates by code re-scored exactly).
+    nprobe = 4·sqrt(nlist) (at least 8); refine = 4 (the best 4·k candidates by code re-scored exactly).
 
-    Measured by ``benchmarks/bench_search.py --quick`` at 100,000 x 256 on 2 shared cores (Intel Xeon; 1,000
-    held-out queries, k = 10; nlist 1,265, pq_m 64; flat 277 QPS in the same run): index 8.4 MiB, vectors.npy
-    98 MiB (flat: 97.7 MiB), build 116 s. recall@10 / QPS with refine off, by nprobe: 16: 0.629 / 12,099;
-    32: 0.725 / 8,633; 64: 0.793 / 5,074; 128: 0.822 / 2,977; 256: 0.835 / 1,484 -- the codes cap it. With refine
-    2 / 4 / 8, by nprobe: 32: 0.785 / 0.791 / 0.792; 64: 0.886 / 0.899 / 0.902; 96: 0.923 / 0.939 / 0.943;
-    128: 0.941 / 0.959 / 0.963 (2,671 / 2,593 / 2,547 QPS); 192: 0.958 / 0.978 / 0.982 (1,881 / 1,687 / 1,755
-    QPS) -- refine lifts the cap, the lists probed then limit it, and refine costs little (nprobe 128: 2,977 QPS
-    off, 2,593 at refine 4). nprobe 128 with refine 4 is the smallest measured setting at recall >= 0.95; the
-    defaults (nprobe 127, refine 4) gave 0.958 at 2,622 QPS (9.5x flat), p50 0.35 ms. Memory of the search
-    process, over its start: anonymous (index and work space) +24.7 MiB, 24% of flat's +103.7 MiB; file-backed
-    +98 MiB of vectors.npy pages, the whole file, touched by the 1,000 queries' 40,000 shortlisted rows: page
-    cache the kernel may drop and re-read (cold: refine·k reads of 4·D bytes a query). The 1M figures of the
-    earlier defaults (nlist 4,000, nprobe 63, no refine: recall@10 0.72 at ~2,300 QPS, 73 MiB) were not
-    remeasured: there the rule gives nprobe 400 and refine 4, whose recall and QPS at 1M are unmeasured.
+    Measured by ``benchmarks/bench_ann_anchors.py`` on 2 quiet cores (Intel Xeon; 1,000 held-out queries,
+    k = 10, 64-byte codes), recall@10 / QPS. At 100,000 x 256 (nlist 1,265), refine 0 by nprobe: 64: 0.793 /
+    13,358; 128: 0.822 / 7,394; 256: 0.835 / 4,089 -- the codes cap it; refine 4 by nprobe: 64: 0.899 / 9,848;
+    96: 0.939 / 8,074; 128: 0.959 / 7,131; 192: 0.978 / 4,938. At 1,000,000 x 256 (nlist 4,000; build 81 s,
+    peak RSS 372 MiB against hnsw's 1,378), refine 0: 128: 0.735 / 3,263; 256: 0.743 / 1,744; refine 4: 64:
+    0.904 / 5,433; 128: 0.944 / 3,201; 192: 0.960 / 2,160; 400: 0.973 / 1,115; refine 8: 128: 0.958 / 3,034.
+    Refine lifts the cap and costs little; then the lists probed limit recall, and reaching 0.95 took about 128
+    to 192 lists at both sizes -- hence nprobe ~ 4·sqrt(nlist) (143 and 253), not a share of nlist (nlist / 10
+    gave 400 at 1M: 0.973 at half the QPS). Memory, from ``bench_search.py --quick`` (100,000, shared cores): the
+    search process's anonymous memory +24.7 MiB, 24% of flat's +103.7 MiB; the vectors.npy pages the shortlists
+    touched (+98 MiB, the whole file after 1,000 queries) are page cache the kernel may drop and re-read (cold:
+    refine·k reads of 4·D bytes a query).
     """
     nlist = max(1, min(round(4 * math.sqrt(count)), count // POINTS_PER_CENTROID))
     pq_bits = max(1, min(8, int(math.log2(max(count // POINTS_PER_CENTROID, 2)))))
@@ -173,8 +173,8 @@ def _ivfpq_defaults(dim: int, count: int) -> dict[str, int]:
 
 
 def default_nprobe(nlist: int) -> int:
-    """nprobe = nlist / 10, at least 8 (and at most nlist): read from the index's own nlist, given or not."""
-    return min(nlist, max(MIN_NPROBE, math.ceil(nlist / NPROBE_SHARE)))
+    """nprobe = 4·sqrt(nlist), at least 8 (and at most nlist): read from the index's own nlist, given or not."""
+    return min(nlist, max(MIN_NPROBE, math.ceil(NPROBE_PER_ROOT * math.sqrt(nlist))))
 
 
 def _pq_m_for(dim: int, dims_per_code: int = 4) -> int:

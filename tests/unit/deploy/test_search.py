@@ -290,11 +290,11 @@ def test_importing_the_module_loads_neither_faiss_nor_torch() -> None:
 
 
 def test_the_default_nprobe_follows_an_nlist_given() -> None:
-    """``--nlist`` alone: nprobe is the rule's for that nlist (nlist / 10, at least 8), not for the default nlist."""
+    """``--nlist`` alone: nprobe is the rule's for that nlist (4·sqrt(nlist), at least 8), not for the default."""
     from gssf_cli.deploy.search import default_nprobe, index_spec
 
     default = index_spec("ivfpq", 64, 3_600_000)
-    assert default.search["nprobe"] == default_nprobe(default.build["nlist"]) == 759
+    assert default.search["nprobe"] == default_nprobe(default.build["nlist"]) == 349
     given = index_spec("ivfpq", 64, 3_600_000, {"nlist": 1897})
-    assert given.build["nlist"] == 1897 and given.search["nprobe"] == 190
+    assert given.build["nlist"] == 1897 and given.search["nprobe"] == 175
     assert index_spec("ivfpq", 64, 3_600_000, {"nlist": 1897, "nprobe": 5}).search["nprobe"] == 5

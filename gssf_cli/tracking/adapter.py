@@ -636,7 +636,10 @@ class StageRun:
         dataset = MetaDataset(source, name=name, digest=digest[:36])  # type: ignore[abstract]
         input_tags = [InputTag("mlflow.data.context", context)]
         input_tags += [InputTag(k, v) for k, v in (tags or {}).items()]
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)])
+        # MLflow inserts a dataset row if no equal one exists, in two statements: two runs of one dataset started
+        # at once on a fresh SQLite store both insert it, and the second fails its unique key. One at a time.
+        with store_lock(self.client._tracking_client.tracking_uri):
+            self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), input_tags)])
         self.set_tags({"gssf.dataset.name": name, "gssf.dataset.manifest_sha256": digest})
 
     def log_served_model(

@@ -625,7 +625,7 @@ def open_index(folder: Path, bundle_path: Path | None = None) -> OpenIndex:
         if not matches_entry(path, entry):
             raise UserInputError(f"{path}: checksum mismatch with manifest.json (file changed or truncated); rebuild")
     recorded = manifest["bundle"]
-    where = bundle_path if bundle_path is not None else Path(os.path.normpath(folder / recorded["path"]))
+    where = bundle_path if bundle_path is not None else recorded_bundle(folder, manifest)
     if not where.is_dir():
         raise UserInputError(f"{where}: the bundle index {folder} was built from is not there; pass it with --bundle")
     _check_family(folder, manifest, where)
@@ -671,6 +671,11 @@ def mapped_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
             f"{path}: holds {array.dtype} {list(array.shape)}, the manifest says float32 {list(shape)}; rebuild the index"
         )
     return array
+
+
+def recorded_bundle(folder: Path, manifest: Mapping[str, Any]) -> Path:
+    """The bundle an index folder's manifest names (its path is relative to the folder, or absolute)."""
+    return Path(os.path.normpath(folder / manifest["bundle"]["path"]))
 
 
 def _check_family(folder: Path, manifest: Mapping[str, Any], bundle: Path) -> None:

@@ -22,7 +22,6 @@ from gssf_cli.core.config import to_dict
 from gssf_cli.core.files import MANIFEST
 from gssf_cli.core.stage_configs import ExportConfig
 from gssf_cli.deploy.bundle import verify_bundle
-from gssf_cli.tracking.tags import CHAMPION_ALIAS
 
 if TYPE_CHECKING:
     from gssf_cli.tracking.adapter import Tracker
@@ -80,15 +79,13 @@ def run(config: ExportConfig, tracker: Tracker, parent_run_id: str | None = None
                 tags={"gssf.stage": "export", "gssf.source_run": run_id},
             )
             if config.register is not None:
-                version = run_.register_model(
+                registered = run_.register_champion(
                     config.register,
                     model_id,
                     f"ONNX bundle of train run {run_id} ({label}), exported by run {run_.run_id}; parity gate "
                     f"passed. mlflow.pyfunc.load_model serves it on ONNX Runtime.",
                     {"gssf.source_run": run_id, "gssf.metric": label},
-                    alias=CHAMPION_ALIAS,
                 )
-                registered = {"name": config.register, "version": version, "alias": CHAMPION_ALIAS}
         else:
             run_.set_tags({"gssf.export.failed_bundle": str(written.path)})
             run_.mark_failed()

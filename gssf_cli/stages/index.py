@@ -21,7 +21,6 @@ from gssf_cli.core.config import to_dict
 from gssf_cli.core.files import MANIFEST
 from gssf_cli.core.stage_configs import IndexConfig
 from gssf_cli.deploy import index_folder, indexes, served_search
-from gssf_cli.tracking.tags import CHAMPION_ALIAS
 
 if TYPE_CHECKING:
     from gssf_cli.tracking.adapter import Tracker
@@ -66,15 +65,13 @@ def run(
         if config.log_model or config.register is not None:
             model_id = _log_search_model(run_, built.path, manifest, tags)
             if config.register is not None:
-                version = run_.register_model(
+                registered = run_.register_champion(
                     config.register,
                     model_id,
                     f"Search over index {built.path} ({manifest['kind']}, {manifest['count']:,} rows) with its bundle, "
                     f"logged by index run {run_.run_id}: mlflow models serve answers captions with the k best rows.",
                     {key: value for key, value in tags.items() if key != "gssf.index.path"},
-                    alias=CHAMPION_ALIAS,
                 )
-                registered = {"name": config.register, "version": version, "alias": CHAMPION_ALIAS}
     return IndexResult(str(built.path), run_.run_id, manifest, model_id, registered)
 
 
@@ -85,7 +82,7 @@ SEARCH_REQUIREMENTS = ("onnxruntime", "faiss-cpu", "numpy")
 def _log_search_model(run_: Any, folder: Path, manifest: dict[str, Any], tags: dict[str, str]) -> str:
     """The index folder and its bundle, linked into one staging folder beside the index, logged as the model."""
     with tempfile.TemporaryDirectory(prefix=".gssf-search-model-", dir=folder.parent) as staging:
-        staged = served_search.stage_folder(folder, (folder / manifest["bundle"]["path"]).resolve(), Path(staging))
+        staged = served_search.stage_folder(folder, index_folder.recorded_bundle(folder, manifest), Path(staging))
         return str(
             run_.log_served_model(
                 f"search-{manifest['kind']}-{run_.run_id[:6]}",

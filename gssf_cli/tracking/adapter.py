@@ -48,6 +48,7 @@ from gssf_cli.core.errors import RunInterrupted, UserInputError, first_line  # n
 from gssf_cli.core.files import writer_alive, writer_id  # noqa: E402
 from gssf_cli.tracking.store import FIX_URI, check_store, resolve_tracking_uri, sqlite_path, store_lock  # noqa: E402
 from gssf_cli.tracking.tags import (  # noqa: E402
+    CHAMPION_ALIAS,
     CLASSIC_ML,
     EXPERIMENT_KIND_TAG,
     FINAL_RUN_TAG,
@@ -684,18 +685,13 @@ class StageRun:
             )
         return str(logged.model_id)
 
-    def register_model(
-        self,
-        registered_name: str,
-        model_id: str,
-        description: str,
-        tags: Mapping[str, str] | None = None,
-        alias: str | None = None,
-    ) -> int:
+    def register_champion(
+        self, registered_name: str, model_id: str, description: str, tags: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         """A new version of ``registered_name`` in the Model Registry for logged model ``model_id`` (linked to
         this run), described and tagged (who made it: the registry records no user on a local store), and given
-        ``alias`` (moved there from an older version, so ``models:/NAME@ALIAS`` names the newest); returns the
-        version number."""
+        the alias ``champion`` (moved there from an older version, so ``models:/NAME@champion`` names the newest);
+        returns ``{"name", "version", "alias"}``, as a stage reports it."""
         mlflow.set_tracking_uri(self.client._tracking_client.tracking_uri)
         all_tags = {"mlflow.user": current_user(), **(tags or {})}
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):  # mlflow prints its own lines
@@ -704,10 +700,9 @@ class StageRun:
                 f"models:/{model_id}", registered_name, await_registration_for=0, tags=all_tags
             )
         self.client.update_model_version(registered_name, version.version, description=description)
-        if alias is not None:
-            self.client.set_registered_model_alias(registered_name, alias, version.version)
+        self.client.set_registered_model_alias(registered_name, CHAMPION_ALIAS, version.version)
         self.set_tags({"gssf.registered_model": f"{registered_name}/{version.version}"})
-        return int(version.version)
+        return {"name": registered_name, "version": int(version.version), "alias": CHAMPION_ALIAS}
 
     def download_artifacts(self, path: str, dst: Path) -> Path:
         return Path(self.client.download_artifacts(self.run_id, path, str(dst)))

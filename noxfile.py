@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,10 +39,35 @@ def _environment(session: nox.Session, folder: Path, extras: str) -> Path:
     if not (bin_dir / "python").exists():
         session.run(sys.executable, "-m", "venv", str(folder), external=True)
     if not stamp.is_file() or stamp.read_text() != digest:
-        session.run(str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "-e", f".[{extras}]", external=True)  # fmt: skip
+        uv = shutil.which("uv")
+        if uv:
+            session.run(uv, "pip", "install", "--quiet", "--python", str(bin_dir / "python"), *_pip_settings_for_uv(),
+                        "-e", f".[{extras}]", external=True)  # fmt: skip
+        else:
+            session.run(str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "-e", f".[{extras}]", external=True)  # fmt: skip
         stamp.write_text(digest)
     return bin_dir
+
+
+PIP_TO_UV = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
+             "constraint": "--constraint"}  # fmt: skip
+"""The pip settings that choose which wheels install, and uv's flag for each."""
+
+
+def _pip_settings_for_uv() -> list[str]:
+    """pip's own configuration (files and ``PIP_*`` variables, as ``pip config list`` shows them) as uv flags, so
+    that uv installs what pip would (uv reads none of pip's settings): the same indexes, local wheel folders and
+    constraints, and pip's choice of the best version across all indexes. Why uv when it is there: it installs the
+    environment (torch, MLflow, Ray, onnx) in about 10 s where pip takes about 90 s (``.ci/run`` installs it)."""
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    pairs: dict[tuple[str, str], None] = {}  # ordered, each once: pip lists a setting per place it is set
+    for line in listed.stdout.splitlines():
+        key, _, value = line.partition("=")
+        flag = PIP_TO_UV.get(key.rsplit(".", 1)[-1])
+        for item in value.strip().strip("'\"").split() if flag else []:
+            pairs[(flag, item)] = None
+    return ["--index-strategy", "unsafe-best-match", *(part for pair in pairs for part in pair)]
 
 
 def _run(

@@ -323,7 +323,7 @@ class TrainConfig:
     device: Device = setting("auto", help="Device:")
     threads: int = setting(
         0,
-        help="CPU threads for torch (0 = default; with --workers: per worker, default 1).",
+        help="CPU threads for torch (0 = the cores no other process is busy on; with --workers: per worker, default 1).",
         within=limits.NON_NEGATIVE,
     )
     amp: bool = setting(False, help="Automatic mixed precision (bfloat16; float16 with loss scaling on older GPUs).")

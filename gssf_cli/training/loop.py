@@ -40,6 +40,7 @@ import torch
 from gssf_cli.core import limits, stop
 from gssf_cli.core import metrics as registry
 from gssf_cli.core.config import default_of, from_dict, to_dict
+from gssf_cli.core.cores import free_cores
 from gssf_cli.core.errors import DivergedError, UserInputError
 from gssf_cli.core.stage_configs import TrainConfig
 from gssf_cli.data.dataset import Dataset, Split
@@ -231,6 +232,8 @@ class Trainer:
         self.device = device or resolve_device(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
+        elif shard is None and self.device.type == "cpu":  # a Ray Train worker has its own (worker_threads)
+            torch.set_num_threads(free_cores())  # a core that another process holds would stall every GEMM
         if not dataset.has_split("train"):
             raise UserInputError(f"{config.data}: no train split to train on")
         # What the dataset (and a frozen run) implies, written into the config that the checkpoints hold: the tower

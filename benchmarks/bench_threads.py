@@ -1,10 +1,10 @@
-"""Threads that hold up when cores are shared: training steps and cross-modal evaluation at 1, 2 and "auto"
-torch threads, with OpenMP's default (spinning) and passive wait policy, on a quiet machine and while a
+"""Threads that hold up when cores are shared: training steps (at two sizes) and cross-modal evaluation at 1, 2,
+"auto" (torch's default) and "free" (gssf's default: the cores no other process is busy on) torch threads, with OpenMP's default (spinning) and passive wait policy, on a quiet machine and while a
 competing CPU load runs.
 
-Why: with the default thread count a training epoch collapsed ~30x on a busy machine (issue 13) — torch's
-OpenMP workers spin at every barrier, and a worker whose core is taken by another process stalls all the
-others. Each configuration runs in a fresh interpreter (``--measure``): OpenMP reads ``OMP_WAIT_POLICY`` once,
+Why: with torch's default thread count a training epoch collapsed ~30x on a busy machine — torch's
+OpenMP workers wait at every barrier, and a worker whose core is taken by another process stalls all the
+others for a time slice; at small sizes, where a step is milliseconds, that is most of the step. Each configuration runs in a fresh interpreter (``--measure``): OpenMP reads ``OMP_WAIT_POLICY`` once,
 when torch loads it. The competing load is one busy-loop process per core, started here and stopped by pid.
 
 Run from the repository root:  python benchmarks/bench_threads.py [--quick]
@@ -26,7 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from common import competing_load, report
 
-THREADS = ("1", "2", "auto")
+THREADS = ("1", "2", "auto", "free")
+"""torch threads: a count, torch's own default (one per core), or gssf's default (the cores no other process is busy
+on, :func:`gssf_cli.core.cores.free_cores`, read when the measured process starts)."""
+TRAIN_SIZES = {"train": (1024, 128, 36, 2048, 12), "train-small": (64, 64, 8, 32, 12)}
+"""(D, batch, regions, region dim, words): the README's default sizes, and the quickstart's (where a step is
+milliseconds, so a thread that waits a time slice for its core costs the most)."""
+STEPS = {"train": 10, "train-small": 100}
+"""Steps timed per configuration (a few seconds quiet at each size; a fifth of them with ``--quick``)."""
 POLICIES: dict[str, dict[str, str]] = {
     "default": {},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
@@ -40,20 +47,25 @@ def measure(kind: str, threads: str, quick: bool) -> dict[str, float]:
     """In this (fresh) process: seconds per training step, or per cross-modal evaluation, median of repeats."""
     import torch
 
-    if threads != "auto":
+    if threads == "free":
+        from gssf_cli.core.cores import free_cores
+
+        torch.set_num_threads(free_cores())
+    elif threads != "auto":
         torch.set_num_threads(int(threads))
-    if kind == "train":
+    if kind in TRAIN_SIZES:
         from bench_train import _setup
 
-        sizes = (256, 32, 12, 256, 12) if quick else (1024, 128, 36, 2048, 12)
-        step = _setup("gssf", 64 if not quick else 16, *sizes)
+        sizes = (256, 32, 12, 256, 12) if quick and kind == "train" else TRAIN_SIZES[kind]
+        step = _setup("gssf", min(64, sizes[0] // 4) if not quick else 16, *sizes)
         step()
         times = []
-        for _ in range(3 if quick else 5):
+        for _ in range(STEPS[kind] // (5 if quick else 1)):
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-        return {"seconds": statistics.median(times), "samples_per_s": sizes[1] / statistics.median(times)}
+        mean = statistics.fmean(times)  # what the user waits for: a step stalled for a time slice counts
+        return {"seconds": mean, "median_seconds": statistics.median(times), "samples_per_s": sizes[1] / mean}
     from gssf_cli.evaluation.crossmodal import evaluate_cross_modal
 
     n, d = (1_000, 256) if quick else (5_000, 1024)
@@ -89,7 +101,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     rows: list[dict[str, Any]] = []
     for loaded in (False, True):
-        for kind in ("train", "evaluate"):
+        for kind in (*TRAIN_SIZES, "evaluate"):
             for policy in POLICIES:
                 for threads in THREADS:
                     if loaded:
@@ -109,7 +121,8 @@ def main() -> None:
     notes = [
         f"loaded: {cores} busy-loop processes (one per core) run beside the measured process; each "
         "configuration in a fresh interpreter; medians of repeated steps/evaluations.",
-        "train: one GSSF (d=64) step at the README's sizes (D=1024, B=128, 36x2048 regions); evaluate: "
+        "train: one GSSF (d=64) step at the README's sizes (D=1024, B=128, 36x2048 regions); train-small: one "
+        "GSSF (d=16) step at the quickstart's (D=64, B=64, 8x32 regions); evaluate: "
         "COCO-5K-shaped cross-modal evaluation, with the bare GEMM measured in the same process.",
     ]
     report("threads" + ("_quick" if args.quick else ""), rows, notes)

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from gssf_cli.core.cores import free_cores
 from gssf_cli.core.errors import UserInputError, first_line
 from gssf_cli.core.files import MANIFEST, manifest_digest, matches_entry, sha256_file
 from gssf_cli.core.limits import token_block_shape
@@ -94,11 +95,13 @@ def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
 
 def open_session(path: Path) -> Any:
     """An ONNX Runtime CPU session on one graph, with as many threads as ``OMP_NUM_THREADS`` allows (Ray sets it
-    per trial; ONNX Runtime does not read it)."""
+    per trial; ONNX Runtime does not read it), else as the cores no other process is busy on
+    (:func:`~gssf_cli.core.cores.free_cores`: a pool thread waiting for a core that another process holds stalls
+    every operator)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or free_cores()
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -17,6 +17,7 @@ The index kinds live in :data:`INDEX_KINDS`; each names its build-time and searc
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from gssf_cli.core.cores import free_cores
 from gssf_cli.core.errors import UserInputError
 from gssf_cli.deploy.exact_search import sorted_best, top_k
 
@@ -297,10 +299,14 @@ def search_overrides(spec: IndexSpec, overrides: Mapping[str, int | None]) -> di
 # faiss indexes
 
 
+@functools.cache
 def _faiss() -> Any:
-    """faiss, imported on first use (its import costs ~0.3 s and loads OpenMP); typed Any: its stubs lag the API."""
+    """faiss, imported on first use (its import costs ~0.3 s and loads OpenMP), its OpenMP team as large as the
+    cores no other process is busy on (:func:`~gssf_cli.core.cores.free_cores`; ``--threads`` sets it after);
+    typed Any: its stubs lag the API."""
     import faiss
 
+    faiss.omp_set_num_threads(free_cores())
     return faiss
 
 
@@ -602,7 +608,7 @@ def _rescore(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k
 
 
 def set_threads(count: int | None) -> None:
-    """Cap faiss's OpenMP threads (``None`` leaves faiss's default: one per core)."""
+    """Set faiss's OpenMP threads (``None`` leaves gssf's default: the cores no other process is busy on)."""
     if count is None:
         return
     if not _is_int(count) or count < 1:

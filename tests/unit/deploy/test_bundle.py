@@ -180,3 +180,17 @@ def test_a_bundle_serves_its_dataset_s_layout_and_refuses_other_shapes(made_bund
         model.predict({"images": images[:, :3]})
     with pytest.raises(UserInputError, match="images: 1 value"):
         model.predict({"images": [[0.0, 1.0, float("nan"), 2.0]]})
+
+
+def test_sessions_take_omp_num_threads_else_the_free_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime's pool: ``OMP_NUM_THREADS`` where Ray (or the user) sets it, else the cores no other process is
+    busy on (a pool thread waiting for a held core stalls every operator)."""
+    from gssf_cli.deploy import bundle
+
+    graph = tmp_path / "g.onnx"
+    _identity_graph(graph, [("features", 1)])
+    monkeypatch.setattr(bundle, "free_cores", lambda: 1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert bundle.open_session(graph).get_session_options().intra_op_num_threads == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert bundle.open_session(graph).get_session_options().intra_op_num_threads == 3

@@ -298,3 +298,20 @@ def test_the_default_nprobe_follows_an_nlist_given() -> None:
     given = index_spec("ivfpq", 64, 3_600_000, {"nlist": 1897})
     assert given.build["nlist"] == 1897 and given.search["nprobe"] == 175
     assert index_spec("ivfpq", 64, 3_600_000, {"nlist": 1897, "nprobe": 5}).search["nprobe"] == 5
+
+
+def test_faiss_threads_default_to_the_free_cores_and_follow_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss's OpenMP team is as large as the cores no other process is busy on (a team thread waiting for a held
+    core stalls every query), unless ``--threads`` says otherwise."""
+    from gssf_cli.deploy import search
+
+    faiss = search._faiss()
+    before = faiss.omp_get_max_threads()
+    try:
+        search._faiss.cache_clear()
+        monkeypatch.setattr(search, "free_cores", lambda: 1)
+        assert search._faiss().omp_get_max_threads() == 1
+        set_threads(2)
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(before)

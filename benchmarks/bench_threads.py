@@ -1,6 +1,7 @@
-"""Threads that hold up when cores are shared: training steps (at two sizes) and cross-modal evaluation at 1, 2,
-"auto" (torch's default) and "free" (gssf's default: the cores no other process is busy on) torch threads, with OpenMP's default (spinning) and passive wait policy, on a quiet machine and while a
-competing CPU load runs.
+"""Threads that hold up when cores are shared: training steps (at two sizes), cross-modal evaluation and faiss
+search at 1, 2, "auto" (the library's default: one per core) and "free" (gssf's default: the cores no other
+process is busy on) threads, with OpenMP's default (spinning) and passive wait policy, on a quiet machine and
+while a competing CPU load runs.
 
 Why: with torch's default thread count a training epoch collapsed ~30x on a busy machine — torch's
 OpenMP workers wait at every barrier, and a worker whose core is taken by another process stalls all the
@@ -66,6 +67,8 @@ def measure(kind: str, threads: str, quick: bool) -> dict[str, float]:
             times.append(time.perf_counter() - start)
         mean = statistics.fmean(times)  # what the user waits for: a step stalled for a time slice counts
         return {"seconds": mean, "median_seconds": statistics.median(times), "samples_per_s": sizes[1] / mean}
+    if kind.startswith("search"):
+        return measure_search(kind, threads, quick)
     from gssf_cli.evaluation.crossmodal import evaluate_cross_modal
 
     n, d = (1_000, 256) if quick else (5_000, 1024)
@@ -81,6 +84,43 @@ def measure(kind: str, threads: str, quick: bool) -> dict[str, float]:
         images @ texts.T
         gemm.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times), "gemm_seconds": statistics.median(gemm)}
+
+
+SEARCH_SIZES = {"search flat": (200_000, 256, 1_000), "search hnsw": (100_000, 256, 1)}
+"""(gallery rows, D, queries per call): a flat scan of batched queries (faiss's BLAS path) and one query at a time
+through an hnsw graph (faiss's OpenMP over the query, as ``gssf search --text`` and a served model run it)."""
+
+
+def measure_search(kind: str, threads: str, quick: bool) -> dict[str, float]:
+    """In this (fresh) process: queries per second of gssf's faiss search at ``threads`` (``free``: gssf's default,
+    set when faiss is first used; ``auto``: faiss's own, one per core)."""
+    import numpy as np
+
+    from gssf_cli.deploy import search
+
+    faiss = search._faiss()
+    if threads == "auto":
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+    elif threads != "free":
+        search.set_threads(int(threads))
+    rows, dim, batch = SEARCH_SIZES[kind]
+    rows //= 10 if quick else 1
+    rng = np.random.default_rng(0)
+    gallery = rng.standard_normal((rows, dim), dtype=np.float32)
+    queries = rng.standard_normal((1_000, dim), dtype=np.float32)
+    spec = search.index_spec(kind.split()[1], dim, rows)
+    builder = search.IndexBuilder(spec)
+    if builder.training_size:
+        builder.train(gallery[: builder.training_size])
+    builder.add(gallery)
+    index = builder.finish()
+    calls = range(0, len(queries) // (5 if quick else 1), batch)
+    search.search(index, spec, queries[:batch], 10)
+    start = time.perf_counter()
+    for first in calls:
+        search.search(index, spec, queries[first : first + batch], 10)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds / len(calls), "queries_per_s": len(calls) * batch / seconds}
 
 
 def run_one(kind: str, threads: str, policy: str, quick: bool) -> dict[str, float]:
@@ -101,8 +141,8 @@ def main() -> None:
     cores = os.cpu_count() or 1
     rows: list[dict[str, Any]] = []
     for loaded in (False, True):
-        for kind in (*TRAIN_SIZES, "evaluate"):
-            for policy in POLICIES:
+        for kind in (*TRAIN_SIZES, "evaluate", *SEARCH_SIZES):
+            for policy in POLICIES if not kind.startswith("search") else ("default",):
                 for threads in THREADS:
                     if loaded:
                         with competing_load(cores):
@@ -124,6 +164,9 @@ def main() -> None:
         "train: one GSSF (d=64) step at the README's sizes (D=1024, B=128, 36x2048 regions); train-small: one "
         "GSSF (d=16) step at the quickstart's (D=64, B=64, 8x32 regions); evaluate: "
         "COCO-5K-shaped cross-modal evaluation, with the bare GEMM measured in the same process.",
+        "search flat: 1,000 queries in one call on a 200,000 x 256 flat index; search hnsw: one query per call on a "
+        "100,000 x 256 hnsw index (gssf's defaults); faiss's OpenMP team at the thread count, OpenMP's wait policy "
+        "left alone.",
     ]
     report("threads" + ("_quick" if args.quick else ""), rows, notes)
 

@@ -302,7 +302,7 @@ def search_overrides(spec: IndexSpec, overrides: Mapping[str, int | None]) -> di
 @functools.cache
 def _faiss() -> Any:
     """faiss, imported on first use (its import costs ~0.3 s and loads OpenMP), its OpenMP team as large as the
-    cores no other process is busy on (:func:`~gssf_cli.core.cores.free_cores`; ``--threads`` sets it after);
+    cores no other process is busy on (:func:`~gssf_cli.core.cores.free_cores`; :func:`set_threads` sets it after);
     typed Any: its stubs lag the API."""
     import faiss
 

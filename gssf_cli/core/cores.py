@@ -15,10 +15,9 @@ import statistics
 import time
 from pathlib import Path
 
-SAMPLES = 3
-"""Readings of the run queue, :data:`SAMPLE_SECONDS` apart: their median ignores a brief burst or lull (and the
-reading costs about 4 ms, paid by every session and faiss start as well as by training)."""
-SAMPLE_SECONDS = 0.002
+SAMPLES = 5
+"""Readings of the run queue, :data:`SAMPLE_SECONDS` apart: their median ignores a brief burst or lull."""
+SAMPLE_SECONDS = 0.005
 
 
 def usable_cores() -> int:
